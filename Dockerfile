@@ -1,0 +1,10 @@
+# Astro CLI image (`astro dev start`): Astro Runtime 3.3 = Apache Airflow 3.3.
+# Not buildable on the development machine (no Docker engine); kept in step with
+# requirements/airflow.in. The training and serving images live in docker/.
+FROM astrocrpublic.azurecr.io/runtime:3.3-2
+
+# tuneloop's package lives in include/ (copied to /usr/local/airflow/include by the base image).
+ENV PYTHONPATH="/usr/local/airflow/include:${PYTHONPATH}" \
+    GX_ANALYTICS_ENABLED=false \
+    HF_HUB_OFFLINE=1 \
+    TUNELOOP_CONFIG=/usr/local/airflow/include/tuneloop/defaults/tuneloop.yaml

@@ -1,0 +1,31 @@
+# tuneloop: the two commands a newcomer needs are `make demo` and `make test`.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+VENV    := .venv
+VENV_ML := .venv-ml
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export GX_ANALYTICS_ENABLED := false
+export VLLM_NO_USAGE_STATS := 1
+export DO_NOT_TRACK := 1
+
+.PHONY: help setup test test-unit test-ml lint demo bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+setup: ## build .venv (Airflow, GX, boto3) and .venv-ml (vLLM CPU, torch, peft) from the lock files
+	@bash scripts/setup.sh
+
+test: setup ## run the whole test suite (both environments)
+	@bash scripts/run_tests.sh
+
+lint: setup ## ruff + mypy
+	$(VENV)/bin/ruff check include dags plugins tests bench
+	$(VENV)/bin/mypy
+
+demo: setup ## run the loop's steps end to end on the embedded defaults (tiny model, local store, CPU)
+	@bash scripts/demo.sh
+
+clean: ## remove the local store, models, adapters and eval outputs (keeps the environments)
+	rm -rf .tuneloop

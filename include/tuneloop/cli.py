@@ -1,0 +1,450 @@
+"""The ``tuneloop`` command line: one subcommand per step of the loop.
+
+Every subcommand prints a human summary by default and one JSON object with ``--json``;
+progress on long work goes to stderr so ``--json`` output stays machine-readable.
+Heavy libraries (torch, transformers, peft, boto3) are imported inside the subcommands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from datetime import date
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tuneloop import __version__
+from tuneloop.config import ConfigError, Settings, load_settings
+
+if TYPE_CHECKING:
+    from tuneloop.storage import Store
+
+log = logging.getLogger("tuneloop")
+
+EPILOG = """\
+The loop, step by step on the embedded defaults (local store, tiny CPU model):
+  tuneloop demo-world --days 28                 # traffic + labelled data in .tuneloop/store
+  tuneloop build-model                          # tiny Llama + BPE tokenizer, cached
+  tuneloop pull                                 # labelled partitions -> dataset snapshot
+  tuneloop train --snapshot latest --version v1 # LoRA adapter (safetensors + provenance)
+  tuneloop evaluate --adapter v1                # per-example scores on held-out sets
+Settings: --config FILE (or TUNELOOP_CONFIG), overridden by TUNELOOP__SECTION__KEY env vars.
+"""
+
+
+class CliError(Exception):
+    """A user-facing error: printed without a traceback, exit status 2."""
+
+
+def _emit(args: argparse.Namespace, result: dict[str, Any], human: str) -> None:
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        print(human)
+
+
+def _progress(args: argparse.Namespace) -> Callable[[str], None]:
+    def report(message: str) -> None:
+        if not args.quiet:
+            print(f"[tuneloop] {message}", file=sys.stderr, flush=True)
+
+    return report
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config)
+
+
+def _store(settings: Settings) -> Store:
+    from tuneloop.storage import open_store_from_settings
+
+    return open_store_from_settings(settings)
+
+
+def _parse_date(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date (YYYY-MM-DD)") from err
+
+
+ML_COMMANDS = frozenset({"build-model", "train", "evaluate"})
+
+
+def ml_python() -> Path | None:
+    """The interpreter of the training/serving env: $TUNELOOP_ML_PYTHON, else ``.venv-ml`` beside this env."""
+    explicit = os.environ.get("TUNELOOP_ML_PYTHON")
+    if explicit:
+        return Path(explicit)
+    candidate = Path(sys.prefix).parent / ".venv-ml" / "bin" / "python"
+    return candidate if candidate.exists() else None
+
+
+def _reexec_in_ml_env(argv: Sequence[str], command: str) -> None:
+    """Run an ML subcommand in .venv-ml when this interpreter lacks torch (e.g. .venv/bin/tuneloop)."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is not None and importlib.util.find_spec("peft") is not None:
+        return
+    python = ml_python()
+    if python is None or not python.exists():
+        raise CliError(
+            f"`{command}` needs torch, transformers and peft, which this Python ({sys.executable}) lacks: "
+            "run `make setup` to build .venv-ml, or point TUNELOOP_ML_PYTHON at an interpreter that has them"
+        )
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(str(python), [str(python), "-m", "tuneloop.cli", *argv])
+
+
+def _adapter_dir(settings: Settings, version: str) -> Path:
+    return Path(settings.work_dir) / "adapters" / version
+
+
+# --- subcommands ---------------------------------------------------------------------------
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    data = settings.model_dump(mode="json")
+    if data["vllm"].get("api_key"):
+        data["vllm"]["api_key"] = "**********"
+    import yaml
+
+    _emit(args, data, yaml.safe_dump(data, sort_keys=False).rstrip())
+    return 0
+
+
+def cmd_demo_world(args: argparse.Namespace) -> int:
+    from tuneloop import world
+
+    settings = _settings(args)
+    store = _store(settings)
+    start = args.start
+    summary = world.generate_world(
+        store,
+        start,
+        args.days,
+        seed=args.seed,
+        drift_start=args.drift_start,
+        traffic_per_day=args.traffic_per_day,
+        labelled_per_day=args.labelled_per_day,
+        bad_row_rate=args.bad_row_rate,
+        progress=_progress(args),
+    )
+    heldout = world.heldout_sets(args.seed, args.heldout_per_domain)
+    for domain, records in heldout.items():
+        body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        store.put_bytes(f"heldout/{domain}.jsonl", body.encode("utf-8"))
+    summary["heldout"] = {domain: len(records) for domain, records in heldout.items()}
+    summary["store"] = store.uri
+    human = (
+        f"demo world written to {store.uri}: {args.days} days from {start}"
+        + (f", drift from {args.drift_start}" if args.drift_start else ", no drift")
+        + f"\n  held-out sets: {summary['heldout']}"
+    )
+    _emit(args, summary, human)
+    return 0
+
+
+def cmd_build_model(args: argparse.Namespace) -> int:
+    from tuneloop.basemodel import build_demo_model
+
+    settings = _settings(args)
+    out_dir = Path(args.out or settings.model.demo_model_dir)
+    path = build_demo_model(out_dir, preset=args.preset, seed=args.seed, progress=_progress(args))
+    recipe_file = Path(path) / "tuneloop_model.json"
+    recipe = json.loads(recipe_file.read_text()) if recipe_file.exists() else {}
+    result = {"model_dir": str(path), **recipe}
+    _emit(args, result, f"demo base model ready in {path} (preset {args.preset})")
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from tuneloop.pull import pull_snapshot
+
+    settings = _settings(args)
+    store = _store(settings)
+    result = pull_snapshot(
+        store,
+        since=args.since,
+        until=args.until,
+        eval_fraction=settings.data.eval_fraction,
+        progress=_progress(args),
+    )
+    human = (
+        f"snapshot {result['snapshot']} from {len(result['partitions'])} partitions: "
+        f"{result['counts']['train']} train, {result['counts']['eval']} eval, "
+        f"{result['counts']['quarantined']} quarantined {result['reasons'] or ''}"
+    )
+    _emit(args, result, human.rstrip())
+    return 0
+
+
+def _load_jsonl_path(path: Path) -> list[dict[str, Any]]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as err:
+        raise CliError(f"cannot read {path}: {err.strerror}") from err
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise CliError(f"{path}:{number} is not JSON ({err.msg}); validate the file with `tuneloop pull`") from err
+    return records
+
+
+def _snapshot_records(store: Store, snapshot: str, split: str) -> tuple[str, list[dict[str, Any]]]:
+    """Records of ``split`` from a snapshot hash, ``latest``, or a local JSONL file."""
+    from tuneloop.pull import SNAPSHOT_PREFIX, latest_snapshot
+    from tuneloop.storage import StoreKeyError
+
+    if snapshot.endswith(".jsonl") or Path(snapshot).is_file():
+        path = Path(snapshot)
+        from tuneloop.storage import content_hash
+
+        return content_hash({path.name: path.read_bytes()}), _load_jsonl_path(path)
+    if snapshot == "latest":
+        found = latest_snapshot(store)
+        if found is None:
+            raise CliError(f"no dataset snapshot in {store.uri}: run `tuneloop pull` first")
+        snapshot = found
+    try:
+        body = store.get_bytes(f"{SNAPSHOT_PREFIX}/{snapshot}/{split}.jsonl")
+    except StoreKeyError:
+        raise CliError(f"snapshot {snapshot} has no {split}.jsonl in {store.uri}; list them with `tuneloop pull --list`") from None
+    records = [json.loads(line) for line in body.decode("utf-8").splitlines() if line.strip()]
+    return snapshot, records
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tuneloop.basemodel import resolve_base_model
+    from tuneloop.train import train_lora
+
+    settings = _settings(args)
+    store = _store(settings)
+    dataset_hash, records = _snapshot_records(store, args.snapshot, "train")
+    if args.limit:
+        records = records[: args.limit]
+    if not records:
+        raise CliError(f"snapshot {dataset_hash} has no training rows")
+    training = settings.training
+    if args.max_steps is not None:
+        training = training.model_copy(update={"max_steps": args.max_steps})
+    if args.epochs is not None:
+        training = training.model_copy(update={"epochs": args.epochs})
+    base = resolve_base_model(settings)
+    out_dir = Path(args.out) if args.out else _adapter_dir(settings, args.version)
+    result = train_lora(base, records, out_dir, training, dataset_hash=dataset_hash, progress=_progress(args))
+    if not args.no_upload:
+        store.put_dir(f"adapters/{args.version}", out_dir)
+    payload = {"version": args.version, "snapshot": dataset_hash, "base_model": str(base), **_as_dict(result)}
+    human = (
+        f"adapter {args.version} trained on {len(records)} rows of snapshot {dataset_hash[:12]} "
+        f"in {result.seconds:.0f}s: loss {result.loss_history[0]:.3f} -> {result.final_loss:.3f}, "
+        f"{result.tokens_per_second:,.0f} tok/s on {result.device}\n  written to {out_dir}"
+        + ("" if args.no_upload else f" and {store.uri}/adapters/{args.version}")
+    )
+    _emit(args, payload, human)
+    return 0
+
+
+def _as_dict(obj: Any) -> dict[str, Any]:
+    from dataclasses import asdict, is_dataclass
+
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(obj).items()}
+    return dict(obj)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from tuneloop.basemodel import resolve_base_model
+    from tuneloop.evaluate import evaluate_adapter
+
+    settings = _settings(args)
+    store = _store(settings)
+    records: list[dict[str, Any]] = []
+    for source in args.eval:
+        if Path(source).is_file():
+            records.extend(_load_jsonl_path(Path(source)))
+            continue
+        try:
+            body = store.get_bytes(f"heldout/{source}.jsonl" if "/" not in source else source)
+        except KeyError:
+            raise CliError(f"eval set {source!r} is neither a local file nor in {store.uri} (heldout/{source}.jsonl)") from None
+        records.extend(json.loads(line) for line in body.decode("utf-8").splitlines() if line.strip())
+    if args.limit:
+        records = _limit_per_slice(records, args.limit)
+    adapter_dir: Path | None = None
+    if args.adapter not in ("none", "base"):
+        adapter_dir = Path(args.adapter)
+        if not adapter_dir.is_dir():
+            adapter_dir = _adapter_dir(settings, args.adapter)
+            if not adapter_dir.is_dir():
+                try:
+                    store.get_dir(f"adapters/{args.adapter}", adapter_dir)
+                except KeyError:
+                    pass
+            if not (adapter_dir / "adapter_config.json").is_file():
+                raise CliError(f"adapter {args.adapter!r} not found locally or in {store.uri}/adapters/; train it with `tuneloop train --version {args.adapter}`")
+    name = args.adapter if adapter_dir is not None else "base"
+    out_dir = Path(args.out) if args.out else Path(settings.work_dir) / "evals" / name
+    base = resolve_base_model(settings)
+    summary = evaluate_adapter(base, adapter_dir, records, out_dir, settings.eval, backend="hf", progress=_progress(args))
+    lines = [f"{name}: {summary['n']} examples, scores in {out_dir}/scores.jsonl"]
+    for slice_name, stats in sorted(summary["slices"].items()):
+        lines.append(
+            f"  {slice_name:<10} n={stats['n']:<4} field_accuracy={stats['field_accuracy']:.3f} "
+            f"exact_match={stats['exact_match']:.3f} valid_json={stats['valid_json']:.3f}"
+        )
+    _emit(args, {"adapter": name, "out_dir": str(out_dir), **summary}, "\n".join(lines))
+    return 0
+
+
+def _limit_per_slice(records: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
+    seen: dict[str, int] = {}
+    kept = []
+    for record in records:
+        key = str(record.get("domain", ""))
+        if seen.get(key, 0) < limit:
+            kept.append(record)
+            seen[key] = seen.get(key, 0) + 1
+    return kept
+
+
+# --- parser --------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="FILE", help="YAML settings file (default: $TUNELOOP_CONFIG, else embedded defaults)")
+    common.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress output on stderr")
+    common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+    parser = argparse.ArgumentParser(
+        prog="tuneloop",
+        description="Keep a LoRA-tuned LLM fresh: drift -> data -> train -> gate -> hot-swap into vLLM.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"tuneloop {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("config", parents=[common], help="print the effective settings (secrets masked)")
+    p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser(
+        "demo-world",
+        parents=[common],
+        help="generate the demo world (traffic logs, labelled batches, held-out sets) into the store",
+        description="Write deterministic demo data into the store in date partitions: "
+        "traffic/dt=YYYY-MM-DD/ (production requests) and labelled/dt=YYYY-MM-DD/ (labelled rows), "
+        "plus heldout/{original,drifted}.jsonl. Run it again with a later --start to roll the world forward.",
+    )
+    p.add_argument("--start", type=_parse_date, default=date(2026, 1, 1), help="first day (default 2026-01-01)")
+    p.add_argument("--days", type=int, default=28, help="number of days to write (default 28)")
+    p.add_argument("--drift-start", type=_parse_date, default=None, help="day the drifted domain starts appearing")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--traffic-per-day", type=int, default=200)
+    p.add_argument("--labelled-per-day", type=int, default=60)
+    p.add_argument("--bad-row-rate", type=float, default=0.0, help="fraction of bad labelled lines to mix in (for the quality gate)")
+    p.add_argument("--heldout-per-domain", type=int, default=200)
+    p.set_defaults(func=cmd_demo_world)
+
+    p = sub.add_parser(
+        "build-model",
+        parents=[common],
+        help="build (or reuse) the tiny demo base model: BPE tokenizer + Llama, pre-trained on CPU",
+        description="Builds the demo base model locally (no hub): a BPE tokenizer with a chat template and a "
+        "small Llama pre-trained on demo text. Cached: a second call with the same recipe returns at once.",
+    )
+    p.add_argument("--preset", choices=["demo", "tiny"], default="demo", help="demo (a few minutes) or tiny (tests)")
+    p.add_argument("--out", help="output directory (default: model.demo_model_dir)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_build_model)
+
+    p = sub.add_parser(
+        "pull",
+        parents=[common],
+        help="pull labelled partitions into a content-addressed dataset snapshot",
+        description="Reads labelled/dt=*/ partitions in the date range, quarantines malformed rows with a "
+        "reason, splits train/eval by a stable hash of the id, and writes snapshots/<sha256>/.",
+    )
+    p.add_argument("--since", type=_parse_date, default=None, help="first partition to include (default: all)")
+    p.add_argument("--until", type=_parse_date, default=None, help="last partition to include (default: all)")
+    p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser(
+        "train",
+        parents=[common],
+        help="train a LoRA adapter on a dataset snapshot",
+        description="LoRA (peft) on the base model; writes adapter_model.safetensors, adapter_config.json, "
+        "provenance.json and train_metrics.json. Uses CUDA + bf16 when present, else the CPU.",
+    )
+    p.add_argument("--snapshot", default="latest", help="snapshot hash, 'latest', or a local JSONL file")
+    p.add_argument("--version", required=True, help="adapter version name, e.g. v1")
+    p.add_argument("--out", help="adapter directory (default: .tuneloop/adapters/VERSION)")
+    p.add_argument("--max-steps", type=int, default=None, help="override training.max_steps")
+    p.add_argument("--epochs", type=float, default=None, help="override training.epochs")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N rows")
+    p.add_argument("--no-upload", action="store_true", help="do not copy the adapter into the store")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "evaluate",
+        parents=[common],
+        help="score an adapter (or the base model) on held-out sets",
+        description="Greedy generation on each eval record; writes per-example scores as JSONL "
+        "{id, slice, score} (score = field accuracy in [0, 1]) and summary.json per slice.",
+    )
+    p.add_argument("--adapter", default="none", help="adapter version, directory, or 'none' for the base model")
+    p.add_argument("--eval", nargs="+", default=["original", "drifted"], help="held-out set names in the store or local JSONL files")
+    p.add_argument("--out", help="output directory (default: .tuneloop/evals/NAME)")
+    p.add_argument("--limit", type=int, default=None, help="at most N examples per slice")
+    p.set_defaults(func=cmd_evaluate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO if not args.quiet else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        if args.command in ML_COMMANDS:
+            _reexec_in_ml_env(argv, args.command)
+        return int(args.func(args))
+    except (ConfigError, CliError) as err:
+        print(f"tuneloop {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # output piped into `head` and the like
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except Exception as err:
+        from tuneloop.storage import StorageError
+
+        if isinstance(err, StorageError):
+            print(f"tuneloop {args.command}: storage error: {err}", file=sys.stderr)
+            return 3
+        raise
+    except KeyboardInterrupt:
+        print(f"tuneloop {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,250 @@
+"""Typed settings: one YAML file plus environment overrides, validated up front.
+
+Precedence (highest first): ``TUNELOOP__SECTION__KEY`` environment variables, the YAML file
+named by ``--config`` or ``TUNELOOP_CONFIG``, the embedded defaults (``defaults/tuneloop.yaml``).
+A bad value raises :class:`ConfigError` naming the key, the value, the reason and its source.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+ENV_PREFIX = "TUNELOOP__"
+CONFIG_ENV = "TUNELOOP_CONFIG"
+
+# Ranks vLLM accepts for --max-lora-rank.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+class ConfigError(ValueError):
+    """A setting is missing, unknown or invalid; the message names key, value and reason."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StoreSettings(_Section):
+    """Where every artifact lives: a local directory or ``s3://bucket/prefix``."""
+
+    uri: str = ".tuneloop/store"
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, moto...)")
+    region: str = "us-east-1"
+    max_attempts: int = Field(8, ge=1, le=30, description="retries on throttling/5xx")
+
+    @field_validator("uri")
+    @classmethod
+    def _uri_scheme(cls, value: str) -> str:
+        if "://" in value and not value.startswith(("s3://", "file://")):
+            raise ValueError("only local paths, file:// and s3:// URIs are supported")
+        if value.startswith("s3://") and len(value) <= len("s3://"):
+            raise ValueError("s3:// URI needs a bucket name")
+        return value
+
+
+class ModelSettings(_Section):
+    """The base model and the name clients call on vLLM."""
+
+    base_model: str = Field(
+        "demo",
+        description="'demo' builds the tiny local model; else a hub id or a local path",
+    )
+    demo_model_dir: str = ".tuneloop/models/demo-base"
+    served_model_name: str = Field("tuneloop", pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
+    max_seq_len: int = Field(512, ge=32, le=131072)
+
+
+class VllmSettings(_Section):
+    """The vLLM OpenAI servers tuneloop hot-swaps adapters into."""
+
+    endpoints: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:8000"])
+    api_key: SecretStr | None = None
+    max_lora_rank: int = 16
+    timeout_s: float = Field(60.0, gt=0)
+
+    @field_validator("endpoints")
+    @classmethod
+    def _http_urls(cls, value: list[str]) -> list[str]:
+        for url in value:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"endpoint {url!r} must start with http:// or https://")
+        return [url.rstrip("/") for url in value]
+
+    @field_validator("max_lora_rank")
+    @classmethod
+    def _vllm_rank(cls, value: int) -> int:
+        if value not in VLLM_LORA_RANKS:
+            raise ValueError(f"vLLM accepts only {VLLM_LORA_RANKS}")
+        return value
+
+
+class TrainingSettings(_Section):
+    """LoRA hyperparameters; defaults suit the demo model on a CPU."""
+
+    lora_rank: int = Field(16, ge=1, le=512)
+    lora_alpha: float = Field(32.0, gt=0)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1,
+    )
+    learning_rate: float = Field(2e-3, gt=0, lt=1)
+    epochs: float = Field(3.0, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="overrides epochs when set")
+    batch_size: int = Field(16, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_seq_len: int = Field(384, ge=16)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    log_every: int = Field(10, ge=1)
+
+
+class EvalSettings(_Section):
+    """How candidate and production adapters are scored."""
+
+    max_new_tokens: int = Field(96, ge=1)
+    batch_size: int = Field(32, ge=1)
+    backend: Literal["auto", "hf", "vllm"] = "auto"
+
+
+class GateSettings(_Section):
+    """The promote/reject rule (see gate.py)."""
+
+    improve_slices: list[str] = Field(default_factory=lambda: ["drifted"])
+    margin: float = Field(0.02, ge=0, lt=1, description="non-inferiority margin on other slices")
+    alpha: float = Field(0.05, gt=0, lt=0.5)
+    min_examples: int = Field(30, ge=1, description="fewer paired rows in a slice: reject")
+    bootstrap_samples: int = Field(5000, ge=100)
+
+
+class DriftSettings(_Section):
+    """The drift monitor's test and policy."""
+
+    method: Literal["classifier", "embedding"] = "classifier"
+    field: str = "prompt"
+    alpha: float = Field(0.05, gt=0, lt=0.5)
+    reference_days: int = Field(28, ge=1)
+    current_days: int = Field(7, ge=1)
+    consecutive_checks: int = Field(1, ge=1)
+    cooldown_days: int = Field(14, ge=0)
+
+
+class DataSettings(_Section):
+    """Intake thresholds and the train/eval split."""
+
+    eval_fraction: float = Field(0.2, gt=0, lt=1)
+    max_quarantine_rate: float = Field(0.2, ge=0, le=1)
+    min_accepted_rows: int = Field(50, ge=1)
+
+
+class Settings(_Section):
+    """Everything tuneloop reads; see ``defaults/tuneloop.yaml`` for the documented defaults."""
+
+    work_dir: str = Field(".tuneloop", description="local scratch: adapters, evals, caches")
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    vllm: VllmSettings = Field(default_factory=VllmSettings)
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
+    eval: EvalSettings = Field(default_factory=EvalSettings)
+    gate: GateSettings = Field(default_factory=GateSettings)
+    drift: DriftSettings = Field(default_factory=DriftSettings)
+    data: DataSettings = Field(default_factory=DataSettings)
+
+    @model_validator(mode="after")
+    def _rank_fits_server(self) -> Settings:
+        if self.training.lora_rank > self.vllm.max_lora_rank:
+            raise ValueError(
+                f"training.lora_rank={self.training.lora_rank} exceeds vllm.max_lora_rank="
+                f"{self.vllm.max_lora_rank}: the server would refuse the adapter"
+            )
+        return self
+
+
+def _deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise ConfigError(f"config file {path} does not exist") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _env_overrides(env: Mapping[str, str]) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
+    """``TUNELOOP__TRAINING__LEARNING_RATE=1e-3`` -> {"training": {"learning_rate": 0.001}}.
+
+    Values are parsed as YAML scalars/flow collections, so lists (``[a, b]``) and numbers work.
+    """
+    overrides: dict[str, Any] = {}
+    sources: dict[tuple[str, ...], str] = {}
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = tuple(part.lower() for part in name[len(ENV_PREFIX) :].split("__") if part)
+        if not path:
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        node = overrides
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+        sources[path] = name
+    return overrides, sources
+
+
+def _format_errors(err: ValidationError, sources: Mapping[tuple[str, ...], str], origin: str) -> str:
+    lines = []
+    for item in err.errors():
+        loc = tuple(str(part) for part in item["loc"])
+        key = ".".join(loc) or "<root>"
+        reason = "unknown key (check the spelling)" if item["type"] == "extra_forbidden" else item["msg"]
+        value = item.get("input")
+        source = sources.get(loc, origin)
+        shown = "" if isinstance(value, dict) else f" = {value!r}"
+        lines.append(f"  {key}{shown}: {reason} [from {source}]")
+    return "invalid tuneloop settings:\n" + "\n".join(lines)
+
+
+def load_settings(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Load defaults, then the YAML file, then ``TUNELOOP__*`` environment overrides."""
+    env = os.environ if env is None else env
+    defaults = yaml.safe_load(resources.files("tuneloop").joinpath("defaults/tuneloop.yaml").read_text())
+    data: dict[str, Any] = defaults or {}
+    origin = "embedded defaults"
+    path = path or env.get(CONFIG_ENV) or None
+    if path:
+        data = _deep_merge(data, _read_yaml(Path(path)))
+        origin = str(path)
+    overrides, sources = _env_overrides(env)
+    data = _deep_merge(data, overrides)
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, sources, origin)) from None

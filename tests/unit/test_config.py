@@ -1,0 +1,76 @@
+"""Settings: defaults load, YAML and env override in order, bad values name key and reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tuneloop.config import ConfigError, load_settings
+
+pytestmark = pytest.mark.unit
+
+
+def test_embedded_defaults_are_valid_and_local() -> None:
+    settings = load_settings(env={})
+    assert settings.store.uri == ".tuneloop/store"
+    assert settings.model.base_model == "demo"
+    assert settings.training.lora_rank <= settings.vllm.max_lora_rank
+    assert settings.vllm.api_key is None
+
+
+def test_yaml_then_env_precedence(tmp_path: Path) -> None:
+    config = tmp_path / "t.yaml"
+    config.write_text("training:\n  learning_rate: 0.001\n  epochs: 2\nstore:\n  uri: s3://bucket/pfx\n")
+    env = {"TUNELOOP__TRAINING__EPOCHS": "5", "TUNELOOP__VLLM__ENDPOINTS": "[http://a:1/, http://b:2]"}
+    settings = load_settings(config, env=env)
+    assert settings.training.learning_rate == 0.001  # from YAML
+    assert settings.training.epochs == 5  # env beats YAML
+    assert settings.training.batch_size == 16  # default survives a partial section
+    assert settings.store.uri == "s3://bucket/pfx"
+    assert settings.vllm.endpoints == ["http://a:1", "http://b:2"]
+
+
+def test_config_path_from_env_variable(tmp_path: Path) -> None:
+    config = tmp_path / "t.yaml"
+    config.write_text("model:\n  served_model_name: invoices\n")
+    assert load_settings(env={"TUNELOOP_CONFIG": str(config)}).model.served_model_name == "invoices"
+
+
+def test_api_key_is_secret(tmp_path: Path) -> None:
+    settings = load_settings(env={"TUNELOOP__VLLM__API_KEY": "s3cr3t"})
+    assert settings.vllm.api_key is not None
+    assert settings.vllm.api_key.get_secret_value() == "s3cr3t"
+    assert "s3cr3t" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"TUNELOOP__TRAINING__LEARNING_RATE": "-1"}, ["training.learning_rate", "greater than 0", "TUNELOOP__TRAINING__LEARNING_RATE"]),
+        ({"TUNELOOP__GATE__MARGN": "0.1"}, ["gate.margn", "unknown key"]),
+        ({"TUNELOOP__VLLM__MAX_LORA_RANK": "12"}, ["vllm.max_lora_rank", "vLLM accepts only"]),
+        ({"TUNELOOP__STORE__URI": "gs://bucket"}, ["store.uri", "s3://"]),
+        ({"TUNELOOP__VLLM__ENDPOINTS": "[localhost:8000]"}, ["vllm.endpoints", "http://"]),
+        ({"TUNELOOP__TRAINING__DEVICE": "tpu"}, ["training.device", "'cpu'"]),
+        ({"TUNELOOP__TRAINING__LORA_RANK": "64"}, ["exceeds vllm.max_lora_rank=16"]),
+    ],
+)
+def test_bad_values_fail_fast_naming_key_and_reason(env: dict[str, str], expected: list[str]) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(env=env)
+    for fragment in expected:
+        assert fragment in str(err.value)
+
+
+def test_bad_yaml_file_is_named(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("training: [unclosed\n")
+    with pytest.raises(ConfigError, match="broken.yaml is not valid YAML"):
+        load_settings(broken, env={})
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "missing.yaml", env={})
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("42\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_settings(scalar, env={})
