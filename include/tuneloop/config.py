@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 
 ENV_PREFIX = "TUNELOOP__"
 CONFIG_ENV = "TUNELOOP_CONFIG"
+HOME_ENV = "TUNELOOP_HOME"  # relative paths in settings are taken from here when set
 
 # Ranks vLLM accepts for --max-lora-rank.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -67,6 +68,7 @@ class VllmSettings(_Section):
     endpoints: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:8000"])
     api_key: SecretStr | None = None
     max_lora_rank: int = 16
+    adapter_dir: str = Field(".tuneloop/served-adapters", description="where adapters are materialised for the servers to read")
     timeout_s: float = Field(60.0, gt=0)
 
     @field_validator("endpoints")
@@ -245,6 +247,21 @@ def load_settings(path: str | os.PathLike[str] | None = None, env: Mapping[str, 
     overrides, sources = _env_overrides(env)
     data = _deep_merge(data, overrides)
     try:
-        return Settings.model_validate(data)
+        settings = Settings.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_errors(err, sources, origin)) from None
+    home = env.get(HOME_ENV)
+    return _anchor_paths(settings, Path(home)) if home else settings
+
+
+def _anchor_paths(settings: Settings, home: Path) -> Settings:
+    """Make relative local paths absolute against $TUNELOOP_HOME (Airflow workers' cwd varies)."""
+
+    def anchor(value: str) -> str:
+        return value if "://" in value or Path(value).is_absolute() else str(home / value)
+
+    settings.work_dir = anchor(settings.work_dir)
+    settings.store.uri = anchor(settings.store.uri)
+    settings.model.demo_model_dir = anchor(settings.model.demo_model_dir)
+    settings.vllm.adapter_dir = anchor(settings.vllm.adapter_dir)
+    return settings

@@ -74,3 +74,12 @@ def test_bad_yaml_file_is_named(tmp_path: Path) -> None:
     scalar.write_text("42\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):
         load_settings(scalar, env={})
+
+
+def test_relative_paths_anchor_to_tuneloop_home(tmp_path: Path) -> None:
+    settings = load_settings(env={"TUNELOOP_HOME": str(tmp_path), "TUNELOOP__VLLM__ADAPTER_DIR": "/abs/adapters"})
+    assert settings.store.uri == str(tmp_path / ".tuneloop/store")
+    assert settings.model.demo_model_dir == str(tmp_path / ".tuneloop/models/demo-base")
+    assert settings.vllm.adapter_dir == "/abs/adapters"  # absolute stays
+    s3 = load_settings(env={"TUNELOOP_HOME": str(tmp_path), "TUNELOOP__STORE__URI": "s3://b/p"})
+    assert s3.store.uri == "s3://b/p"

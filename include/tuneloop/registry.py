@@ -1,0 +1,173 @@
+"""Adapter registry in the store: immutable version records and atomically moved aliases.
+
+Layout::
+
+    registry/versions/<version>.json       one immutable record per adapter version
+    registry/aliases/<generation>.json     one immutable record per alias move (the history)
+    registry/aliases.json                  a copy of the newest generation, for humans/tools
+
+Aliases (``production``, ``previous``, ``candidate``) move together in one generation file
+written with a conditional put (``put_if_absent``): two writers racing for the same
+generation cannot both win, and no reader ever sees half a move. The newest generation is
+the state; earlier generations are the full history with reasons and run ids.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tuneloop.storage import Store
+
+ALIASES = ("production", "previous", "candidate")
+VERSION_RE = re.compile(r"^v(\d+)$")
+
+
+class RegistryError(RuntimeError):
+    """A registry operation cannot be done; the message says why and what to do."""
+
+
+class RegistryConflictError(RegistryError):
+    """Someone else moved the aliases first (optimistic concurrency lost)."""
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+class Registry:
+    """Adapter versions and their aliases, stored under ``prefix`` in a :class:`Store`."""
+
+    def __init__(self, store: Store, prefix: str = "registry") -> None:
+        self.store = store
+        self.prefix = prefix.strip("/")
+
+    # --- versions -----------------------------------------------------------------------
+
+    def _version_key(self, version: str) -> str:
+        return f"{self.prefix}/versions/{version}.json"
+
+    def versions(self) -> list[dict[str, Any]]:
+        """All version records, oldest first."""
+        keys = [k for k in self.store.list(f"{self.prefix}/versions/") if k.endswith(".json")]
+        records = [self.store.get_json(k) for k in keys]
+        return sorted(records, key=lambda r: _version_number(r["version"]))
+
+    def next_version(self) -> str:
+        numbers = [_version_number(r["version"]) for r in self.versions()]
+        return f"v{max(numbers, default=0) + 1}"
+
+    def register(
+        self,
+        version: str,
+        *,
+        adapter_key: str,
+        snapshot: str | None,
+        base_model: str,
+        metrics: dict[str, Any] | None = None,
+        provenance: dict[str, Any] | None = None,
+        run_id: str | None = None,
+    ) -> dict[str, Any]:
+        """Record a new adapter version; a version is written once and never changed."""
+        if not VERSION_RE.match(version):
+            raise RegistryError(f"version {version!r} must look like v1, v2, ...")
+        record = {
+            "version": version,
+            "created_at": _now(),
+            "adapter_key": adapter_key,
+            "snapshot": snapshot,
+            "base_model": base_model,
+            "metrics": metrics or {},
+            "provenance": provenance or {},
+            "run_id": run_id,
+        }
+        import json
+
+        if not self.store.put_if_absent(self._version_key(version), json.dumps(record, indent=2).encode()):
+            raise RegistryError(f"version {version} is already registered in {self.store.uri}; versions are immutable")
+        return record
+
+    def get(self, version: str) -> dict[str, Any]:
+        from tuneloop.storage import StoreKeyError
+
+        try:
+            return dict(self.store.get_json(self._version_key(version)))
+        except StoreKeyError:
+            known = ", ".join(r["version"] for r in self.versions()) or "none"
+            raise RegistryError(f"no adapter version {version!r} in {self.store.uri} (known: {known})") from None
+
+    def resolve(self, name: str) -> dict[str, Any]:
+        """A version record by version name or alias (``production``...)."""
+        if name in ALIASES:
+            version = self.aliases().get(name)
+            if version is None:
+                raise RegistryError(f"alias {name!r} points at no version yet in {self.store.uri}")
+            return self.get(version)
+        return self.get(name)
+
+    # --- aliases ------------------------------------------------------------------------
+
+    def _generations(self) -> list[str]:
+        return sorted(k for k in self.store.list(f"{self.prefix}/aliases/") if k.endswith(".json"))
+
+    def state(self) -> dict[str, Any]:
+        """The newest alias generation (generation 0 with no aliases when empty)."""
+        generations = self._generations()
+        if not generations:
+            return {"generation": 0, "aliases": dict.fromkeys(ALIASES)}
+        return dict(self.store.get_json(generations[-1]))
+
+    def aliases(self) -> dict[str, str | None]:
+        return dict(self.state()["aliases"])
+
+    def history(self) -> list[dict[str, Any]]:
+        """Every alias move, oldest first, with its reason and run id."""
+        return [self.store.get_json(k) for k in self._generations()]
+
+    def move_aliases(self, changes: dict[str, str | None], *, reason: str, run_id: str | None = None) -> dict[str, Any]:
+        """Move several aliases in one atomic step; raises RegistryConflictError on a race."""
+        import json
+
+        unknown = set(changes) - set(ALIASES)
+        if unknown:
+            raise RegistryError(f"unknown alias(es) {sorted(unknown)}; aliases are {ALIASES}")
+        for version in changes.values():
+            if version is not None:
+                self.get(version)  # must exist
+        current = self.state()
+        aliases = {**current["aliases"], **changes}
+        generation = int(current["generation"]) + 1
+        record = {
+            "generation": generation,
+            "aliases": aliases,
+            "changed": {k: {"from": current["aliases"].get(k), "to": v} for k, v in changes.items()},
+            "reason": reason,
+            "run_id": run_id,
+            "at": _now(),
+        }
+        body = json.dumps(record, indent=2).encode()
+        if not self.store.put_if_absent(f"{self.prefix}/aliases/{generation:08d}.json", body):
+            raise RegistryConflictError(
+                f"alias generation {generation} was written by someone else while this run moved {sorted(changes)}; "
+                "re-read the registry and retry"
+            )
+        self.store.put_bytes(f"{self.prefix}/aliases.json", body)
+        return record
+
+    def promote(self, version: str, *, reason: str, run_id: str | None = None) -> dict[str, Any]:
+        """production <- version, previous <- the old production, candidate cleared."""
+        current = self.aliases()
+        if current.get("production") == version:
+            raise RegistryError(f"{version} is already production")
+        return self.move_aliases(
+            {"production": version, "previous": current.get("production"), "candidate": None},
+            reason=reason,
+            run_id=run_id,
+        )
+
+
+def _version_number(version: str) -> int:
+    match = VERSION_RE.match(version)
+    return int(match.group(1)) if match else -1
