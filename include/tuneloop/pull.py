@@ -1,9 +1,11 @@
 """Pull labelled date partitions from the store into a content-addressed dataset snapshot.
 
 Layout read: ``labelled/dt=YYYY-MM-DD/*.jsonl``. Layout written:
-``snapshots/<sha256>/{train,eval,quarantine}.jsonl`` and ``manifest.json`` (written last).
-The hash covers the snapshot's files only, so pulling the same partitions twice gives the
-same hash. The train/eval split is a stable function of each row's id.
+``snapshots/<sha256>/{train,eval,quarantine}.jsonl`` and ``manifest.json`` (written last),
+plus ``gx_validation_result.json`` when the Great Expectations gate ran.
+The hash covers the data files only, so pulling the same partitions twice gives the same
+hash. The train/eval split is a stable function of each row's id. Every input line ends up
+in exactly one of train, eval or quarantine.
 """
 
 from __future__ import annotations
@@ -11,17 +13,38 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Iterator
-from datetime import UTC, date, datetime
+from dataclasses import dataclass
+from datetime import date, timedelta
 from typing import TYPE_CHECKING, Any
 
-from tuneloop.validate import check_lines
+from tuneloop.validate import CheckedBatch, check_lines
 
 if TYPE_CHECKING:
+    from tuneloop.quality import QualityReport
     from tuneloop.storage import Store
 
 LABELLED_PREFIX = "labelled"
 SNAPSHOT_PREFIX = "snapshots"
 LATEST_POINTER = f"{SNAPSHOT_PREFIX}/LATEST"
+
+
+class NoNewDataError(RuntimeError):
+    """No labelled partitions in the requested range."""
+
+
+@dataclass(frozen=True)
+class PullPlan:
+    """Which partitions (days and object keys) a pull reads."""
+
+    days: list[date]
+    keys: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"days": [d.isoformat() for d in self.days], "keys": self.keys}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> PullPlan:
+        return cls([date.fromisoformat(d) for d in data["days"]], list(data["keys"]))
 
 
 def is_eval_id(record_id: str, eval_fraction: float) -> bool:
@@ -34,12 +57,86 @@ def _jsonl(rows: list[dict[str, Any]]) -> bytes:
     return "".join(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n" for row in rows).encode("utf-8")
 
 
+def last_snapshot_day(store: Store) -> date | None:
+    """The newest partition day covered by the latest snapshot (for incremental pulls)."""
+    snapshot = latest_snapshot(store)
+    if snapshot is None:
+        return None
+    from tuneloop.storage import read_snapshot_manifest
+
+    days = read_snapshot_manifest(store, SNAPSHOT_PREFIX, snapshot).get("partitions") or []
+    return date.fromisoformat(max(days)) if days else None
+
+
+def plan_pull(store: Store, *, since: date | None = None, until: date | None = None, incremental: bool = False) -> PullPlan:
+    """Pick the partitions in ``[since, until]``; ``incremental`` starts after the last snapshot."""
+    if incremental and since is None:
+        last = last_snapshot_day(store)
+        since = last + timedelta(days=1) if last else None
+    days = [d for d in store.list_partitions(LABELLED_PREFIX) if (since is None or d >= since) and (until is None or d <= until)]
+    if not days:
+        raise NoNewDataError(
+            f"no labelled partitions in {store.uri}/{LABELLED_PREFIX}/ between {since or 'the start'} and {until or 'now'}"
+        )
+    keys = [key for day in days for key in store.list(f"{LABELLED_PREFIX}/dt={day.isoformat()}/") if key.endswith(".jsonl")]
+    return PullPlan(days, keys)
+
+
 def _partition_lines(store: Store, keys: list[str]) -> Iterator[tuple[str, int, bytes]]:
     for key in keys:
-        for number, raw in enumerate(store.get_bytes(key).split(b"\n"), 1):
-            if raw == b"" :
-                continue  # the newline that ends the file (or a blank line: checked below)
+        body = store.get_bytes(key)
+        lines = body.split(b"\n")
+        if lines and lines[-1] == b"":
+            lines.pop()  # the newline that ends the file is not a line
+        for number, raw in enumerate(lines, 1):
             yield key, number, raw.rstrip(b"\r")
+
+
+def read_batch(store: Store, plan: PullPlan) -> CheckedBatch:
+    """Read and row-check every line of the planned partitions."""
+    return check_lines(_partition_lines(store, plan.keys))
+
+
+def write_dataset_snapshot(
+    store: Store,
+    batch: CheckedBatch,
+    plan: PullPlan,
+    *,
+    eval_fraction: float,
+    quality: QualityReport | None = None,
+) -> dict[str, Any]:
+    """Split accepted rows by id hash and write the snapshot; returns its summary."""
+    from tuneloop.storage import write_snapshot
+
+    accepted = sorted(batch.accepted, key=lambda r: r["id"])
+    train = [r for r in accepted if not is_eval_id(r["id"], eval_fraction)]
+    heldout = [r for r in accepted if is_eval_id(r["id"], eval_fraction)]
+    quarantine = sorted((row.to_json() for row in batch.quarantined), key=lambda r: (r["source"], r["line"]))
+    assert len(accepted) + len(quarantine) == batch.total, "a row went missing between check and snapshot"
+    files = {"train.jsonl": _jsonl(train), "eval.jsonl": _jsonl(heldout), "quarantine.jsonl": _jsonl(quarantine)}
+    counts = {"total": batch.total, "accepted": len(accepted), "train": len(train), "eval": len(heldout), "quarantined": len(quarantine)}
+    manifest: dict[str, Any] = {
+        "kind": "tuneloop.dataset_snapshot",
+        "partitions": [d.isoformat() for d in plan.days],
+        "source_keys": plan.keys,
+        "counts": counts,
+        "reasons": batch.reasons,
+        "eval_fraction": eval_fraction,
+        "domains": {"train": _domain_counts(train), "eval": _domain_counts(heldout)},
+    }
+    if quality is not None:
+        manifest["validation"] = quality.summary()
+    snapshot = write_snapshot(store, SNAPSHOT_PREFIX, files, manifest)
+    if quality is not None:
+        store.put_json(f"{SNAPSHOT_PREFIX}/{snapshot}/gx_validation_result.json", quality.validation_result)
+    store.put_text(LATEST_POINTER, snapshot)
+    return {
+        "snapshot": snapshot,
+        "partitions": manifest["partitions"],
+        "counts": counts,
+        "reasons": batch.reasons,
+        "domains": manifest["domains"],
+    }
 
 
 def pull_snapshot(
@@ -48,39 +145,18 @@ def pull_snapshot(
     since: date | None = None,
     until: date | None = None,
     eval_fraction: float = 0.2,
+    incremental: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Read partitions in ``[since, until]``, check rows, split, and write a snapshot."""
-    from tuneloop.storage import write_snapshot
-
-    days = [d for d in store.list_partitions(LABELLED_PREFIX) if (since is None or d >= since) and (until is None or d <= until)]
-    if not days:
-        raise ValueError(f"no labelled partitions in {store.uri}/{LABELLED_PREFIX}/ between {since or 'the start'} and {until or 'now'}")
-    keys = [key for day in days for key in store.list(f"{LABELLED_PREFIX}/dt={day.isoformat()}/") if key.endswith(".jsonl")]
+    """Plan, read, row-check and snapshot (the quality gate runs in the refresh DAG)."""
+    plan = plan_pull(store, since=since, until=until, incremental=incremental)
     if progress:
-        progress(f"pulling {len(keys)} files from {len(days)} partitions ({days[0]} .. {days[-1]})")
-    batch = check_lines(_partition_lines(store, keys))
-    accepted = sorted(batch.accepted, key=lambda r: r["id"])
-    train = [r for r in accepted if not is_eval_id(r["id"], eval_fraction)]
-    heldout = [r for r in accepted if is_eval_id(r["id"], eval_fraction)]
-    quarantine = sorted((row.to_json() for row in batch.quarantined), key=lambda r: (r["source"], r["line"]))
-    files = {"train.jsonl": _jsonl(train), "eval.jsonl": _jsonl(heldout), "quarantine.jsonl": _jsonl(quarantine)}
-    counts = {"total": batch.total, "accepted": len(accepted), "train": len(train), "eval": len(heldout), "quarantined": len(quarantine)}
-    manifest = {
-        "kind": "tuneloop.dataset_snapshot",
-        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "partitions": [d.isoformat() for d in days],
-        "source_keys": keys,
-        "counts": counts,
-        "reasons": batch.reasons,
-        "eval_fraction": eval_fraction,
-        "domains": _domain_counts(accepted),
-    }
-    snapshot = write_snapshot(store, SNAPSHOT_PREFIX, files, manifest)
-    store.put_text(LATEST_POINTER, snapshot)
+        progress(f"pulling {len(plan.keys)} files from {len(plan.days)} partitions ({plan.days[0]} .. {plan.days[-1]})")
+    batch = read_batch(store, plan)
+    result = write_dataset_snapshot(store, batch, plan, eval_fraction=eval_fraction)
     if progress:
-        progress(f"snapshot {snapshot[:12]}: {counts}")
-    return {"snapshot": snapshot, "partitions": manifest["partitions"], "counts": counts, "reasons": batch.reasons, "domains": manifest["domains"]}
+        progress(f"snapshot {result['snapshot'][:12]}: {result['counts']}")
+    return result
 
 
 def _domain_counts(records: list[dict[str, Any]]) -> dict[str, int]:

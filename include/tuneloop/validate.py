@@ -38,6 +38,7 @@ class CheckedBatch:
     """The outcome of checking a batch: ``len(accepted) + len(quarantined) == total``."""
 
     accepted: list[dict[str, Any]] = field(default_factory=list)
+    origins: list[tuple[str, int]] = field(default_factory=list)  # (source, line) per accepted row
     quarantined: list[QuarantinedRow] = field(default_factory=list)
     total: int = 0
 
@@ -98,4 +99,5 @@ def check_lines(lines: Iterable[tuple[str, int, bytes]]) -> CheckedBatch:
             continue
         seen_ids.add(record["id"])
         batch.accepted.append(record)
+        batch.origins.append((source, number))
     return batch
