@@ -9,7 +9,7 @@ export GX_ANALYTICS_ENABLED := false
 export VLLM_NO_USAGE_STATS := 1
 export DO_NOT_TRACK := 1
 
-.PHONY: help setup test test-unit test-ml lint demo bench clean
+.PHONY: help setup test lint demo airflow serve serve-stop bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -26,6 +26,17 @@ lint: setup ## ruff + mypy
 
 demo: setup ## run the loop's steps end to end on the embedded defaults (tiny model, local store, CPU)
 	@bash scripts/demo.sh
+
+airflow: setup ## Airflow 3 standalone with the tuneloop DAGs: UI on http://localhost:8080 (admin/admin)
+	@bash scripts/airflow.sh
+
+serve: setup ## start the real vLLM OpenAI server (CPU build) with runtime LoRA; re-loads production
+	@$(VENV)/bin/tuneloop build-model
+	@bash scripts/serve.sh start
+	@if $(VENV)/bin/tuneloop status --no-vllm --json | grep -q '"production": "v'; then $(VENV)/bin/tuneloop deploy --version production; fi
+
+serve-stop: ## stop the vLLM server started by `make serve`
+	@bash scripts/serve.sh stop
 
 clean: ## remove the local store, models, adapters and eval outputs (keeps the environments)
 	rm -rf .tuneloop

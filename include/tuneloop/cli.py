@@ -294,10 +294,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                     pass
             if not (adapter_dir / "adapter_config.json").is_file():
                 raise CliError(f"adapter {args.adapter!r} not found locally or in {store.uri}/adapters/; train it with `tuneloop train --version {args.adapter}`")
+    if not records:
+        raise CliError("no eval records: check --eval")
     name = args.adapter if adapter_dir is not None else "base"
     out_dir = Path(args.out) if args.out else Path(settings.work_dir) / "evals" / name
     base = resolve_base_model(settings)
     summary = evaluate_adapter(base, adapter_dir, records, out_dir, settings.eval, backend="hf", progress=_progress(args))
+    if args.upload:
+        for file_name in ("scores.jsonl", "summary.json"):
+            store.put_file(f"{args.upload.rstrip('/')}/{file_name}", out_dir / file_name)
     lines = [f"{name}: {summary['n']} examples, scores in {out_dir}/scores.jsonl"]
     for slice_name, stats in sorted(summary["slices"].items()):
         lines.append(
@@ -317,6 +322,35 @@ def _limit_per_slice(records: list[dict[str, Any]], limit: int) -> list[dict[str
             kept.append(record)
             seen[key] = seen.get(key, 0) + 1
     return kept
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from tuneloop.status import collect_status, format_status
+
+    settings = _settings(args)
+    status = collect_status(settings, _store(settings), ask_vllm=not args.no_vllm)
+    _emit(args, status, format_status(status))
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from tuneloop.pipeline import open_loop, rollback_step
+
+    loop = open_loop(args.config, progress=_progress(args))
+    result = rollback_step(loop, args.version)
+    _emit(args, result, f"rolled back: production={result['version']} (was {result['from']})")
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from tuneloop.pipeline import deploy_step, open_loop, verify_step
+
+    loop = open_loop(args.config, progress=_progress(args))
+    version = loop.registry.resolve(args.version)["version"]
+    result = deploy_step(loop, version)
+    result["verify"] = verify_step(loop, version)
+    _emit(args, result, f"{version} now answers as {loop.settings.model.served_model_name!r} on {', '.join(loop.settings.vllm.endpoints)}")
+    return 0
 
 
 # --- parser --------------------------------------------------------------------------------
@@ -409,7 +443,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", nargs="+", default=["original", "drifted"], help="held-out set names in the store or local JSONL files")
     p.add_argument("--out", help="output directory (default: .tuneloop/evals/NAME)")
     p.add_argument("--limit", type=int, default=None, help="at most N examples per slice")
+    p.add_argument("--upload", metavar="PREFIX", help="also copy scores.jsonl and summary.json to this store prefix")
     p.set_defaults(func=cmd_evaluate)
+    p = sub.add_parser("status", parents=[common], help="what the loop did last: drift, intake, training, gate, registry, what vLLM serves")
+    p.add_argument("--no-vllm", action="store_true", help="do not query the vLLM server")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser(
+        "deploy",
+        parents=[common],
+        help="hot-swap a registered adapter version into the vLLM servers (no registry change)",
+        description="Validates the adapter, loads it into the staging name, verifies it, then swaps the stable "
+        "served name in place; restores the previous adapter on any failure. Used by `make serve` to re-load "
+        "production after a server restart.",
+    )
+    p.add_argument("--version", default="production", help="version (v3) or alias (default: production)")
+    p.set_defaults(func=cmd_deploy)
+
+    p = sub.add_parser("rollback", parents=[common], help="serve an earlier version again and move the registry aliases")
+    p.add_argument("--version", default="previous", help="version (v3) or alias (default: previous)")
+    p.set_defaults(func=cmd_rollback)
     return parser
 
 

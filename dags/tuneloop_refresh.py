@@ -1,0 +1,174 @@
+"""
+### tuneloop_refresh: pull, validate, train, gate and hot-swap a fresh LoRA adapter
+
+Runs quarterly (03:00 UTC on the 1st of Jan/Apr/Jul/Oct) **or** whenever the drift asset
+`tuneloop://loop/drift` gets an event (from `tuneloop_drift_monitor`, an Alertmanager/Grafana
+webhook, or the REST API), **or** by hand with the params below.
+
+`pull` -> `validate` (row checks + Great Expectations; bad rows quarantined with a reason;
+the run fails with the counts when the batch fails its thresholds) -> content-addressed
+snapshot -> `train` (LoRA in the isolated ML env, pool `gpu`) -> `evaluate` (candidate and
+production on held-out data of both domains) -> `gate` (paired bootstrap: better on the
+improve slices, non-inferior elsewhere) -> `deploy` (validate adapter, stage, verify, swap
+the stable name in place, roll back on failure) -> `verify` -> `record` (registry aliases).
+
+Logic lives in `include/tuneloop/pipeline.py`; this file is wiring.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
+
+from tuneloop import assets
+
+DRIFT = Asset(name=assets.DRIFT[0], uri=assets.DRIFT[1])
+SNAPSHOT = Asset(name=assets.SNAPSHOT[0], uri=assets.SNAPSHOT[1])
+ADAPTER = Asset(name=assets.ADAPTER[0], uri=assets.ADAPTER[1])
+EVAL_REPORT = Asset(name=assets.EVAL_REPORT[0], uri=assets.EVAL_REPORT[1])
+PRODUCTION = Asset(name=assets.PRODUCTION[0], uri=assets.PRODUCTION[1])
+
+DEFAULT_ARGS = {
+    "owner": "ml-platform",
+    "retries": 2,
+    "retry_delay": timedelta(seconds=30),
+    "retry_exponential_backoff": True,
+    "max_retry_delay": timedelta(minutes=10),
+}
+
+
+def _loop() -> Any:
+    """Open the loop for this task: config from $TUNELOOP_CONFIG or the `tuneloop_config` Variable."""
+    import logging
+    import os
+
+    from airflow.sdk import Variable, get_current_context
+
+    from tuneloop.pipeline import open_loop
+
+    config = os.environ.get("TUNELOOP_CONFIG") or Variable.get("tuneloop_config", default=None) or None
+    if config and not os.path.exists(config):
+        config = None
+    context = get_current_context()
+    logger = logging.getLogger("airflow.task")
+    return open_loop(config, run_id=context["run_id"], progress=logger.info)
+
+
+def _fail_without_retry(err: Exception) -> None:
+    from airflow.sdk.exceptions import AirflowFailException
+
+    raise AirflowFailException(str(err)) from err
+
+
+@dag(
+    dag_id="tuneloop_refresh",
+    schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable("0 3 1 1,4,7,10 *", timezone="UTC"), assets=DRIFT),
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    tags=["tuneloop", "llm", "lora", "refresh"],
+    doc_md=__doc__,
+    params={
+        "force": Param(False, type="boolean", description="Use all partitions when none are new since the last snapshot."),
+        "since": Param(None, type=["null", "string"], format="date", description="First labelled partition (YYYY-MM-DD); default: the day after the last snapshot."),
+        "until": Param(None, type=["null", "string"], format="date", description="Last labelled partition (YYYY-MM-DD); default: the newest."),
+        "dry_run": Param(False, type="boolean", description="Stop after the gate: train, evaluate and report, but do not deploy."),
+    },
+)
+def tuneloop_refresh() -> None:
+    @task
+    def pull(params: dict[str, Any] | None = None) -> dict[str, Any]:
+        from tuneloop.pipeline import pull_step
+        from tuneloop.pull import NoNewDataError
+
+        params = params or {}
+        try:
+            return pull_step(_loop(), since=params.get("since"), until=params.get("until"), force=bool(params.get("force")))
+        except NoNewDataError as err:
+            _fail_without_retry(err)
+            raise
+
+    @task(outlets=[SNAPSHOT])
+    def validate(plan: dict[str, Any], outlet_events: Any = None) -> dict[str, Any]:
+        from tuneloop.pipeline import validate_step
+        from tuneloop.quality import DataQualityError
+
+        try:
+            result = validate_step(_loop(), plan)
+        except DataQualityError as err:
+            _fail_without_retry(err)
+            raise
+        if outlet_events is not None:
+            outlet_events[SNAPSHOT].extra = {"snapshot": result["snapshot"], "counts": result["counts"]}
+        return result
+
+    @task(pool="gpu", outlets=[ADAPTER], execution_timeout=timedelta(hours=12))
+    def train(snapshot: dict[str, Any], outlet_events: Any = None) -> dict[str, Any]:
+        from tuneloop.pipeline import train_step
+
+        result = train_step(_loop(), snapshot["snapshot"])
+        if outlet_events is not None:
+            outlet_events[ADAPTER].extra = {"version": result["version"], "snapshot": result["snapshot"]}
+        return result
+
+    @task(execution_timeout=timedelta(hours=6))
+    def evaluate(candidate: dict[str, Any]) -> dict[str, Any]:
+        from tuneloop.pipeline import evaluate_step
+
+        return evaluate_step(_loop(), candidate)
+
+    @task(outlets=[EVAL_REPORT])
+    def gate(evaluation: dict[str, Any], outlet_events: Any = None) -> dict[str, Any]:
+        from tuneloop.pipeline import gate_step
+
+        decision = gate_step(_loop(), evaluation)
+        decision["scores_key"] = evaluation["candidate"]["scores_key"]
+        if outlet_events is not None:
+            outlet_events[EVAL_REPORT].extra = {"version": decision["version"], "promote": decision["promote"], "report": decision["report_key"]}
+        return decision
+
+    @task.short_circuit
+    def should_deploy(decision: dict[str, Any], params: dict[str, Any] | None = None) -> bool:
+        """Continue to deploy only when the gate promotes and this is not a dry run."""
+        import logging
+
+        logger = logging.getLogger("airflow.task")
+        if (params or {}).get("dry_run"):
+            logger.info("dry run: stopping after the gate (promote=%s)", decision["promote"])
+            return False
+        if not decision["promote"]:
+            logger.info("gate rejected %s: %s", decision["version"], "; ".join(decision["reasons"]))
+        return bool(decision["promote"])
+
+    @task(retries=1)
+    def deploy(decision: dict[str, Any]) -> dict[str, Any]:
+        from tuneloop.pipeline import deploy_step
+
+        return deploy_step(_loop(), decision["version"], scores_key=decision["scores_key"])
+
+    @task
+    def verify(deployed: dict[str, Any]) -> dict[str, Any]:
+        from tuneloop.pipeline import verify_step
+
+        return verify_step(_loop(), deployed["version"])
+
+    @task(outlets=[PRODUCTION])
+    def record(verified: dict[str, Any], decision: dict[str, Any], outlet_events: Any = None) -> dict[str, Any]:
+        from tuneloop.pipeline import record_step
+
+        gate_summary = {k: decision[k] for k in ("promote", "reasons", "slices", "report_key") if k in decision}
+        summary = record_step(_loop(), verified["version"], gate_summary)
+        if outlet_events is not None:
+            outlet_events[PRODUCTION].extra = {"version": verified["version"]}
+        return summary
+
+    decision = gate(evaluate(train(validate(pull()))))
+    deployed = deploy(decision)
+    should_deploy(decision) >> deployed
+    record(verify(deployed), decision)
+
+
+tuneloop_refresh()

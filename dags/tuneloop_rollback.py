@@ -1,0 +1,57 @@
+"""
+### tuneloop_rollback: serve an earlier adapter version again
+
+Manual only. Validates the chosen version's adapter, hot-swaps it into every vLLM endpoint
+(staged, verified, with automatic restore on failure), checks the stable name answers from
+it, and moves the registry aliases (`production` <- the version, `previous` <- what was
+production). Param `version`: a version (`v3`) or an alias (`previous`, the default).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from airflow.sdk import Asset, Param, dag, task
+
+from tuneloop import assets
+
+PRODUCTION = Asset(name=assets.PRODUCTION[0], uri=assets.PRODUCTION[1])
+
+
+@dag(
+    dag_id="tuneloop_rollback",
+    schedule=None,
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    default_args={"owner": "ml-platform", "retries": 2, "retry_delay": timedelta(seconds=20), "retry_exponential_backoff": True},
+    tags=["tuneloop", "llm", "rollback"],
+    doc_md=__doc__,
+    params={
+        "version": Param("previous", type="string", pattern=r"^(v\d+|previous|production|candidate)$", description="Adapter version (v3) or alias to serve again."),
+    },
+)
+def tuneloop_rollback() -> None:
+    @task(outlets=[PRODUCTION])
+    def rollback(params: dict[str, Any] | None = None, outlet_events: Any = None) -> dict[str, Any]:
+        import logging
+        import os
+
+        from airflow.sdk import Variable, get_current_context
+
+        from tuneloop.pipeline import open_loop, rollback_step
+
+        config = os.environ.get("TUNELOOP_CONFIG") or Variable.get("tuneloop_config", default=None) or None
+        if config and not os.path.exists(config):
+            config = None
+        loop = open_loop(config, run_id=get_current_context()["run_id"], progress=logging.getLogger("airflow.task").info)
+        result = rollback_step(loop, (params or {}).get("version") or "previous")
+        if outlet_events is not None:
+            outlet_events[PRODUCTION].extra = {"version": result["version"], "rollback_from": result["from"]}
+        return result
+
+    rollback()
+
+
+tuneloop_rollback()

@@ -1,0 +1,461 @@
+"""The loop's steps as plain functions: each Airflow task calls exactly one of them.
+
+Everything here is testable without Airflow: a step takes a :class:`Loop` (settings, store,
+registry, run id) and JSON-able arguments, and returns a JSON-able dict that becomes the
+task's XCom. ML work (train, evaluate) runs in the isolated ML env through
+:mod:`tuneloop.runner`; everything else runs in the orchestration env.
+
+Store layout written by the steps (next to the data layout of ``world``/``pull``)::
+
+    snapshots/<sha256>/...          dataset snapshots (pull.py)
+    quality/<run>/...               quarantine + GX result of a batch that failed the gate
+    adapters/<version>/...          LoRA adapters (safetensors + provenance)
+    evals/<version>/<run>/...       per-example scores + summaries, candidate and production
+    reports/<version>/gate.*        gate decision (json, md, png)
+    registry/...                    versions and aliases (registry.py)
+    drift/checks/*.json             every drift check; drift/history.png
+    runs/<run>.json                 one summary per refresh run
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tuneloop.config import Settings, load_settings
+
+if TYPE_CHECKING:
+    from tuneloop.registry import Registry
+    from tuneloop.storage import Store
+
+log = logging.getLogger(__name__)
+
+TRAFFIC_PREFIX = "traffic"
+HELDOUT_PREFIX = "heldout"
+GOLDEN_PER_SLICE = 6
+
+
+@dataclass
+class Loop:
+    """What every step needs: settings, the store, the registry and the run's id."""
+
+    settings: Settings
+    config_path: str | None
+    store: Store
+    registry: Registry
+    run_id: str
+    progress: Callable[[str], None]
+
+    @property
+    def run_key(self) -> str:
+        """The run id made safe for a store key."""
+        return re.sub(r"[^A-Za-z0-9._=-]+", "_", self.run_id)[:120]
+
+
+def open_loop(config_path: str | None = None, *, run_id: str | None = None, progress: Callable[[str], None] | None = None) -> Loop:
+    from tuneloop.registry import Registry
+    from tuneloop.storage import open_store_from_settings
+
+    settings = load_settings(config_path)
+    store = open_store_from_settings(settings)
+    return Loop(
+        settings=settings,
+        config_path=config_path,
+        store=store,
+        registry=Registry(store),
+        run_id=run_id or datetime.now(UTC).strftime("manual__%Y-%m-%dT%H-%M-%S"),
+        progress=progress or (lambda message: log.info("%s", message)),
+    )
+
+
+def _run_ml(loop: Loop, args: list[str]) -> dict[str, Any]:
+    from tuneloop.runner import run_ml_step
+
+    return run_ml_step(args, config=loop.config_path, on_line=loop.progress)
+
+
+def _parse_day(value: str | date | None) -> date | None:
+    if value in (None, ""):
+        return None
+    return value if isinstance(value, date) else date.fromisoformat(str(value))
+
+
+# --- drift monitor ------------------------------------------------------------------------
+
+
+def _prompts(store: Store, keys: list[str], field: str) -> list[str]:
+    texts = []
+    for key in keys:
+        for record in store.iter_jsonl(key):
+            if isinstance(record, dict) and isinstance(record.get(field), str) and record[field].strip():
+                texts.append(record[field])
+    return texts
+
+
+def _traffic_keys(store: Store, first: date, last: date) -> tuple[list[date], list[str]]:
+    days = [d for d in store.list_partitions(TRAFFIC_PREFIX) if first <= d <= last]
+    keys = [k for d in days for k in store.list(f"{TRAFFIC_PREFIX}/dt={d.isoformat()}/") if k.endswith(".jsonl")]
+    return days, keys
+
+
+def check_drift(loop: Loop, *, as_of: str | date | None = None) -> dict[str, Any]:
+    """Compare the current traffic window with what production was trained on; apply the policy.
+
+    Reference: the training prompts of the production adapter's snapshot (else the first
+    ``reference_days`` of traffic). Current: the last ``current_days`` of traffic up to
+    ``as_of`` (default: the newest traffic partition). Emits only when drift persisted over
+    ``consecutive_checks`` checks and no refresh covered data within ``cooldown_days``.
+    """
+    from tuneloop.drift import detect_drift
+
+    cfg = loop.settings.drift
+    store = loop.store
+    all_days = store.list_partitions(TRAFFIC_PREFIX)
+    limit = _parse_day(as_of)
+    candidates = [d for d in all_days if limit is None or d <= limit]
+    if not candidates:
+        raise RuntimeError(f"no traffic partitions in {store.uri}/{TRAFFIC_PREFIX}/ up to {limit or 'now'}")
+    end = candidates[-1]
+    current_days, current_keys = _traffic_keys(store, end - timedelta(days=cfg.current_days - 1), end)
+
+    production = loop.registry.aliases().get("production")
+    reference_source: str
+    if production:
+        record = loop.registry.get(production)
+        snapshot = record.get("snapshot")
+        reference = _prompts(store, [f"snapshots/{snapshot}/train.jsonl"], "prompt")
+        reference_source = f"training data of production {production} (snapshot {str(snapshot)[:12]})"
+        trained_until = _snapshot_last_day(store, snapshot)
+    else:
+        ref_days, ref_keys = _traffic_keys(store, all_days[0], all_days[0] + timedelta(days=cfg.reference_days - 1))
+        reference = _prompts(store, ref_keys, cfg.field)
+        reference_source = f"first {len(ref_days)} days of traffic"
+        trained_until = None
+    current = _prompts(store, current_keys, cfg.field)
+    loop.progress(f"drift check as of {end}: {len(reference)} reference ({reference_source}) vs {len(current)} current prompts")
+    report = detect_drift(reference, current, alpha=cfg.alpha, method=cfg.method).to_json()
+
+    history = drift_history(store)
+    streak = 1 if report["drift"] else 0
+    for past in reversed(history):
+        if not report["drift"] or not past["drift"]:
+            break
+        streak += 1
+    in_cooldown = trained_until is not None and (end - trained_until).days < cfg.cooldown_days
+    emit = bool(report["drift"]) and streak >= cfg.consecutive_checks and not in_cooldown
+    if not report["drift"]:
+        reason = f"no significant drift (p={report['p_value']:.3g} >= alpha {cfg.alpha})"
+    elif streak < cfg.consecutive_checks:
+        reason = f"drift seen in {streak} consecutive check(s); policy needs {cfg.consecutive_checks}"
+    elif in_cooldown:
+        reason = f"drift, but production was trained on data up to {trained_until} (< {cfg.cooldown_days} days ago): cooldown"
+    else:
+        reason = f"drift persisted over {streak} check(s) (p={report['p_value']:.3g}); refresh requested"
+    check = {
+        "as_of": end.isoformat(),
+        "checked_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "run_id": loop.run_id,
+        "drift": bool(report["drift"]),
+        "p_value": report["p_value"],
+        "statistic": report["statistic"],
+        "method": report["method"],
+        "n_reference": report["n_reference"],
+        "n_current": report["n_current"],
+        "current_window": [d.isoformat() for d in current_days[:1] + current_days[-1:]],
+        "reference": reference_source,
+        "production": production,
+        "streak": streak,
+        "emit": emit,
+        "decision": reason,
+        "report": report,
+    }
+    store.put_json(f"drift/checks/{end.isoformat()}__{loop.run_key}.json", check)
+    _plot_drift_history([*history, check], store)
+    loop.progress(f"drift decision: {reason}")
+    return check
+
+
+def _snapshot_last_day(store: Store, snapshot: str | None) -> date | None:
+    if not snapshot:
+        return None
+    from tuneloop.storage import StoreKeyError, read_snapshot_manifest
+
+    try:
+        days = read_snapshot_manifest(store, "snapshots", snapshot).get("partitions") or []
+    except StoreKeyError:
+        return None
+    return date.fromisoformat(max(days)) if days else None
+
+
+def drift_history(store: Store) -> list[dict[str, Any]]:
+    """Every stored drift check, oldest first."""
+    return [store.get_json(k) for k in store.list("drift/checks/") if k.endswith(".json")]
+
+
+def _plot_drift_history(history: list[dict[str, Any]], store: Store) -> None:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_stat, ax_p) = plt.subplots(2, 1, figsize=(8, 5), sharex=True)
+    xs = list(range(len(history)))
+    labels = [h["as_of"] for h in history]
+    ax_stat.plot(xs, [h["statistic"] for h in history], marker="o")
+    ax_stat.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax_stat.set_ylabel("AUC (0.5 = no drift)")
+    colors = ["tab:red" if h["drift"] else "tab:green" for h in history]
+    ax_p.scatter(xs, [max(h["p_value"], 1e-300) for h in history], c=colors)
+    ax_p.set_yscale("log")
+    alpha = history[-1]["report"].get("alpha", 0.05) if history else 0.05
+    ax_p.axhline(alpha, color="tab:red", lw=0.8, ls="--", label=f"alpha {alpha}")
+    ax_p.set_ylabel("p-value")
+    ax_p.set_xticks(xs, labels, rotation=45, ha="right", fontsize=7)
+    ax_p.legend(loc="lower left", fontsize=7)
+    fig.suptitle("tuneloop drift checks (red = drift)")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    store.put_bytes("drift/history.png", buffer.getvalue())
+
+
+# --- refresh ------------------------------------------------------------------------------
+
+
+def pull_step(loop: Loop, *, since: str | None = None, until: str | None = None, force: bool = False) -> dict[str, Any]:
+    """Plan which labelled partitions to use: new ones since the last snapshot, or a range."""
+    from tuneloop.pull import NoNewDataError, plan_pull
+
+    start, end = _parse_day(since), _parse_day(until)
+    try:
+        plan = plan_pull(loop.store, since=start, until=end, incremental=start is None)
+    except NoNewDataError:
+        if not force:
+            raise
+        loop.progress("no new partitions since the last snapshot; force=True: using all partitions")
+        plan = plan_pull(loop.store, since=None, until=end)
+    loop.progress(f"pull: {len(plan.keys)} files from {len(plan.days)} partitions {plan.days[0]} .. {plan.days[-1]}")
+    return plan.to_json()
+
+
+def validate_step(loop: Loop, plan_json: dict[str, Any]) -> dict[str, Any]:
+    """Row checks + the Great Expectations suite; a failing batch stops the run before training."""
+    from tuneloop.pull import PullPlan, read_batch, write_dataset_snapshot
+    from tuneloop.quality import DataQualityError, format_quality_failure, run_quality_gate
+
+    plan = PullPlan.from_json(plan_json)
+    batch = read_batch(loop.store, plan)
+    data = loop.settings.data
+    report = run_quality_gate(batch, max_quarantine_rate=data.max_quarantine_rate, min_accepted_rows=data.min_accepted_rows, progress=loop.progress)
+    loop.progress(f"quality: {report.accepted} accepted, {report.quarantined} quarantined of {report.total}: {report.reasons}")
+    if not report.passed:
+        prefix = f"quality/{loop.run_key}"
+        loop.store.put_bytes(f"{prefix}/quarantine.jsonl", "".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in batch.quarantined).encode())
+        loop.store.put_json(f"{prefix}/gx_validation_result.json", report.validation_result)
+        loop.store.put_json(f"{prefix}/summary.json", report.summary())
+        message = format_quality_failure(report) + f"\n  artifacts: {loop.store.uri}/{prefix}/"
+        raise DataQualityError(message, report.summary())
+    result = write_dataset_snapshot(loop.store, batch, plan, eval_fraction=data.eval_fraction, quality=report)
+    loop.progress(f"snapshot {result['snapshot'][:12]}: {result['counts']} domains {result['domains']}")
+    return {**result, "quality": report.summary()}
+
+
+def train_step(loop: Loop, snapshot: str) -> dict[str, Any]:
+    """Train a candidate adapter on the snapshot (ML env), register it, point ``candidate`` at it."""
+    version = loop.registry.next_version()
+    loop.progress(f"training candidate {version} on snapshot {snapshot[:12]}")
+    result = _run_ml(loop, ["train", "--snapshot", snapshot, "--version", version])
+    provenance = _maybe_json(loop.store, f"adapters/{version}/provenance.json")
+    train_metrics = {k: result.get(k) for k in ("final_loss", "steps", "epochs", "seconds", "tokens_per_second", "device", "dtype", "trainable_params")}
+    train_metrics["first_loss"] = (result.get("loss_history") or [None])[0]
+    loop.registry.register(
+        version,
+        adapter_key=f"adapters/{version}",
+        snapshot=snapshot,
+        base_model=str(result.get("base_model")),
+        metrics={"train": train_metrics},
+        provenance=provenance,
+        run_id=loop.run_id,
+    )
+    loop.registry.move_aliases({"candidate": version}, reason=f"trained on snapshot {snapshot[:12]}", run_id=loop.run_id)
+    return {"version": version, "snapshot": snapshot, **train_metrics, "adapter_uri": f"{loop.store.uri}/adapters/{version}"}
+
+
+def _maybe_json(store: Store, key: str) -> dict[str, Any]:
+    from tuneloop.storage import StoreKeyError
+
+    try:
+        return dict(store.get_json(key))
+    except StoreKeyError:
+        return {}
+
+
+def eval_sources(loop: Loop, snapshot: str) -> list[str]:
+    """The held-out data both models are scored on: the snapshot's eval split + golden sets."""
+    sources = [f"snapshots/{snapshot}/eval.jsonl"]
+    sources += [k for k in loop.store.list(f"{HELDOUT_PREFIX}/") if k.endswith(".jsonl")]
+    return sources
+
+
+def evaluate_step(loop: Loop, train: dict[str, Any]) -> dict[str, Any]:
+    """Score candidate and production (or the bare base model) on the same held-out rows."""
+    version, snapshot = train["version"], train["snapshot"]
+    production = loop.registry.aliases().get("production")
+    sources = eval_sources(loop, snapshot)
+    results: dict[str, Any] = {}
+    for role, adapter in (("candidate", version), ("production", production or "none")):
+        prefix = f"evals/{version}/{loop.run_key}/{role}"
+        loop.progress(f"evaluating {role} ({adapter}) on {', '.join(sources)}")
+        summary = _run_ml(loop, ["evaluate", "--adapter", adapter, "--eval", *sources, "--upload", prefix])
+        results[role] = {"adapter": adapter, "scores_key": f"{prefix}/scores.jsonl", "summary_key": f"{prefix}/summary.json", "slices": summary.get("slices", {})}
+    return {"version": version, "snapshot": snapshot, "production": production, **results}
+
+
+def gate_step(loop: Loop, evaluation: dict[str, Any]) -> dict[str, Any]:
+    """Decide promote/reject with paired statistics; store the report (json, md, png)."""
+    from tuneloop import gate
+
+    cfg = loop.settings.gate
+    version = evaluation["version"]
+    baseline = list(loop.store.iter_jsonl(evaluation["production"]["scores_key"]))
+    candidate = list(loop.store.iter_jsonl(evaluation["candidate"]["scores_key"]))
+    improve = list(cfg.improve_slices)
+    if evaluation.get("production") is None:
+        # First adapter: it must beat the bare base model on every slice.
+        improve = sorted({row["slice"] for row in candidate})
+    decision = gate.decide(
+        [_score_row(r) for r in baseline],
+        [_score_row(r) for r in candidate],
+        improve_slices=improve,
+        margin=cfg.margin,
+        alpha=cfg.alpha,
+        min_examples=cfg.min_examples,
+        n_bootstrap=cfg.bootstrap_samples,
+    )
+    baseline_name = evaluation.get("production") or "base model"
+    title = f"Gate: candidate {version} vs production {baseline_name}"
+    prefix = f"reports/{version}"
+    loop.store.put_json(f"{prefix}/gate.json", decision.to_json())
+    loop.store.put_text(f"{prefix}/gate.md", gate.render_report_markdown(decision, title=title))
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        png = Path(tmp) / "gate.png"
+        gate.plot_decision(decision, png)
+        loop.store.put_file(f"{prefix}/gate.png", png)
+    verdict = "PROMOTE" if decision.promote else "REJECT"
+    loop.progress(f"gate: {verdict} {version} vs {baseline_name}; report {loop.store.uri}/{prefix}/gate.md")
+    for reason in decision.reasons:
+        loop.progress(f"  - {reason}")
+    return {"version": version, "baseline": baseline_name, "report_key": f"{prefix}/gate.md", **decision.to_json()}
+
+
+def _score_row(row: dict[str, Any]) -> dict[str, Any]:
+    return {"id": row["id"], "slice": row["slice"], "score": row["score"]}
+
+
+def base_model_ref(settings: Settings) -> str:
+    """The base model as vLLM and adapter configs name it: the demo dir's path, or the hub id/path."""
+    if settings.model.base_model == "demo":
+        return str(Path(settings.model.demo_model_dir).resolve())
+    return settings.model.base_model
+
+
+def _materialize_adapter(loop: Loop, version: str) -> Path:
+    """Copy an adapter from the store to where the vLLM servers read adapters."""
+    target = Path(loop.settings.vllm.adapter_dir).resolve() / version
+    if not (target / "adapter_config.json").is_file():
+        loop.store.get_dir(f"adapters/{version}", target)
+    return target
+
+
+def golden_prompts(loop: Loop, version: str, scores_key: str) -> list[dict[str, Any]]:
+    """Golden prompts for post-swap verification: held-out rows with the answer eval measured."""
+    rows = sorted(loop.store.iter_jsonl(scores_key), key=lambda r: not str(r.get("id", "")).startswith("heldout-"))
+    by_slice: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        if "prediction" in row and "prompt" in row:
+            by_slice.setdefault(row["slice"], []).append(row)
+    golden = []
+    for slice_rows in by_slice.values():
+        for row in slice_rows[:GOLDEN_PER_SLICE]:
+            golden.append({"id": row["id"], "prompt": row["prompt"], "expected": row["prediction"], "score": row["score"]})
+    return golden
+
+
+def deploy_step(loop: Loop, version: str, *, scores_key: str | None = None) -> dict[str, Any]:
+    """Hot-swap ``version`` into every vLLM endpoint (validated, staged, verified, rolled back on failure)."""
+    from tuneloop.deploy import deploy_adapter
+
+    settings = loop.settings
+    adapter_dir = _materialize_adapter(loop, version)
+    production = loop.registry.aliases().get("production")
+    previous_dir = _materialize_adapter(loop, production) if production and production != version else None
+    golden = golden_prompts(loop, version, scores_key) if scores_key else []
+    report = deploy_adapter(
+        settings.vllm.endpoints,
+        adapter_dir,
+        served_name=settings.model.served_model_name,
+        golden=golden,
+        previous_adapter_dir=previous_dir,
+        api_key=settings.vllm.api_key.get_secret_value() if settings.vllm.api_key else None,
+        max_lora_rank=settings.vllm.max_lora_rank,
+        base_model=base_model_ref(settings),
+        progress=loop.progress,
+    )
+    data = report.to_json() if hasattr(report, "to_json") else dict(report)
+    return {"version": version, "adapter_dir": str(adapter_dir), "previous": production, **data}
+
+
+def verify_step(loop: Loop, version: str) -> dict[str, Any]:
+    """Check every endpoint's stable name is served from ``version``'s adapter directory."""
+    from tuneloop.vllm_client import VllmClient
+
+    settings = loop.settings
+    expected = str(_materialize_adapter(loop, version))
+    served = settings.model.served_model_name
+    api_key = settings.vllm.api_key.get_secret_value() if settings.vllm.api_key else None
+    seen = {}
+    for endpoint in settings.vllm.endpoints:
+        client = VllmClient(endpoint, api_key=api_key, timeout_s=settings.vllm.timeout_s)
+        models = {m["id"]: m for m in client.models()}
+        root = models.get(served, {}).get("root")
+        seen[endpoint] = root
+        if root is None or Path(root).resolve() != Path(expected).resolve():
+            raise RuntimeError(f"{endpoint}: {served!r} is served from {root!r}, expected {expected} ({version})")
+        answer = client.chat(served, "ping", max_tokens=4)
+        seen[endpoint + "#answer"] = answer
+    loop.progress(f"verified: {served!r} answers from {version} on {len(settings.vllm.endpoints)} endpoint(s)")
+    return {"version": version, "served_from": seen}
+
+
+def record_step(loop: Loop, version: str, gate_result: dict[str, Any] | None = None, *, reason: str | None = None) -> dict[str, Any]:
+    """Move the aliases (production <- version, previous <- old production) and log the run."""
+    move = loop.registry.promote(version, reason=reason or "refresh: gate passed, deployed and verified", run_id=loop.run_id)
+    summary = {"run_id": loop.run_id, "version": version, "aliases": move["aliases"], "gate": gate_result, "at": move["at"]}
+    loop.store.put_json(f"runs/{loop.run_key}.json", summary)
+    loop.progress(f"registry: production={move['aliases']['production']} previous={move['aliases']['previous']}")
+    return summary
+
+
+def rollback_step(loop: Loop, target: str = "previous") -> dict[str, Any]:
+    """Serve an earlier version again (default: the ``previous`` alias) and move the aliases."""
+    record = loop.registry.resolve(target)
+    version = record["version"]
+    current = loop.registry.aliases().get("production")
+    if version == current:
+        raise RuntimeError(f"{version} is already production; nothing to roll back to")
+    deploy = deploy_step(loop, version)
+    verify_step(loop, version)
+    move = loop.registry.move_aliases({"production": version, "previous": current}, reason=f"rollback to {version} (requested {target!r})", run_id=loop.run_id)
+    loop.progress(f"rolled back: production={version} previous={current}")
+    return {"version": version, "from": current, "deploy": deploy, "aliases": move["aliases"]}

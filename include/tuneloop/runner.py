@@ -1,0 +1,83 @@
+"""Run an ML step (train, evaluate) in the isolated training/serving environment.
+
+The orchestration env (Airflow, GX) and the ML env (torch, transformers, peft, vLLM) pin
+different libraries, so ML steps run as ``<ml python> -m tuneloop.cli <step> --json``: the
+same CLI a user runs by hand and the same entry point the GPU/Kubernetes trainer image uses.
+Progress lines stream into the caller's log as they happen; the JSON result comes back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class StepFailedError(RuntimeError):
+    """The ML step exited non-zero; the message carries its last stderr lines."""
+
+
+def ml_python() -> Path:
+    """$TUNELOOP_ML_PYTHON, else ``.venv-ml/bin/python`` beside the running env or the repo."""
+    explicit = os.environ.get("TUNELOOP_ML_PYTHON")
+    candidates = [Path(explicit)] if explicit else []
+    candidates += [Path(sys.prefix).parent / ".venv-ml/bin/python", Path(__file__).resolve().parents[2] / ".venv-ml/bin/python"]
+    for candidate in candidates:
+        if candidate.exists():
+            return candidate
+    raise StepFailedError(
+        "no training environment found: run `make setup` (builds .venv-ml) or set TUNELOOP_ML_PYTHON "
+        f"to a Python with torch, transformers and peft (looked at {', '.join(map(str, candidates))})"
+    )
+
+
+def run_ml_step(
+    args: Sequence[str],
+    *,
+    config: str | None = None,
+    env: Mapping[str, str] | None = None,
+    on_line: Callable[[str], None] | None = None,
+    timeout_s: float | None = None,
+) -> dict[str, Any]:
+    """Run ``tuneloop <args> --json`` in the ML env; return its JSON result."""
+    python = ml_python()
+    command = [str(python), "-m", "tuneloop.cli", *args, "--json"]
+    if config:
+        command += ["--config", config]
+    child_env = {**os.environ, **(env or {}), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    log.info("running ML step: %s", " ".join(command))
+    emit = on_line or (lambda line: log.info("%s", line))
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env)
+    tail: list[str] = []
+
+    def pump() -> None:
+        assert process.stderr is not None
+        for line in process.stderr:
+            line = line.rstrip()
+            tail.append(line)
+            del tail[:-40]
+            emit(line)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+        stdout, _ = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise StepFailedError(f"`tuneloop {args[0]}` timed out after {timeout_s:.0f}s") from None
+    reader.join(timeout=5)
+    if process.returncode != 0:
+        last = "\n".join(tail[-15:])
+        raise StepFailedError(f"`tuneloop {' '.join(args)}` failed with exit code {process.returncode}:\n{last}")
+    try:
+        return dict(json.loads(stdout))
+    except json.JSONDecodeError as err:
+        raise StepFailedError(f"`tuneloop {args[0]}` printed no JSON result: {stdout[-500:]!r}") from err
