@@ -371,10 +371,29 @@ def base_model_ref(settings: Settings) -> str:
 
 
 def _materialize_adapter(loop: Loop, version: str) -> Path:
-    """Copy an adapter from the store to where the vLLM servers read adapters."""
-    target = Path(loop.settings.vllm.adapter_dir).resolve() / version
-    if not (target / "adapter_config.json").is_file():
-        loop.store.get_dir(f"adapters/{version}", target)
+    """Copy an adapter from the store to where the vLLM servers read adapters.
+
+    vLLM re-reads an in-place-loaded adapter from disk on every step, so a served directory
+    must never change: each version gets its own directory, written to a temporary name
+    and renamed into place once complete, and never touched again.
+    """
+    import shutil
+    import uuid
+
+    root = Path(loop.settings.vllm.adapter_dir).resolve()
+    target = root / version
+    if (target / "adapter_config.json").is_file():
+        return target
+    staging = root / f".{version}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        loop.store.get_dir(f"adapters/{version}", staging)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not (target / "adapter_config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
@@ -392,6 +411,22 @@ def golden_prompts(loop: Loop, version: str, scores_key: str) -> list[dict[str, 
     return golden
 
 
+def _latest_candidate_scores(loop: Loop, version: str) -> str | None:
+    """The newest evaluation of ``version`` as a candidate (its golden answers for rollback)."""
+    keys = [k for k in loop.store.list(f"evals/{version}/") if k.endswith("/candidate/scores.jsonl")]
+    return keys[-1] if keys else None
+
+
+def answer_agreement(answer: str, expected: str) -> float:
+    """How far vLLM's answer agrees with what evaluation measured: field agreement when both
+    parse as the task's JSON (tolerates formatting noise), else exact text equality."""
+    from tuneloop import task
+
+    if task.parse_completion(expected) is not None and task.parse_completion(answer) is not None:
+        return task.score_completion(answer, expected).field_accuracy
+    return 1.0 if answer.strip() == expected.strip() else 0.0
+
+
 def deploy_step(loop: Loop, version: str, *, scores_key: str | None = None) -> dict[str, Any]:
     """Hot-swap ``version`` into every vLLM endpoint (validated, staged, verified, rolled back on failure)."""
     from tuneloop.deploy import deploy_adapter
@@ -400,6 +435,7 @@ def deploy_step(loop: Loop, version: str, *, scores_key: str | None = None) -> d
     adapter_dir = _materialize_adapter(loop, version)
     production = loop.registry.aliases().get("production")
     previous_dir = _materialize_adapter(loop, production) if production and production != version else None
+    scores_key = scores_key or _latest_candidate_scores(loop, version)
     golden = golden_prompts(loop, version, scores_key) if scores_key else []
     report = deploy_adapter(
         settings.vllm.endpoints,
@@ -410,10 +446,12 @@ def deploy_step(loop: Loop, version: str, *, scores_key: str | None = None) -> d
         api_key=settings.vllm.api_key.get_secret_value() if settings.vllm.api_key else None,
         max_lora_rank=settings.vllm.max_lora_rank,
         base_model=base_model_ref(settings),
+        scorer=answer_agreement,
+        max_tokens=settings.eval.max_new_tokens,
+        timeout_s=settings.vllm.timeout_s,
         progress=loop.progress,
     )
-    data = report.to_json() if hasattr(report, "to_json") else dict(report)
-    return {"version": version, "adapter_dir": str(adapter_dir), "previous": production, **data}
+    return {"version": version, "adapter_dir": str(adapter_dir), "previous": production, **report.to_dict()}
 
 
 def verify_step(loop: Loop, version: str) -> dict[str, Any]:

@@ -1,0 +1,156 @@
+"""Builders for the vLLM swap tests: a tiny random Llama, LoRA adapters, broken adapters.
+
+Everything is made locally (``tokenizers`` + ``transformers`` + ``peft``, no hub) in seconds on
+a CPU. The base model is initialised with a large weight scale so that greedy decoding has clear
+winners: a random model with the default 0.02 scale produces near-tied logits, and then a
+different batch composition on the server can flip a token, which would make answer
+comparisons flaky for reasons that have nothing to do with adapter swaps.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import struct
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+USER, ASSISTANT, END = "<|user|>", "<|assistant|>", "<|end|>"
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] + '<|end|>\n' }}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{{ '<|assistant|>\n' + message['content'] + eos_token + '\n' }}"
+    "{% else %}{{ '<|system|>\n' + message['content'] + '<|end|>\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+CORPUS = [
+    "invoice number 12345 total 99.50 EUR due 2026-01-31 customer ACME GmbH",
+    "the quick brown fox jumps over the lazy dog while the cat sleeps",
+    "extract the total amount and the currency from this invoice as JSON",
+    '{"invoice": "INV-0042", "total": 1200.00, "currency": "USD"}',
+    "please summarise the delivery note for order 7781 shipped to Berlin",
+] * 20
+TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def build_tiny_llama(out_dir: Path, *, seed: int = 0) -> Path:
+    """Save a random 2-layer Llama (hidden 128) with a byte-level BPE tokenizer and chat template."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (
+        GenerationConfig,
+        LlamaConfig,
+        LlamaForCausalLM,
+        PreTrainedTokenizerFast,
+    )
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=[PAD, BOS, EOS, USER, ASSISTANT, END, "<|system|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(CORPUS, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        additional_special_tokens=[USER, ASSISTANT, END, "<|system|>"],
+        model_max_length=512,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    ids = {token: tokenizer.token_to_id(token) for token in (BOS, EOS, PAD)}
+    config = LlamaConfig(
+        vocab_size=tokenizer.get_vocab_size(),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=512,
+        initializer_range=0.2,
+        tie_word_embeddings=False,
+        bos_token_id=ids[BOS],
+        eos_token_id=ids[EOS],
+        pad_token_id=ids[PAD],
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).float()
+    model.generation_config = GenerationConfig(
+        bos_token_id=ids[BOS], eos_token_id=ids[EOS], pad_token_id=ids[PAD]
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    fast.save_pretrained(out_dir)
+    return out_dir
+
+
+def build_lora_adapter(
+    base_dir: Path,
+    out_dir: Path,
+    *,
+    rank: int = 8,
+    seed: int = 1,
+    b_std: float = 0.3,
+    target_modules: list[str] | None = None,
+) -> Path:
+    """Save a peft LoRA adapter for ``base_dir`` whose B matrices are random (not zero).
+
+    peft initialises B to zero (the adapter starts as a no-op); random B makes each adapter
+    change the greedy answers, and different seeds give adapters that answer differently.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        target_modules=target_modules or TARGET_MODULES,
+        lora_dropout=0.0,
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, b_std)
+    peft_model.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+def corrupt_safetensors(good_adapter: Path, out_dir: Path) -> Path:
+    """A copy of ``good_adapter`` whose safetensors header claims more bytes than the file has."""
+    shutil.copytree(good_adapter, out_dir)
+    weights = out_dir / "adapter_model.safetensors"
+    raw = weights.read_bytes()
+    (header_len,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + header_len])
+    name = next(key for key in header if key != "__metadata__")
+    begin, end = header[name]["data_offsets"]
+    header[name]["data_offsets"] = [begin, end + 10_000_000]
+    header_bytes = json.dumps(header).encode()
+    header_bytes += b" " * (-len(header_bytes) % 8)
+    weights.write_bytes(struct.pack("<Q", len(header_bytes)) + header_bytes + raw[8 + header_len :])
+    return out_dir
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
