@@ -125,7 +125,7 @@ def tuneloop_refresh() -> None:
         from tuneloop.pipeline import gate_step
 
         decision = gate_step(_loop(), evaluation)
-        decision["scores_key"] = evaluation["candidate"]["scores_key"]
+        decision["scores_key"] = evaluation["candidate_eval"]["scores_key"]
         if outlet_events is not None:
             outlet_events[EVAL_REPORT].extra = {"version": decision["version"], "promote": decision["promote"], "report": decision["report_key"]}
         return decision

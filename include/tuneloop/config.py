@@ -135,6 +135,7 @@ class DriftSettings(_Section):
     method: Literal["classifier", "embedding"] = "classifier"
     field: str = "prompt"
     alpha: float = Field(0.05, gt=0, lt=0.5)
+    min_auc: float = Field(0.55, ge=0.5, lt=1, description="minimum effect (classifier AUC) to act on")
     reference_days: int = Field(28, ge=1)
     current_days: int = Field(7, ge=1)
     consecutive_checks: int = Field(1, ge=1)

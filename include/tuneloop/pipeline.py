@@ -129,7 +129,7 @@ def check_drift(loop: Loop, *, as_of: str | date | None = None) -> dict[str, Any
     if production:
         record = loop.registry.get(production)
         snapshot = record.get("snapshot")
-        reference = _prompts(store, [f"snapshots/{snapshot}/train.jsonl"], "prompt")
+        reference = _prompts(store, [f"snapshots/{snapshot}/train.jsonl"], cfg.field)
         reference_source = f"training data of production {production} (snapshot {str(snapshot)[:12]})"
         trained_until = _snapshot_last_day(store, snapshot)
     else:
@@ -140,6 +140,9 @@ def check_drift(loop: Loop, *, as_of: str | date | None = None) -> dict[str, Any
     current = _prompts(store, current_keys, cfg.field)
     loop.progress(f"drift check as of {end}: {len(reference)} reference ({reference_source}) vs {len(current)} current prompts")
     report = detect_drift(reference, current, alpha=cfg.alpha, method=cfg.method).to_json()
+    significant = bool(report["drift"])
+    # A huge window makes even a trivial shift significant: require a minimum effect too.
+    report["drift"] = significant and report["statistic"] >= cfg.min_auc
 
     history = drift_history(store)
     streak = 1 if report["drift"] else 0
@@ -149,8 +152,10 @@ def check_drift(loop: Loop, *, as_of: str | date | None = None) -> dict[str, Any
         streak += 1
     in_cooldown = trained_until is not None and (end - trained_until).days < cfg.cooldown_days
     emit = bool(report["drift"]) and streak >= cfg.consecutive_checks and not in_cooldown
-    if not report["drift"]:
+    if not significant:
         reason = f"no significant drift (p={report['p_value']:.3g} >= alpha {cfg.alpha})"
+    elif not report["drift"]:
+        reason = f"significant but small shift (AUC {report['statistic']:.3f} < drift.min_auc {cfg.min_auc}): not acted on"
     elif streak < cfg.consecutive_checks:
         reason = f"drift seen in {streak} consecutive check(s); policy needs {cfg.consecutive_checks}"
     elif in_cooldown:
@@ -312,8 +317,8 @@ def evaluate_step(loop: Loop, train: dict[str, Any]) -> dict[str, Any]:
     production = loop.registry.aliases().get("production")
     sources = eval_sources(loop, snapshot)
     results: dict[str, Any] = {}
-    for role, adapter in (("candidate", version), ("production", production or "none")):
-        prefix = f"evals/{version}/{loop.run_key}/{role}"
+    for role, adapter in (("candidate_eval", version), ("production_eval", production or "none")):
+        prefix = f"evals/{version}/{loop.run_key}/{role.removesuffix('_eval')}"
         loop.progress(f"evaluating {role} ({adapter}) on {', '.join(sources)}")
         summary = _run_ml(loop, ["evaluate", "--adapter", adapter, "--eval", *sources, "--upload", prefix])
         results[role] = {"adapter": adapter, "scores_key": f"{prefix}/scores.jsonl", "summary_key": f"{prefix}/summary.json", "slices": summary.get("slices", {})}
@@ -326,8 +331,8 @@ def gate_step(loop: Loop, evaluation: dict[str, Any]) -> dict[str, Any]:
 
     cfg = loop.settings.gate
     version = evaluation["version"]
-    baseline = list(loop.store.iter_jsonl(evaluation["production"]["scores_key"]))
-    candidate = list(loop.store.iter_jsonl(evaluation["candidate"]["scores_key"]))
+    baseline = list(loop.store.iter_jsonl(evaluation["production_eval"]["scores_key"]))
+    candidate = list(loop.store.iter_jsonl(evaluation["candidate_eval"]["scores_key"]))
     improve = list(cfg.improve_slices)
     if evaluation.get("production") is None:
         # First adapter: it must beat the bare base model on every slice.
