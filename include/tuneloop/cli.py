@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
 from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +20,8 @@ from tuneloop import __version__
 from tuneloop.config import ConfigError, Settings, load_settings
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
     from tuneloop.storage import Store
 
 log = logging.getLogger("tuneloop")

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -31,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 from tuneloop.config import Settings, load_settings
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from tuneloop.registry import Registry
     from tuneloop.storage import Store
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import TYPE_CHECKING, Any
@@ -20,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 from tuneloop.validate import CheckedBatch, check_lines
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
     from tuneloop.quality import QualityReport
     from tuneloop.storage import Store
 

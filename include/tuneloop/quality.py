@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tuneloop.validate import CheckedBatch, QuarantinedRow
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 DOMAINS = ["original", "drifted"]
 PII_PATTERNS = {

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tuneloop import task
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
 
 MAX_LINE_BYTES = 64 * 1024
 REQUIRED_FIELDS = ("id", "prompt", "completion")

@@ -5,14 +5,24 @@ from __future__ import annotations
 
 import json
 from datetime import date
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tuneloop import task
-from tuneloop.pull import NoNewDataError, is_eval_id, plan_pull, pull_snapshot, read_batch, write_dataset_snapshot
+from tuneloop.pull import (
+    NoNewDataError,
+    is_eval_id,
+    plan_pull,
+    pull_snapshot,
+    read_batch,
+    write_dataset_snapshot,
+)
 from tuneloop.quality import DataQualityError, format_quality_failure, run_quality_gate
 from tuneloop.storage import LocalStore, read_snapshot_manifest
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 pytestmark = pytest.mark.unit
 
