@@ -166,23 +166,32 @@ def cmd_build_model(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from tuneloop.pull import pull_snapshot
+    from tuneloop.pull import plan_pull, read_batch, write_dataset_snapshot
 
     settings = _settings(args)
     store = _store(settings)
-    result = pull_snapshot(
-        store,
-        since=args.since,
-        until=args.until,
-        eval_fraction=settings.data.eval_fraction,
-        progress=_progress(args),
-    )
-    human = (
+    progress = _progress(args)
+    plan = plan_pull(store, since=args.since, until=args.until, incremental=args.incremental)
+    progress(f"pulling {len(plan.keys)} files from {len(plan.days)} partitions ({plan.days[0]} .. {plan.days[-1]})")
+    batch = read_batch(store, plan)
+    quality = None
+    if not args.skip_quality:
+        try:
+            from tuneloop.quality import format_quality_failure, run_quality_gate
+        except ImportError as err:
+            raise CliError(f"the quality gate needs great_expectations ({err}): run `.venv/bin/tuneloop pull` or pass --skip-quality") from None
+        data = settings.data
+        quality = run_quality_gate(batch, max_quarantine_rate=data.max_quarantine_rate, min_accepted_rows=data.min_accepted_rows, progress=progress)
+        if not quality.passed:
+            raise CliError(format_quality_failure(quality) + "\n  no snapshot written")
+    result = write_dataset_snapshot(store, batch, plan, eval_fraction=settings.data.eval_fraction, quality=quality)
+    counts = result["counts"]
+    human = [
         f"snapshot {result['snapshot']} from {len(result['partitions'])} partitions: "
-        f"{result['counts']['train']} train, {result['counts']['eval']} eval, "
-        f"{result['counts']['quarantined']} quarantined {result['reasons'] or ''}"
-    )
-    _emit(args, result, human.rstrip())
+        f"{counts['train']} train, {counts['eval']} eval, {counts['quarantined']} quarantined of {counts['total']}"
+    ]
+    human += [f"  {count:>5}  {reason}" for reason, count in sorted(result["reasons"].items(), key=lambda kv: -kv[1])]
+    _emit(args, result, "\n".join(human))
     return 0
 
 
@@ -410,11 +419,14 @@ def build_parser() -> argparse.ArgumentParser:
         "pull",
         parents=[common],
         help="pull labelled partitions into a content-addressed dataset snapshot",
-        description="Reads labelled/dt=*/ partitions in the date range, quarantines malformed rows with a "
-        "reason, splits train/eval by a stable hash of the id, and writes snapshots/<sha256>/.",
+        description="Reads labelled/dt=*/ partitions in the date range, runs the row checks and the Great "
+        "Expectations suite (rows quarantined with reasons; a batch over data.max_quarantine_rate fails), "
+        "splits train/eval by a stable hash of the id, and writes snapshots/<sha256>/.",
     )
     p.add_argument("--since", type=_parse_date, default=None, help="first partition to include (default: all)")
     p.add_argument("--until", type=_parse_date, default=None, help="last partition to include (default: all)")
+    p.add_argument("--incremental", action="store_true", help="start after the newest partition of the latest snapshot")
+    p.add_argument("--skip-quality", action="store_true", help="row checks only: skip the Great Expectations suite and thresholds")
     p.set_defaults(func=cmd_pull)
 
     p = sub.add_parser(
@@ -491,9 +503,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:
         from tuneloop.storage import StorageError
 
+        if args.verbose:
+            raise
         if isinstance(err, StorageError):
             print(f"tuneloop {args.command}: storage error: {err}", file=sys.stderr)
             return 3
+        if isinstance(err, (ValueError, RuntimeError, OSError)):
+            # Our modules raise these with messages meant for users (bad input, a failed
+            # step, a server that is down); -v shows the traceback.
+            print(f"tuneloop {args.command}: error: {type(err).__name__}: {err}", file=sys.stderr)
+            return 1
         raise
     except KeyboardInterrupt:
         print(f"tuneloop {args.command}: interrupted", file=sys.stderr)

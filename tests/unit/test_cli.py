@@ -1,0 +1,61 @@
+"""The command line a user meets first: help, settings errors, and the cheap subcommands."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tuneloop.cli import build_parser, main
+
+pytestmark = pytest.mark.unit
+
+
+def test_help_lists_every_step(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("demo-world", "build-model", "pull", "train", "evaluate", "status", "deploy", "rollback", "config"):
+        assert command in out
+    assert "TUNELOOP__SECTION__KEY" in out
+
+
+def test_every_subcommand_has_a_description_and_json_flag() -> None:
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.dest == "command").choices  # noqa: SLF001
+    for name, sub in subparsers.items():
+        text = sub.format_help()
+        assert "--json" in text and "--config" in text and (sub.description or sub.format_usage()), name
+
+
+def test_bad_setting_exits_2_naming_the_key(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("TUNELOOP__TRAINING__BATCH_SIZE", "zero")
+    assert main(["config"]) == 2
+    err = capsys.readouterr().err
+    assert "training.batch_size = 'zero'" in err and "TUNELOOP__TRAINING__BATCH_SIZE" in err
+
+
+def test_demo_world_pull_and_status_on_a_local_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("TUNELOOP_HOME", str(tmp_path))
+    assert main(["demo-world", "--days", "3", "--traffic-per-day", "30", "--labelled-per-day", "20", "--heldout-per-domain", "5", "--bad-row-rate", "0.1", "--json", "-q"]) == 0
+    world = json.loads(capsys.readouterr().out)
+    assert world["heldout"] == {"original": 5, "drifted": 5}
+    store = tmp_path / ".tuneloop/store"
+    assert sorted(p.name for p in (store / "labelled").iterdir()) == ["dt=2026-01-01", "dt=2026-01-02", "dt=2026-01-03"]
+
+    assert main(["pull", "--json", "-q"]) == 0
+    pulled = json.loads(capsys.readouterr().out)
+    assert pulled["counts"]["total"] == 60
+    assert pulled["counts"]["quarantined"] >= 3 and pulled["reasons"]
+
+    assert main(["status", "--no-vllm"]) == 0
+    out = capsys.readouterr().out
+    assert pulled["snapshot"][:12] in out and "production=None" in out
+
+
+def test_pull_with_no_data_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("TUNELOOP_HOME", str(tmp_path))
+    assert main(["pull"]) == 1
+    assert "no labelled partitions" in capsys.readouterr().err
