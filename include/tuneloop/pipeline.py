@@ -336,8 +336,13 @@ def gate_step(loop: Loop, evaluation: dict[str, Any]) -> dict[str, Any]:
     candidate = list(loop.store.iter_jsonl(evaluation["candidate_eval"]["scores_key"]))
     improve = list(cfg.improve_slices)
     if evaluation.get("production") is None:
-        # First adapter: it must beat the bare base model on every slice.
-        improve = sorted({row["slice"] for row in candidate})
+        # First adapter, compared with the bare base model: it must be better on the domains
+        # it was trained on and no worse on the others.
+        from tuneloop.storage import read_snapshot_manifest
+
+        manifest = read_snapshot_manifest(loop.store, "snapshots", evaluation["snapshot"])
+        trained_on = set((manifest.get("domains") or {}).get("train", {}))
+        improve = sorted(trained_on & {row["slice"] for row in candidate}) or sorted({row["slice"] for row in candidate})
     decision = gate.decide(
         [_score_row(r) for r in baseline],
         [_score_row(r) for r in candidate],
