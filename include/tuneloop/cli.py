@@ -311,7 +311,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     base = resolve_base_model(settings)
     summary = evaluate_adapter(base, adapter_dir, records, out_dir, settings.eval, backend="hf", progress=_progress(args))
     if args.upload:
-        for file_name in ("scores.jsonl", "summary.json"):
+        for file_name in ("scores.jsonl", "predictions.jsonl", "summary.json"):
             store.put_file(f"{args.upload.rstrip('/')}/{file_name}", out_dir / file_name)
     lines = [f"{name}: {summary['n']} examples, scores in {out_dir}/scores.jsonl"]
     for slice_name, stats in sorted(summary["slices"].items()):

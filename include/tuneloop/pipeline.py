@@ -410,15 +410,23 @@ def _materialize_adapter(loop: Loop, version: str) -> Path:
 
 def golden_prompts(loop: Loop, version: str, scores_key: str) -> list[dict[str, Any]]:
     """Golden prompts for post-swap verification: held-out rows with the answer eval measured."""
-    rows = sorted(loop.store.iter_jsonl(scores_key), key=lambda r: not str(r.get("id", "")).startswith("heldout-"))
-    by_slice: dict[str, list[dict[str, Any]]] = {}
-    for row in rows:
-        if "prediction" in row and "prompt" in row:
-            by_slice.setdefault(row["slice"], []).append(row)
+    from tuneloop.storage import StoreKeyError
+
+    try:
+        predictions = {r["id"]: r["prediction"] for r in loop.store.iter_jsonl(scores_key.replace("scores.jsonl", "predictions.jsonl"))}
+    except StoreKeyError:
+        return []
+    scores = {r["id"]: r for r in loop.store.iter_jsonl(scores_key)}
     golden = []
-    for slice_rows in by_slice.values():
-        for row in slice_rows[:GOLDEN_PER_SLICE]:
-            golden.append({"id": row["id"], "prompt": row["prompt"], "expected": row["prediction"], "score": row["score"]})
+    for key in loop.store.list(f"{HELDOUT_PREFIX}/"):
+        if not key.endswith(".jsonl"):
+            continue
+        picked = 0
+        for record in loop.store.iter_jsonl(key):
+            if record.get("id") in predictions and picked < GOLDEN_PER_SLICE:
+                row = scores.get(record["id"], {})
+                golden.append({"id": record["id"], "prompt": record["prompt"], "expected": predictions[record["id"]], "score": row.get("score")})
+                picked += 1
     return golden
 
 
