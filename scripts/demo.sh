@@ -21,7 +21,7 @@ trap cleanup EXIT
 
 step "fresh demo world: 42 days of original-domain traffic and labels (2026-01-01 .. 2026-02-11)"
 rm -rf .tuneloop/store .tuneloop/served-adapters .tuneloop/adapters .tuneloop/evals "$AIRFLOW_HOME"
-"$TL" demo-world --start 2026-01-01 --days 42 --bad-row-rate 0.02
+"$TL" demo-world --start 2026-01-01 --days 42 --labelled-per-day 36 --heldout-per-domain 150 --bad-row-rate 0.02
 
 step "demo base model (built once, then cached)"
 "$TL" build-model
@@ -43,7 +43,7 @@ airflow dags test tuneloop_refresh 2026-02-12 -c '{"force": true}' > .tuneloop/d
 grep -E "gate: |registry: |verified: " .tuneloop/demo-refresh-v1.log | sed 's/^.*\(gate: \|registry: \|verified: \)/  \1/' || true
 
 step "the world drifts: 21 more days, drifted-domain documents ramp up from 2026-02-12"
-"$TL" demo-world --start 2026-02-12 --days 21 --drift-start 2026-02-12 --bad-row-rate 0.03
+"$TL" demo-world --start 2026-02-12 --days 21 --labelled-per-day 36 --heldout-per-domain 150 --drift-start 2026-02-12 --bad-row-rate 0.03
 
 step "tuneloop_drift_monitor (airflow dags test)"
 airflow dags test tuneloop_drift_monitor 2026-03-05 > .tuneloop/demo-drift.log 2>&1 \

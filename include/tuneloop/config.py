@@ -105,8 +105,8 @@ class TrainingSettings(_Section):
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         min_length=1,
     )
-    learning_rate: float = Field(2e-3, gt=0, lt=1)
-    epochs: float = Field(3.0, gt=0)
+    learning_rate: float = Field(3e-3, gt=0, lt=1)
+    epochs: float = Field(8.0, gt=0)
     max_steps: int | None = Field(None, ge=1, description="overrides epochs when set")
     batch_size: int = Field(16, ge=1)
     grad_accum: int = Field(1, ge=1)
@@ -131,7 +131,7 @@ class GateSettings(_Section):
     """The promote/reject rule (see gate.py)."""
 
     improve_slices: list[str] = Field(default_factory=lambda: ["drifted"])
-    margin: float = Field(0.02, ge=0, lt=1, description="non-inferiority margin on other slices")
+    margin: float = Field(0.05, ge=0, lt=1, description="non-inferiority margin on other slices")
     alpha: float = Field(0.05, gt=0, lt=0.5)
     min_examples: int = Field(30, ge=1, description="fewer paired rows in a slice: reject")
     bootstrap_samples: int = Field(5000, ge=100)
