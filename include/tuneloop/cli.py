@@ -76,23 +76,16 @@ def _parse_date(text: str) -> date:
 ML_COMMANDS = frozenset({"build-model", "train", "evaluate"})
 
 
-def ml_python() -> Path | None:
-    """The interpreter of the training/serving env: $TUNELOOP_ML_PYTHON, else ``.venv-ml`` beside this env."""
-    explicit = os.environ.get("TUNELOOP_ML_PYTHON")
-    if explicit:
-        return Path(explicit)
-    candidate = Path(sys.prefix).parent / ".venv-ml" / "bin" / "python"
-    return candidate if candidate.exists() else None
-
-
 def _reexec_in_ml_env(argv: Sequence[str], command: str) -> None:
     """Run an ML subcommand in .venv-ml when this interpreter lacks torch (e.g. .venv/bin/tuneloop)."""
     import importlib.util
 
     if importlib.util.find_spec("torch") is not None and importlib.util.find_spec("peft") is not None:
         return
-    python = ml_python()
-    if python is None or not python.exists():
+    from tuneloop.runner import find_ml_python
+
+    python = find_ml_python()
+    if python is None:
         raise CliError(
             f"`{command}` needs torch, transformers and peft, which this Python ({sys.executable}) lacks: "
             "run `make setup` to build .venv-ml, or point TUNELOOP_ML_PYTHON at an interpreter that has them"

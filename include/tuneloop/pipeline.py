@@ -114,6 +114,7 @@ def check_drift(loop: Loop, *, as_of: str | date | None = None) -> dict[str, Any
     ``consecutive_checks`` checks and no refresh covered data within ``cooldown_days``.
     """
     from tuneloop.drift import detect_drift
+    from tuneloop.pull import snapshot_last_day
 
     cfg = loop.settings.drift
     store = loop.store
@@ -132,7 +133,7 @@ def check_drift(loop: Loop, *, as_of: str | date | None = None) -> dict[str, Any
         snapshot = record.get("snapshot")
         reference = _prompts(store, [f"snapshots/{snapshot}/train.jsonl"], cfg.field)
         reference_source = f"training data of production {production} (snapshot {str(snapshot)[:12]})"
-        trained_until = _snapshot_last_day(store, snapshot)
+        trained_until = snapshot_last_day(store, snapshot)
     else:
         ref_days, ref_keys = _traffic_keys(store, all_days[0], all_days[0] + timedelta(days=cfg.reference_days - 1))
         reference = _prompts(store, ref_keys, cfg.field)
@@ -185,18 +186,6 @@ def check_drift(loop: Loop, *, as_of: str | date | None = None) -> dict[str, Any
     _plot_drift_history([*history, check], store)
     loop.progress(f"drift decision: {reason}")
     return check
-
-
-def _snapshot_last_day(store: Store, snapshot: str | None) -> date | None:
-    if not snapshot:
-        return None
-    from tuneloop.storage import StoreKeyError, read_snapshot_manifest
-
-    try:
-        days = read_snapshot_manifest(store, "snapshots", snapshot).get("partitions") or []
-    except StoreKeyError:
-        return None
-    return date.fromisoformat(max(days)) if days else None
 
 
 def drift_history(store: Store) -> list[dict[str, Any]]:

@@ -58,15 +58,22 @@ def _jsonl(rows: list[dict[str, Any]]) -> bytes:
     return "".join(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n" for row in rows).encode("utf-8")
 
 
+def snapshot_last_day(store: Store, snapshot: str | None) -> date | None:
+    """The newest partition day a snapshot covers, or None (no snapshot, or not complete)."""
+    if not snapshot:
+        return None
+    from tuneloop.storage import StoreKeyError, read_snapshot_manifest
+
+    try:
+        days = read_snapshot_manifest(store, SNAPSHOT_PREFIX, snapshot).get("partitions") or []
+    except StoreKeyError:
+        return None
+    return date.fromisoformat(max(days)) if days else None
+
+
 def last_snapshot_day(store: Store) -> date | None:
     """The newest partition day covered by the latest snapshot (for incremental pulls)."""
-    snapshot = latest_snapshot(store)
-    if snapshot is None:
-        return None
-    from tuneloop.storage import read_snapshot_manifest
-
-    days = read_snapshot_manifest(store, SNAPSHOT_PREFIX, snapshot).get("partitions") or []
-    return date.fromisoformat(max(days)) if days else None
+    return snapshot_last_day(store, latest_snapshot(store))
 
 
 def plan_pull(store: Store, *, since: date | None = None, until: date | None = None, incremental: bool = False) -> PullPlan:

@@ -27,18 +27,27 @@ class StepFailedError(RuntimeError):
     """The ML step exited non-zero; the message carries its last stderr lines."""
 
 
-def ml_python() -> Path:
-    """$TUNELOOP_ML_PYTHON, else ``.venv-ml/bin/python`` beside the running env or the repo."""
+def _candidates() -> list[Path]:
     explicit = os.environ.get("TUNELOOP_ML_PYTHON")
-    candidates = [Path(explicit)] if explicit else []
-    candidates += [Path(sys.prefix).parent / ".venv-ml/bin/python", Path(__file__).resolve().parents[2] / ".venv-ml/bin/python"]
-    for candidate in candidates:
-        if candidate.exists():
-            return candidate
-    raise StepFailedError(
-        "no training environment found: run `make setup` (builds .venv-ml) or set TUNELOOP_ML_PYTHON "
-        f"to a Python with torch, transformers and peft (looked at {', '.join(map(str, candidates))})"
-    )
+    if explicit:
+        return [Path(explicit)]
+    return [Path(sys.prefix).parent / ".venv-ml/bin/python", Path(__file__).resolve().parents[2] / ".venv-ml/bin/python"]
+
+
+def find_ml_python() -> Path | None:
+    """$TUNELOOP_ML_PYTHON, else ``.venv-ml/bin/python`` beside the running env or the repo."""
+    return next((candidate for candidate in _candidates() if candidate.exists()), None)
+
+
+def ml_python() -> Path:
+    """Like :func:`find_ml_python`, but a missing env is an error that says what to do."""
+    python = find_ml_python()
+    if python is None:
+        raise StepFailedError(
+            "no training environment found: run `make setup` (builds .venv-ml) or set TUNELOOP_ML_PYTHON "
+            f"to a Python with torch, transformers and peft (looked at {', '.join(map(str, _candidates()))})"
+        )
+    return python
 
 
 def run_ml_step(
