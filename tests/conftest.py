@@ -1,8 +1,15 @@
-"""Shared storage fixtures: a real HTTP S3 endpoint (moto) on loopback, one bucket per test."""
+"""Shared fixtures: one throwaway Airflow home for the whole session, and a real HTTP S3
+endpoint (moto) on loopback with one bucket per test."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
 import uuid
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -20,6 +27,35 @@ _FAKE_AWS_ENV = {
     "AWS_CONFIG_FILE": "/dev/null",
     "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
 }
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Airflow reads its home and database URL once, at first import, so every test in this
+    process must share one home, chosen before anything imports Airflow. It is a fresh
+    directory: tests never touch a developer's `.tuneloop/airflow` or `~/airflow`."""
+    home = tempfile.mkdtemp(prefix="tuneloop-test-airflow-")
+    config.add_cleanup(lambda: shutil.rmtree(home, ignore_errors=True))
+    os.environ.update(
+        {
+            "AIRFLOW_HOME": home,
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home}/airflow.db",
+            "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+        }
+    )
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> str:
+    """Migrate the session's Airflow metadata database (once); yield its home."""
+    airflow = Path(sys.executable).parent / "airflow"
+    result = subprocess.run([str(airflow), "db", "migrate"], capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, f"airflow db migrate failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+    return os.environ["AIRFLOW_HOME"]
 
 
 @pytest.fixture(scope="session")

@@ -20,11 +20,8 @@ EXPECTED = {"tuneloop_drift_monitor", "tuneloop_refresh", "tuneloop_rollback"}
 
 
 @pytest.fixture(scope="module")
-def dagbag(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    home = tmp_path_factory.mktemp("airflow_home")
-    os.environ.setdefault("AIRFLOW_HOME", str(home))
-    os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(DAGS)
-    os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+def dagbag() -> Any:
+    # tests/conftest.py has pointed AIRFLOW_HOME at a throwaway directory for the session.
     from airflow.dag_processing.dagbag import DagBag
 
     return DagBag(dag_folder=str(DAGS))

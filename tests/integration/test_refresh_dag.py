@@ -37,17 +37,13 @@ def _run(*command: str, env: dict[str, str], timeout: float = 900) -> str:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory, s3_server: str, s3_client: Any) -> Iterator[dict[str, Any]]:
+def world(tmp_path_factory: pytest.TempPathFactory, airflow_db: str, s3_server: str, s3_client: Any) -> Iterator[dict[str, Any]]:
     root = tmp_path_factory.mktemp("refresh")
     bucket = "tuneloop-it"
     s3_client.create_bucket(Bucket=bucket)
     port = _free_port()
     env = {
         "TUNELOOP_HOME": str(root),
-        "AIRFLOW_HOME": str(root / "airflow"),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
         "HF_HUB_OFFLINE": "1",
         "GX_ANALYTICS_ENABLED": "false",
         "TUNELOOP__STORE__URI": f"s3://{bucket}/tl",
@@ -67,7 +63,6 @@ def world(tmp_path_factory: pytest.TempPathFactory, s3_server: str, s3_client: A
         for name, value in env.items():
             patch.setenv(name, value)
         full_env = dict(os.environ)
-        _run("airflow", "db", "migrate", env={**full_env, "PATH": f"{Path(sys.executable).parent}:{full_env['PATH']}"}, timeout=300)
         _run(str(TUNELOOP), "build-model", "--preset", "tiny", "--out", str(root / "model"), "-q", env=full_env)
         _run(str(TUNELOOP), "demo-world", "--days", "8", "--labelled-per-day", "60", "--traffic-per-day", "80", "--heldout-per-domain", "16", "--bad-row-rate", "0.02", "-q", env=full_env)
         serve = ["bash", "scripts/serve.sh"]
