@@ -99,6 +99,25 @@ def _adapter_dir(settings: Settings, version: str) -> Path:
     return Path(settings.work_dir) / "adapters" / version
 
 
+def _find_adapter(settings: Settings, store: Store, adapter: str) -> Path:
+    """A local adapter directory for ``adapter``: a path, or a version fetched from the store."""
+    adapter_dir = Path(adapter)
+    if adapter_dir.is_dir():
+        return adapter_dir
+    adapter_dir = _adapter_dir(settings, adapter)
+    if not adapter_dir.is_dir():
+        try:
+            store.get_dir(f"adapters/{adapter}", adapter_dir)
+        except KeyError:
+            pass
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise CliError(
+            f"adapter {adapter!r} not found locally or in {store.uri}/adapters/; "
+            f"train it with `tuneloop train --version {adapter}`"
+        )
+    return adapter_dir
+
+
 # --- subcommands ---------------------------------------------------------------------------
 
 
@@ -245,18 +264,115 @@ def cmd_train(args: argparse.Namespace) -> int:
         training = training.model_copy(update={"epochs": args.epochs})
     base = resolve_base_model(settings)
     out_dir = Path(args.out) if args.out else _adapter_dir(settings, args.version)
-    result = train_lora(base, records, out_dir, training, dataset_hash=dataset_hash, progress=_progress(args))
+    init_adapter = None if args.init_from in (None, "none") else _find_adapter(settings, store, args.init_from)
+    result = train_lora(
+        base, records, out_dir, training,
+        dataset_hash=dataset_hash, init_adapter=init_adapter, progress=_progress(args),
+    )
     if not args.no_upload:
         store.put_dir(f"adapters/{args.version}", out_dir)
     payload = {"version": args.version, "snapshot": dataset_hash, "base_model": str(base), **_as_dict(result)}
+    if args.init_from not in (None, "none"):
+        payload["init_from"] = args.init_from
     human = (
-        f"adapter {args.version} trained on {len(records)} rows of snapshot {dataset_hash[:12]} "
+        ("" if init_adapter is None else f"warm start from {args.init_from}; ")
+        + f"adapter {args.version} trained on {len(records)} rows of snapshot {dataset_hash[:12]} "
         f"in {result.seconds:.0f}s: loss {result.loss_history[0]:.3f} -> {result.final_loss:.3f}, "
         f"{result.tokens_per_second:,.0f} tok/s on {result.device}\n  written to {out_dir}"
         + ("" if args.no_upload else f" and {store.uri}/adapters/{args.version}")
     )
     _emit(args, payload, human)
     return 0
+
+
+def cmd_drift(args: argparse.Namespace) -> int:
+    from tuneloop import drift
+
+    settings = _settings(args)
+    cfg = settings.drift
+    field = args.field or cfg.field
+    try:
+        reference, reference_read = drift.load_texts(args.reference, field)
+        current, current_read = drift.load_texts(args.current, field)
+        report = drift.detect_drift(
+            reference,
+            current,
+            alpha=cfg.alpha if args.alpha is None else args.alpha,
+            seed=args.seed,
+            method=args.method or cfg.method,
+            explain_top=args.top,
+            examples=args.examples,
+        )
+    except drift.DriftInputError as err:
+        raise CliError(str(err)) from None
+    except NotImplementedError as err:
+        raise CliError(str(err)) from None
+    payload = {
+        **report.to_json(),
+        "field": field,
+        "input": {"reference": {"path": args.reference, **reference_read}, "current": {"path": args.current, **current_read}},
+    }
+    for name, read in (("reference", reference_read), ("current", current_read)):
+        if read["skipped"]:
+            reasons = ", ".join(f"{count} {reason}" for reason, count in read["skipped"].items())
+            print(
+                f"tuneloop drift: warning: skipped {sum(read['skipped'].values())} of {read['lines']} lines "
+                f"of the {name} window ({reasons})",
+                file=sys.stderr,
+            )
+    lines = [report.summary()]
+    by_direction: dict[str, list[str]] = {}
+    for term in report.top_terms:
+        by_direction.setdefault(term["direction"], []).append(term["term"])
+    if by_direction.get("current"):
+        lines.append(f"  more frequent now: {', '.join(by_direction['current'])}")
+    if by_direction.get("reference"):
+        lines.append(f"  fading away:       {', '.join(by_direction['reference'])}")
+    if report.drift and report.examples:
+        lines.append("  most current-like records:")
+        lines += [f"    {' '.join(text.split())[:110]}" for text in report.examples]
+    _emit(args, payload, "\n".join(lines))
+    return 0
+
+
+def cmd_gate(args: argparse.Namespace) -> int:
+    from tuneloop import gate
+
+    settings = _settings(args)
+    cfg = settings.gate
+    improve = args.improve if args.improve is not None else list(cfg.improve_slices)
+    try:
+        decision = gate.decide(
+            gate.load_scores(args.baseline),
+            gate.load_scores(args.candidate),
+            improve_slices=improve,
+            margin=cfg.margin if args.margin is None else args.margin,
+            alpha=cfg.alpha if args.alpha is None else args.alpha,
+            min_examples=cfg.min_examples if args.min_examples is None else args.min_examples,
+            n_bootstrap=cfg.bootstrap_samples if args.bootstrap is None else args.bootstrap,
+            seed=args.seed,
+        )
+    except gate.GateInputError as err:
+        raise CliError(str(err)) from None
+    except ValueError as err:  # a parameter out of range
+        raise CliError(str(err)) from None
+    payload = decision.to_json()
+    if args.report:
+        Path(args.report).write_text(gate.render_report_markdown(decision), encoding="utf-8")
+        payload["report"] = args.report
+    if args.plot:
+        gate.plot_decision(decision, args.plot)
+        payload["plot"] = args.plot
+    lines = [f"{'PROMOTE' if decision.promote else 'REJECT'} ({decision.n_pairs} paired examples)"]
+    for name, stats in decision.slices.items():
+        lines.append(
+            f"  {name:<12} baseline {stats['baseline_mean']:.3f}  candidate {stats['candidate_mean']:.3f}  "
+            f"delta {stats['delta']:+.3f} [{stats['ci_low']:+.3f}, {stats['ci_high']:+.3f}]  "
+            f"p={stats['p_value']:.3g}  n={stats['n']}  {stats['rule']}: {'pass' if stats['passed'] else 'FAIL'}"
+        )
+    lines += [f"  - {reason}" for reason in decision.reasons]
+    _emit(args, payload, "\n".join(lines))
+    return 1 if args.check and not decision.promote else 0
 
 
 def _as_dict(obj: Any) -> dict[str, Any]:
@@ -285,18 +401,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         records.extend(json.loads(line) for line in body.decode("utf-8").splitlines() if line.strip())
     if args.limit:
         records = _limit_per_slice(records, args.limit)
-    adapter_dir: Path | None = None
-    if args.adapter not in ("none", "base"):
-        adapter_dir = Path(args.adapter)
-        if not adapter_dir.is_dir():
-            adapter_dir = _adapter_dir(settings, args.adapter)
-            if not adapter_dir.is_dir():
-                try:
-                    store.get_dir(f"adapters/{args.adapter}", adapter_dir)
-                except KeyError:
-                    pass
-            if not (adapter_dir / "adapter_config.json").is_file():
-                raise CliError(f"adapter {args.adapter!r} not found locally or in {store.uri}/adapters/; train it with `tuneloop train --version {args.adapter}`")
+    adapter_dir = None if args.adapter in ("none", "base") else _find_adapter(settings, store, args.adapter)
     if not records:
         raise CliError("no eval records: check --eval")
     name = args.adapter if adapter_dir is not None else "base"
@@ -436,6 +541,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=float, default=None, help="override training.epochs")
     p.add_argument("--limit", type=int, default=None, help="use only the first N rows")
     p.add_argument("--no-upload", action="store_true", help="do not copy the adapter into the store")
+    p.add_argument(
+        "--init-from",
+        default=None,
+        metavar="ADAPTER",
+        help="warm-start from this adapter (a version in the store, e.g. v1, or a directory) instead "
+        "of fresh LoRA weights; 'none' (default) trains from scratch",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
@@ -451,6 +563,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="at most N examples per slice")
     p.add_argument("--upload", metavar="PREFIX", help="also copy scores.jsonl and summary.json to this store prefix")
     p.set_defaults(func=cmd_evaluate)
+    p = sub.add_parser(
+        "drift",
+        parents=[common],
+        help="two-sample drift test between a reference and a current window of JSONL records",
+        description="Is the current window drawn from the same distribution as the reference? The default "
+        "method trains a classifier on hashed word uni- and bigrams to tell the windows apart "
+        "(two-fold cross-fitting); its out-of-fold ROC AUC is the statistic and a Mann-Whitney test "
+        "on the held-out scores gives a p-value that is calibrated under no drift. drift = "
+        "p < alpha. The output names the terms that separate the windows and the most "
+        "current-like records.",
+        epilog="Exit status: 0 whether or not drift is found (see 'drift' in --json); 2 when a window "
+        "cannot be read or yields no text. Unusable lines are skipped and counted by reason "
+        "(input.*.skipped), with a warning on stderr.",
+    )
+    p.add_argument("--reference", required=True, help="JSONL records of the reference window (what the model knows)")
+    p.add_argument("--current", required=True, help="JSONL records of the current window (recent traffic)")
+    p.add_argument("--field", default=None, help="the text field of each record (default: drift.field, 'prompt')")
+    p.add_argument("--alpha", type=float, default=None, help="significance level (default: drift.alpha, 0.05)")
+    p.add_argument("--method", choices=["classifier", "embedding"], default=None, help="default: drift.method")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split and classifier (reproducible)")
+    p.add_argument("--top", type=int, default=10, help="separating terms to report per direction")
+    p.add_argument("--examples", type=int, default=5, help="most current-like records to report")
+    p.set_defaults(func=cmd_drift)
+
+    p = sub.add_parser(
+        "gate",
+        parents=[common],
+        help="promote or reject: paired statistics on two per-example score files",
+        description="Compare a candidate with the baseline (production) on the same examples. Score files "
+        "are JSONL rows {id, slice, score} with score in [0, 1] (tuneloop evaluate writes them as "
+        "scores.jsonl); rows are paired by id and ids that do not match are an error (exit 2). "
+        "On each --improve slice the candidate must be better: the two-sided (1 - alpha) paired "
+        "bootstrap interval of the mean difference lies above 0 and a one-sided paired sign-flip "
+        "test gives p < alpha. On every other slice it must be non-inferior: the interval's lower "
+        "bound lies above -margin. A slice with fewer than --min-examples pairs rejects with "
+        "'insufficient evidence'. Defaults come from the gate section of the config "
+        "(margin 0.05, alpha 0.05, min-examples 30, 5000 resamples).",
+        epilog="Exit status: 0 when decided (promote or reject; see 'promote' in --json), 1 with --check "
+        "when rejected, 2 on unreadable or unpairable input.",
+    )
+    p.add_argument("--baseline", required=True, help="scores of the production adapter (JSONL)")
+    p.add_argument("--candidate", required=True, help="scores of the candidate adapter (JSONL)")
+    p.add_argument(
+        "--improve", action="append", metavar="SLICE", default=None,
+        help="a slice where the candidate must be better (repeat for several; default: gate.improve_slices)",
+    )
+    p.add_argument("--margin", type=float, default=None, help="non-inferiority margin on the other slices")
+    p.add_argument("--alpha", type=float, default=None, help="significance level (two-sided interval 1 - alpha)")
+    p.add_argument("--min-examples", type=int, default=None, help="fewer pairs in a slice: insufficient evidence")
+    p.add_argument("--bootstrap", type=int, default=None, help="bootstrap resamples")
+    p.add_argument("--seed", type=int, default=0, help="seed of the resampling (the decision is reproducible)")
+    p.add_argument("--report", help="also write the Markdown report here")
+    p.add_argument("--plot", help="also write a PNG of every slice's difference and interval here")
+    p.add_argument("--check", action="store_true", help="exit 1 when the candidate is rejected")
+    p.set_defaults(func=cmd_gate)
+
     p = sub.add_parser("status", parents=[common], help="what the loop did last: drift, intake, training, gate, registry, what vLLM serves")
     p.add_argument("--no-vllm", action="store_true", help="do not query the vLLM server")
     p.set_defaults(func=cmd_status)
