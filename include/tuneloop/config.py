@@ -113,6 +113,10 @@ class TrainingSettings(_Section):
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     max_seq_len: int = Field(384, ge=16)
+    init_from: Literal["production", "none"] = Field(
+        "production",
+        description="warm-start a candidate from the production adapter's weights, or train fresh",
+    )
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"

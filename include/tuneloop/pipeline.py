@@ -267,11 +267,16 @@ def validate_step(loop: Loop, plan_json: dict[str, Any]) -> dict[str, Any]:
 def train_step(loop: Loop, snapshot: str) -> dict[str, Any]:
     """Train a candidate adapter on the snapshot (ML env), register it, point ``candidate`` at it."""
     version = loop.registry.next_version()
-    loop.progress(f"training candidate {version} on snapshot {snapshot[:12]}")
-    result = _run_ml(loop, ["train", "--snapshot", snapshot, "--version", version])
+    production = loop.registry.aliases().get("production")
+    init_from = production if loop.settings.training.init_from == "production" and production else None
+    start = f"warm start from {init_from}" if init_from else "fresh LoRA weights"
+    loop.progress(f"training candidate {version} on snapshot {snapshot[:12]} ({start})")
+    command = ["train", "--snapshot", snapshot, "--version", version]
+    result = _run_ml(loop, [*command, "--init-from", init_from] if init_from else command)
     provenance = _maybe_json(loop.store, f"adapters/{version}/provenance.json")
     train_metrics = {k: result.get(k) for k in ("final_loss", "steps", "epochs", "seconds", "tokens_per_second", "device", "dtype", "trainable_params")}
     train_metrics["first_loss"] = (result.get("loss_history") or [None])[0]
+    train_metrics["init_from"] = init_from
     loop.registry.register(
         version,
         adapter_key=f"adapters/{version}",

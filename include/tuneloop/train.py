@@ -59,6 +59,7 @@ class TrainResult:
     n_examples: int = 0
     n_dropped_too_long: int = 0
     dataset_hash: str = ""
+    init_from: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -266,12 +267,45 @@ class FitStats:
     seconds: float
 
 
+def check_init_adapter(init_adapter: str | os.PathLike[str], base_model: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``adapter_config.json`` of an adapter to warm-start from, if it fits ``base_model``.
+
+    Warm-starting continues training from an existing adapter (the one in production) instead
+    of fresh LoRA matrices: the candidate keeps what production knows and needs fewer steps to
+    learn the new data. The adapter's own rank, alpha and target modules are kept.
+    """
+    path = Path(init_adapter)
+    try:
+        config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise TrainingError(f"cannot warm-start from {path}: no readable adapter_config.json ({err})") from err
+    if not (path / "adapter_model.safetensors").is_file():
+        raise TrainingError(f"cannot warm-start from {path}: no adapter_model.safetensors")
+    if str(config.get("peft_type", "")).upper() != "LORA":
+        raise TrainingError(f"cannot warm-start from {path}: peft_type {config.get('peft_type')!r} is not LORA")
+    trained_on = str(config.get("base_model_name_or_path") or "")
+    if trained_on and Path(trained_on).name != Path(str(base_model)).name:
+        raise TrainingError(
+            f"cannot warm-start from {path}: it was trained on base model {trained_on!r}, "
+            f"not {str(base_model)!r}; set training.init_from: none to train from scratch"
+        )
+    return config
+
+
 def load_lora_model(
-    base_model: str | os.PathLike[str], settings: TrainingSettings, device: str, dtype: str
+    base_model: str | os.PathLike[str],
+    settings: TrainingSettings,
+    device: str,
+    dtype: str,
+    *,
+    init_adapter: str | os.PathLike[str] | None = None,
 ) -> tuple[Any, Any]:
-    """(peft model with fresh LoRA matrices on ``device``, tokenizer) for ``base_model``."""
+    """(peft model with trainable LoRA matrices on ``device``, tokenizer) for ``base_model``.
+
+    The LoRA matrices are fresh, or a copy of ``init_adapter``'s (see ``check_init_adapter``).
+    """
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     # Base weights in the compute dtype on GPU (memory); fp32 on CPU. LoRA weights stay fp32.
@@ -285,6 +319,12 @@ def load_lora_model(
             "A hub id needs network access or a copy in the local cache (HF_HUB_OFFLINE=1 forbids "
             "downloads); for the demo model run `tuneloop build-model`."
         ) from err
+    if init_adapter is not None:
+        check_init_adapter(init_adapter, base_model)
+        peft_model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
+        peft_model.peft_config["default"].base_model_name_or_path = str(base_model)
+        peft_model.to(device)
+        return peft_model, tokenizer
     alpha = settings.lora_alpha
     lora_config = LoraConfig(
         r=settings.lora_rank,
@@ -412,17 +452,21 @@ def train_lora(
     settings: TrainingSettings,
     *,
     dataset_hash: str | None = None,
+    init_adapter: str | os.PathLike[str] | None = None,
     progress: ProgressSink | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter on ``train_records`` and write it to ``out_dir``.
 
     ``dataset_hash`` identifies the data in the provenance record (default: a hash of the
-    records). ``progress`` receives one line per ``settings.log_every`` steps (default stderr).
+    records). ``init_adapter`` warm-starts from an existing adapter's weights (default: fresh).
+    ``progress`` receives one line per ``settings.log_every`` steps (default stderr).
     The adapter is written to a sibling directory first and renamed into place at the end.
     """
     validate_records(train_records)
     validate_settings(settings)
     check_base_model(base_model)
+    if init_adapter is not None:
+        check_init_adapter(init_adapter, base_model)
     out_dir = Path(out_dir)
     check_out_dir(out_dir)
     dataset_hash = dataset_hash or records_digest(train_records)
@@ -432,7 +476,7 @@ def train_lora(
     started = time.monotonic()
     set_seed(settings.seed)
     device, dtype = resolve_device(settings.device, settings.dtype)
-    model, tokenizer = load_lora_model(base_model, settings, device, dtype)
+    model, tokenizer = load_lora_model(base_model, settings, device, dtype, init_adapter=init_adapter)
     examples, dropped = tokenize_records(tokenizer, train_records, settings.max_seq_len)
     if dropped:
         logger.warning(
@@ -448,8 +492,9 @@ def train_lora(
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     logger.info(
-        "LoRA r=%d alpha=%s on %s: %d examples, batch %dx%d, %s %s, %.2f%% of %d parameters trainable",
-        settings.lora_rank, settings.lora_alpha, base_model, len(examples), settings.batch_size,
+        "LoRA r=%d alpha=%s on %s (%s): %d examples, batch %dx%d, %s %s, %.2f%% of %d parameters trainable",
+        settings.lora_rank, settings.lora_alpha, base_model,
+        f"warm start from {init_adapter}" if init_adapter else "fresh", len(examples), settings.batch_size,
         settings.grad_accum, device, dtype, 100 * trainable / total, total,
     )
     stats = fit(model, examples, settings, pad_id=pad_id, device=device, dtype=dtype, progress=progress)
@@ -474,11 +519,13 @@ def train_lora(
             n_examples=len(examples),
             n_dropped_too_long=dropped,
             dataset_hash=dataset_hash,
+            init_from=str(init_adapter) if init_adapter is not None else None,
         )
         provenance = collect_provenance(
             kind="lora_adapter",
             base_model=str(base_model),
             dataset_hash=dataset_hash,
+            init_from=result.init_from,
             n_records=len(train_records),
             config=settings.model_dump(mode="json"),
         )

@@ -152,3 +152,38 @@ def test_batch_failing_quality_thresholds_stops_before_training(
     captured = capfd.readouterr()
     log_text = caplog.text + captured.out + captured.err
     assert "data quality gate failed" in log_text and "exceeds data.max_quarantine_rate" in log_text
+
+
+def test_refresh_over_production_warm_starts_deploys_verifies_and_records(
+    world: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With an adapter in production the refresh warm-starts from it and, past the gate, goes
+    all the way: hot-swap into the real vLLM server, golden-prompt verification, registry.
+
+    The CI model cannot improve in a few steps, so this gate asks for non-inferiority only
+    (no improve slices, a wide margin): a rule a team may choose for routine refreshes."""
+    from tuneloop.vllm_client import VllmClient
+
+    store, registry = _store_and_registry()
+    production = registry.aliases()["production"]
+    if production is None:
+        pytest.skip("needs a production adapter from the rollback test")
+    monkeypatch.setenv("TUNELOOP__GATE__IMPROVE_SLICES", "[]")
+    monkeypatch.setenv("TUNELOOP__GATE__MARGIN", "0.9")
+    run = _dag("tuneloop_refresh").test(
+        logical_date=datetime(2026, 1, 11, tzinfo=UTC), run_conf={"force": True}
+    )
+    states = _task_states(run)
+    assert str(run.state) == "success", states
+    for task_id in ("train", "evaluate", "gate", "deploy", "verify", "record"):
+        assert "success" in states[task_id].lower(), (task_id, states)
+
+    version = registry.aliases()["production"]
+    assert version not in (None, production)
+    assert registry.aliases()["previous"] == production
+    record = registry.get(version)
+    assert record["metrics"]["train"]["init_from"] == production
+    assert store.get_json(f"adapters/{version}/provenance.json")["init_from"].endswith(f"/{production}")
+    assert store.get_json(f"reports/{version}/gate.json")["promote"] is True
+    client = VllmClient(f"http://127.0.0.1:{world['port']}")
+    assert Path({m["id"]: m for m in client.models()}["tuneloop"]["root"]).name == version

@@ -194,3 +194,51 @@ def test_refuses_to_overwrite_a_non_adapter_directory(tiny_model: Path, records:
     with pytest.raises(TrainingError, match="not an adapter directory"):
         train_lora(tiny_model, records[:4], precious, TrainingSettings(max_steps=1, **FAST), progress=lambda _: None)
     assert (precious / "notes.txt").read_text() == "keep me"
+
+
+def test_warm_start_begins_from_the_given_adapter_and_keeps_its_shape(
+    trained: tuple[Path, Any, TrainingSettings], tiny_model: Path, records: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file
+
+    init_dir, _, init_settings = trained
+    saved = load_file(str(init_dir / "adapter_model.safetensors"))
+    # Settings that differ from the init adapter's (rank 16, all modules): the adapter's own win.
+    model, _ = load_lora_model(tiny_model, TrainingSettings(), "cpu", "float32", init_adapter=init_dir)
+    loaded = {name: p for name, p in model.named_parameters() if "lora_" in name}
+    assert loaded and all(p.requires_grad for p in loaded.values())
+    assert {p.shape[0] for name, p in loaded.items() if "lora_A" in name} == {init_settings.lora_rank}
+    for name, tensor in saved.items():  # peft saves "...lora_A.weight", loads "...lora_A.default.weight"
+        match = [p for n, p in loaded.items() if n.replace(".default", "").endswith(name.split("base_model.")[-1])]
+        assert len(match) == 1 and match[0].detach().equal(tensor), name
+
+    result = train_lora(
+        tiny_model, records[:8], tmp_path / "v2", TrainingSettings(max_steps=2, **FAST),
+        init_adapter=init_dir, progress=lambda _: None,
+    )
+    assert result.init_from == str(init_dir)
+    provenance = json.loads((tmp_path / "v2" / "provenance.json").read_text())
+    assert provenance["init_from"] == str(init_dir)
+    config = json.loads((tmp_path / "v2" / "adapter_config.json").read_text())
+    assert config["r"] == init_settings.lora_rank and config["base_model_name_or_path"] == str(tiny_model)
+
+
+def test_warm_start_refuses_an_adapter_of_another_base_model(
+    trained: tuple[Path, Any, TrainingSettings], records: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    import shutil
+
+    from tuneloop.train import check_init_adapter
+
+    foreign = tmp_path / "foreign"
+    shutil.copytree(trained[0], foreign)
+    config = json.loads((foreign / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "meta-llama/Llama-3.2-1B"
+    (foreign / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(TrainingError, match=r"Llama-3\.2-1B.*init_from: none"):
+        check_init_adapter(foreign, trained[0].parent / "tiny-model")
+    (foreign / "adapter_model.safetensors").unlink()
+    with pytest.raises(TrainingError, match="no adapter_model.safetensors"):
+        check_init_adapter(foreign, "anything")
+    with pytest.raises(TrainingError, match="adapter_config.json"):
+        check_init_adapter(tmp_path / "missing", "anything")
