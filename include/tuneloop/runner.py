@@ -68,8 +68,9 @@ def run_ml_step(
     emit = on_line or (lambda line: log.info("%s", line))
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env)
     tail: list[str] = []
+    stdout_parts: list[str] = []
 
-    def pump() -> None:
+    def pump_stderr() -> None:  # progress lines, relayed one by one as they come
         assert process.stderr is not None
         for line in process.stderr:
             line = line.rstrip()
@@ -77,14 +78,24 @@ def run_ml_step(
             del tail[:-40]
             emit(line)
 
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
+    def read_stdout() -> None:  # the JSON result
+        assert process.stdout is not None
+        stdout_parts.append(process.stdout.read())
+
+    # One reader per pipe (communicate() would read stderr too and tear lines from the relay).
+    readers = [threading.Thread(target=pump_stderr, daemon=True), threading.Thread(target=read_stdout, daemon=True)]
+    for reader in readers:
+        reader.start()
     try:
-        stdout, _ = process.communicate(timeout=timeout_s)
+        process.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         process.kill()
+        process.wait()
         raise StepFailedError(f"`tuneloop {args[0]}` timed out after {timeout_s:.0f}s") from None
-    reader.join(timeout=5)
+    finally:
+        for reader in readers:
+            reader.join(timeout=5)
+    stdout = "".join(stdout_parts)
     if process.returncode != 0:
         last = "\n".join(tail[-15:])
         raise StepFailedError(f"`tuneloop {' '.join(args)}` failed with exit code {process.returncode}:\n{last}")

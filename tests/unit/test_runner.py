@@ -1,0 +1,46 @@
+"""run_ml_step: every progress line reaches the log intact, the JSON result comes back."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from tuneloop.runner import StepFailedError, run_ml_step
+
+pytestmark = pytest.mark.unit
+
+FAKE_STEP = """\
+import json, sys
+for i in range(2000):
+    print(f"[tuneloop] train step {i}/2000 loss 0.5", file=sys.stderr, flush=True)
+    if i % 500 == 0:
+        print(" " * 3000, end="", flush=True)  # stdout traffic while stderr streams
+print(json.dumps({"ok": True, "args": sys.argv[1:]}))
+sys.exit(int(sys.argv[sys.argv.index("--code") + 1]) if "--code" in sys.argv else 0)
+"""
+
+
+@pytest.fixture
+def fake_ml_python(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A 'python' that ignores ``-m tuneloop.cli`` and runs the fake step instead."""
+    script = tmp_path / "step.py"
+    script.write_text(FAKE_STEP)
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/sh\nshift 2\nexec {sys.executable} {script} "$@"\n')
+    python.chmod(0o755)
+    monkeypatch.setenv("TUNELOOP_ML_PYTHON", str(python))
+    return python
+
+
+def test_every_progress_line_arrives_whole_and_the_result_parses(fake_ml_python: Path) -> None:
+    lines: list[str] = []
+    result = run_ml_step(["train", "--version", "v1"], on_line=lines.append)
+    assert result == {"ok": True, "args": ["train", "--version", "v1", "--json"]}
+    assert lines == [f"[tuneloop] train step {i}/2000 loss 0.5" for i in range(2000)]
+
+
+def test_a_failed_step_raises_with_its_last_lines(fake_ml_python: Path) -> None:
+    with pytest.raises(StepFailedError, match=r"exit code 3:\n(.|\n)*train step 1999/2000"):
+        run_ml_step(["train", "--code", "3"], on_line=lambda _: None)
