@@ -207,6 +207,54 @@ def cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def _raw_lines(path: Path) -> list[bytes]:
+    """Every line of ``path`` as bytes, the last one kept even without a newline."""
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise CliError(f"cannot read {path}: {err.strerror}") from err
+    lines = raw.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    return [line.removesuffix(b"\r") for line in lines]
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from tuneloop.validate import check_lines
+
+    settings = _settings(args)
+    data = settings.data
+    progress = _progress(args)
+    triples = [(str(path), number, line) for path in args.input for number, line in enumerate(_raw_lines(Path(path)), 1)]
+    batch = check_lines(triples)
+    progress(f"row checks: {len(batch.accepted)} of {batch.total} lines pass; running the Great Expectations suite")
+    from tuneloop.quality import format_quality_failure, run_quality_gate
+
+    quality = run_quality_gate(
+        batch, max_quarantine_rate=data.max_quarantine_rate, min_accepted_rows=data.min_accepted_rows, progress=progress
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "accepted.jsonl", "w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in batch.accepted)
+    with open(out / "quarantined.jsonl", "w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(row.to_json(), ensure_ascii=False) + "\n" for row in batch.quarantined)
+    (out / "validation_result.json").write_text(json.dumps(quality.validation_result, indent=2, default=str) + "\n", encoding="utf-8")
+    summary = {**quality.summary(), "out": str(out), "inputs": [str(path) for path in args.input]}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    if batch.total != len(batch.accepted) + len(batch.quarantined):  # the invariant the files rest on
+        raise CliError(f"internal error: {batch.total} lines but {len(batch.accepted)} + {len(batch.quarantined)} written")
+    human = [
+        f"{'PASSED' if quality.passed else 'FAILED'}: {quality.accepted} accepted, {quality.quarantined} quarantined "
+        f"of {quality.total} lines -> {out}/accepted.jsonl, {out}/quarantined.jsonl"
+    ]
+    human += [f"  {count:>5}  {reason}" for reason, count in sorted(quality.reasons.items(), key=lambda kv: -kv[1])]
+    if not quality.passed:
+        human.append(format_quality_failure(quality))
+    _emit(args, summary, "\n".join(human))
+    return 0 if quality.passed else 1
+
+
 def _load_jsonl_path(path: Path) -> list[dict[str, Any]]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -563,6 +611,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="at most N examples per slice")
     p.add_argument("--upload", metavar="PREFIX", help="also copy scores.jsonl and summary.json to this store prefix")
     p.set_defaults(func=cmd_evaluate)
+    p = sub.add_parser(
+        "validate",
+        parents=[common],
+        help="check labelled JSONL rows: accepted and quarantined files, reasons, the batch verdict",
+        description="Run the intake checks on labelled records, one JSON object per line with string fields "
+        "id, prompt, completion (the task's JSON answer) and optional domain, labelled_at. Each line is "
+        "parsed and checked (UTF-8, JSON object, required fields, completion parses and matches the "
+        "schema, unique id, at most 64 KiB), then the Great Expectations suite runs on the rows that "
+        "passed (prompt length, injection markers, domain, labelled_at format). Writes to OUT: "
+        "accepted.jsonl, quarantined.jsonl (each bad line verbatim with its source, line number and "
+        "reasons), validation_result.json (GX's full result) and summary.json. accepted + quarantined "
+        "always equals the number of input lines.",
+        epilog="Exit status: 0 when the batch passes the thresholds (data.max_quarantine_rate, "
+        "data.min_accepted_rows), 1 when it fails them (files are written either way), 2 when an "
+        "input cannot be read.",
+    )
+    p.add_argument("--input", required=True, action="append", help="a JSONL file of labelled rows (repeatable)")
+    p.add_argument("--out", required=True, help="directory for accepted.jsonl, quarantined.jsonl and the reports")
+    p.set_defaults(func=cmd_validate)
+
     p = sub.add_parser(
         "drift",
         parents=[common],
