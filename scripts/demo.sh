@@ -8,6 +8,11 @@ source "$(dirname "$0")/airflow_env.sh"
 cd "$ROOT"
 export TUNELOOP_CONFIG="${TUNELOOP_CONFIG:-$ROOT/include/tuneloop/defaults/tuneloop.yaml}"
 TL="$ROOT/.venv/bin/tuneloop"
+# 150 steps per adapter keep the demo under 15 minutes on 2 cores: enough for v1 to learn the
+# answer's schema and the per-domain constants (currency, VAT id presence), and for v2, which
+# warm-starts from v1, to learn the drifted domain's without forgetting the original's. The
+# default (8 epochs, ~600 steps here) is what this small CPU model needs to start copying values.
+export TUNELOOP__TRAINING__MAX_STEPS="${TUNELOOP__TRAINING__MAX_STEPS:-150}"
 START=$(date +%s)
 step() { printf '\n\033[1m== [%3ss] %s\033[0m\n' "$(( $(date +%s) - START ))" "$*"; }
 
@@ -23,8 +28,12 @@ step "fresh demo world: 42 days of original-domain traffic and labels (2026-01-0
 rm -rf .tuneloop/store .tuneloop/served-adapters .tuneloop/adapters .tuneloop/evals "$AIRFLOW_HOME"
 "$TL" demo-world --start 2026-01-01 --days 42 --labelled-per-day 36 --heldout-per-domain 150 --bad-row-rate 0.02
 
-step "demo base model (built once, then cached)"
+step "demo base model (built once, then cached) while Airflow prepares its database"
+airflow_prepare > .tuneloop/demo-airflow-prepare.log 2>&1 &
+prepare_pid=$!
 "$TL" build-model
+wait "$prepare_pid" || { tail -40 .tuneloop/demo-airflow-prepare.log; echo "Airflow preparation failed; log: .tuneloop/demo-airflow-prepare.log"; exit 1; }
+echo "Airflow database, connections, pools and variables ready (.tuneloop/demo-airflow-prepare.log)"
 
 step "vLLM OpenAI server (CPU build) with runtime LoRA updating"
 if bash scripts/serve.sh status >/dev/null 2>&1; then
@@ -33,9 +42,6 @@ else
   bash scripts/serve.sh start
   started_vllm=1
 fi
-
-step "Airflow: database, connections, pools, variables"
-airflow_prepare
 
 step "bootstrap v1: tuneloop_refresh on the original domain (airflow dags test)"
 airflow dags test tuneloop_refresh 2026-02-12 -c '{"force": true}' > .tuneloop/demo-refresh-v1.log 2>&1 \

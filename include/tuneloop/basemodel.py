@@ -120,7 +120,9 @@ PRESETS: dict[str, ModelPreset] = {
         n_documents=6000,
         seq_len=512,
         batch_size=8,
-        steps=320,
+        # ~3.5 min on 2 cores. A longer run lowers the loss but still does not teach a model
+        # this small to copy values from its context; what an adapter learns on it stays the same.
+        steps=200,
         # 3e-3 trains the documents fine but never the attention that copies; 1e-3 does.
         learning_rate=1e-3,
         warmup_steps=20,
