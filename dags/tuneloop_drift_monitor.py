@@ -45,17 +45,17 @@ def tuneloop_drift_monitor() -> None:
     @task
     def check_drift(params: dict[str, Any] | None = None) -> dict[str, Any]:
         import logging
-        import os
 
         from airflow.sdk import Variable, get_current_context
 
         from tuneloop.pipeline import check_drift as run_check
-        from tuneloop.pipeline import open_loop
+        from tuneloop.pipeline import open_task_loop
 
-        config = os.environ.get("TUNELOOP_CONFIG") or Variable.get("tuneloop_config", default=None) or None
-        if config and not os.path.exists(config):
-            config = None
-        loop = open_loop(config, run_id=get_current_context()["run_id"], progress=logging.getLogger("airflow.task").info)
+        loop = open_task_loop(
+            get_current_context()["run_id"],
+            config_variable=lambda: Variable.get("tuneloop_config", default=None),
+            progress=logging.getLogger("airflow.task").info,
+        )
         return run_check(loop, as_of=(params or {}).get("as_of"))
 
     @task.short_circuit

@@ -42,18 +42,16 @@ DEFAULT_ARGS = {
 def _loop() -> Any:
     """Open the loop for this task: config from $TUNELOOP_CONFIG or the `tuneloop_config` Variable."""
     import logging
-    import os
 
     from airflow.sdk import Variable, get_current_context
 
-    from tuneloop.pipeline import open_loop
+    from tuneloop.pipeline import open_task_loop
 
-    config = os.environ.get("TUNELOOP_CONFIG") or Variable.get("tuneloop_config", default=None) or None
-    if config and not os.path.exists(config):
-        config = None
-    context = get_current_context()
-    logger = logging.getLogger("airflow.task")
-    return open_loop(config, run_id=context["run_id"], progress=logger.info)
+    return open_task_loop(
+        get_current_context()["run_id"],
+        config_variable=lambda: Variable.get("tuneloop_config", default=None),
+        progress=logging.getLogger("airflow.task").info,
+    )
 
 
 def _fail_without_retry(err: Exception) -> None:

@@ -36,16 +36,16 @@ def tuneloop_rollback() -> None:
     @task(outlets=[PRODUCTION])
     def rollback(params: dict[str, Any] | None = None, outlet_events: Any = None) -> dict[str, Any]:
         import logging
-        import os
 
         from airflow.sdk import Variable, get_current_context
 
-        from tuneloop.pipeline import open_loop, rollback_step
+        from tuneloop.pipeline import open_task_loop, rollback_step
 
-        config = os.environ.get("TUNELOOP_CONFIG") or Variable.get("tuneloop_config", default=None) or None
-        if config and not os.path.exists(config):
-            config = None
-        loop = open_loop(config, run_id=get_current_context()["run_id"], progress=logging.getLogger("airflow.task").info)
+        loop = open_task_loop(
+            get_current_context()["run_id"],
+            config_variable=lambda: Variable.get("tuneloop_config", default=None),
+            progress=logging.getLogger("airflow.task").info,
+        )
         result = rollback_step(loop, (params or {}).get("version") or "previous")
         if outlet_events is not None:
             outlet_events[PRODUCTION].extra = {"version": result["version"], "rollback_from": result["from"]}

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -73,6 +74,18 @@ def open_loop(config_path: str | None = None, *, run_id: str | None = None, prog
         run_id=run_id or datetime.now(UTC).strftime("manual__%Y-%m-%dT%H-%M-%S"),
         progress=progress or (lambda message: log.info("%s", message)),
     )
+
+
+def open_task_loop(
+    run_id: str, *, config_variable: Callable[[], str | None], progress: Callable[[str], None]
+) -> Loop:
+    """The loop for one Airflow task. Config: $TUNELOOP_CONFIG, else ``config_variable()`` (the
+    DAGs pass a reader of the ``tuneloop_config`` Variable), else the embedded defaults; a path
+    that does not exist on this worker falls back to the defaults."""
+    config = os.environ.get("TUNELOOP_CONFIG") or config_variable() or None
+    if config and not os.path.exists(config):
+        config = None
+    return open_loop(config, run_id=run_id, progress=progress)
 
 
 def _run_ml(loop: Loop, args: list[str]) -> dict[str, Any]:
