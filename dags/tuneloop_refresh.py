@@ -11,6 +11,11 @@ snapshot -> `train` (LoRA in the isolated ML env, pool `gpu`) -> `evaluate` (can
 production on held-out data of both domains) -> `gate` (paired bootstrap: better on the
 improve slices, non-inferior elsewhere) -> `deploy` (validate adapter, stage, verify, swap
 the stable name in place, roll back on failure) -> `verify` -> `record` (registry aliases).
+`reconcile_before` (setup) and `reconcile_after` (teardown, runs even when a step between
+them failed) make every vLLM endpoint serve the registry's production version: after a
+failed verify or registry write, the servers serve what the registry says again.
+The vLLM endpoints and API key come from the config, or from the `tuneloop_vllm`
+connection when it exists (host, or extra `{"endpoints": [...]}`; password = API key).
 
 Logic lives in `include/tuneloop/pipeline.py`; this file is wiring.
 """
@@ -20,7 +25,16 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
+from airflow.sdk import (
+    Asset,
+    AssetOrTimeSchedule,
+    CronTriggerTimetable,
+    Param,
+    dag,
+    setup,
+    task,
+    teardown,
+)
 
 from tuneloop import assets
 
@@ -51,7 +65,19 @@ def _loop() -> Any:
         get_current_context()["run_id"],
         config_variable=lambda: Variable.get("tuneloop_config", default=None),
         progress=logging.getLogger("airflow.task").info,
+        vllm_connection=_vllm_connection,
     )
+
+
+def _vllm_connection() -> Any:
+    """The `tuneloop_vllm` connection (vLLM endpoints and API key), or None if not defined."""
+    from airflow.sdk import Connection
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    try:
+        return Connection.get("tuneloop_vllm")
+    except AirflowNotFoundException:
+        return None
 
 
 def _fail_without_retry(err: Exception) -> None:
@@ -163,10 +189,30 @@ def tuneloop_refresh() -> None:
             outlet_events[PRODUCTION].extra = {"version": verified["version"]}
         return summary
 
+    @setup
+    def reconcile_before() -> dict[str, Any]:
+        """Every vLLM endpoint serves the registry's production before the swap (a restarted
+        server has forgotten it), so a failed deploy restores what really served."""
+        from tuneloop.pipeline import reconcile_step
+
+        return reconcile_step(_loop())
+
+    @teardown(on_failure_fail_dagrun=True)
+    def reconcile_after() -> dict[str, Any]:
+        """Runs whatever happened to deploy, verify and record: a failure after the swap (the
+        verify, the registry write) puts the registry's production back on every endpoint."""
+        from tuneloop.pipeline import reconcile_step
+
+        return reconcile_step(_loop())
+
     decision = gate(evaluate(train(validate(pull()))))
+    before = reconcile_before()
     deployed = deploy(decision)
-    should_deploy(decision) >> deployed
-    record(verify(deployed), decision)
+    should_deploy(decision) >> before >> deployed
+    recorded = record(verify(deployed), decision)
+    after = reconcile_after()
+    recorded >> after
+    before >> after
 
 
 tuneloop_refresh()

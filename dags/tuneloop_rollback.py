@@ -5,6 +5,8 @@ Manual only. Validates the chosen version's adapter, hot-swaps it into every vLL
 (staged, verified, with automatic restore on failure), checks the stable name answers from
 it, and moves the registry aliases (`production` <- the version, `previous` <- what was
 production). Param `version`: a version (`v3`) or an alias (`previous`, the default).
+If the check or the registry write fails after the swap, every endpoint is reconciled back
+to the registry's production version before the task fails.
 """
 
 from __future__ import annotations
@@ -17,6 +19,17 @@ from airflow.sdk import Asset, Param, dag, task
 from tuneloop import assets
 
 PRODUCTION = Asset(name=assets.PRODUCTION[0], uri=assets.PRODUCTION[1])
+
+
+def _vllm_connection() -> Any:
+    """The `tuneloop_vllm` connection (vLLM endpoints and API key), or None if not defined."""
+    from airflow.sdk import Connection
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    try:
+        return Connection.get("tuneloop_vllm")
+    except AirflowNotFoundException:
+        return None
 
 
 @dag(
@@ -45,6 +58,7 @@ def tuneloop_rollback() -> None:
             get_current_context()["run_id"],
             config_variable=lambda: Variable.get("tuneloop_config", default=None),
             progress=logging.getLogger("airflow.task").info,
+            vllm_connection=_vllm_connection,
         )
         result = rollback_step(loop, (params or {}).get("version") or "previous")
         if outlet_events is not None:

@@ -62,6 +62,7 @@ VOLATILE_CONFIG_KEYS = frozenset({"transformers_version", "_name_or_path", "torc
 _LORA_TENSOR = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.[A-Za-z0-9_-]+)?\.weight$")
 _LORA_EMBEDDING = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_embedding_A|lora_embedding_B)(?:\.[A-Za-z0-9_-]+)?$")
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
+_LORA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 Scorer = Callable[[str, str], float]
 Progress = Callable[[str], None]
@@ -386,6 +387,31 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _escapes(root: Path) -> Iterator[str]:
+    """Entries of ``root`` that lead outside it: symlinks (to files or folders) whose target
+    lies elsewhere. vLLM follows them when it reads the adapter, so an adapter directory
+    could otherwise make the server read any file it can see."""
+    top = root.resolve()
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [*dirnames, *filenames]:
+            entry = Path(dirpath) / name
+            if not entry.is_symlink():
+                continue
+            target = entry.resolve()
+            if target != top and top not in target.parents:
+                yield f"{entry.relative_to(root)} is a link to {target}, outside the adapter directory"
+
+
+def check_lora_name(name: str) -> str:
+    """A LoRA name vLLM may serve and a path may hold: letters, digits, ``._-``, no ``..``."""
+    if not _LORA_NAME.fullmatch(name) or ".." in name:
+        raise ValueError(
+            f"adapter name {name!r} is not allowed: use letters, digits, '.', '_' and '-' "
+            "(no '/', no '..'), at most 64 characters"
+        )
+    return name
+
+
 def validate_adapter(
     adapter_dir: str | os.PathLike[str],
     *,
@@ -404,7 +430,7 @@ def validate_adapter(
     served = str(base_model_dir_or_id)
     if not root.is_dir():
         raise AdapterValidationError(root, [f"{root} is not a directory"])
-    problems: list[str] = []
+    problems: list[str] = list(_escapes(root))
     warnings: list[str] = []
 
     config: dict[str, Any] | None = None
@@ -1065,3 +1091,93 @@ def _rollback_note(ep: EndpointReport, served_name: str) -> str:
     if ep.status == "failed":
         return f"{ep.endpoint}: {served_name} untouched"
     return ""
+
+
+# -- reconcile ------------------------------------------------------------------------------
+
+
+@dataclass
+class ReconcileRecord:
+    """What reconcile found and did on one endpoint."""
+
+    endpoint: str
+    before: str | None = None  # the adapter directory the stable name served, None if not loaded
+    action: str = "pending"  # in_sync | loaded | unloaded | failed
+    detail: str = ""
+    seconds: float = 0.0
+
+
+def reconcile(
+    endpoints: Sequence[str],
+    adapter_dir: str | os.PathLike[str] | None,
+    *,
+    served_name: str,
+    base_model: str | os.PathLike[str],
+    max_lora_rank: int,
+    api_key: str | None = None,
+    timeout_s: float = 60.0,
+    progress: Progress | None = None,
+) -> list[ReconcileRecord]:
+    """Make every endpoint's stable name serve exactly ``adapter_dir`` (None: no adapter at all).
+
+    Run after a vLLM restart (the server forgot its runtime adapters), before a deploy (so the
+    restore target is what really serves), and after a failed deploy, verify or registry
+    write (so the servers agree with the registry again). An endpoint already serving
+    ``adapter_dir`` is only checked to answer; another is loaded in place (no window without
+    the name), checked to list the new root and to answer. Every endpoint is tried even if
+    one fails; then :class:`DeployError` (step ``reconcile``) names each failure.
+    """
+
+    def say(message: str) -> None:
+        logger.info("%s", message)
+        if progress is not None:
+            progress(message)
+
+    path = str(Path(adapter_dir).resolve()) if adapter_dir is not None else None
+    if path is not None:
+        try:
+            validate_adapter(path, base_model_dir_or_id=base_model, max_lora_rank=max_lora_rank)
+        except AdapterValidationError as err:
+            raise DeployError(f"reconcile refused {path}: {err}", step="reconcile", endpoint=None) from err
+    records = [ReconcileRecord(endpoint=url.rstrip("/")) for url in endpoints]
+    for record in records:
+        started = time.perf_counter()
+        try:
+            with VllmClient(record.endpoint, api_key=api_key, timeout_s=timeout_s) as client:
+                client.check_health()
+                record.before = client.adapters().get(served_name)
+                if path is None:
+                    if record.before is None:
+                        record.action, record.detail = "in_sync", f"{served_name} is not loaded, as wanted"
+                    else:
+                        client.unload_adapter(served_name)
+                        if served_name in client.adapters():
+                            raise ValueError(f"{served_name} is still listed after unloading it")
+                        record.action, record.detail = "unloaded", f"unloaded {served_name} (was {record.before})"
+                else:
+                    if record.before == path:
+                        record.action = "in_sync"
+                    else:
+                        client.load_adapter(served_name, path, inplace=True)
+                        _check_root(client, served_name, path)
+                        record.action = "loaded"
+                    client.chat(served_name, "ping", max_tokens=1)
+                    record.detail = (
+                        f"{served_name} serves {path} and answers"
+                        + ("" if record.action == "in_sync" else f" (was {record.before or 'not loaded'})")
+                    )
+        except (VllmError, ValueError, OSError) as err:
+            record.action, record.detail = "failed", str(err)
+        record.seconds = round(time.perf_counter() - started, 3)
+        say(f"reconcile {record.endpoint}: {record.action}: {record.detail}")
+    failed = [r for r in records if r.action == "failed"]
+    if failed:
+        want = path or "no adapter"
+        raise DeployError(
+            f"reconcile to {want} failed on {len(failed)} of {len(records)} endpoint(s): "
+            + "; ".join(f"{r.endpoint}: {r.detail}" for r in failed)
+            + ". Fix the server (is it up? `make serve`) and run `tuneloop reconcile` again",
+            step="reconcile",
+            endpoint=failed[0].endpoint,
+        )
+    return records

@@ -23,10 +23,10 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from tuneloop.config import Settings, load_settings
 
@@ -77,15 +77,69 @@ def open_loop(config_path: str | None = None, *, run_id: str | None = None, prog
 
 
 def open_task_loop(
-    run_id: str, *, config_variable: Callable[[], str | None], progress: Callable[[str], None]
+    run_id: str,
+    *,
+    config_variable: Callable[[], str | None],
+    progress: Callable[[str], None],
+    vllm_connection: Callable[[], Any] | None = None,
 ) -> Loop:
     """The loop for one Airflow task. Config: $TUNELOOP_CONFIG, else ``config_variable()`` (the
     DAGs pass a reader of the ``tuneloop_config`` Variable), else the embedded defaults; a path
-    that does not exist on this worker falls back to the defaults."""
+    that does not exist on this worker falls back to the defaults. ``vllm_connection()`` (the
+    DAGs read the ``tuneloop_vllm`` Airflow connection; None when it does not exist) may replace
+    the vLLM endpoints and API key: see :func:`apply_vllm_connection`."""
     config = os.environ.get("TUNELOOP_CONFIG") or config_variable() or None
     if config and not os.path.exists(config):
         config = None
-    return open_loop(config, run_id=run_id, progress=progress)
+    loop = open_loop(config, run_id=run_id, progress=progress)
+    found = vllm_connection() if vllm_connection is not None else None
+    if found is not None:
+        connection = VllmConnection(
+            host=found.host, port=found.port, schema=found.schema, password=found.password, extra=found.extra_dejson
+        )
+        loop.settings = apply_vllm_connection(loop.settings, connection)
+        progress(f"vLLM endpoints from the Airflow connection: {', '.join(loop.settings.vllm.endpoints)}")
+    return loop
+
+
+@dataclass(frozen=True)
+class VllmConnection:
+    """The parts of an Airflow connection that name the vLLM servers (see the README)."""
+
+    host: str | None = None
+    port: int | None = None
+    schema: str | None = None
+    password: str | None = None
+    extra: dict[str, Any] | None = None
+
+
+def apply_vllm_connection(settings: Settings, connection: VllmConnection) -> Settings:
+    """Settings whose vLLM endpoints and API key come from ``connection``: ``extra.endpoints``
+    (a list of URLs, or one comma-separated string) or else ``host`` (with ``port`` and
+    ``schema`` http/https); the password, when set, is the API key. Validated like the YAML."""
+    from pydantic import SecretStr, ValidationError
+
+    from tuneloop.config import ConfigError, VllmSettings
+
+    extra = connection.extra or {}
+    endpoints: Any = extra.get("endpoints")
+    if isinstance(endpoints, str):
+        endpoints = [part.strip() for part in endpoints.split(",") if part.strip()]
+    if not endpoints and connection.host:
+        host = connection.host
+        if "://" not in host:
+            host = f"{connection.schema or 'http'}://{host}"
+        endpoints = [f"{host}:{connection.port}" if connection.port else host]
+    if not endpoints:
+        raise ConfigError("the tuneloop_vllm connection names no endpoint: set its host, or extra {\"endpoints\": [...]}")
+    values = {**settings.vllm.model_dump(), "endpoints": endpoints}
+    if connection.password:
+        values["api_key"] = SecretStr(connection.password)
+    try:
+        vllm = VllmSettings.model_validate(values)
+    except ValidationError as err:
+        raise ConfigError(f"the tuneloop_vllm connection is invalid: {err.errors()[0]['msg']}") from None
+    return settings.model_copy(update={"vllm": vllm})
 
 
 def _run_ml(loop: Loop, args: list[str]) -> dict[str, Any]:
@@ -511,15 +565,57 @@ def record_step(loop: Loop, version: str, gate_result: dict[str, Any] | None = N
     return summary
 
 
+def reconcile_step(loop: Loop) -> dict[str, Any]:
+    """Make every vLLM endpoint serve exactly the registry's production version (or no adapter
+    when there is none yet). Run after a vLLM restart, before a deploy, and after any failure
+    between a deploy and the registry write, so servers and registry agree again."""
+    from tuneloop.deploy import reconcile
+
+    settings = loop.settings
+    production = loop.registry.aliases().get("production")
+    adapter_dir = _materialize_adapter(loop, production) if production else None
+    records = reconcile(
+        settings.vllm.endpoints,
+        adapter_dir,
+        served_name=settings.model.served_model_name,
+        base_model=base_model_ref(settings),
+        max_lora_rank=settings.vllm.max_lora_rank,
+        api_key=settings.vllm.api_key.get_secret_value() if settings.vllm.api_key else None,
+        timeout_s=settings.vllm.timeout_s,
+        progress=loop.progress,
+    )
+    changed = sum(r.action != "in_sync" for r in records)
+    loop.progress(
+        f"reconciled: {len(records)} endpoint(s) serve {production or 'no adapter'} as "
+        f"{settings.model.served_model_name!r} ({changed} changed)"
+    )
+    return {"production": production, "adapter_dir": str(adapter_dir) if adapter_dir else None, "endpoints": [asdict(r) for r in records]}
+
+
+def _reconcile_after(loop: Loop, err: BaseException) -> NoReturn:
+    """After a failure past the swap: put the registry's production back on every endpoint,
+    then re-raise ``err`` with what reconcile did (or why it could not)."""
+    try:
+        done = reconcile_step(loop)
+    except Exception as again:
+        raise RuntimeError(f"{err}; and reconciling the servers with the registry failed too: {again}") from err
+    raise RuntimeError(f"{err}; the servers serve the registry's production ({done['production'] or 'no adapter'}) again") from err
+
+
 def rollback_step(loop: Loop, target: str = "previous") -> dict[str, Any]:
-    """Serve an earlier version again (default: the ``previous`` alias) and move the aliases."""
+    """Serve an earlier version again (default: the ``previous`` alias) and move the aliases.
+    If verifying or the registry write fails after the swap, every endpoint is reconciled
+    back to the registry's production, so servers and registry never disagree."""
     record = loop.registry.resolve(target)
     version = record["version"]
     current = loop.registry.aliases().get("production")
     if version == current:
         raise RuntimeError(f"{version} is already production; nothing to roll back to")
     deploy = deploy_step(loop, version)
-    verify_step(loop, version)
-    move = loop.registry.move_aliases({"production": version, "previous": current}, reason=f"rollback to {version} (requested {target!r})", run_id=loop.run_id)
+    try:
+        verify_step(loop, version)
+        move = loop.registry.move_aliases({"production": version, "previous": current}, reason=f"rollback to {version} (requested {target!r})", run_id=loop.run_id)
+    except Exception as err:
+        _reconcile_after(loop, err)
     loop.progress(f"rolled back: production={version} previous={current}")
     return {"version": version, "from": current, "deploy": deploy, "aliases": move["aliases"]}

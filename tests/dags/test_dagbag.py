@@ -73,7 +73,12 @@ def test_refresh_schedule_is_quarterly_or_drift_and_wires_the_loop(dagbag: Any) 
     order = ["pull", "validate", "train", "evaluate", "gate", "deploy", "verify", "record"]
     for upstream, downstream in zip(order, order[1:], strict=False):
         assert downstream in dag.get_task(upstream).downstream_task_ids, f"{upstream} -> {downstream}"
-    assert "deploy" in dag.get_task("should_deploy").downstream_task_ids
+    assert "reconcile_before" in dag.get_task("should_deploy").downstream_task_ids
+    assert "deploy" in dag.get_task("reconcile_before").downstream_task_ids
+    # the teardown reconciles whatever happened between the setup and it (verify, record)
+    before, after = dag.get_task("reconcile_before"), dag.get_task("reconcile_after")
+    assert before.is_setup and after.is_teardown and after.on_failure_fail_dagrun
+    assert {"record", "reconcile_before"} <= after.upstream_task_ids
     assert dag.get_task("train").pool == "gpu"
     assert set(dag.params.keys()) == {"force", "since", "until", "dry_run"}
     outlets = {t.task_id: [o.uri for o in t.outlets] for t in dag.tasks if t.outlets}

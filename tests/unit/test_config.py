@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -86,3 +86,40 @@ def test_relative_paths_anchor_to_tuneloop_home(tmp_path: Path) -> None:
     assert settings.vllm.adapter_dir == "/abs/adapters"  # absolute stays
     s3 = load_settings(env={"TUNELOOP_HOME": str(tmp_path), "TUNELOOP__STORE__URI": "s3://b/p"})
     assert s3.store.uri == "s3://b/p"
+
+
+# -- the tuneloop_vllm Airflow connection ---------------------------------------------------
+
+
+def test_vllm_connection_extra_endpoints_and_password_replace_the_config() -> None:
+    from tuneloop.pipeline import VllmConnection, apply_vllm_connection
+
+    settings = load_settings(env={})
+    conn = VllmConnection(password="s3cret", extra={"endpoints": "http://a:8000, http://b:8000/"})
+    updated = apply_vllm_connection(settings, conn)
+    assert updated.vllm.endpoints == ["http://a:8000", "http://b:8000"]
+    assert updated.vllm.api_key is not None and updated.vllm.api_key.get_secret_value() == "s3cret"
+    assert updated.vllm.max_lora_rank == settings.vllm.max_lora_rank
+    assert settings.vllm.endpoints == ["http://127.0.0.1:8000"]  # the original is untouched
+
+
+def test_vllm_connection_host_port_schema() -> None:
+    from tuneloop.pipeline import VllmConnection, apply_vllm_connection
+
+    updated = apply_vllm_connection(load_settings(env={}), VllmConnection(host="vllm.svc", port=8000, schema="https"))
+    assert updated.vllm.endpoints == ["https://vllm.svc:8000"] and updated.vllm.api_key is None
+
+
+@pytest.mark.parametrize(
+    ("conn", "message"),
+    [
+        ({}, "names no endpoint"),
+        ({"extra": {"endpoints": ["ftp://x"]}}, "must start with http"),
+    ],
+)
+def test_bad_vllm_connection_fails_naming_it(conn: dict[str, Any], message: str) -> None:
+    from tuneloop.pipeline import VllmConnection, apply_vllm_connection
+
+    with pytest.raises(ConfigError, match=message) as caught:
+        apply_vllm_connection(load_settings(env={}), VllmConnection(**conn))
+    assert "tuneloop_vllm connection" in str(caught.value)

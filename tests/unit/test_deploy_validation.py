@@ -18,11 +18,14 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from tuneloop import cli
 from tuneloop.deploy import (
     AdapterValidationError,
     DeployError,
+    check_lora_name,
     deploy_adapter,
     read_safetensors_header,
+    reconcile,
     validate_adapter,
 )
 from tuneloop.vllm_client import VllmClient, VllmDownError, VllmError
@@ -593,3 +596,152 @@ def test_without_golden_the_stable_name_must_answer_like_staging(
         deploy([fake.url], adapters["v2"], base, adapters["v1"], golden=[])
     assert "tuneloop rolled back" in str(caught.value)
     assert fake.adapters["tuneloop"] == str(adapters["v1"])
+
+
+# -- paths and names that escape ------------------------------------------------------------
+
+
+def test_links_out_of_the_adapter_directory_are_refused(tmp_path: Path, base: Path) -> None:
+    outside = tmp_path / "secret.txt"
+    outside.write_text("not yours")
+    adapter = make_adapter(tmp_path / "a", base)
+    (adapter / "tokenizer.json").symlink_to(outside)
+    (adapter / "extra").symlink_to(tmp_path, target_is_directory=True)
+    problems = problems_of(adapter, base)
+    assert any(p.startswith("tokenizer.json is a link to") and "outside the adapter directory" in p for p in problems)
+    assert any(p.startswith("extra is a link to") for p in problems)
+
+
+def test_weights_linked_from_elsewhere_are_refused(tmp_path: Path, base: Path) -> None:
+    real = make_adapter(tmp_path / "real", base)
+    adapter = tmp_path / "linked"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text((real / "adapter_config.json").read_text())
+    (adapter / "adapter_model.safetensors").symlink_to(real / "adapter_model.safetensors")
+    assert any("adapter_model.safetensors is a link to" in p for p in problems_of(adapter, base))
+
+
+def test_links_inside_the_adapter_directory_are_fine(tmp_path: Path, base: Path) -> None:
+    adapter = make_adapter(tmp_path / "a", base)
+    (adapter / "alias.json").symlink_to(adapter / "adapter_config.json")
+    assert validate_adapter(adapter, base_model_dir_or_id=base, max_lora_rank=16).rank == 8
+
+
+@pytest.mark.parametrize("name", ["../etc", "a/b", "..", "v1..", "-x", "", "x" * 65, "tune loop"])
+def test_names_that_could_escape_are_refused(name: str) -> None:
+    with pytest.raises(ValueError, match="is not allowed"):
+        check_lora_name(name)
+
+
+@pytest.mark.parametrize("name", ["tuneloop", "tuneloop-staging", "v12", "acme.invoices_v2"])
+def test_plain_names_pass(name: str) -> None:
+    assert check_lora_name(name) == name
+
+
+# -- tuneloop adapter check -----------------------------------------------------------------
+
+
+def adapter_check(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict[str, Any]]:
+    code = cli.main(["adapter", "check", *args, "--json", "-q"])
+    return code, json.loads(capsys.readouterr().out)
+
+
+def test_adapter_check_accepts_a_good_adapter(tmp_path: Path, base: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    adapter = make_adapter(tmp_path / "good", base)
+    code, out = adapter_check(capsys, str(adapter), "--base-model", str(base), "--max-rank", "16", "--name", "tuneloop")
+    assert code == 0 and out["valid"] and out["problems"] == []
+    assert out["adapter"]["rank"] == 8 and out["adapter"]["peft_type"] == "LORA"
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        ("not_lora", "peft_type is 'IA3', expected 'LORA'"),
+        ("other_base", "base model mismatch"),
+        ("rank", "rank 32 exceeds the server's max_lora_rank 16"),
+        ("pickle", "pickle weights ['adapter_model.bin'] are refused"),
+        ("missing", "adapter_model.safetensors is missing"),
+        ("escape", "is a link to"),
+        ("name", "adapter name '../prod' is not allowed"),
+    ],
+)
+def test_adapter_check_names_each_problem(
+    tmp_path: Path, base: Path, capsys: pytest.CaptureFixture[str], kind: str, expected: str
+) -> None:
+    args: list[str] = []
+    if kind == "not_lora":
+        adapter = make_adapter(tmp_path / kind, base, peft_type="IA3")
+    elif kind == "other_base":
+        adapter = make_adapter(tmp_path / kind, make_base(tmp_path / "other", hidden=64))
+    elif kind == "rank":
+        adapter = make_adapter(tmp_path / kind, base, rank=32)
+    elif kind == "pickle":
+        adapter = make_adapter(tmp_path / kind, base)
+        (adapter / "adapter_model.safetensors").rename(adapter / "adapter_model.bin")
+    elif kind == "missing":
+        adapter = make_adapter(tmp_path / kind, base)
+        (adapter / "adapter_model.safetensors").unlink()
+    elif kind == "escape":
+        adapter = make_adapter(tmp_path / kind, base)
+        (adapter / "notes.txt").symlink_to("/etc/hostname")
+    else:
+        adapter = make_adapter(tmp_path / kind, base)
+        args = ["--name", "../prod"]
+    code, out = adapter_check(capsys, str(adapter), "--base-model", str(base), "--max-rank", "16", *args)
+    assert code == 1 and not out["valid"]
+    assert (out["adapter"] is not None) == (kind == "name")  # only a bad name leaves the adapter itself valid
+    assert any(expected in problem for problem in out["problems"]), out["problems"]
+
+
+def test_adapter_check_human_output_lists_problems(tmp_path: Path, base: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    adapter = make_adapter(tmp_path / "big", base, rank=32, use_dora=True)
+    code = cli.main(["adapter", "check", str(adapter), "--base-model", str(base), "--max-rank", "16"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "INVALID, 2 problem(s)" in out and "use_dora is true" in out and "rank 32" in out
+
+
+# -- reconcile ------------------------------------------------------------------------------
+
+
+def reconcile_to(urls: list[str], adapter: Path | None, base: Path) -> Any:
+    return reconcile(urls, adapter, served_name="tuneloop", base_model=base, max_lora_rank=16, timeout_s=5)
+
+
+def test_reconcile_loads_what_is_missing_and_leaves_what_is_right(adapters: dict[str, Path], base: Path) -> None:
+    with FakeVllm() as right, FakeVllm() as stale, FakeVllm() as restarted:
+        right.adapters["tuneloop"] = right.answering["tuneloop"] = str(adapters["v2"])
+        stale.adapters["tuneloop"] = stale.answering["tuneloop"] = str(adapters["v1"])
+        records = reconcile_to([right.url, stale.url, restarted.url], adapters["v2"], base)
+        assert [r.action for r in records] == ["in_sync", "loaded", "loaded"]
+        assert records[1].before == str(adapters["v1"]) and records[2].before is None
+        for server in (right, stale, restarted):
+            assert server.adapters["tuneloop"] == str(adapters["v2"])
+        assert right.loads == [] and all(inplace for _, _, inplace in stale.loads + restarted.loads)
+
+
+def test_reconcile_to_no_production_unloads_the_stable_name(fake: FakeVllm, adapters: dict[str, Path], base: Path) -> None:
+    fake.adapters["tuneloop"] = fake.answering["tuneloop"] = str(adapters["v1"])
+    records = reconcile_to([fake.url], None, base)
+    assert records[0].action == "unloaded" and "tuneloop" not in fake.adapters
+    assert reconcile_to([fake.url], None, base)[0].action == "in_sync"
+
+
+def test_reconcile_tries_every_endpoint_and_names_the_failures(adapters: dict[str, Path], base: Path) -> None:
+    down = closed_port_url()
+    with FakeVllm() as first, FakeVllm() as last:
+        last.fail_loads[str(adapters["v2"])] = 500
+        with pytest.raises(DeployError) as caught:
+            reconcile_to([first.url, down, last.url], adapters["v2"], base)
+        message = str(caught.value)
+        assert caught.value.step == "reconcile" and "failed on 2 of 3 endpoint(s)" in message
+        assert f"{down}: vLLM at {down} is down" in message and f"{last.url}: " in message
+        assert "`tuneloop reconcile`" in message
+        assert first.adapters["tuneloop"] == str(adapters["v2"])  # the healthy one was still fixed
+
+
+def test_reconcile_refuses_an_invalid_production_adapter(fake: FakeVllm, tmp_path: Path, base: Path) -> None:
+    big = make_adapter(tmp_path / "big", base, rank=32)
+    with pytest.raises(DeployError, match="(?s)reconcile refused .*rank 32"):
+        reconcile_to([fake.url], big, base)
+    assert fake.loads == []
