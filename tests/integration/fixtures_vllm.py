@@ -13,9 +13,11 @@ import json
 import shutil
 import socket
 import struct
-from typing import TYPE_CHECKING
+import time
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from pathlib import Path
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
@@ -154,3 +156,99 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+class FaultProxy:
+    """A forwarding HTTP proxy in front of a REAL vLLM server that injects one kind of fault.
+
+    Every request goes to the real server unchanged (method, path, body, Authorization);
+    ``fault(method, path, body) -> None | ("status", code) | ("hang", seconds)`` decides per
+    request: ``("status", 500)`` answers 500 *instead of* forwarding (the server never sees
+    it), ``("hang", s)`` forwards, lets the server act, then holds the reply ``s`` seconds
+    (a client timeout in the middle of a swap that did happen on the server).
+    ``seen`` lists ``(method, path, lora_name, outcome)``.
+    """
+
+    def __init__(self, upstream: str, fault: Callable[[str, str, dict[str, Any]], tuple[str, float] | None]) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        import httpx
+
+        self.upstream = upstream.rstrip("/")
+        self.fault = fault
+        self.seen: list[tuple[str, str, str | None, str]] = []
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def handle_one(self, method: str) -> None:
+                raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                try:
+                    body = json.loads(raw) if raw else {}
+                except ValueError:
+                    body = {}
+                action = proxy.fault(method, self.path, body if isinstance(body, dict) else {})
+                name = body.get("lora_name") if isinstance(body, dict) else None
+                if action is not None and action[0] == "status":
+                    proxy.seen.append((method, self.path, name, f"injected {int(action[1])}"))
+                    payload = json.dumps({"error": {"message": "injected by FaultProxy", "type": "InternalServerError", "code": int(action[1])}}).encode()
+                    self.send_response(int(action[1]))
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
+                headers = {k: v for k, v in self.headers.items() if k.lower() in ("authorization", "content-type")}
+                with httpx.Client(timeout=120) as client:
+                    reply = client.request(method, proxy.upstream + self.path, content=raw or None, headers=headers)
+                outcome = str(reply.status_code)
+                if action is not None and action[0] == "hang":
+                    proxy.seen.append((method, self.path, name, f"{outcome} held {action[1]:g} s"))
+                    time.sleep(float(action[1]))
+                else:
+                    proxy.seen.append((method, self.path, name, outcome))
+                try:
+                    self.send_response(reply.status_code)
+                    self.send_header("Content-Type", reply.headers.get("content-type", "application/json"))
+                    self.send_header("Content-Length", str(len(reply.content)))
+                    self.end_headers()
+                    self.wfile.write(reply.content)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up waiting, which is the point of a hang
+
+            def do_GET(self) -> None:
+                self.handle_one("GET")
+
+            def do_POST(self) -> None:
+                self.handle_one("POST")
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    def __enter__(self) -> FaultProxy:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def on_load_of(name: str, action: tuple[str, float], *, times: int = 1) -> Callable[[str, str, dict[str, Any]], tuple[str, float] | None]:
+    """A fault for :class:`FaultProxy`: ``action`` on the first ``times`` loads of LoRA ``name``."""
+    left = {"n": times}
+
+    def fault(method: str, path: str, body: dict[str, Any]) -> tuple[str, float] | None:
+        if path == "/v1/load_lora_adapter" and body.get("lora_name") == name and left["n"] > 0:
+            left["n"] -= 1
+            return action
+        return None
+
+    return fault

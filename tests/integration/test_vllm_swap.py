@@ -21,11 +21,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from fixtures_vllm import build_lora_adapter, build_tiny_llama, corrupt_safetensors, free_port
+from fixtures_vllm import (
+    FaultProxy,
+    build_lora_adapter,
+    build_tiny_llama,
+    corrupt_safetensors,
+    free_port,
+    on_load_of,
+)
 
 import tuneloop.deploy as deploy_module
 from tuneloop.deploy import AdapterInfo, DeployError, DeployReport, deploy_adapter
-from tuneloop.vllm_client import VllmClient
+from tuneloop.vllm_client import VllmClient, VllmError
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -42,6 +49,7 @@ PROMPTS = [
     "what currency is INV-0042 in?",
 ]
 MAX_TOKENS = 12
+API_KEY = "tl-test-key-5c1e7d0a"  # the second server's; must never show in a log or report
 
 
 @dataclass
@@ -80,9 +88,11 @@ class Served:
             return client.chat_many(SERVED, PROMPTS, max_tokens=MAX_TOKENS)
 
 
-def _serve(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def _serve(*args: str, timeout: float = 300, api_key: str | None = None) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "TUNELOOP__VLLM__API_KEY"}
     env.update(HF_HUB_OFFLINE="1", TUNELOOP_ML_PYTHON=sys.executable)
+    if api_key is not None:
+        env["TUNELOOP__VLLM__API_KEY"] = api_key
     return subprocess.run(
         ["bash", str(REPO / "scripts" / "serve.sh"), *args],
         cwd=REPO,
@@ -350,3 +360,144 @@ def test_down_endpoint_gives_a_clear_error_and_touches_nothing(stable_v1: Served
     assert err.step == "preflight" and err.endpoint == down
     assert f"vLLM at {down} is down" in str(err) and "start it with `make serve`" in str(err)
     assert served.stable_answers() == served.answers["v1"]
+
+
+# -- faults in the middle of a rollout ------------------------------------------------------
+
+
+def _serves(url: str, api_key: str | None = None) -> str | None:
+    with VllmClient(url, api_key=api_key) as client:
+        return client.adapters().get(SERVED)
+
+
+def test_timeout_in_the_middle_of_the_stable_swap_restores_the_previous_adapter(stable_v1: Served) -> None:
+    """The server swaps, but its reply to the stable load never reaches the deployer in time."""
+    served = stable_v1
+    with FaultProxy(served.url, on_load_of(SERVED, ("hang", 8))) as proxy:
+        with pytest.raises(DeployError) as caught:
+            served.deploy("v2", "v1", endpoints=[proxy.url], timeout_s=4)
+        loads = [outcome for _, path, name, outcome in proxy.seen if name == SERVED]
+    err = caught.value
+    assert err.step == "load_stable" and err.endpoint == proxy.url
+    assert "did not answer POST /v1/load_lora_adapter within 4 s" in str(err)
+    assert "tuneloop rolled back" in str(err)
+    assert loads == ["200 held 8 s", "200"]  # the swap happened on the server, then the restore
+    assert _serves(served.url) == str(served.adapters["v1"].resolve())
+    assert served.stable_answers() == served.answers["v1"]
+
+
+@pytest.fixture(scope="module")
+def second(served: Served, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A second real vLLM server (the same base model) that wants an API key: a replica."""
+    run_dir = tmp_path_factory.mktemp("vllm-second")
+    port = free_port()
+    result = _serve("start", "--port", str(port), "--model", str(served.base), "--name", SERVED, "--run-dir", str(run_dir), api_key=API_KEY)
+    try:
+        assert result.returncode == 0, f"serve.sh start (second server) failed:\n{result.stderr}"
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        log = run_dir / "vllm.log"
+        text = log.read_text(errors="replace") if log.exists() else ""
+        stopped = _serve("stop", "--run-dir", str(run_dir), timeout=60)
+        assert stopped.returncode == 0, stopped.stderr
+        assert API_KEY not in text, "the API key shows in the vLLM log"
+
+
+@pytest.fixture
+def both_v1(stable_v1: Served, second: str) -> tuple[Served, str]:
+    served = stable_v1
+    if _serves(second, API_KEY) != str(served.adapters["v1"].resolve()):
+        served.deploy("v1", None, endpoints=[second], api_key=API_KEY)
+    return served, second
+
+
+def test_one_of_two_replicas_failing_rolls_back_both(both_v1: tuple[Served, str]) -> None:
+    served, second = both_v1
+    with FaultProxy(second, on_load_of(SERVED, ("status", 500))) as proxy:
+        with pytest.raises(DeployError) as caught:
+            served.deploy("v2", "v1", endpoints=[served.url, proxy.url], api_key=API_KEY)
+    err = caught.value
+    assert err.step == "load_stable" and err.endpoint == proxy.url and "-> 500" in str(err)
+    assert f"{served.url}: tuneloop rolled back" in str(err)  # the canary, already on v2, went back
+    assert err.report is not None and [ep.status for ep in err.report.endpoints] == ["rolled_back", "rolled_back"]
+    v1 = str(served.adapters["v1"].resolve())
+    assert _serves(served.url) == v1 and _serves(second, API_KEY) == v1
+    assert served.stable_answers() == served.answers["v1"]
+    with VllmClient(second, api_key=API_KEY) as client:
+        assert client.chat_many(SERVED, PROMPTS, max_tokens=MAX_TOKENS) == served.answers["v1"]
+
+
+def test_both_replicas_swap_and_the_key_never_shows(
+    both_v1: tuple[Served, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    served, second = both_v1
+    with VllmClient(second) as client:  # the runtime LoRA API is behind the key too
+        with pytest.raises(VllmError, match="-> 401.*TUNELOOP__VLLM__API_KEY"):
+            client.load_adapter(STAGING, str(served.adapters["v2"].resolve()), inplace=True)
+    messages: list[str] = []
+    caplog.set_level("DEBUG")
+    try:
+        report = served.deploy("v2", "v1", endpoints=[served.url, second], api_key=API_KEY, progress=messages.append)
+        assert report.ok and [ep.status for ep in report.endpoints] == ["deployed", "deployed"]
+        v2 = str(served.adapters["v2"].resolve())
+        assert _serves(served.url) == v2 and _serves(second, API_KEY) == v2
+        seen = "\n".join(messages) + caplog.text + report.to_json()
+        assert len(messages) > 10 and API_KEY not in seen
+    finally:
+        served.deploy("v1", "v2", endpoints=[served.url, second], api_key=API_KEY)
+
+
+def test_registry_write_failing_after_a_rollback_swap_reconciles_the_servers(
+    stable_v1: Served, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """production=v2, previous=v1; `rollback` swaps v1 in, then the registry write fails: the
+    servers must serve v2 again, which the registry still names. Then the stable name is
+    dropped (as after a vLLM restart) and `reconcile` brings production back."""
+    import yaml
+
+    from tuneloop.pipeline import open_loop, reconcile_step, rollback_step
+    from tuneloop.storage import StorageError
+
+    served = stable_v1
+    config = tmp_path / "tuneloop.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "store": {"uri": str(tmp_path / "store")},
+                "model": {"base_model": str(served.base), "served_model_name": SERVED},
+                "vllm": {"endpoints": [served.url], "adapter_dir": str(tmp_path / "served"), "max_lora_rank": 16},
+            }
+        )
+    )
+    loop = open_loop(str(config), run_id="fault-test", progress=lambda message: None)
+    for version in ("v1", "v2"):
+        loop.store.put_dir(f"adapters/{version}", served.adapters[version])
+        loop.registry.register(version, adapter_key=f"adapters/{version}", snapshot=None, base_model=str(served.base))
+        loop.registry.promote(version, reason="test setup")
+    assert reconcile_step(loop)["endpoints"][0]["action"] == "loaded"
+    v2_dir = str((tmp_path / "served" / "v2").resolve())
+    try:
+        assert _serves(served.url) == v2_dir and served.stable_answers() == served.answers["v2"]
+
+        def broken_write(*args: Any, **kwargs: Any) -> Any:
+            raise StorageError("injected: the registry bucket refused the write (503 SlowDown, retries exhausted)")
+
+        monkeypatch.setattr(loop.registry, "move_aliases", broken_write)
+        with pytest.raises(RuntimeError) as caught:
+            rollback_step(loop, "previous")
+        message = str(caught.value)
+        assert "injected: the registry bucket refused the write" in message
+        assert "the servers serve the registry's production (v2) again" in message
+        monkeypatch.undo()
+        assert loop.registry.aliases()["production"] == "v2"
+        assert _serves(served.url) == v2_dir and served.stable_answers() == served.answers["v2"]
+
+        with VllmClient(served.url) as client:
+            client.unload_adapter(SERVED)
+        result = reconcile_step(loop)
+        assert result["production"] == "v2" and result["endpoints"][0]["action"] == "loaded"
+        assert served.stable_answers() == served.answers["v2"]
+    finally:  # leave the server on the module's own adapter directories
+        with VllmClient(served.url) as client:
+            client.load_adapter(SERVED, str(served.adapters["v1"].resolve()), inplace=True)
+            client.load_adapter(STAGING, str(served.adapters["v1"].resolve()), inplace=True)
