@@ -30,10 +30,10 @@ demo: setup ## run the loop's steps end to end on the embedded defaults (tiny mo
 airflow: setup ## Airflow 3 standalone with the tuneloop DAGs: UI on http://localhost:8080 (admin/admin)
 	@bash scripts/airflow.sh
 
-serve: setup ## start the real vLLM OpenAI server (CPU build) with runtime LoRA; re-loads production
+serve: setup ## start the real vLLM OpenAI server (CPU build) with runtime LoRA; reconciles it to production
 	@$(VENV)/bin/tuneloop build-model
 	@bash scripts/serve.sh start
-	@if $(VENV)/bin/tuneloop status --no-vllm --json | grep -q '"production": "v'; then $(VENV)/bin/tuneloop deploy --version production; fi
+	@$(VENV)/bin/tuneloop reconcile
 
 serve-stop: ## stop the vLLM server started by `make serve`
 	@bash scripts/serve.sh stop

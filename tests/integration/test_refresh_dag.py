@@ -102,7 +102,7 @@ def test_refresh_trains_evaluates_and_gates_with_real_servers(world: dict[str, A
     assert str(run.state) == "success", states
     for task_id in ("pull", "validate", "train", "evaluate", "gate", "should_deploy"):
         assert "success" in states[task_id].lower(), (task_id, states)
-    for task_id in ("deploy", "verify", "record"):
+    for task_id in ("reconcile_before", "deploy", "verify", "record", "reconcile_after"):
         assert "skipped" in states[task_id].lower(), (task_id, states)
 
     store, registry = _store_and_registry()
@@ -175,7 +175,7 @@ def test_refresh_over_production_warm_starts_deploys_verifies_and_records(
     )
     states = _task_states(run)
     assert str(run.state) == "success", states
-    for task_id in ("train", "evaluate", "gate", "deploy", "verify", "record"):
+    for task_id in ("train", "evaluate", "gate", "reconcile_before", "deploy", "verify", "record", "reconcile_after"):
         assert "success" in states[task_id].lower(), (task_id, states)
 
     version = registry.aliases()["production"]
@@ -187,3 +187,36 @@ def test_refresh_over_production_warm_starts_deploys_verifies_and_records(
     assert store.get_json(f"reports/{version}/gate.json")["promote"] is True
     client = VllmClient(f"http://127.0.0.1:{world['port']}")
     assert Path({m["id"]: m for m in client.models()}["tuneloop"]["root"]).name == version
+
+
+def test_registry_write_failing_after_the_swap_puts_production_back_on_the_server(
+    world: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """deploy and verify succeed, then `record` cannot write the registry: the run fails, and
+    the `reconcile_after` teardown makes the server serve the registry's production again."""
+    from tuneloop.registry import Registry
+    from tuneloop.storage import StorageError
+    from tuneloop.vllm_client import VllmClient
+
+    store, registry = _store_and_registry()
+    production = registry.aliases()["production"]
+    if production is None:
+        pytest.skip("needs a production adapter from the earlier tests")
+
+    def refuse(self: Registry, version: str, **kwargs: Any) -> Any:
+        raise StorageError(f"injected: the registry write for {version} failed (503 SlowDown, retries exhausted)")
+
+    monkeypatch.setattr(Registry, "promote", refuse)
+    monkeypatch.setenv("TUNELOOP__GATE__IMPROVE_SLICES", "[]")
+    monkeypatch.setenv("TUNELOOP__GATE__MARGIN", "0.9")
+    run = _dag("tuneloop_refresh").test(
+        logical_date=datetime(2026, 1, 12, tzinfo=UTC), run_conf={"force": True}
+    )
+    states = _task_states(run)
+    assert str(run.state) == "failed", states
+    for task_id in ("deploy", "verify", "reconcile_after"):
+        assert "success" in states[task_id].lower(), (task_id, states)
+    assert "failed" in states["record"].lower(), states
+    assert registry.aliases()["production"] == production
+    client = VllmClient(f"http://127.0.0.1:{world['port']}")
+    assert Path({m["id"]: m for m in client.models()}["tuneloop"]["root"]).name == production
