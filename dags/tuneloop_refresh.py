@@ -197,10 +197,11 @@ def tuneloop_refresh() -> None:
 
         return reconcile_step(_loop())
 
-    @teardown(on_failure_fail_dagrun=True)
+    @teardown
     def reconcile_after() -> dict[str, Any]:
         """Runs whatever happened to deploy, verify and record: a failure after the swap (the
-        verify, the registry write) puts the registry's production back on every endpoint."""
+        verify, the registry write) puts the registry's production back on every endpoint.
+        As a teardown it does not decide the run's state: a failed `record` still fails the run."""
         from tuneloop.pipeline import reconcile_step
 
         return reconcile_step(_loop())
