@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -26,8 +27,13 @@ def test_every_subcommand_has_a_description_and_json_flag() -> None:
     parser = build_parser()
     subparsers = next(a for a in parser._actions if a.dest == "command").choices  # noqa: SLF001
     for name, sub in subparsers.items():
-        text = sub.format_help()
-        assert "--json" in text and "--config" in text and (sub.description or sub.format_usage()), name
+        nested = [a for a in sub._actions if isinstance(a, argparse._SubParsersAction)]  # noqa: SLF001
+        # a group of actions (`tuneloop adapter check`): every action is checked instead
+        leaves = {f"{name} {n}": p for a in nested for n, p in a.choices.items()} if nested else {name: sub}
+        for full_name, leaf in leaves.items():
+            text = leaf.format_help()
+            assert "--json" in text and "--config" in text and (leaf.description or leaf.format_usage()), full_name
+    assert "adapter" in subparsers and "reconcile" in subparsers
 
 
 def test_bad_setting_exits_2_naming_the_key(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
