@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -40,14 +39,7 @@ sys.path.insert(0, str(REPO / "include"))
 sys.path.insert(0, str(REPO / "tests" / "integration"))  # the tiny-model builders
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-SERVED, STAGING = "tuneloop", "tuneloop-staging"
-PROMPTS = [
-    "extract the total amount from invoice 12345",
-    "summarise the delivery note for order 7781",
-    "the quick brown fox",
-    "what currency is INV-0042 in?",
-]
-MAX_TOKENS = 12
+from fixtures_vllm import MAX_TOKENS, PROMPTS, SERVED  # noqa: E402
 
 
 @dataclass
@@ -112,12 +104,6 @@ def run_clients(url: str, n_clients: int, phase: Phase, answers: dict[str, list[
     return threads
 
 
-def serve(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "TUNELOOP__VLLM__API_KEY"}
-    env.update(HF_HUB_OFFLINE="1", TUNELOOP_ML_PYTHON=sys.executable)
-    return subprocess.run(["bash", str(REPO / "scripts" / "serve.sh"), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--swaps", type=int, default=50, help="full verified rollouts in the swap phase (default 50)")
@@ -126,10 +112,16 @@ def main() -> int:
     parser.add_argument("--json", metavar="FILE", help="also write the results here")
     args = parser.parse_args()
 
-    from fixtures_vllm import build_lora_adapter, build_tiny_llama, free_port
+    from fixtures_vllm import (
+        build_lora_adapter,
+        build_tiny_llama,
+        free_port,
+        golden_of,
+        serve_sh,
+        staged_answers,
+    )
 
     from tuneloop.deploy import deploy_adapter
-    from tuneloop.vllm_client import VllmClient
 
     root = Path(tempfile.mkdtemp(prefix="tuneloop-swap-bench-"))
     print(f"[bench] building a tiny Llama and two LoRA adapters in {root}", flush=True)
@@ -139,21 +131,15 @@ def main() -> int:
     url = f"http://127.0.0.1:{port}"
     run_dir = root / "run"
     started = time.monotonic()
-    result = serve("start", "--port", str(port), "--model", str(base), "--name", SERVED, "--run-dir", str(run_dir))
+    result = serve_sh("start", "--port", str(port), "--model", str(base), "--name", SERVED, "--run-dir", str(run_dir))
     if result.returncode != 0:
         print(result.stderr, file=sys.stderr)
         return 1
     print(f"[bench] vLLM CPU server up on {url} in {time.monotonic() - started:.0f} s", flush=True)
     try:
-        answers: dict[str, list[str]] = {}
-        with VllmClient(url) as client:
-            for name, path in adapters.items():
-                client.load_adapter(STAGING, str(path.resolve()), inplace=True)
-                answers[name] = client.chat_many(STAGING, PROMPTS, max_tokens=MAX_TOKENS)
-        golden = {
-            name: [{"id": f"p{i}", "prompt": p, "expected": a} for i, (p, a) in enumerate(zip(PROMPTS, said, strict=True))]
-            for name, said in answers.items()
-        }
+        answers = staged_answers(url, adapters)
+        del answers["base"]  # clients classify answers as v1, v2 or mixed
+        golden = {name: golden_of(said) for name, said in answers.items()}
 
         stable_loaded: list[float] = []  # when each in-place load of the stable name returned
 
@@ -218,7 +204,7 @@ def main() -> int:
             thread.join(timeout=120)
         swaps.seconds = time.perf_counter() - t0
     finally:
-        serve("stop", "--run-dir", str(run_dir))
+        serve_sh("stop", "--run-dir", str(run_dir))
 
     def overlaps(start: float, took: float) -> bool:
         return any(start < w_end and start + took > w_start for w_start, w_end in windows)

@@ -351,9 +351,7 @@ def cmd_drift(args: argparse.Namespace) -> int:
             explain_top=args.top,
             examples=args.examples,
         )
-    except drift.DriftInputError as err:
-        raise CliError(str(err)) from None
-    except NotImplementedError as err:
+    except (drift.DriftInputError, NotImplementedError) as err:
         raise CliError(str(err)) from None
     payload = {
         **report.to_json(),

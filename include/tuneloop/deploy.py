@@ -1146,27 +1146,14 @@ def reconcile(
             with VllmClient(record.endpoint, api_key=api_key, timeout_s=timeout_s) as client:
                 client.check_health()
                 record.before = client.adapters().get(served_name)
-                if path is None:
-                    if record.before is None:
-                        record.action, record.detail = "in_sync", f"{served_name} is not loaded, as wanted"
-                    else:
-                        client.unload_adapter(served_name)
-                        if served_name in client.adapters():
-                            raise ValueError(f"{served_name} is still listed after unloading it")
-                        record.action, record.detail = "unloaded", f"unloaded {served_name} (was {record.before})"
-                else:
-                    if record.before == path:
-                        record.action = "in_sync"
-                    else:
-                        client.load_adapter(served_name, path, inplace=True)
-                        _check_root(client, served_name, path)
-                        record.action = "loaded"
-                    client.chat(served_name, "ping", max_tokens=1)
-                    record.detail = (
-                        f"{served_name} serves {path} and answers"
-                        + ("" if record.action == "in_sync" else f" (was {record.before or 'not loaded'})")
-                    )
-        except (VllmError, ValueError, OSError) as err:
+                if record.before == path:
+                    if path is not None:
+                        client.chat(served_name, "ping", max_tokens=1)
+                    record.action, record.detail = "in_sync", f"{served_name} already serves {path or 'no adapter'}"
+                else:  # the same in-place load (or unload) and checks a failed deploy's restore does
+                    record.detail = restore(client, served_name=served_name, previous_adapter_dir=path)
+                    record.action = "unloaded" if path is None else "loaded"
+        except (DeployError, VllmError, ValueError, OSError) as err:
             record.action, record.detail = "failed", str(err)
         record.seconds = round(time.perf_counter() - started, 3)
         say(f"reconcile {record.endpoint}: {record.action}: {record.detail}")

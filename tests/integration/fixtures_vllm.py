@@ -10,15 +10,18 @@ comparisons flaky for reasons that have nothing to do with adapter swaps.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import struct
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from pathlib import Path
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 USER, ASSISTANT, END = "<|user|>", "<|assistant|>", "<|end|>"
@@ -39,6 +42,16 @@ CORPUS = [
     '{"invoice": "INV-0042", "total": 1200.00, "currency": "USD"}',
     "please summarise the delivery note for order 7781 shipped to Berlin",
 ] * 20
+# What the swap tests and bench/swap_under_load.py serve and ask.
+REPO = Path(__file__).resolve().parents[2]
+SERVED, STAGING = "tuneloop", "tuneloop-staging"
+PROMPTS = [
+    "extract the total amount from invoice 12345",
+    "summarise the delivery note for order 7781",
+    "the quick brown fox",
+    "what currency is INV-0042 in?",
+]
+MAX_TOKENS = 12
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -178,6 +191,7 @@ class FaultProxy:
         self.upstream = upstream.rstrip("/")
         self.fault = fault
         self.seen: list[tuple[str, str, str | None, str]] = []
+        self.http = httpx.Client(timeout=120)  # one pool for every forwarded request (thread-safe)
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -204,8 +218,7 @@ class FaultProxy:
                     self.wfile.write(payload)
                     return
                 headers = {k: v for k, v in self.headers.items() if k.lower() in ("authorization", "content-type")}
-                with httpx.Client(timeout=120) as client:
-                    reply = client.request(method, proxy.upstream + self.path, content=raw or None, headers=headers)
+                reply = proxy.http.request(method, proxy.upstream + self.path, content=raw or None, headers=headers)
                 outcome = str(reply.status_code)
                 if action is not None and action[0] == "hang":
                     proxy.seen.append((method, self.path, name, f"{outcome} held {action[1]:g} s"))
@@ -239,6 +252,7 @@ class FaultProxy:
     def __exit__(self, *exc_info: object) -> None:
         self.server.shutdown()
         self.server.server_close()
+        self.http.close()
 
 
 def on_load_of(name: str, action: tuple[str, float], *, times: int = 1) -> Callable[[str, str, dict[str, Any]], tuple[str, float] | None]:
@@ -252,3 +266,39 @@ def on_load_of(name: str, action: tuple[str, float], *, times: int = 1) -> Calla
         return None
 
     return fault
+
+
+def serve_sh(*args: str, timeout: float = 300, api_key: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``scripts/serve.sh`` with this Python's ML env, offline, with ``api_key`` (or none)."""
+    env = {k: v for k, v in os.environ.items() if k != "TUNELOOP__VLLM__API_KEY"}
+    env.update(HF_HUB_OFFLINE="1", TUNELOOP_ML_PYTHON=sys.executable)
+    if api_key is not None:
+        env["TUNELOOP__VLLM__API_KEY"] = api_key
+    return subprocess.run(
+        ["bash", str(REPO / "scripts" / "serve.sh"), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def staged_answers(url: str, adapters: dict[str, Path]) -> dict[str, list[str]]:
+    """Each adapter's greedy answers to PROMPTS, captured through the staging name (as an
+    evaluation through vLLM would record them), plus the base model's under ``"base"``."""
+    from tuneloop.vllm_client import VllmClient
+
+    answers: dict[str, list[str]] = {}
+    with VllmClient(url) as client:
+        for name, path in adapters.items():
+            client.load_adapter(STAGING, str(path.resolve()), inplace=True)
+            answers[name] = client.chat_many(STAGING, PROMPTS, max_tokens=MAX_TOKENS)
+        answers["base"] = client.chat_many(f"{SERVED}-base", PROMPTS, max_tokens=MAX_TOKENS)
+    return answers
+
+
+def golden_of(answers: list[str]) -> list[dict[str, str]]:
+    """Golden cases ``{id, prompt, expected}`` for :func:`tuneloop.deploy.deploy_adapter`."""
+    return [{"id": f"p{i}", "prompt": prompt, "expected": answer} for i, (prompt, answer) in enumerate(zip(PROMPTS, answers, strict=True))]

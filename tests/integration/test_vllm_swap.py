@@ -9,10 +9,7 @@ and v2 are captured from the server itself, as an evaluation through vLLM would.
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -22,12 +19,19 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 from fixtures_vllm import (
+    MAX_TOKENS,
+    PROMPTS,
+    SERVED,
+    STAGING,
     FaultProxy,
     build_lora_adapter,
     build_tiny_llama,
     corrupt_safetensors,
     free_port,
+    golden_of,
     on_load_of,
+    serve_sh,
+    staged_answers,
 )
 
 import tuneloop.deploy as deploy_module
@@ -39,16 +43,6 @@ if TYPE_CHECKING:
 
 pytestmark = [pytest.mark.ml, pytest.mark.integration]
 
-REPO = Path(__file__).resolve().parents[2]
-SERVED = "tuneloop"
-STAGING = "tuneloop-staging"
-PROMPTS = [
-    "extract the total amount from invoice 12345",
-    "summarise the delivery note for order 7781",
-    "the quick brown fox",
-    "what currency is INV-0042 in?",
-]
-MAX_TOKENS = 12
 API_KEY = "tl-test-key-5c1e7d0a"  # the second server's; must never show in a log or report
 
 
@@ -63,10 +57,7 @@ class Served:
     start_seconds: float
 
     def golden(self, adapter: str) -> list[dict[str, str]]:
-        return [
-            {"id": f"p{i}", "prompt": prompt, "expected": answer}
-            for i, (prompt, answer) in enumerate(zip(PROMPTS, self.answers[adapter], strict=True))
-        ]
+        return golden_of(self.answers[adapter])
 
     def deploy(self, adapter: str, previous: str | None, **kwargs: Any) -> DeployReport:
         options: dict[str, Any] = {
@@ -88,22 +79,6 @@ class Served:
             return client.chat_many(SERVED, PROMPTS, max_tokens=MAX_TOKENS)
 
 
-def _serve(*args: str, timeout: float = 300, api_key: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "TUNELOOP__VLLM__API_KEY"}
-    env.update(HF_HUB_OFFLINE="1", TUNELOOP_ML_PYTHON=sys.executable)
-    if api_key is not None:
-        env["TUNELOOP__VLLM__API_KEY"] = api_key
-    return subprocess.run(
-        ["bash", str(REPO / "scripts" / "serve.sh"), *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     root = tmp_path_factory.mktemp("vllm-swap")
@@ -117,25 +92,20 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     run_dir = root / "run"
     port = free_port()
     started = time.monotonic()
-    result = _serve("start", "--port", str(port), "--model", str(base), "--name", SERVED, "--run-dir", str(run_dir))
+    result = serve_sh("start", "--port", str(port), "--model", str(base), "--name", SERVED, "--run-dir", str(run_dir))
     start_seconds = time.monotonic() - started
     try:
         assert result.returncode == 0, f"serve.sh start failed:\n{result.stderr}"
         url = f"http://127.0.0.1:{port}"
-        again = _serve("start", "--port", str(port), "--model", str(base), "--run-dir", str(run_dir))
+        again = serve_sh("start", "--port", str(port), "--model", str(base), "--run-dir", str(run_dir))
         assert again.returncode == 0 and "already running" in again.stderr
-        answers: dict[str, list[str]] = {}
-        with VllmClient(url) as client:
-            for name in ("v1", "v2"):
-                client.load_adapter(STAGING, str(adapters[name].resolve()), inplace=True)
-                answers[name] = client.chat_many(STAGING, PROMPTS, max_tokens=MAX_TOKENS)
-            answers["base"] = client.chat_many(f"{SERVED}-base", PROMPTS, max_tokens=MAX_TOKENS)
+        answers = staged_answers(url, {name: adapters[name] for name in ("v1", "v2")})
         print(f"\n[vllm] server start {start_seconds:.1f} s (serve.sh start -> healthy)")
         yield Served(url, base, adapters, answers, start_seconds)
     finally:
         log = run_dir / "vllm.log"
         text = log.read_text(errors="replace") if log.exists() else ""
-        stopped = _serve("stop", "--run-dir", str(run_dir), timeout=60)
+        stopped = serve_sh("stop", "--run-dir", str(run_dir), timeout=60)
         assert stopped.returncode == 0, stopped.stderr
         dead = [line for line in text.splitlines() if "EngineDeadError" in line]
         assert not dead, "the vLLM engine died during the tests:\n" + "\n".join(dead[:5])
@@ -391,14 +361,14 @@ def second(served: Served, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     """A second real vLLM server (the same base model) that wants an API key: a replica."""
     run_dir = tmp_path_factory.mktemp("vllm-second")
     port = free_port()
-    result = _serve("start", "--port", str(port), "--model", str(served.base), "--name", SERVED, "--run-dir", str(run_dir), api_key=API_KEY)
+    result = serve_sh("start", "--port", str(port), "--model", str(served.base), "--name", SERVED, "--run-dir", str(run_dir), api_key=API_KEY)
     try:
         assert result.returncode == 0, f"serve.sh start (second server) failed:\n{result.stderr}"
         yield f"http://127.0.0.1:{port}"
     finally:
         log = run_dir / "vllm.log"
         text = log.read_text(errors="replace") if log.exists() else ""
-        stopped = _serve("stop", "--run-dir", str(run_dir), timeout=60)
+        stopped = serve_sh("stop", "--run-dir", str(run_dir), timeout=60)
         assert stopped.returncode == 0, stopped.stderr
         assert API_KEY not in text, "the API key shows in the vLLM log"
 
