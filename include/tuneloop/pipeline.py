@@ -178,7 +178,9 @@ def check_drift(loop: Loop, *, as_of: str | date | None = None) -> dict[str, Any
     Reference: the training prompts of the production adapter's snapshot (else the first
     ``reference_days`` of traffic). Current: the last ``current_days`` of traffic up to
     ``as_of`` (default: the newest traffic partition). Emits only when drift persisted over
-    ``consecutive_checks`` checks and no refresh covered data within ``cooldown_days``.
+    ``consecutive_checks`` checks (this one included) and the newest refresh that trained a
+    candidate, promoted or not, covered data older than ``cooldown_days`` before the window's
+    end. Every check is stored under ``drift/checks/`` and ``drift/history.png`` redrawn.
     """
     from tuneloop.pull import snapshot_last_day
 
@@ -190,7 +192,8 @@ def check_drift(loop: Loop, *, as_of: str | date | None = None) -> dict[str, Any
     if not candidates:
         raise RuntimeError(f"no traffic partitions in {store.uri}/{TRAFFIC_PREFIX}/ up to {limit or 'now'}")
     end = candidates[-1]
-    current_days, current_keys = _traffic_keys(store, end - timedelta(days=cfg.current_days - 1), end)
+    current_start = end - timedelta(days=cfg.current_days - 1)
+    current_days, current_keys = _traffic_keys(store, current_start, end)
 
     production = loop.registry.aliases().get("production")
     reference_source: str
@@ -199,12 +202,25 @@ def check_drift(loop: Loop, *, as_of: str | date | None = None) -> dict[str, Any
         snapshot = record.get("snapshot")
         reference = _prompts(store, [f"snapshots/{snapshot}/train.jsonl"], cfg.field)
         reference_source = f"training data of production {production} (snapshot {str(snapshot)[:12]})"
-        trained_until = snapshot_last_day(store, snapshot)
     else:
-        ref_days, ref_keys = _traffic_keys(store, all_days[0], all_days[0] + timedelta(days=cfg.reference_days - 1))
+        # the first reference_days of traffic, never overlapping the current window
+        ref_last = min(all_days[0] + timedelta(days=cfg.reference_days - 1), current_start - timedelta(days=1))
+        ref_days, ref_keys = _traffic_keys(store, all_days[0], ref_last)
+        if not ref_days:
+            raise RuntimeError(
+                f"no traffic before the current window ({current_start} .. {end}) to compare it with, and no "
+                "production adapter whose training data could serve: wait for more days, or lower drift.current_days"
+            )
         reference = _prompts(store, ref_keys, cfg.field)
         reference_source = f"first {len(ref_days)} days of traffic"
-        trained_until = None
+    # Cooldown: the newest refresh that trained a candidate (promoted or rejected) and how far
+    # its data reaches. Counted on the data's calendar, so simulated worlds behave like real time.
+    last_refresh, trained_until = None, None
+    for version in reversed(loop.registry.versions()):
+        trained_until = snapshot_last_day(store, version.get("snapshot"))
+        if trained_until is not None:
+            last_refresh = version["version"]
+            break
     current = _prompts(store, current_keys, cfg.field)
     loop.progress(f"drift check as of {end}: {len(reference)} reference ({reference_source}) vs {len(current)} current prompts")
     report = _detect_drift(loop, reference, current)
@@ -213,8 +229,11 @@ def check_drift(loop: Loop, *, as_of: str | date | None = None) -> dict[str, Any
     report["drift"] = significant and report["statistic"] >= cfg.min_auc
 
     history = drift_history(store)
+    # the streak runs over the latest check of each earlier day (a backfill of a later day, or
+    # a re-run of this one, does not count)
+    earlier = {past["as_of"]: past for past in history if past["as_of"] < end.isoformat()}
     streak = 1 if report["drift"] else 0
-    for past in reversed(history):
+    for past in reversed([earlier[day] for day in sorted(earlier)]):
         if not report["drift"] or not past["drift"]:
             break
         streak += 1
@@ -227,7 +246,10 @@ def check_drift(loop: Loop, *, as_of: str | date | None = None) -> dict[str, Any
     elif streak < cfg.consecutive_checks:
         reason = f"drift seen in {streak} consecutive check(s); policy needs {cfg.consecutive_checks}"
     elif in_cooldown:
-        reason = f"drift, but production was trained on data up to {trained_until} (< {cfg.cooldown_days} days ago): cooldown"
+        reason = (
+            f"drift, but the last refresh ({last_refresh}) trained on data up to {trained_until}, "
+            f"< drift.cooldown_days={cfg.cooldown_days} days before {end}: cooldown"
+        )
     else:
         reason = f"drift persisted over {streak} check(s) (p={report['p_value']:.3g}); refresh requested"
     check = {
@@ -243,6 +265,8 @@ def check_drift(loop: Loop, *, as_of: str | date | None = None) -> dict[str, Any
         "current_window": [d.isoformat() for d in current_days[:1] + current_days[-1:]],
         "reference": reference_source,
         "production": production,
+        "last_refresh": last_refresh,
+        "trained_until": trained_until.isoformat() if trained_until else None,
         "streak": streak,
         "emit": emit,
         "decision": reason,

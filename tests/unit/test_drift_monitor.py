@@ -1,0 +1,92 @@
+"""The drift monitor's policy: K consecutive drifted checks, a cooldown after a refresh, and a
+stored history with its plot. Runs ``pipeline.check_drift`` on a small demo world in a local
+store (no Airflow, no ML env)."""
+
+from __future__ import annotations
+
+from datetime import date, timedelta
+from typing import TYPE_CHECKING
+
+import pytest
+
+from tuneloop.pipeline import Loop, check_drift, drift_history, open_loop, pull_step, validate_step
+from tuneloop.world import generate_world
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+pytestmark = pytest.mark.unit
+
+START = date(2026, 1, 5)
+DRIFT_START = START + timedelta(days=28)
+
+
+def monitor(tmp_path: Path, **drift: object) -> Loop:
+    """A loop on a local store holding 28 calm days of traffic, then 10 drifted ones."""
+    lines = [f"store:\n  uri: {tmp_path / 'store'}\ndrift:"]
+    lines += [f"  {key}: {value}" for key, value in {"current_days": 3, **drift}.items()]
+    config = tmp_path / "tuneloop.yaml"
+    config.write_text("\n".join(lines) + "\n")
+    loop = open_loop(str(config), run_id="monitor-test", progress=lambda message: None)
+    generate_world(loop.store, START, 38, drift_start=DRIFT_START, traffic_per_day=40, labelled_per_day=12)
+    return loop
+
+
+def day(offset: int) -> str:
+    return (DRIFT_START + timedelta(days=offset)).isoformat()
+
+
+def test_calm_traffic_is_stored_and_plotted_without_an_event(tmp_path: Path) -> None:
+    loop = monitor(tmp_path)
+    check = check_drift(loop, as_of=day(-1))
+    assert not check["drift"] and not check["emit"]
+    assert check["decision"].startswith("no significant drift")
+    # reference: the first 28 days up to the current window, never overlapping it
+    assert (check["n_reference"], check["n_current"]) == (25 * 40, 3 * 40)
+    stored = drift_history(loop.store)
+    assert len(stored) == 1 and stored[0]["p_value"] == check["p_value"]
+    for key in ("statistic", "p_value", "decision", "n_reference", "n_current", "method"):
+        assert key in stored[0]
+    assert loop.store.get_bytes("drift/history.png").startswith(b"\x89PNG")
+
+
+def test_drift_must_persist_for_k_checks_and_a_calm_check_resets_the_streak(tmp_path: Path) -> None:
+    loop = monitor(tmp_path, consecutive_checks=2)
+    calm = check_drift(loop, as_of=day(-1))
+    assert not calm["drift"] and calm["streak"] == 0
+    first = check_drift(loop, as_of=day(6))
+    assert first["drift"] and not first["emit"] and first["streak"] == 1
+    assert "policy needs 2" in first["decision"]
+    second = check_drift(loop, as_of=day(7))
+    assert second["emit"] and second["streak"] == 2
+    assert "refresh requested" in second["decision"]
+    rerun = check_drift(loop, as_of=day(7))  # a re-run of the same day does not lengthen it
+    assert rerun["streak"] == 2
+    # a calm check in between (stored by hand: the world's drift only grows) breaks the streak
+    loop.store.put_json(f"drift/checks/{day(8)}__calm.json", {**calm, "as_of": day(8)})
+    after_calm = check_drift(loop, as_of=day(9))
+    assert after_calm["drift"] and after_calm["streak"] == 1 and not after_calm["emit"]
+    stored = drift_history(loop.store)
+    # one record per (day, run id): the re-run under the same run id replaced its first record
+    assert [c["as_of"] for c in stored] == [day(-1), day(6), day(7), day(8), day(9)]
+
+
+def test_no_event_within_the_cooldown_after_a_refresh_even_a_rejected_one(tmp_path: Path) -> None:
+    loop = monitor(tmp_path, cooldown_days=14)
+    # a refresh trained v1 on data up to drift day 5 (registered, never promoted)
+    snapshot = validate_step(loop, pull_step(loop, until=day(5)))["snapshot"]
+    loop.registry.register("v1", adapter_key="adapters/v1", snapshot=snapshot, base_model="demo")
+    cooled = check_drift(loop, as_of=day(9))
+    assert cooled["drift"] and not cooled["emit"]
+    assert cooled["last_refresh"] == "v1" and cooled["trained_until"] == day(5)
+    assert "cooldown" in cooled["decision"] and "v1" in cooled["decision"]
+
+
+def test_the_cooldown_ends_and_production_s_training_data_is_the_reference(tmp_path: Path) -> None:
+    loop = monitor(tmp_path, cooldown_days=2)
+    snapshot = validate_step(loop, pull_step(loop, until=day(-1)))["snapshot"]
+    loop.registry.register("v1", adapter_key="adapters/v1", snapshot=snapshot, base_model="demo")
+    loop.registry.promote("v1", reason="test")
+    check = check_drift(loop, as_of=day(9))
+    assert check["production"] == "v1" and check["reference"].startswith("training data of production v1")
+    assert check["drift"] and check["emit"], check["decision"]
