@@ -2,10 +2,12 @@
 ### tuneloop_drift_monitor: is production traffic still what the adapter was trained on?
 
 Daily. Compares the last `drift.current_days` of production traffic with the training data
-of the adapter in production, using a calibrated two-sample test (`include/tuneloop/drift.py`).
-Every check is stored in the store under `drift/checks/` with a history plot
-(`drift/history.png`). When drift persists over `drift.consecutive_checks` checks and no
-refresh covered data within `drift.cooldown_days`, it records an event on the asset
+of the adapter in production, using a calibrated two-sample test (`include/tuneloop/drift.py`),
+and, when labelled rows newer than production's data exist, production's score on them against
+its score at promotion (performance drift). Every check is stored in the store under
+`drift/checks/` with a history plot (`drift/history.png`). When drift persists over
+`drift.consecutive_checks` checks, or the score fell beyond `drift.performance_margin`, and the
+last refresh's data is older than `drift.cooldown_days`, it records an event on the asset
 `tuneloop://loop/drift`, which triggers `tuneloop_refresh`; the event carries the report.
 """
 
@@ -76,6 +78,7 @@ def tuneloop_drift_monitor() -> None:
             "n_current": check["n_current"],
             "decision": check["decision"],
             "top_terms": report.get("top_terms", [])[:5],
+            "performance": {k: check["performance"].get(k) for k in ("checked", "drift", "delta", "p_value", "reason")},
         }
         if outlet_events is not None:
             outlet_events[DRIFT].extra = extra

@@ -156,6 +156,10 @@ class DriftSettings(_Section):
     current_days: int = Field(7, ge=1)
     consecutive_checks: int = Field(1, ge=1)
     cooldown_days: int = Field(14, ge=0)
+    performance: bool = Field(True, description="also score production on fresh labelled rows")
+    performance_margin: float = Field(0.05, ge=0, le=1, description="tolerated fall of the score")
+    performance_min_rows: int = Field(50, ge=2)
+    performance_max_rows: int = Field(200, ge=2)
 
 
 class DataSettings(_Section):

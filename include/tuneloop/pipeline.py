@@ -238,8 +238,12 @@ def check_drift(loop: Loop, *, as_of: str | date | None = None) -> dict[str, Any
             break
         streak += 1
     in_cooldown = trained_until is not None and (end - trained_until).days < cfg.cooldown_days
-    emit = bool(report["drift"]) and streak >= cfg.consecutive_checks and not in_cooldown
-    if not significant:
+    performance = check_performance(loop, end) if cfg.performance else {"checked": False, "reason": "drift.performance is off"}
+    performance_fell = bool(performance.get("drift"))
+    emit = (bool(report["drift"]) and streak >= cfg.consecutive_checks or performance_fell) and not in_cooldown
+    if performance_fell and not in_cooldown:
+        reason = f"production's score fell on fresh labelled data ({performance['reason']}); refresh requested"
+    elif not significant:
         reason = f"no significant drift (p={report['p_value']:.3g} >= alpha {cfg.alpha})"
     elif not report["drift"]:
         reason = f"significant but small shift (AUC {report['statistic']:.3f} < drift.min_auc {cfg.min_auc}): not acted on"
@@ -268,6 +272,7 @@ def check_drift(loop: Loop, *, as_of: str | date | None = None) -> dict[str, Any
         "last_refresh": last_refresh,
         "trained_until": trained_until.isoformat() if trained_until else None,
         "streak": streak,
+        "performance": performance,
         "emit": emit,
         "decision": reason,
         "report": report,
@@ -276,6 +281,57 @@ def check_drift(loop: Loop, *, as_of: str | date | None = None) -> dict[str, Any
     _plot_drift_history([*history, check], store)
     loop.progress(f"drift decision: {reason}")
     return check
+
+
+def check_performance(loop: Loop, end: date) -> dict[str, Any]:
+    """Production's score on labelled rows newer than its training data vs its score at promotion.
+
+    Fresh rows: labelled partitions after the last day of production's snapshot, up to ``end``,
+    that pass the row checks; at most ``drift.performance_max_rows`` (a sample stable by id
+    hash). Baseline: production's per-example scores on its snapshot's eval split, from its
+    evaluation as a candidate. Scored in the ML env; returns ``{"checked": False, "reason"}``
+    when there is nothing to compare yet.
+    """
+    import hashlib
+
+    from tuneloop.drift import performance_drift
+    from tuneloop.pull import NoNewDataError, plan_pull, read_batch, snapshot_last_day
+
+    cfg = loop.settings.drift
+    production = loop.registry.aliases().get("production")
+    if not production:
+        return {"checked": False, "reason": "no production adapter yet"}
+    snapshot = loop.registry.get(production).get("snapshot")
+    trained_until = snapshot_last_day(loop.store, snapshot)
+    scores_key = _latest_candidate_scores(loop, production)
+    if trained_until is None or scores_key is None:
+        return {"checked": False, "reason": f"{production} has no snapshot or no evaluation as a candidate to compare with"}
+    try:
+        plan = plan_pull(loop.store, since=trained_until + timedelta(days=1), until=end)
+    except NoNewDataError:
+        return {"checked": False, "reason": f"no labelled partitions after {trained_until} (production's data) yet"}
+    fresh = read_batch(loop.store, plan).accepted
+    if len(fresh) < cfg.performance_min_rows:
+        return {"checked": False, "reason": f"{len(fresh)} fresh labelled rows after {trained_until}; drift.performance_min_rows is {cfg.performance_min_rows}"}
+    fresh = sorted(fresh, key=lambda r: hashlib.sha256(str(r["id"]).encode()).hexdigest())[: cfg.performance_max_rows]
+    eval_ids = {str(r.get("id")) for r in loop.store.iter_jsonl(f"snapshots/{snapshot}/eval.jsonl") if isinstance(r, dict)}
+    baseline = [r for r in loop.store.iter_jsonl(scores_key) if str(r.get("id")) in eval_ids]
+    prefix = f"drift/performance/{end.isoformat()}__{loop.run_key}"
+    loop.store.put_bytes(f"{prefix}/fresh.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in fresh).encode())
+    loop.progress(f"performance check: scoring {production} on {len(fresh)} labelled rows from {plan.days[0]} .. {plan.days[-1]}")
+    _run_ml(loop, ["evaluate", "--adapter", production, "--eval", f"{prefix}/fresh.jsonl", "--upload", prefix])
+    current = list(loop.store.iter_jsonl(f"{prefix}/scores.jsonl"))
+    report = performance_drift(
+        [float(r["score"]) for r in baseline],
+        [float(r["score"]) for r in current],
+        alpha=cfg.alpha,
+        margin=cfg.performance_margin,
+        min_examples=min(cfg.performance_min_rows, 30),
+        current_slices=[str(r.get("slice")) for r in current],
+    )
+    loop.progress(report.summary())
+    return {"checked": True, "production": production, "fresh_days": [plan.days[0].isoformat(), plan.days[-1].isoformat()],
+            "baseline_scores": scores_key, "current_scores": f"{prefix}/scores.jsonl", **report.to_json()}
 
 
 def _detect_drift(loop: Loop, reference: list[str], current: list[str]) -> dict[str, Any]:

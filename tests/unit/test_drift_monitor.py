@@ -4,15 +4,18 @@ store (no Airflow, no ML env)."""
 
 from __future__ import annotations
 
+import json
 from datetime import date, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from tuneloop import pipeline
 from tuneloop.pipeline import Loop, check_drift, drift_history, open_loop, pull_step, validate_step
 from tuneloop.world import generate_world
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from pathlib import Path
 
 pytestmark = pytest.mark.unit
@@ -28,7 +31,9 @@ def monitor(tmp_path: Path, **drift: object) -> Loop:
     config = tmp_path / "tuneloop.yaml"
     config.write_text("\n".join(lines) + "\n")
     loop = open_loop(str(config), run_id="monitor-test", progress=lambda message: None)
-    generate_world(loop.store, START, 38, drift_start=DRIFT_START, traffic_per_day=40, labelled_per_day=12)
+    generate_world(
+        loop.store, START, 38, drift_start=DRIFT_START, traffic_per_day=40, labelled_per_day=12
+    )
     return loop
 
 
@@ -88,5 +93,85 @@ def test_the_cooldown_ends_and_production_s_training_data_is_the_reference(tmp_p
     loop.registry.register("v1", adapter_key="adapters/v1", snapshot=snapshot, base_model="demo")
     loop.registry.promote("v1", reason="test")
     check = check_drift(loop, as_of=day(9))
-    assert check["production"] == "v1" and check["reference"].startswith("training data of production v1")
+    assert check["production"] == "v1" and check["reference"].startswith(
+        "training data of production v1"
+    )
     assert check["drift"] and check["emit"], check["decision"]
+
+
+def promoted_with_scores(loop: Loop, until: str, score: float) -> str:
+    """v1 promoted on data up to ``until``, with its candidate scores on the snapshot's eval split."""
+    snapshot = validate_step(loop, pull_step(loop, until=until))["snapshot"]
+    loop.registry.register("v1", adapter_key="adapters/v1", snapshot=snapshot, base_model="demo")
+    loop.registry.promote("v1", reason="test")
+    rows = [
+        {"id": r["id"], "slice": r["domain"], "score": score}
+        for r in loop.store.iter_jsonl(f"snapshots/{snapshot}/eval.jsonl")
+    ]
+    loop.store.put_bytes(
+        "evals/v1/run/candidate/scores.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode()
+    )
+    return snapshot
+
+
+def fake_evaluate(
+    loop: Loop, calls: list[list[str]], score_of: dict[str, float]
+) -> Callable[[Loop, list[str]], dict[str, Any]]:
+    """Stands in for the ML env's `tuneloop evaluate`: scores each fresh row by its domain."""
+
+    def run(_: Loop, args: list[str]) -> dict[str, Any]:
+        calls.append(args)
+        source, upload = args[args.index("--eval") + 1], args[args.index("--upload") + 1]
+        rows = [
+            {"id": r["id"], "slice": r["domain"], "score": score_of[r["domain"]]}
+            for r in loop.store.iter_jsonl(source)
+        ]
+        loop.store.put_bytes(
+            f"{upload}/scores.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode()
+        )
+        return {}
+
+    return run
+
+
+def test_a_fall_in_production_s_score_on_fresh_labels_requests_a_refresh(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loop = monitor(tmp_path, cooldown_days=2, min_auc=0.99)  # the data drift alone is not acted on
+    promoted_with_scores(loop, until=day(-1), score=0.8)
+    calls: list[list[str]] = []
+    monkeypatch.setattr(
+        pipeline, "_run_ml", fake_evaluate(loop, calls, {"original": 0.8, "drifted": 0.1})
+    )
+    check = check_drift(loop, as_of=day(9))
+    performance = check["performance"]
+    assert calls and calls[0][:3] == ["evaluate", "--adapter", "v1"]
+    assert (
+        performance["checked"]
+        and performance["drift"]
+        and performance["fresh_days"] == [day(0), day(9)]
+    )
+    assert performance["n_current"] == 10 * 12 and performance["baseline_mean"] == pytest.approx(0.8)
+    assert performance["slices"]["drifted"]["mean"] == pytest.approx(0.1)
+    assert not check["drift"] and check["emit"] and "score fell" in check["decision"]
+
+
+def test_an_unchanged_score_is_not_performance_drift_and_too_few_rows_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loop = monitor(tmp_path, cooldown_days=2, min_auc=0.99, performance_min_rows=50)
+    promoted_with_scores(loop, until=day(-1), score=0.8)
+    calls: list[list[str]] = []
+    monkeypatch.setattr(
+        pipeline, "_run_ml", fake_evaluate(loop, calls, {"original": 0.8, "drifted": 0.8})
+    )
+    check = check_drift(loop, as_of=day(9))
+    assert (
+        check["performance"]["checked"] and not check["performance"]["drift"] and not check["emit"]
+    )
+    early = check_drift(loop, as_of=day(1))  # two days of 12 labelled rows: too few to judge
+    assert (
+        not early["performance"]["checked"]
+        and "performance_min_rows" in early["performance"]["reason"]
+    )
+    assert len(calls) == 1
