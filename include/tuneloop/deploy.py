@@ -969,10 +969,11 @@ def deploy_adapter(
     adapter the server lists for the stable name, if any, else the name is unloaded).
     Returns the report on success; raises :class:`DeployError` (with ``.report``) otherwise.
     """
-    def say(message: str) -> None:
-        logger.info("%s", message)
+    def say(message: str) -> None:  # one channel: an Airflow task's progress is its logger
         if progress is not None:
             progress(message)
+        else:
+            logger.info("%s", message)
 
     if not endpoints:
         raise ValueError("no vLLM endpoints given")
@@ -1128,10 +1129,11 @@ def reconcile(
     one fails; then :class:`DeployError` (step ``reconcile``) names each failure.
     """
 
-    def say(message: str) -> None:
-        logger.info("%s", message)
+    def say(message: str) -> None:  # one channel: an Airflow task's progress is its logger
         if progress is not None:
             progress(message)
+        else:
+            logger.info("%s", message)
 
     path = str(Path(adapter_dir).resolve()) if adapter_dir is not None else None
     if path is not None:
