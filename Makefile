@@ -9,7 +9,7 @@ export GX_ANALYTICS_ENABLED := false
 export VLLM_NO_USAGE_STATS := 1
 export DO_NOT_TRACK := 1
 
-.PHONY: help setup test lint demo airflow serve serve-stop bench clean
+.PHONY: help setup test lint demo airflow serve serve-stop bench bench-setup clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -37,6 +37,9 @@ serve: setup ## start the real vLLM OpenAI server (CPU build) with runtime LoRA;
 
 serve-stop: ## stop the vLLM server started by `make serve`
 	@bash scripts/serve.sh stop
+
+bench-setup: ## build .venv-bench (Evidently, the reference library bench/drift_speed.py compares with)
+	@bash scripts/setup_bench.sh
 
 clean: ## remove the local store, models, adapters and eval outputs (keeps the environments)
 	rm -rf .tuneloop
