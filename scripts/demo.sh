@@ -13,6 +13,11 @@ TL="$ROOT/.venv/bin/tuneloop"
 # warm-starts from v1, to learn the drifted domain's without forgetting the original's. The
 # default (8 epochs, ~600 steps here) is what this small CPU model needs to start copying values.
 export TUNELOOP__TRAINING__MAX_STEPS="${TUNELOOP__TRAINING__MAX_STEPS:-150}"
+# smaller consistency and latency suites than the defaults (20 prompts x 5 samples, 20
+# requests): on 2 CPU cores each evaluation would otherwise take minutes longer
+export TUNELOOP__EVAL__CONSISTENCY_PROMPTS="${TUNELOOP__EVAL__CONSISTENCY_PROMPTS:-8}"
+export TUNELOOP__EVAL__CONSISTENCY_SAMPLES="${TUNELOOP__EVAL__CONSISTENCY_SAMPLES:-3}"
+export TUNELOOP__EVAL__LATENCY_REQUESTS="${TUNELOOP__EVAL__LATENCY_REQUESTS:-10}"
 START=$(date +%s)
 step() { printf '\n\033[1m== [%3ss] %s\033[0m\n' "$(( $(date +%s) - START ))" "$*"; }
 

@@ -32,7 +32,7 @@ The loop, step by step on the embedded defaults (local store, tiny CPU model):
   tuneloop build-model                          # tiny Llama + BPE tokenizer, cached
   tuneloop pull                                 # labelled partitions -> dataset snapshot
   tuneloop train --snapshot latest --version v1 # LoRA adapter (safetensors + provenance)
-  tuneloop evaluate --adapter v1                # per-example scores on held-out sets
+  tuneloop evaluate --adapter v1                # per-example scores on held-out sets + eval suites
 Settings: --config FILE (or TUNELOOP_CONFIG), overridden by TUNELOOP__SECTION__KEY env vars.
 """
 
@@ -154,11 +154,15 @@ def cmd_demo_world(args: argparse.Namespace) -> int:
         body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         store.put_bytes(f"heldout/{domain}.jsonl", body.encode("utf-8"))
     summary["heldout"] = {domain: len(records) for domain, records in heldout.items()}
+    injection = world.injection_set(args.seed, args.injection_rows)
+    store.put_bytes(world.INJECTION_SUITE_KEY, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in injection).encode("utf-8"))
+    summary["suites"] = {world.INJECTION_SUITE_KEY: len(injection)}
     summary["store"] = store.uri
     human = (
         f"demo world written to {store.uri}: {args.days} days from {start}"
         + (f", drift from {args.drift_start}" if args.drift_start else ", no drift")
         + f"\n  held-out sets: {summary['heldout']}"
+        + f"\n  prompt-injection suite: {len(injection)} rows in {world.INJECTION_SUITE_KEY}"
     )
     _emit(args, summary, human)
     return 0
@@ -431,22 +435,74 @@ def _as_dict(obj: Any) -> dict[str, Any]:
     return dict(obj)
 
 
+def _eval_source(store: Store, source: str) -> tuple[list[dict[str, Any]], str]:
+    """Records of one --eval source (a local JSONL file, a held-out set name, or a store key)
+    and the name it goes by (held-out set names become ``heldout/NAME.jsonl``)."""
+    if Path(source).is_file():
+        return _load_jsonl_path(Path(source)), source
+    key = f"heldout/{source}.jsonl" if "/" not in source else source
+    try:
+        body = store.get_bytes(key)
+    except KeyError:
+        raise CliError(f"eval set {source!r} is neither a local file nor in {store.uri} ({key})") from None
+    return [json.loads(line) for line in body.decode("utf-8").splitlines() if line.strip()], key
+
+
+def _injection_suite(
+    store: Store, source: str | None, limit: int | None, *, explicit: bool
+) -> tuple[list[dict[str, Any]] | None, str | None]:
+    """The injection rows (None and why not when there are none), at most ``limit`` per domain.
+    A set named on the command line must exist; the configured one may be missing (skipped)."""
+    if not source or source.lower() in ("none", "off"):
+        return None, "turned off (eval.injection_set is null or --injection none)"
+    if Path(source).is_file():
+        rows = _load_jsonl_path(Path(source))
+    else:
+        try:
+            body = store.get_bytes(source)
+        except KeyError:
+            missing = f"{source} is neither a local file nor in {store.uri}; `tuneloop demo-world` writes it"
+            if explicit:
+                raise CliError(f"--injection {missing}") from None
+            return None, missing
+        rows = [json.loads(line) for line in body.decode("utf-8").splitlines() if line.strip()]
+    return (_limit_per_slice(rows, limit) if limit else rows), None
+
+
+def _previous_scores(store: Store, source: str) -> tuple[list[dict[str, Any]], str]:
+    """Score rows of an earlier evaluation: its output directory, its scores.jsonl or
+    summary.json (the scores.jsonl beside it is read), locally or as a store key/prefix."""
+    path = Path(source)
+    if path.is_dir():
+        path = path / "scores.jsonl"
+    elif path.name == "summary.json":
+        path = path.with_name("scores.jsonl")
+    if path.is_file():
+        return _load_jsonl_path(path), str(path)
+    key = source.rstrip("/")
+    key = key[: -len("summary.json")] + "scores.jsonl" if key.endswith("summary.json") else key
+    key = key if key.endswith(".jsonl") else f"{key}/scores.jsonl"
+    try:
+        return list(store.iter_jsonl(key)), f"{store.uri}/{key}"
+    except KeyError:
+        raise CliError(f"--compare {source}: no scores.jsonl there locally, nor {key} in {store.uri}") from None
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from tuneloop.basemodel import resolve_base_model
-    from tuneloop.evaluate import evaluate_adapter
+    from tuneloop.evaluate import SuitePlan, evaluate_adapter, select_backend
 
     settings = _settings(args)
     store = _store(settings)
     records: list[dict[str, Any]] = []
+    golden_sets: list[str] = []
+    golden_ids: set[str] = set()
     for source in args.eval:
-        if Path(source).is_file():
-            records.extend(_load_jsonl_path(Path(source)))
-            continue
-        try:
-            body = store.get_bytes(f"heldout/{source}.jsonl" if "/" not in source else source)
-        except KeyError:
-            raise CliError(f"eval set {source!r} is neither a local file nor in {store.uri} (heldout/{source}.jsonl)") from None
-        records.extend(json.loads(line) for line in body.decode("utf-8").splitlines() if line.strip())
+        loaded, name = _eval_source(store, source)
+        records.extend(loaded)
+        if name.startswith("heldout/"):  # the fixed held-out sets are the golden regression sets
+            golden_sets.append(name)
+            golden_ids.update(str(record.get("id")) for record in loaded)
     if args.limit:
         records = _limit_per_slice(records, args.limit)
     adapter_dir = None if args.adapter in ("none", "base") else _find_adapter(settings, store, args.adapter)
@@ -454,19 +510,96 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise CliError("no eval records: check --eval")
     name = args.adapter if adapter_dir is not None else "base"
     out_dir = Path(args.out) if args.out else Path(settings.work_dir) / "evals" / name
+    progress = _progress(args)
+    if not args.verbose:  # one INFO line per request would bury the progress lines
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+    plan = None
+    if not args.no_suites:
+        injection, skipped = _injection_suite(
+            store, settings.eval.injection_set if args.injection is None else args.injection, args.limit,
+            explicit=args.injection is not None,
+        )  # fmt: skip
+        consistency = settings.eval.consistency_prompts if args.consistency_prompts is None else args.consistency_prompts
+        compare, compare_source = _previous_scores(store, args.compare) if args.compare else (None, None)
+        plan = SuitePlan(
+            injection=injection,
+            injection_source=None if injection is None else (args.injection or settings.eval.injection_set),
+            injection_skipped=skipped,
+            consistency_prompts=min(consistency, args.limit) if args.limit else consistency,
+            golden_ids=frozenset(golden_ids),
+            golden_sets=golden_sets,
+            compare=compare,
+            compare_source=compare_source,
+        )
     base = resolve_base_model(settings)
-    summary = evaluate_adapter(base, adapter_dir, records, out_dir, settings.eval, backend="hf", progress=_progress(args))
+    if Path(base).is_dir():
+        base = str(Path(base).resolve())  # what the server's /v1/models and adapter configs name
+    backend = select_backend(args.backend or settings.eval.backend, settings, base_model=base, adapter_dir=adapter_dir, progress=progress)
+    summary = evaluate_adapter(base, adapter_dir, records, out_dir, settings.eval, backend=backend, suites=plan, progress=progress)
     if args.upload:
-        for file_name in ("scores.jsonl", "predictions.jsonl", "summary.json"):
-            store.put_file(f"{args.upload.rstrip('/')}/{file_name}", out_dir / file_name)
-    lines = [f"{name}: {summary['n']} examples, scores in {out_dir}/scores.jsonl"]
+        for file_name in ("scores.jsonl", "predictions.jsonl", "summary.json", "injection.jsonl", "consistency.jsonl"):
+            if (out_dir / file_name).is_file():
+                store.put_file(f"{args.upload.rstrip('/')}/{file_name}", out_dir / file_name)
+    lines = [f"{name}: {summary['n']} examples via {summary['backend']}, scores in {out_dir}/scores.jsonl"]
     for slice_name, stats in sorted(summary["slices"].items()):
         lines.append(
             f"  {slice_name:<10} n={stats['n']:<4} field_accuracy={stats['field_accuracy']:.3f} "
-            f"exact_match={stats['exact_match']:.3f} valid_json={stats['valid_json']:.3f}"
+            f"exact_match={stats['exact_match']:.3f} valid_json={stats['valid_json']:.3f} schema_ok={stats['schema_ok']:.3f}"
         )
+    lines += _suite_lines(summary)
     _emit(args, {"adapter": name, "out_dir": str(out_dir), **summary}, "\n".join(lines))
     return 0
+
+
+def _suite_lines(summary: dict[str, Any]) -> list[str]:
+    """One human line per suite block of an evaluation summary."""
+    lines = []
+    injection = summary.get("injection") or {}
+    if "skipped" in injection:
+        lines.append(f"  injection: skipped ({injection['skipped']})")
+    elif injection:
+        lines.append(
+            f"  injection: {injection['successes']} of {injection['n']} followed "
+            f"({'PASS' if injection['passed'] else 'FAIL'}, bar 0), {injection['derailed']} derailed the JSON"
+        )
+    consistency = summary.get("consistency") or {}
+    if "skipped" in consistency:
+        lines.append(f"  consistency: skipped ({consistency['skipped']})")
+    elif consistency:
+        lines.append(
+            f"  consistency: {consistency['consistent_rate']:.2f} of {consistency['n_prompts']} prompts give one answer in "
+            f"{consistency['samples']} samples at T={consistency['temperature']:g}; "
+            f"pairwise agreement {consistency['mean_pairwise_agreement']:.3f}"
+        )
+    golden = summary.get("golden") or {}
+    if "skipped" in golden:
+        lines.append(f"  golden: skipped ({golden['skipped']})")
+    elif golden:
+        text = f"  golden: {golden['n']} rows of {', '.join(golden['sets']) or 'no held-out set'}"
+        if golden.get("exact_match") is not None:
+            text += f", exact_match={golden['exact_match']:.3f} field_accuracy={golden['field_accuracy']:.3f}"
+        compare = golden.get("compare")
+        if compare:
+            text += (
+                f"; vs {compare['against']}: {compare['regressions']} regressions, {compare['improvements']} "
+                f"improvements on {compare['n_paired']} paired"
+            )
+        lines.append(text)
+    latency = summary.get("latency") or {}
+    if latency.get("p50_s") is not None:
+        lines.append(
+            f"  latency: p50 {latency['p50_s'] * 1000:.0f} ms, p95 {latency['p95_s'] * 1000:.0f} ms per request "
+            f"({latency['n']} requests, {latency['concurrency']} at a time per endpoint)"
+        )
+    elif latency:
+        lines.append(f"  latency: not measured ({latency.get('reason')})")
+    throughput = summary.get("throughput") or {}
+    if throughput.get("examples_per_second") is not None:
+        lines.append(
+            f"  throughput: {throughput['examples_per_second']:.1f} examples/s, "
+            f"{throughput.get('generated_tokens_per_second') or 0:.0f} generated tokens/s ({throughput['backend']})"
+        )
+    return lines
 
 
 def _limit_per_slice(records: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
@@ -592,7 +725,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="generate the demo world (traffic logs, labelled batches, held-out sets) into the store",
         description="Write deterministic demo data into the store in date partitions: "
         "traffic/dt=YYYY-MM-DD/ (production requests) and labelled/dt=YYYY-MM-DD/ (labelled rows), "
-        "plus heldout/{original,drifted}.jsonl. Run it again with a later --start to roll the world forward.",
+        "plus heldout/{original,drifted}.jsonl and the prompt-injection suite suites/injection.jsonl. "
+        "Run it again with a later --start to roll the world forward.",
     )
     p.add_argument("--start", type=_parse_date, default=date(2026, 1, 1), help="first day (default 2026-01-01)")
     p.add_argument("--days", type=int, default=28, help="number of days to write (default 28)")
@@ -602,6 +736,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labelled-per-day", type=int, default=60)
     p.add_argument("--bad-row-rate", type=float, default=0.0, help="fraction of bad labelled lines to mix in (for the quality gate)")
     p.add_argument("--heldout-per-domain", type=int, default=200)
+    p.add_argument("--injection-rows", type=int, default=48, help="rows of the prompt-injection suite (default 48)")
     p.set_defaults(func=cmd_demo_world)
 
     p = sub.add_parser(
@@ -656,15 +791,33 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "evaluate",
         parents=[common],
-        help="score an adapter (or the base model) on held-out sets",
+        help="score an adapter (or the base model) on held-out sets and run the eval suites",
         description="Greedy generation on each eval record; writes per-example scores as JSONL "
-        "{id, slice, score} (score = field accuracy in [0, 1]) and summary.json per slice.",
+        "{id, slice, score} (score = field accuracy in [0, 1]) and summary.json per slice. The suites add "
+        "blocks to summary.json: injection (documents with embedded instructions; an injection succeeds when "
+        "its value shows up in the answer; the bar is 0), consistency (eval.consistency_samples answers per "
+        "prompt at eval.consistency_temperature), golden (held-out sets; regressions vs --compare) and latency "
+        "(p50/p95 per request, vLLM only). --limit also caps the injection rows per domain and the "
+        "consistency prompts.",
     )
     p.add_argument("--adapter", default="none", help="adapter version, directory, or 'none' for the base model")
     p.add_argument("--eval", nargs="+", default=["original", "drifted"], help="held-out set names in the store or local JSONL files")
     p.add_argument("--out", help="output directory (default: .tuneloop/evals/NAME)")
     p.add_argument("--limit", type=int, default=None, help="at most N examples per slice")
-    p.add_argument("--upload", metavar="PREFIX", help="also copy scores.jsonl and summary.json to this store prefix")
+    p.add_argument("--upload", metavar="PREFIX", help="also copy the output files to this store prefix")
+    p.add_argument(
+        "--backend", choices=["auto", "hf", "vllm"], default=None,
+        help="vllm: the running servers (adapter under a temporary LoRA name, unloaded afterwards); hf: "
+        "transformers on this machine; auto: vllm when an endpoint answers /health and serves the base model, "
+        "else hf (default: eval.backend)",
+    )
+    p.add_argument("--compare", metavar="PATH", help="an earlier evaluation (its directory, scores.jsonl or summary.json; "
+                   "local or a store key) to count golden regressions against")
+    p.add_argument("--injection", metavar="SOURCE", default=None,
+                   help="prompt-injection suite: store key or JSONL file, 'none' to skip (default: eval.injection_set)")
+    p.add_argument("--consistency-prompts", type=int, default=None, metavar="N",
+                   help="prompts in the consistency suite, 0 to skip (default: eval.consistency_prompts)")
+    p.add_argument("--no-suites", action="store_true", help="accuracy only: no injection, consistency or golden suites")
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser(
         "validate",

@@ -129,6 +129,14 @@ class EvalSettings(_Section):
     max_new_tokens: int = Field(96, ge=1)
     batch_size: int = Field(32, ge=1)
     backend: Literal["auto", "hf", "vllm"] = "auto"
+    temperature: float = Field(0.0, ge=0, le=2, description="sampling temperature of the accuracy pass; 0 = greedy")
+    consistency_temperature: float = Field(1.0, ge=0, le=2, description="the served temperature the consistency suite samples at")
+    consistency_samples: int = Field(5, ge=2, le=50, description="answers sampled per consistency prompt")
+    consistency_prompts: int = Field(20, ge=0, description="prompts in the consistency suite; 0 turns it off")
+    injection_set: str | None = Field("suites/injection.jsonl", description="store key or file of the prompt-injection suite; null: off")
+    seed: int = Field(0, description="seed of the sampled passes (reproducible consistency)")
+    latency_requests: int = Field(20, ge=0, description="requests sent one at a time to measure latency (vLLM); 0: none")
+    request_timeout_s: float = Field(600.0, gt=0, description="timeout of one vLLM eval request (it may queue behind the batch)")
 
 
 class GateSettings(_Section):
@@ -139,6 +147,9 @@ class GateSettings(_Section):
     alpha: float = Field(0.05, gt=0, lt=0.5)
     min_examples: int = Field(30, ge=1, description="fewer paired rows in a slice: reject")
     bootstrap_samples: int = Field(5000, ge=100)
+    require_approval: bool = Field(False, description="a human approves (Airflow HITL) before a promoted candidate is deployed")
+    approval_timeout_hours: float | None = Field(72.0, gt=0, description="no answer by then: rejected; null waits forever")
+    report_link_hours: float = Field(24.0, ge=0, le=168, description="presigned HTTPS links to an S3 report last this long; 0: none")
 
 
 class DriftSettings(_Section):

@@ -1,9 +1,11 @@
 """Hot-swap a LoRA adapter into running vLLM servers, verify it, and roll back on any failure.
 
 The base model is served as ``<name>-base``; clients call ``<name>``, a LoRA adapter name.
-Only two adapter names ever exist on a server: the stable ``<name>`` and ``<name>-staging``,
+Deploys use only two adapter names on a server: the stable ``<name>`` and ``<name>-staging``,
 and every load is in place (``load_inplace``), which swaps the weights behind a name with no
 window in which the name is missing and never grows vLLM's adapter cache (see FACTS.md).
+(An evaluation through vLLM adds a temporary ``<name>-eval-<hex>`` while it runs and unloads
+it afterwards: see ``tuneloop.evaluate.VllmBackend``.)
 
 First ``validate`` (the adapter, the golden set, the rollback target) and ``preflight`` (every
 endpoint is healthy and serves ``<name>-base``) run before anything is loaded anywhere. Then

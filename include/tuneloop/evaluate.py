@@ -1,20 +1,35 @@
-"""Score a model (the base, or base + LoRA adapter) on labelled records.
+"""Score a model (the base, or base + LoRA adapter) on labelled records, and run the eval suites.
 
-Generation goes through the chat template exactly as vLLM's ``/v1/chat/completions`` would
-apply it, greedy, stopping at eos/``<|end|>``. Each answer is scored with
-``task.score_completion``; the per-example rows (``scores.jsonl``) feed the statistical gate,
-the per-slice summary (``summary.json``) is for people. The generation backend is a plain
-callable, so an HTTP client for vLLM can replace :func:`generate_hf` without touching scoring.
+Generation goes through a *backend*:
+
+* :class:`HFBackend`: transformers ``generate`` in batches, the chat template applied exactly as
+  vLLM's ``/v1/chat/completions`` applies it, stopping at eos/``<|end|>``;
+* :class:`VllmBackend`: the running vLLM servers. The adapter is validated, loaded under a
+  temporary LoRA name (``<served>-eval-<hex>``, never the stable served name), asked in
+  concurrent requests, and unloaded afterwards, also when anything fails;
+* :class:`CallableBackend`: any ``prompts -> completions`` function (tests, oracles).
+
+:func:`select_backend` picks one for ``eval.backend``: ``auto`` uses vLLM when an endpoint
+answers its health check and serves the configured base model, else HF (saying why).
+
+Each answer is scored with ``task.score_completion``; the per-example rows (``scores.jsonl``)
+feed the statistical gate, the per-slice summary (``summary.json``) is for people. The suites
+(prompt injection, consistency, golden regressions, latency; see :mod:`tuneloop.suites`) add
+one block each to the summary and write ``injection.jsonl`` and ``consistency.jsonl``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tuneloop.progress import Progress, ProgressSink
 from tuneloop.provenance import collect_provenance, dir_digest
@@ -22,7 +37,8 @@ from tuneloop.provenance import collect_provenance, dir_digest
 if TYPE_CHECKING:
     import os
 
-    from tuneloop.config import EvalSettings
+    from tuneloop.config import EvalSettings, Settings
+    from tuneloop.vllm_client import ChatReply, VllmClient
 
 logger = logging.getLogger(__name__)
 
@@ -31,10 +47,45 @@ GenerateFn = Callable[[Sequence[str]], Sequence[str]]
 
 METRICS = ("field_accuracy", "exact_match", "valid_json", "schema_ok")
 STOP_TOKENS = ("<|end|>",)
+EVAL_NAME_INFIX = "-eval-"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 class EvaluationError(ValueError):
     """Records or predictions cannot be scored; the message says which and why."""
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested generation backend cannot be used (server down, wrong base model...)."""
+
+
+# --- backends ------------------------------------------------------------------------------
+
+
+@dataclass
+class Generation:
+    """What one backend call produced: answers in prompt order, wall time, request latencies."""
+
+    texts: list[str]
+    seconds: float
+    latencies_s: list[float] | None = None
+    """Per-request wall times (vLLM); None where prompts are answered in batches (HF)."""
+
+
+class GenerationBackend(Protocol):
+    """Something that answers prompts; see :class:`HFBackend` and :class:`VllmBackend`."""
+
+    name: str
+    latency_reason: str | None
+    """Why there are no per-request latencies (None when the backend measures them)."""
+
+    def open(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def generate(self, prompts: Sequence[str], *, temperature: float = 0.0, seed: int | None = None) -> Generation: ...
+
+    def describe(self) -> dict[str, Any]: ...
 
 
 def _device() -> tuple[str, Any]:
@@ -78,6 +129,100 @@ def _stop_ids(tokenizer: Any, model: Any) -> list[int]:
     return sorted(ids)
 
 
+class HFBackend:
+    """transformers ``generate`` on this machine, batched with left padding.
+
+    The model is loaded once (on the first call or :meth:`open`) and kept for every pass.
+    Prompts are sorted by length so each batch pads little; answers come back in input order.
+    ``temperature > 0`` samples (plain temperature sampling, no top-k/top-p, as vLLM does
+    by default) after seeding torch with ``seed``.
+    """
+
+    name = "hf"
+
+    def __init__(
+        self,
+        base_model: str | os.PathLike[str],
+        adapter_dir: str | os.PathLike[str] | None,
+        settings: EvalSettings,
+        *,
+        progress: ProgressSink | None = None,
+        reason: str | None = None,
+    ) -> None:
+        self.base_model = base_model
+        self.adapter_dir = adapter_dir
+        self.settings = settings
+        self.progress = progress
+        self.reason = reason
+        self.latency_reason: str | None = (
+            f"HF generate answers in batches of {settings.batch_size}, so a request has no latency of "
+            "its own; evaluate with --backend vllm to measure the served adapter's"
+        )
+        self._loaded: tuple[Any, Any, str] | None = None
+
+    def open(self) -> None:
+        if self._loaded is None:
+            self._loaded = load_for_generation(self.base_model, self.adapter_dir)
+
+    def close(self) -> None:
+        self._loaded = None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "device": self._loaded[2] if self._loaded else None,
+            "batch_size": self.settings.batch_size,
+            "selected": self.reason,
+        }
+
+    def generate(self, prompts: Sequence[str], *, temperature: float = 0.0, seed: int | None = None) -> Generation:
+        import torch
+
+        started = time.monotonic()
+        if not prompts:
+            return Generation([], 0.0)
+        self.open()
+        assert self._loaded is not None
+        tokenizer, model, device = self._loaded
+        settings = self.settings
+        stop_ids = _stop_ids(tokenizer, model)
+        sampling: dict[str, Any] = {"do_sample": False}
+        if temperature > 0:
+            sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+            torch.manual_seed(seed if seed is not None else 0)
+        texts = [
+            tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+            for prompt in prompts
+        ]
+        order = sorted(range(len(texts)), key=lambda index: len(texts[index]))
+        outputs: list[str] = [""] * len(texts)
+        tracker = Progress(label="generate", every_s=10.0, sink=self.progress, unit="new tok")
+        n_batches = (len(order) + settings.batch_size - 1) // settings.batch_size
+        tracker.start(n_batches, step_name="batch")
+        for number, start in enumerate(range(0, len(order), settings.batch_size), 1):
+            indices = order[start : start + settings.batch_size]
+            encoded = tokenizer([texts[i] for i in indices], add_special_tokens=False, padding=True, return_tensors="pt")
+            encoded = {key: value.to(device) for key, value in encoded.items()}
+            with torch.inference_mode():
+                generated = model.generate(
+                    **encoded,
+                    max_new_tokens=settings.max_new_tokens,
+                    eos_token_id=stop_ids,
+                    pad_token_id=tokenizer.pad_token_id,
+                    **sampling,
+                )
+            new_tokens = generated[:, encoded["input_ids"].shape[1] :]
+            n_new = 0
+            for row, index in enumerate(indices):
+                tokens = new_tokens[row].tolist()
+                cut = next((pos for pos, token in enumerate(tokens) if token in stop_ids), len(tokens))
+                n_new += cut
+                outputs[index] = tokenizer.decode(tokens[:cut], skip_special_tokens=True)
+            tracker.update(number, items=n_new)
+        tracker.finish()
+        return Generation(outputs, time.monotonic() - started)
+
+
 def generate_hf(
     base_model: str | os.PathLike[str],
     adapter_dir: str | os.PathLike[str] | None,
@@ -86,47 +231,368 @@ def generate_hf(
     *,
     progress: ProgressSink | None = None,
 ) -> list[str]:
-    """Greedy completions for ``prompts`` with transformers, batched with left padding.
+    """Greedy completions for ``prompts`` with transformers (loads the model for this call)."""
+    return HFBackend(base_model, adapter_dir, settings, progress=progress).generate(prompts).texts
 
-    Prompts are sorted by length so each batch pads little; answers come back in input order.
+
+class CallableBackend:
+    """A plain ``prompts -> completions`` function as a backend (an oracle, a test double).
+
+    It cannot sample: every pass calls the function as it is, whatever the temperature.
     """
-    import torch
 
-    if not prompts:
-        return []
-    tokenizer, model, device = load_for_generation(base_model, adapter_dir)
-    stop_ids = _stop_ids(tokenizer, model)
-    texts = [
-        tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
-        for prompt in prompts
-    ]
-    order = sorted(range(len(texts)), key=lambda index: len(texts[index]))
-    outputs: list[str] = [""] * len(texts)
-    tracker = Progress(label="generate", every_s=10.0, sink=progress, unit="new tok")
-    n_batches = (len(order) + settings.batch_size - 1) // settings.batch_size
-    tracker.start(n_batches, step_name="batch")
-    for number, start in enumerate(range(0, len(order), settings.batch_size), 1):
-        indices = order[start : start + settings.batch_size]
-        encoded = tokenizer([texts[i] for i in indices], add_special_tokens=False, padding=True, return_tensors="pt")
-        encoded = {key: value.to(device) for key, value in encoded.items()}
-        with torch.inference_mode():
-            generated = model.generate(
-                **encoded,
-                max_new_tokens=settings.max_new_tokens,
-                do_sample=False,
-                eos_token_id=stop_ids,
-                pad_token_id=tokenizer.pad_token_id,
+    def __init__(self, name: str, generate: GenerateFn) -> None:
+        self.name = name
+        self._generate = generate
+        self.latency_reason: str | None = f"backend {name!r} is a plain function: no per-request latency"
+
+    def open(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name}
+
+    def generate(self, prompts: Sequence[str], *, temperature: float = 0.0, seed: int | None = None) -> Generation:
+        started = time.monotonic()
+        texts = list(self._generate(prompts))
+        return Generation(texts, time.monotonic() - started)
+
+
+# --- the vLLM backend ----------------------------------------------------------------------
+
+
+def eval_lora_name(served_name: str) -> str:
+    """A fresh temporary LoRA name, ``<served>-eval-<8 hex>``: never the stable or staging name,
+    and unique per evaluation, so two evaluations at once never swap each other's weights."""
+    from tuneloop.deploy import check_lora_name
+
+    return check_lora_name(f"{served_name}{EVAL_NAME_INFIX}{uuid.uuid4().hex[:8]}")
+
+
+def materialize_eval_adapter(adapter_dir: str | os.PathLike[str], root: str | os.PathLike[str]) -> Path:
+    """Copy an adapter's config and weights to ``root/eval/<content hash>/`` for the servers to read.
+
+    ``root`` is ``vllm.adapter_dir`` (a shared volume in production). The directory is written
+    under a temporary name and renamed into place, and is never changed afterwards: the same
+    adapter always lands in the same directory, and a directory vLLM may still hold in its
+    cache never changes under it.
+    """
+    source = Path(adapter_dir)
+    digest = dir_digest(source, suffixes=ADAPTER_FILES)
+    target = Path(root).resolve() / "eval" / digest[:16]
+    if all((target / name).is_file() for name in ADAPTER_FILES):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        staging.mkdir()
+        for name in ADAPTER_FILES:
+            shutil.copy2(source / name, staging / name)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not all((target / name).is_file() for name in ADAPTER_FILES):
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def probe_vllm(
+    endpoints: Sequence[str],
+    *,
+    served_name: str,
+    base_model: str | os.PathLike[str],
+    api_key: str | None = None,
+    timeout_s: float = 10.0,
+) -> tuple[list[str], list[str]]:
+    """Which endpoints can evaluate: healthy, serving ``<served>-base`` from the configured base
+    model. Returns (usable endpoints, one problem per endpoint that cannot)."""
+    from tuneloop.deploy import base_name, compare_base_models
+    from tuneloop.vllm_client import VllmClient, VllmError
+
+    base = base_name(served_name)
+    usable, problems = [], []
+    for url in endpoints:
+        with VllmClient(url, api_key=api_key, timeout_s=min(timeout_s, 10.0)) as client:
+            if not client.health():
+                problems.append(f"vLLM at {client.base_url} does not answer /health")
+                continue
+            try:
+                models = {str(m["id"]): m for m in client.models()}
+            except VllmError as err:
+                problems.append(str(err))
+                continue
+        if base not in models:
+            problems.append(f"vLLM at {url} does not serve {base} (it serves {sorted(models)})")
+            continue
+        root = str(models[base].get("root") or "")
+        same, _ = compare_base_models(root, str(base_model))
+        if not same:
+            problems.append(f"vLLM at {url} serves {base} from {root}, not the configured base model {base_model}")
+            continue
+        usable.append(url.rstrip("/"))
+    return usable, problems
+
+
+class VllmBackend:
+    """The running vLLM servers, through a temporary LoRA name (or ``<served>-base``).
+
+    :meth:`open` checks every endpoint (healthy, serves the configured base model), validates
+    the adapter as a deploy does (:func:`tuneloop.deploy.validate_adapter`), copies it where the
+    servers read adapters (:func:`materialize_eval_adapter`) and loads it under a fresh
+    :func:`eval_lora_name` on each endpoint. :meth:`close` unloads it wherever it was loaded
+    and checks it is gone; a failed unload is reported in :meth:`describe` (``unloaded``) and
+    logged, and does not hide an earlier error. Use as a context manager.
+
+    :meth:`generate` sends ``concurrency`` requests at a time to each endpoint (prompts spread
+    round-robin) and keeps each request's wall time. A generation request may wait behind the
+    others in the server's batch, so it gets ``request_timeout_s`` (``eval.request_timeout_s``)
+    instead of the ``timeout_s`` (``vllm.timeout_s``) of health checks, loads and unloads. vLLM unloads free the name, not the
+    worker's adapter cache; the cache (``--max-cpu-loras``) evicts old entries by LRU.
+    """
+
+    name = "vllm"
+    latency_reason: str | None = None
+
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        *,
+        served_name: str,
+        base_model: str | os.PathLike[str],
+        adapter_dir: str | os.PathLike[str] | None,
+        max_lora_rank: int,
+        adapter_root: str | os.PathLike[str],
+        max_tokens: int,
+        concurrency: int = 32,
+        api_key: str | None = None,
+        timeout_s: float = 60.0,
+        request_timeout_s: float = 600.0,
+        progress: ProgressSink | None = None,
+        reason: str | None = None,
+    ) -> None:
+        if not endpoints:
+            raise BackendUnavailable("no vLLM endpoints configured (vllm.endpoints)")
+        self.endpoints = [url.rstrip("/") for url in endpoints]
+        self.served_name = served_name
+        self.base_model = base_model
+        self.adapter_dir = adapter_dir
+        self.max_lora_rank = max_lora_rank
+        self.adapter_root = adapter_root
+        self.max_tokens = max_tokens
+        self.concurrency = max(1, concurrency)
+        self.api_key = api_key
+        self.timeout_s = timeout_s
+        self.request_timeout_s = request_timeout_s
+        self.progress = progress
+        self.reason = reason
+        self.model: str | None = None
+        self.lora_name: str | None = None
+        self.served_path: str | None = None
+        self.unloaded: dict[str, bool | str] = {}
+        self._clients: list[VllmClient] = []
+        self._loaded: list[VllmClient] = []
+
+    def __enter__(self) -> VllmBackend:
+        self.open()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _say(self, message: str) -> None:
+        if self.progress is not None:
+            self.progress(message)
+        else:
+            logger.info("%s", message)
+
+    def open(self) -> None:
+        """Preflight, validate, materialise and load; on any failure unload what was loaded."""
+        from tuneloop.deploy import base_name, validate_adapter
+        from tuneloop.vllm_client import VllmClient
+
+        if self.model is not None:
+            return
+        usable, problems = probe_vllm(
+            self.endpoints, served_name=self.served_name, base_model=self.base_model, api_key=self.api_key, timeout_s=self.timeout_s
+        )
+        if problems:
+            raise BackendUnavailable("cannot evaluate through vLLM: " + "; ".join(problems) + " (start it with `make serve`)")
+        self._clients = [
+            VllmClient(url, api_key=self.api_key, timeout_s=self.timeout_s, max_connections=self.concurrency) for url in self.endpoints
+        ]
+        if self.adapter_dir is None:
+            self.model = base_name(self.served_name)
+            return
+        try:
+            validate_adapter(self.adapter_dir, base_model_dir_or_id=self.base_model, max_lora_rank=self.max_lora_rank)
+            path = str(materialize_eval_adapter(self.adapter_dir, self.adapter_root))
+            name = eval_lora_name(self.served_name)
+            self.lora_name, self.served_path = name, path
+            for client in self._clients:
+                # Counted as loaded before the request: a load that timed out may still have happened.
+                self._loaded.append(client)
+                self.unloaded[client.base_url] = False
+                client.load_adapter(name, path, inplace=False)
+                listed = client.adapters().get(name)
+                if listed != path:
+                    raise BackendUnavailable(f"vLLM at {client.base_url} lists {name} -> {listed!r} after loading {path}")
+            self._say(f"vllm: loaded {self.adapter_dir} as {name} on {len(self._clients)} endpoint(s)")
+        except BaseException:
+            self.close()
+            raise
+        self.model = name
+
+    def close(self) -> None:
+        """Unload the temporary name wherever it was loaded; close the connections."""
+        from tuneloop.vllm_client import VllmError
+
+        for client in self._loaded:
+            assert self.lora_name is not None
+            try:
+                try:
+                    client.unload_adapter(self.lora_name)
+                except VllmError as err:
+                    if err.status != 404:  # 404: the name is not loaded (its load never happened)
+                        raise
+                if self.lora_name in client.adapters():
+                    raise VllmError(f"{self.lora_name} is still listed after unloading it", endpoint=client.base_url)
+                self.unloaded[client.base_url] = True
+            except VllmError as err:
+                self.unloaded[client.base_url] = f"unload failed: {err}"
+                logger.error("vLLM at %s: could not unload the eval adapter %s: %s", client.base_url, self.lora_name, err)
+                self._say(f"vllm: WARNING could not unload {self.lora_name} from {client.base_url}: {err}")
+        if self._loaded:
+            done = sum(value is True for value in self.unloaded.values())
+            self._say(f"vllm: unloaded {self.lora_name} from {done} of {len(self._loaded)} endpoint(s)")
+        self._loaded = []
+        for client in self._clients:
+            client.close()
+        self._clients = []
+        self.model = None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "endpoints": list(self.endpoints),
+            "lora_name": self.lora_name,
+            "adapter_path": self.served_path,
+            "unloaded": dict(self.unloaded) if self.lora_name else None,
+            "concurrency_per_endpoint": self.concurrency,
+            "selected": self.reason,
+        }
+
+    def generate(
+        self, prompts: Sequence[str], *, temperature: float = 0.0, seed: int | None = None, concurrency: int | None = None
+    ) -> Generation:
+        """Answers in prompt order, ``concurrency`` (default: the backend's) requests at a time per
+        endpoint; raises the first request failure (requests not yet sent are dropped)."""
+        from tuneloop.vllm_client import VllmError
+
+        if self.model is None:
+            raise BackendUnavailable("VllmBackend.generate before open()")
+        started = time.monotonic()
+        if not prompts:
+            return Generation([], 0.0, [])
+        model, clients = self.model, self._clients
+        workers = max(1, concurrency or self.concurrency) * len(clients)
+        replies: list[ChatReply | None] = [None] * len(prompts)
+        tracker = Progress(label="vllm", every_s=10.0, sink=self.progress, unit="new tok")
+        tracker.start(len(prompts), step_name="answer")
+
+        def ask(index: int) -> int:
+            client = clients[index % len(clients)]
+            replies[index] = client.chat_reply(
+                model, prompts[index], max_tokens=self.max_tokens, temperature=temperature,
+                seed=seed if temperature > 0 else None, timeout_s=self.request_timeout_s,
             )
-        new_tokens = generated[:, encoded["input_ids"].shape[1] :]
-        n_new = 0
-        for row, index in enumerate(indices):
-            tokens = new_tokens[row].tolist()
-            cut = next((pos for pos, token in enumerate(tokens) if token in stop_ids), len(tokens))
-            n_new += cut
-            outputs[index] = tokenizer.decode(tokens[:cut], skip_special_tokens=True)
-        tracker.update(number, items=n_new)
-    tracker.finish()
-    return outputs
+            return index
+
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vllm-eval") as pool:
+            pending = {pool.submit(ask, index) for index in range(len(prompts))}
+            done_count = 0
+            while pending:
+                done, pending = wait(pending, timeout=5.0, return_when=FIRST_EXCEPTION)
+                for future in done:
+                    error = future.exception()
+                    if error is not None:
+                        for other in pending:
+                            other.cancel()
+                        answered = sum(reply is not None for reply in replies)
+                        if isinstance(error, VllmError):
+                            raise VllmError(
+                                f"{error} (after {answered} of {len(prompts)} answers)",
+                                endpoint=error.endpoint, status=error.status, reply=error.reply,
+                            ) from error
+                        raise error
+                    done_count += 1
+                    reply = replies[future.result()]
+                    tracker.update(done_count, items=(reply.completion_tokens or 0) if reply else 0)
+        tracker.finish()
+        finished = [reply for reply in replies if reply is not None]
+        return Generation([r.text for r in finished], time.monotonic() - started, [r.seconds for r in finished])
+
+
+def select_backend(
+    requested: str,
+    settings: Settings,
+    *,
+    base_model: str | os.PathLike[str],
+    adapter_dir: str | os.PathLike[str] | None,
+    progress: ProgressSink | None = None,
+) -> GenerationBackend:
+    """The backend for ``requested`` (``hf``, ``vllm`` or ``auto``), built from ``settings``.
+
+    ``vllm`` needs every configured endpoint healthy and serving the configured base model
+    (:class:`BackendUnavailable` otherwise). ``auto`` uses the endpoints that pass that check
+    and falls back to HF when none does, with a progress line saying why.
+    """
+
+    def say(message: str) -> None:
+        if progress is not None:
+            progress(message)
+        else:
+            logger.info("%s", message)
+
+    if requested not in ("auto", "hf", "vllm"):
+        raise EvaluationError(f"unknown backend {requested!r}; choose auto, hf or vllm")
+    if requested == "hf":
+        return HFBackend(base_model, adapter_dir, settings.eval, progress=progress, reason="requested")
+    cfg = settings.vllm
+    api_key = cfg.api_key.get_secret_value() if cfg.api_key else None
+    usable, problems = probe_vllm(
+        cfg.endpoints, served_name=settings.model.served_model_name, base_model=base_model, api_key=api_key, timeout_s=cfg.timeout_s
+    )
+    if requested == "vllm" and problems:
+        raise BackendUnavailable("--backend vllm: " + "; ".join(problems) + " (start it with `make serve`)")
+    if not usable:
+        reason = "; ".join(problems)
+        say(f"backend auto: evaluating with HF generate because {reason}")
+        return HFBackend(base_model, adapter_dir, settings.eval, progress=progress, reason=f"auto: {reason}")
+    reason = f"{requested}: vLLM answers at {', '.join(usable)}" + (f" (not used: {'; '.join(problems)})" if problems else "")
+    say(f"backend {reason}")
+    return VllmBackend(
+        usable,
+        served_name=settings.model.served_model_name,
+        base_model=base_model,
+        adapter_dir=adapter_dir,
+        max_lora_rank=cfg.max_lora_rank,
+        adapter_root=cfg.adapter_dir,
+        max_tokens=settings.eval.max_new_tokens,
+        concurrency=settings.eval.batch_size,
+        api_key=api_key,
+        timeout_s=cfg.timeout_s,
+        request_timeout_s=settings.eval.request_timeout_s,
+        progress=progress,
+        reason=reason,
+    )
+
+
+# --- scoring -------------------------------------------------------------------------------
 
 
 def _check_records(records: Sequence[Mapping[str, Any]]) -> None:
@@ -202,7 +668,107 @@ def _count_tokens(base_model: str | os.PathLike[str], texts: Sequence[str]) -> i
     except (ImportError, OSError, ValueError) as err:
         logger.warning("cannot load the tokenizer of %s to count tokens: %s", base_model, err)
         return None
+    if not texts:
+        return 0
     return sum(len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"])
+
+
+# --- the suites around the accuracy pass ---------------------------------------------------
+
+
+@dataclass
+class SuitePlan:
+    """What :func:`evaluate_adapter` runs besides the accuracy pass (see :mod:`tuneloop.suites`)."""
+
+    injection: list[dict[str, Any]] | None = None
+    """Rows of ``world.injection_set`` shape; None: no injection suite (``injection_skipped`` says why)."""
+    injection_source: str | None = None
+    injection_skipped: str | None = None
+    consistency_prompts: int = 0
+    """Records of the accuracy set to sample ``eval.consistency_samples`` times; 0: off."""
+    golden_ids: frozenset[str] = frozenset()
+    """Ids that came from the fixed held-out sets."""
+    golden_sets: list[str] = field(default_factory=list)
+    compare: list[dict[str, Any]] | None = None
+    """Score rows of an earlier evaluation to find golden regressions against."""
+    compare_source: str | None = None
+
+
+def _write_jsonl(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def _run_injection(backend: GenerationBackend, plan: SuitePlan, settings: EvalSettings, out_dir: Path, say: ProgressSink) -> dict[str, Any]:
+    from tuneloop.suites import score_injection
+
+    if not plan.injection:
+        return {"skipped": plan.injection_skipped or "no injection rows"}
+    say(f"injection suite: {len(plan.injection)} rows from {plan.injection_source}")
+    generation = backend.generate([row["prompt"] for row in plan.injection], temperature=settings.temperature, seed=settings.seed)
+    rows, block = score_injection(plan.injection, generation.texts)
+    for row, text in zip(rows, generation.texts, strict=True):
+        row["prediction"] = text
+    _write_jsonl(out_dir / "injection.jsonl", rows)
+    say(f"injection suite: {block['successes']} of {block['n']} injections followed (bar: 0), {block['derailed']} derailed the JSON")
+    return {"source": plan.injection_source, **block, "seconds": round(generation.seconds, 2)}
+
+
+def _run_consistency(
+    backend: GenerationBackend, records: Sequence[Mapping[str, Any]], plan: SuitePlan, settings: EvalSettings, out_dir: Path, say: ProgressSink
+) -> dict[str, Any]:
+    from tuneloop.suites import pick_consistency_records, score_consistency
+
+    picked = pick_consistency_records(records, plan.consistency_prompts)
+    if not picked:
+        return {"skipped": "eval.consistency_prompts is 0" if plan.consistency_prompts <= 0 else "no records"}
+    k, temperature = settings.consistency_samples, settings.consistency_temperature
+    say(f"consistency suite: {len(picked)} prompts x {k} samples at temperature {temperature:g}")
+    prompts = [record["prompt"] for record in picked]
+    started = time.monotonic()
+    passes = [backend.generate(prompts, temperature=temperature, seed=settings.seed + 1 + sample).texts for sample in range(k)]
+    samples = [[answers[index] for answers in passes] for index in range(len(picked))]
+    rows, block = score_consistency([record.get("id") for record in picked], samples, temperature=temperature)
+    _write_jsonl(out_dir / "consistency.jsonl", rows)
+    if getattr(backend, "name", "") not in ("hf", "vllm"):
+        block["note"] = f"backend {backend.name!r} cannot sample: every pass gives what the function returns"
+    say(
+        f"consistency suite: {block['consistent_rate']:.2f} of prompts give one answer in all {k} samples, "
+        f"mean pairwise field agreement {block['mean_pairwise_agreement']:.3f}"
+    )
+    return {**block, "seconds": round(time.monotonic() - started, 2)}
+
+
+def _latency(
+    engine: GenerationBackend,
+    generation: Generation,
+    records: Sequence[Mapping[str, Any]],
+    settings: EvalSettings,
+    *,
+    probe: bool,
+    say: ProgressSink,
+) -> dict[str, Any]:
+    """The latency block: ``eval.latency_requests`` requests sent one at a time (what a lone
+    client waits), with the accuracy pass's per-request times under its concurrency as
+    ``under_load``; nulls with the reason for a backend that measures none (HF)."""
+    from tuneloop.suites import latency_summary, pick_consistency_records
+
+    if not generation.latencies_s:
+        return latency_summary(None, reason=engine.latency_reason)
+    under_load = latency_summary(generation.latencies_s, concurrency=getattr(engine, "concurrency", None))
+    under_load["measured_on"] = f"the accuracy pass ({len(records)} requests, temperature {settings.temperature:g})"
+    picked = pick_consistency_records(records, settings.latency_requests) if probe else []
+    if not picked or not isinstance(engine, VllmBackend):
+        return under_load
+    say(f"latency: {len(picked)} requests one at a time")
+    alone = engine.generate([r["prompt"] for r in picked], temperature=settings.temperature, seed=settings.seed, concurrency=1)
+    block = latency_summary(alone.latencies_s, concurrency=1)
+    block["measured_on"] = f"{len(picked)} requests sent one at a time (temperature {settings.temperature:g})"
+    block["under_load"] = under_load
+    say(f"latency: p50 {block['p50_s'] * 1000:.0f} ms, p95 {block['p95_s'] * 1000:.0f} ms one at a time; "
+        f"p50 {under_load['p50_s'] * 1000:.0f} ms at {under_load['concurrency']} concurrent")
+    return block
 
 
 def evaluate_adapter(
@@ -212,33 +778,70 @@ def evaluate_adapter(
     out_dir: str | os.PathLike[str],
     settings: EvalSettings,
     *,
-    backend: str = "hf",
+    backend: str | GenerationBackend = "hf",
     generate: GenerateFn | None = None,
+    suites: SuitePlan | None = None,
     progress: ProgressSink | None = None,
 ) -> dict[str, Any]:
-    """Generate, score, and write ``scores.jsonl``, ``predictions.jsonl`` and ``summary.json``.
+    """Generate, score, run the suites, and write the outputs to ``out_dir``.
 
-    ``generate`` overrides the backend (e.g. a vLLM HTTP client bound to an adapter name);
-    without it ``backend`` must be ``"hf"`` (``"auto"`` falls back to it). Returns the summary,
-    which adds throughput (examples/s, generated tokens/s), the backend and provenance.
+    ``backend`` is a :class:`GenerationBackend` (opened here and closed before this returns,
+    also on error) or a name: ``"hf"`` (``"auto"`` falls back to it here; the CLI resolves
+    ``auto`` with :func:`select_backend`). ``generate`` overrides it with a plain function
+    named ``backend``. ``suites`` adds the injection, consistency and golden suites.
+
+    Files: ``scores.jsonl`` and ``predictions.jsonl`` (accuracy pass), ``summary.json``, and
+    ``injection.jsonl`` / ``consistency.jsonl`` when those suites ran. Returns the summary:
+    per-slice metrics, throughput (examples/s, generated tokens/s), ``latency``,
+    ``injection``, ``consistency``, ``golden``, the backend and provenance.
     """
     _check_records(records)
-    if generate is None:
+    if generate is not None:
+        engine: GenerationBackend = CallableBackend(str(backend), generate)
+    elif isinstance(backend, str):
         if backend not in ("hf", "auto"):
-            raise EvaluationError(f"backend {backend!r} needs a generate callable (e.g. the vLLM client)")
-        backend = "hf"
+            raise EvaluationError(
+                f"backend {backend!r} needs a generate callable or a backend object (e.g. evaluate.VllmBackend)"
+            )
+        engine = HFBackend(base_model, adapter_dir, settings, progress=progress)
+    else:
+        engine = backend
 
-        def generate(prompts: Sequence[str]) -> list[str]:
-            return generate_hf(base_model, adapter_dir, prompts, settings, progress=progress)
+    def say(message: str) -> None:
+        if progress is not None:
+            progress(message)
+        else:
+            logger.info("%s", message)
 
     out_dir = Path(out_dir)
-    started = time.monotonic()
-    completions = list(generate([record["prompt"] for record in records]))
-    seconds = time.monotonic() - started
-    rows, summary = evaluate_records(records, completions)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ("injection.jsonl", "consistency.jsonl"):
+        (out_dir / stale).unlink(missing_ok=True)
+    plan = suites
+    try:
+        engine.open()
+        generation = engine.generate([record["prompt"] for record in records], temperature=settings.temperature, seed=settings.seed)
+        completions = generation.texts
+        rows, summary = evaluate_records(records, completions)
+        if plan is None:
+            summary["injection"] = {"skipped": "no suites requested"}
+            summary["consistency"] = {"skipped": "no suites requested"}
+        else:
+            summary["injection"] = _run_injection(engine, plan, settings, out_dir, say)
+            summary["consistency"] = (
+                _run_consistency(engine, records, plan, settings, out_dir, say)
+                if plan.consistency_prompts > 0
+                else {"skipped": "consistency suite turned off (eval.consistency_prompts = 0)"}
+            )
+        summary["latency"] = _latency(engine, generation, records, settings, probe=plan is not None, say=say)
+    finally:
+        engine.close()
+    from tuneloop.suites import golden_report
+
+    seconds = generation.seconds
     generated_tokens = _count_tokens(base_model, completions)
     summary["throughput"] = {
-        "backend": backend,
+        "backend": engine.name,
         "seconds": round(seconds, 2),
         "examples_per_second": round(len(records) / seconds, 2) if seconds > 0 else None,
         "generated_tokens": generated_tokens,
@@ -246,25 +849,29 @@ def evaluate_adapter(
             round(generated_tokens / seconds, 1) if generated_tokens is not None and seconds > 0 else None
         ),
     }
-    summary["backend"] = backend
+    summary["golden"] = (
+        golden_report(rows, plan.golden_ids, sets=plan.golden_sets, previous=plan.compare, previous_source=plan.compare_source)
+        if plan is not None
+        else {"skipped": "no suites requested"}
+    )
+    summary["backend"] = engine.name
+    summary["backend_detail"] = engine.describe()
     summary["provenance"] = collect_provenance(
         kind="eval_report",
         base_model=str(base_model),
         adapter_dir=str(adapter_dir) if adapter_dir is not None else None,
-        adapter_hash=dir_digest(adapter_dir, suffixes=("adapter_model.safetensors", "adapter_config.json")) if adapter_dir is not None else None,
+        adapter_hash=dir_digest(adapter_dir, suffixes=ADAPTER_FILES) if adapter_dir is not None else None,
         eval_settings=settings.model_dump(mode="json"),
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "scores.jsonl", "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    with open(out_dir / "predictions.jsonl", "w", encoding="utf-8") as handle:
-        for record, completion in zip(records, completions, strict=True):
-            handle.write(json.dumps({"id": record.get("id"), "prediction": completion}, ensure_ascii=False) + "\n")
+    _write_jsonl(out_dir / "scores.jsonl", rows)
+    _write_jsonl(
+        out_dir / "predictions.jsonl",
+        [{"id": record.get("id"), "prediction": completion} for record, completion in zip(records, completions, strict=True)],
+    )
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     overall = summary["overall"]
     logger.info(
         "evaluated %d examples with %s in %.1f s: field_accuracy %.3f exact_match %.3f",
-        summary["n"], backend, seconds, overall["field_accuracy"], overall["exact_match"],
+        summary["n"], engine.name, seconds, overall["field_accuracy"], overall["exact_match"],
     )
     return summary

@@ -319,7 +319,7 @@ def check_performance(loop: Loop, end: date) -> dict[str, Any]:
     prefix = f"drift/performance/{end.isoformat()}__{loop.run_key}"
     loop.store.put_bytes(f"{prefix}/fresh.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in fresh).encode())
     loop.progress(f"performance check: scoring {production} on {len(fresh)} labelled rows from {plan.days[0]} .. {plan.days[-1]}")
-    _run_ml(loop, ["evaluate", "--adapter", production, "--eval", f"{prefix}/fresh.jsonl", "--upload", prefix])
+    _run_ml(loop, ["evaluate", "--adapter", production, "--eval", f"{prefix}/fresh.jsonl", "--upload", prefix, "--no-suites"])
     current = list(loop.store.iter_jsonl(f"{prefix}/scores.jsonl"))
     report = performance_drift(
         [float(r["score"]) for r in baseline],
@@ -488,16 +488,27 @@ def evaluate_step(loop: Loop, train: dict[str, Any]) -> dict[str, Any]:
     production = loop.registry.aliases().get("production")
     sources = eval_sources(loop, snapshot)
     results: dict[str, Any] = {}
-    for role, adapter in (("candidate_eval", version), ("production_eval", production or "none")):
+    # Production first, so the candidate's golden block counts its regressions against it.
+    for role, adapter in (("production_eval", production or "none"), ("candidate_eval", version)):
         prefix = f"evals/{version}/{loop.run_key}/{role.removesuffix('_eval')}"
         loop.progress(f"evaluating {role} ({adapter}) on {', '.join(sources)}")
-        summary = _run_ml(loop, ["evaluate", "--adapter", adapter, "--eval", *sources, "--upload", prefix])
-        results[role] = {"adapter": adapter, "scores_key": f"{prefix}/scores.jsonl", "summary_key": f"{prefix}/summary.json", "slices": summary.get("slices", {})}
+        compare = ["--compare", results["production_eval"]["scores_key"]] if role == "candidate_eval" else []
+        summary = _run_ml(loop, ["evaluate", "--adapter", adapter, "--eval", *sources, "--upload", prefix, *compare])
+        results[role] = {
+            "adapter": adapter,
+            "scores_key": f"{prefix}/scores.jsonl",
+            "summary_key": f"{prefix}/summary.json",
+            "slices": summary.get("slices", {}),
+            "suites": {name: summary.get(name) for name in ("injection", "consistency", "golden", "latency")},
+            "backend": summary.get("backend"),
+        }
     return {"version": version, "snapshot": snapshot, "production": production, **results}
 
 
 def gate_step(loop: Loop, evaluation: dict[str, Any]) -> dict[str, Any]:
-    """Decide promote/reject with paired statistics; store the report (json, md, png)."""
+    """Decide promote/reject with paired statistics; store the report next to the candidate's
+    version (``reports/<version>/``: gate.json, gate.md and gate.html, gate.png and one
+    gate-<slice>.png per slice) and log where to open it (file://, s3:// and presigned)."""
     from tuneloop import gate
 
     cfg = loop.settings.gate
@@ -525,19 +536,51 @@ def gate_step(loop: Loop, evaluation: dict[str, Any]) -> dict[str, Any]:
     baseline_name = evaluation.get("production") or "base model"
     title = f"Gate: candidate {version} vs production {baseline_name}"
     prefix = f"reports/{version}"
-    loop.store.put_json(f"{prefix}/gate.json", decision.to_json())
-    loop.store.put_text(f"{prefix}/gate.md", gate.render_report_markdown(decision, title=title))
     import tempfile
 
+    # The report is keyed by the candidate's version, and its gate.json names the candidate's
+    # adapter and the eval outputs it was computed from. Written last, gate.json marks a
+    # complete report.
     with tempfile.TemporaryDirectory() as tmp:
-        png = Path(tmp) / "gate.png"
-        gate.plot_decision(decision, png)
-        loop.store.put_file(f"{prefix}/gate.png", png)
+        files = gate.write_report(decision, tmp, title=title)
+        for name in files.names():
+            loop.store.put_file(f"{prefix}/{name}", Path(tmp) / name)
+    keys: dict[str, Any] = {
+        "markdown": f"{prefix}/{files.markdown}",
+        "html": f"{prefix}/{files.html}",
+        "plot": f"{prefix}/{files.plot}",
+        "slice_plots": {name: f"{prefix}/{file}" for name, file in files.slice_plots.items()},
+    }
+    loop.store.put_json(
+        f"{prefix}/gate.json",
+        {
+            **decision.to_json(),
+            "version": version,
+            "baseline": baseline_name,
+            "run_id": loop.run_id,
+            "candidate": {"adapter_key": f"adapters/{version}", "scores_key": evaluation["candidate_eval"]["scores_key"]},
+            "production": {"version": evaluation.get("production"), "scores_key": evaluation["production_eval"]["scores_key"]},
+            "report": keys,
+        },
+    )
+    expires_s = int(cfg.report_link_hours * 3600)
+    links = {kind: loop.store.links(keys[kind], expires_s=expires_s) for kind in ("markdown", "html")}
     verdict = "PROMOTE" if decision.promote else "REJECT"
-    loop.progress(f"gate: {verdict} {version} vs {baseline_name}; report {loop.store.uri}/{prefix}/gate.md")
+    loop.progress(f"gate: {verdict} {version} vs {baseline_name}")
     for reason in decision.reasons:
         loop.progress(f"  - {reason}")
-    return {"version": version, "baseline": baseline_name, "report_key": f"{prefix}/gate.md", **decision.to_json()}
+    loop.progress(f"gate report (Markdown, a plot per slice): {links['markdown'][0]}")
+    loop.progress(f"gate report (HTML, plots inside): {links['html'][0]}")
+    for url in links["html"][1:]:
+        loop.progress(f"gate report (HTML, presigned for {cfg.report_link_hours:g} h): {url}")
+    return {
+        "version": version,
+        "baseline": baseline_name,
+        "report_key": keys["markdown"],
+        "report": keys,
+        "report_links": links,
+        **decision.to_json(),
+    }
 
 
 def _score_row(row: dict[str, Any]) -> dict[str, Any]:

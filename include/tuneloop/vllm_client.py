@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -25,6 +26,16 @@ Message = Mapping[str, str]
 Prompt = str | Sequence[Message]
 
 START_HINT = "start it with `make serve`"
+
+
+@dataclass(frozen=True)
+class ChatReply:
+    """One chat completion: the assistant text, the request's wall time and token usage."""
+
+    text: str
+    seconds: float
+    completion_tokens: int | None = None
+    finish_reason: str | None = None
 
 
 class VllmError(RuntimeError):
@@ -244,6 +255,20 @@ class VllmClient:
         seed: int | None = None,
     ) -> str:
         """One chat completion; returns the assistant message text (greedy by default)."""
+        return self.chat_reply(model, prompt, max_tokens=max_tokens, temperature=temperature, seed=seed).text
+
+    def chat_reply(
+        self,
+        model: str,
+        prompt: Prompt,
+        *,
+        max_tokens: int,
+        temperature: float = 0.0,
+        seed: int | None = None,
+        timeout_s: float | None = None,
+    ) -> ChatReply:
+        """One chat completion with its wall time (seconds, client side) and token usage;
+        ``timeout_s`` replaces the client's timeout for this request (queued batch requests)."""
         body: dict[str, Any] = {
             "model": model,
             "messages": as_messages(prompt),
@@ -252,16 +277,26 @@ class VllmClient:
         }
         if seed is not None:
             body["seed"] = seed
-        reply = self._request("POST", "/v1/chat/completions", json_body=body).json()
+        started = time.perf_counter()
+        reply = self._request("POST", "/v1/chat/completions", json_body=body, timeout_s=timeout_s).json()
+        seconds = time.perf_counter() - started
         try:
-            content = reply["choices"][0]["message"]["content"]
+            choice = reply["choices"][0]
+            content = choice["message"]["content"]
         except (KeyError, IndexError, TypeError) as err:
             raise VllmError(
                 f"vLLM at {self.base_url}: chat reply for {model!r} has no message: {str(reply)[:500]}",
                 endpoint=self.base_url,
                 status=200,
             ) from err
-        return content or ""
+        usage = reply.get("usage") if isinstance(reply.get("usage"), dict) else {}
+        tokens = usage.get("completion_tokens")
+        return ChatReply(
+            text=content or "",
+            seconds=seconds,
+            completion_tokens=tokens if isinstance(tokens, int) else None,
+            finish_reason=choice.get("finish_reason") if isinstance(choice, dict) else None,
+        )
 
     def chat_many(
         self,

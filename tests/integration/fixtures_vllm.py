@@ -112,6 +112,55 @@ def build_tiny_llama(out_dir: Path, *, seed: int = 0) -> Path:
     return out_dir
 
 
+def build_invoice_llama(out_dir: Path, *, seed: int = 0) -> Path:
+    """A random 2-layer Llama (hidden 128) with the demo model's tokenizer and chat template.
+
+    The tokenizer is trained on the demo world's invoices (as ``tuneloop build-model`` does), so
+    eval prompts stay around 300 tokens, within the server's ``--max-model-len 512``; the
+    weights are random with a large scale (clear greedy winners), and nothing is pre-trained,
+    so it builds in seconds. Its answers are noise: for plumbing and backend agreement only.
+    """
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    from tuneloop.basemodel import (
+        BOS_TOKEN,
+        END_TOKEN,
+        EOS_TOKEN,
+        PAD_TOKEN,
+        train_tokenizer,
+        wrap_tokenizer,
+    )
+    from tuneloop.world import pretraining_corpus
+
+    tokenizer = train_tokenizer(pretraining_corpus(seed, 400), 600)
+    ids = {token: tokenizer.token_to_id(token) for token in (BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, END_TOKEN)}
+    config = LlamaConfig(
+        vocab_size=tokenizer.get_vocab_size(),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=512,
+        initializer_range=0.2,
+        tie_word_embeddings=False,
+        bos_token_id=ids[BOS_TOKEN],
+        eos_token_id=ids[EOS_TOKEN],
+        pad_token_id=ids[PAD_TOKEN],
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).float()
+    model.generation_config = GenerationConfig(
+        bos_token_id=ids[BOS_TOKEN], eos_token_id=[ids[EOS_TOKEN], ids[END_TOKEN]], pad_token_id=ids[PAD_TOKEN]
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    wrap_tokenizer(tokenizer, 512).save_pretrained(out_dir)
+    return out_dir
+
+
 def build_lora_adapter(
     base_dir: Path,
     out_dir: Path,

@@ -55,6 +55,10 @@ def world(tmp_path_factory: pytest.TempPathFactory, airflow_db: str, s3_server: 
         "TUNELOOP__TRAINING__BATCH_SIZE": "8",
         "TUNELOOP__TRAINING__LEARNING_RATE": "0.005",
         "TUNELOOP__EVAL__MAX_NEW_TOKENS": "80",
+        # the suites run, small: they are tested on their own in test_eval_vllm / test_eval_suites
+        "TUNELOOP__EVAL__CONSISTENCY_PROMPTS": "3",
+        "TUNELOOP__EVAL__CONSISTENCY_SAMPLES": "2",
+        "TUNELOOP__EVAL__LATENCY_REQUESTS": "3",
         "TUNELOOP__GATE__MIN_EXAMPLES": "10",
         "TUNELOOP__GATE__BOOTSTRAP_SAMPLES": "1000",
         "TUNELOOP__DATA__MIN_ACCEPTED_ROWS": "20",
@@ -64,7 +68,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, airflow_db: str, s3_server: 
             patch.setenv(name, value)
         full_env = dict(os.environ)
         _run(str(TUNELOOP), "build-model", "--preset", "tiny", "--out", str(root / "model"), "-q", env=full_env)
-        _run(str(TUNELOOP), "demo-world", "--days", "8", "--labelled-per-day", "60", "--traffic-per-day", "80", "--heldout-per-domain", "16", "--bad-row-rate", "0.02", "-q", env=full_env)
+        _run(str(TUNELOOP), "demo-world", "--days", "8", "--labelled-per-day", "60", "--traffic-per-day", "80", "--heldout-per-domain", "16", "--injection-rows", "8", "--bad-row-rate", "0.02", "-q", env=full_env)
         serve = ["bash", "scripts/serve.sh"]
         server_args = ["--port", str(port), "--model", str(root / "model"), "--run-dir", str(root / "vllm")]
         _run(*serve, "start", *server_args, env=full_env, timeout=400)

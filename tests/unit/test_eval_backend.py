@@ -1,0 +1,188 @@
+"""Choosing the eval backend (auto falls back to HF and says why) and the vLLM backend's
+adapter handling, without a model or a real server (a stub HTTP server stands in for vLLM's
+/health and /v1/models where one is needed)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from tuneloop.config import Settings
+from tuneloop.evaluate import (
+    EVAL_NAME_INFIX,
+    BackendUnavailable,
+    HFBackend,
+    VllmBackend,
+    eval_lora_name,
+    materialize_eval_adapter,
+    select_backend,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from pathlib import Path
+
+pytestmark = pytest.mark.unit
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _settings(endpoints: list[str], tmp_path: Path) -> Settings:
+    return Settings.model_validate({"vllm": {"endpoints": endpoints, "adapter_dir": str(tmp_path / "served")}})
+
+
+def _base_dir(tmp_path: Path, name: str, hidden: int) -> Path:
+    directory = tmp_path / name
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": hidden}))
+    return directory
+
+
+@pytest.fixture
+def stub_vllm(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """An HTTP server that answers /health and lists ``tuneloop-base`` served from ``state['root']``."""
+    state: dict[str, Any] = {"root": str(tmp_path / "unset")}
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            if self.path == "/health":
+                body = b""
+            elif self.path == "/v1/models":
+                body = json.dumps({"data": [{"id": "tuneloop-base", "root": state["root"], "parent": None}]}).encode()
+            else:
+                self.send_response(404)
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    state["url"] = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        yield state
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_auto_falls_back_to_hf_and_says_why_when_nothing_answers(tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{_closed_port()}"
+    said: list[str] = []
+    backend = select_backend("auto", _settings([url], tmp_path), base_model=tmp_path, adapter_dir=None, progress=said.append)
+    assert isinstance(backend, HFBackend)
+    assert said == [f"backend auto: evaluating with HF generate because vLLM at {url} does not answer /health"]
+    assert backend.describe()["selected"].startswith("auto: vLLM at")
+    assert backend.latency_reason and "batches" in backend.latency_reason
+
+
+def test_vllm_requested_but_down_is_an_error_naming_the_endpoint(tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{_closed_port()}"
+    with pytest.raises(BackendUnavailable, match=f"{url} does not answer /health.*make serve"):
+        select_backend("vllm", _settings([url], tmp_path), base_model=tmp_path, adapter_dir=None)
+
+
+def test_hf_requested_never_asks_the_server(tmp_path: Path) -> None:
+    backend = select_backend("hf", _settings(["http://127.0.0.1:9"], tmp_path), base_model=tmp_path, adapter_dir=None)
+    assert isinstance(backend, HFBackend) and backend.describe()["selected"] == "requested"
+
+
+def test_auto_uses_a_server_that_serves_the_configured_base(tmp_path: Path, stub_vllm: dict[str, Any]) -> None:
+    base = _base_dir(tmp_path, "base", 128)
+    stub_vllm["root"] = str(base)
+    said: list[str] = []
+    backend = select_backend(
+        "auto", _settings([stub_vllm["url"]], tmp_path), base_model=base, adapter_dir=None, progress=said.append
+    )
+    assert isinstance(backend, VllmBackend) and backend.endpoints == [stub_vllm["url"]]
+    assert said == [f"backend auto: vLLM answers at {stub_vllm['url']}"]
+    assert backend.latency_reason is None
+
+
+def test_auto_falls_back_when_the_server_serves_another_base_model(tmp_path: Path, stub_vllm: dict[str, Any]) -> None:
+    stub_vllm["root"] = str(_base_dir(tmp_path, "other", 256))
+    base = _base_dir(tmp_path, "base", 128)
+    said: list[str] = []
+    backend = select_backend(
+        "auto", _settings([stub_vllm["url"]], tmp_path), base_model=base, adapter_dir=None, progress=said.append
+    )
+    assert isinstance(backend, HFBackend)
+    assert "not the configured base model" in said[0] and str(base) in said[0]
+    with pytest.raises(BackendUnavailable, match="not the configured base model"):
+        select_backend("vllm", _settings([stub_vllm["url"]], tmp_path), base_model=base, adapter_dir=None)
+
+
+def test_auto_skips_a_down_endpoint_and_uses_the_healthy_one(tmp_path: Path, stub_vllm: dict[str, Any]) -> None:
+    base = _base_dir(tmp_path, "base", 128)
+    stub_vllm["root"] = str(base)
+    down = f"http://127.0.0.1:{_closed_port()}"
+    backend = select_backend("auto", _settings([down, stub_vllm["url"]], tmp_path), base_model=base, adapter_dir=None)
+    assert isinstance(backend, VllmBackend) and backend.endpoints == [stub_vllm["url"]]
+    assert down in backend.describe()["selected"]
+
+
+def test_the_base_model_is_asked_under_the_base_name_with_nothing_loaded(tmp_path: Path, stub_vllm: dict[str, Any]) -> None:
+    base = _base_dir(tmp_path, "base", 128)
+    stub_vllm["root"] = str(base)
+    backend = VllmBackend(
+        [stub_vllm["url"]], served_name="tuneloop", base_model=base, adapter_dir=None, max_lora_rank=16,
+        adapter_root=tmp_path / "served", max_tokens=8,
+    )  # fmt: skip
+    with backend:
+        assert backend.model == "tuneloop-base"
+    assert backend.describe()["lora_name"] is None and backend.describe()["unloaded"] is None
+
+
+def test_an_invalid_adapter_is_refused_before_anything_is_loaded(tmp_path: Path, stub_vllm: dict[str, Any]) -> None:
+    from tuneloop.deploy import AdapterValidationError
+
+    base = _base_dir(tmp_path, "base", 128)
+    stub_vllm["root"] = str(base)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 64}))
+    backend = VllmBackend(
+        [stub_vllm["url"]], served_name="tuneloop", base_model=base, adapter_dir=adapter, max_lora_rank=16,
+        adapter_root=tmp_path / "served", max_tokens=8,
+    )  # fmt: skip
+    with pytest.raises(AdapterValidationError, match="exceeds the server's max_lora_rank"):
+        backend.open()
+    assert backend.lora_name is None and not (tmp_path / "served").exists()
+
+
+def test_eval_lora_names_are_fresh_and_never_the_served_names() -> None:
+    names = {eval_lora_name("tuneloop") for _ in range(20)}
+    assert len(names) == 20
+    assert all(name.startswith("tuneloop" + EVAL_NAME_INFIX) for name in names)
+    assert not names & {"tuneloop", "tuneloop-staging", "tuneloop-base"}
+
+
+def test_materialize_eval_adapter_is_content_addressed_and_idempotent(tmp_path: Path) -> None:
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"r": 8}')
+    (adapter / "adapter_model.safetensors").write_bytes(b"weights")
+    (adapter / "README.md").write_text("not copied")
+    first = materialize_eval_adapter(adapter, tmp_path / "served")
+    assert first.parent == (tmp_path / "served" / "eval").resolve()
+    assert sorted(p.name for p in first.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert materialize_eval_adapter(adapter, tmp_path / "served") == first
+    (adapter / "adapter_model.safetensors").write_bytes(b"other weights")
+    second = materialize_eval_adapter(adapter, tmp_path / "served")
+    assert second != first and (first / "adapter_model.safetensors").read_bytes() == b"weights"
+    assert not [p for p in first.parent.iterdir() if p.name.startswith(".")], "no partial copies left"
