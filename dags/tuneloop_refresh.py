@@ -9,8 +9,11 @@ webhook, or the REST API), **or** by hand with the params below.
 the run fails with the counts when the batch fails its thresholds) -> content-addressed
 snapshot -> `train` (LoRA in the isolated ML env, pool `gpu`) -> `evaluate` (candidate and
 production on held-out data of both domains) -> `gate` (paired bootstrap: better on the
-improve slices, non-inferior elsewhere) -> `deploy` (validate adapter, stage, verify, swap
-the stable name in place, roll back on failure) -> `verify` -> `record` (registry aliases).
+improve slices, non-inferior elsewhere; report with a plot per slice, its location in the
+log) -> `approve` (a human approves or rejects in Required Actions, only when
+`gate.require_approval` or the `require_approval` param asks; otherwise it passes at once)
+-> `deploy` (validate adapter, stage, verify, swap the stable name in place, roll back on
+failure) -> `verify` -> `record` (registry aliases).
 `reconcile_before` (setup) and `reconcile_after` (teardown, runs even when a step between
 them failed) make every vLLM endpoint serve the registry's production version: after a
 failed verify or registry write, the servers serve what the registry says again.
@@ -25,6 +28,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
+from airflow.providers.standard.operators.hitl import ApprovalOperator
 from airflow.sdk import (
     Asset,
     AssetOrTimeSchedule,
@@ -86,6 +90,51 @@ def _fail_without_retry(err: Exception) -> None:
     raise AirflowFailException(str(err)) from err
 
 
+class HumanApproval(ApprovalOperator):
+    """Asks a human to approve the gate's promotion (Approve/Reject in Airflow's Required
+    Actions) when ``gate.require_approval`` or the run's ``require_approval`` param asks for
+    it; otherwise passes at once. A Reject skips the deploy and is recorded with the report."""
+
+    def execute(self, context: Any) -> Any:
+        from tuneloop.approval import approval_body, approval_required, approval_subject
+
+        decision = context["ti"].xcom_pull(task_ids="gate")
+        loop = _loop()
+        cfg = loop.settings.gate
+        requested = context["params"].get("require_approval", (context["dag_run"].conf or {}).get("require_approval"))
+        if not approval_required(cfg.require_approval, requested):
+            self.log.info("approval: not required (gate.require_approval=%s, param require_approval=%s): deploying %s", cfg.require_approval, requested, decision["version"])
+            return {"version": decision["version"], "required": False, "decision": "approved"}
+        links = {kind: loop.store.links(key, expires_s=int(cfg.report_link_hours * 3600)) for kind, key in (decision.get("report") or {}).items() if kind in ("markdown", "html")}
+        self.subject = approval_subject(decision)
+        self.body = approval_body(decision, report_links=links, timeout_hours=cfg.approval_timeout_hours)
+        self.response_timeout = timedelta(hours=cfg.approval_timeout_hours) if cfg.approval_timeout_hours else None
+        wait = f"no answer in {cfg.approval_timeout_hours:g} h counts as Reject" if cfg.approval_timeout_hours else "no time limit"
+        self.log.info("approval: waiting for a human to approve or reject %s (%s)", decision["version"], wait)
+        try:
+            self.log.info("approval: answer at %s", self.generate_link_to_ui_from_context(context=context))
+        except ValueError:
+            self.log.info("approval: answer in the Airflow UI under Required Actions")
+        return super().execute(context)
+
+    def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
+        from tuneloop.approval import record_review
+
+        if "error" not in event:  # recorded first: on Reject, the parent skips by raising
+            loop = _loop()
+            review = record_review(
+                loop.store,
+                context["ti"].xcom_pull(task_ids="gate"),
+                chosen=event["chosen_options"][0],
+                responded_by=event.get("responded_by_user"),
+                responded_at=event.get("responded_at"),
+                timed_out=bool(event.get("timedout")),
+                run_id=loop.run_id,
+            )
+            self.log.info("%s", review["message"])
+        return super().execute_complete(context, event)
+
+
 @dag(
     dag_id="tuneloop_refresh",
     schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable("0 3 1 1,4,7,10 *", timezone="UTC"), assets=DRIFT),
@@ -100,6 +149,7 @@ def _fail_without_retry(err: Exception) -> None:
         "since": Param(None, type=["null", "string"], format="date", description="First labelled partition (YYYY-MM-DD); default: the day after the last snapshot."),
         "until": Param(None, type=["null", "string"], format="date", description="Last labelled partition (YYYY-MM-DD); default: the newest."),
         "dry_run": Param(False, type="boolean", description="Stop after the gate: train, evaluate and report, but do not deploy."),
+        "require_approval": Param(False, type="boolean", description="A human approves a promoted candidate before the deploy (Required Actions in the UI). Always asked when the config sets gate.require_approval."),
     },
 )
 def tuneloop_refresh() -> None:
@@ -207,9 +257,10 @@ def tuneloop_refresh() -> None:
         return reconcile_step(_loop())
 
     decision = gate(evaluate(train(validate(pull()))))
+    approve = HumanApproval(task_id="approve", subject="Deploy the gate's candidate?", defaults=HumanApproval.REJECT, ignore_downstream_trigger_rules=True)
     before = reconcile_before()
     deployed = deploy(decision)
-    should_deploy(decision) >> before >> deployed
+    should_deploy(decision) >> approve >> before >> deployed
     recorded = record(verify(deployed), decision)
     after = reconcile_after()
     recorded >> after

@@ -146,6 +146,11 @@ class Store(abc.ABC):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.uri!r})"
 
+    def links(self, key: str, *, expires_s: int = 0) -> builtins.list[str]:
+        """Where a person can open ``key``: its URI first (``file://`` or ``s3://``), then,
+        for S3 and ``expires_s > 0``, a presigned HTTPS URL a browser can open."""
+        return [f"{self.uri}/{check_key(key)}"]
+
     def put_text(self, key: str, text: str) -> None:
         """Write ``text`` as UTF-8."""
         self.put_bytes(key, text.encode("utf-8"))
@@ -344,6 +349,9 @@ class LocalStore(Store):
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
+    def links(self, key: str, *, expires_s: int = 0) -> builtins.list[str]:
+        return [self._path(key).as_uri()]
+
     def delete(self, key: str) -> None:
         path = self._path(key)
         try:
@@ -464,6 +472,8 @@ def _new_s3_client(endpoint_url: str | None, region: str, max_attempts: int) -> 
         "retries": {"mode": "adaptive", "total_max_attempts": max_attempts},
         "connect_timeout": 10,
         "read_timeout": 60,
+        # requests are SigV4 anyway; this makes presigned URLs SigV4 too (not legacy SigV2)
+        "signature_version": "s3v4",
     }
     if endpoint_url:
         # S3-compatible servers (MinIO, moto, Ceph...) want path-style addressing, and some
@@ -754,6 +764,30 @@ class S3Store(Store):
                     keys.append(name)
         return sorted(keys)
 
+    def links(self, key: str, *, expires_s: int = 0) -> builtins.list[str]:
+        """The ``s3://`` URI, then a presigned GET URL valid ``expires_s`` seconds (SigV4
+        allows at most 7 days) that makes the browser show the object inline with a content
+        type from its name. Signing is local; without credentials there is no second link."""
+        from botocore.exceptions import BotoCoreError
+
+        full = self._key(key)
+        found = [f"s3://{self.bucket}/{full}"]
+        if expires_s <= 0:
+            return found
+        params = {"Bucket": self.bucket, "Key": full, "ResponseContentDisposition": "inline"}
+        content_type = _content_type(key)
+        if content_type:
+            params["ResponseContentType"] = content_type
+        try:
+            found.append(
+                self._client.generate_presigned_url(
+                    "get_object", Params=params, ExpiresIn=min(int(expires_s), 7 * 24 * 3600)
+                )
+            )
+        except BotoCoreError as err:  # NoCredentialsError and friends
+            log.warning("no presigned URL for %s/%s: %s", self.uri, key, err)
+        return found
+
     def list_dirs(self, prefix: str = "") -> builtins.list[str]:
         base = self._base(prefix)
         names = set()
@@ -763,6 +797,18 @@ class S3Store(Store):
                 if name:
                     names.add(name)
         return sorted(names)
+
+
+def _content_type(key: str) -> str | None:
+    """The MIME type a browser needs to show ``key`` (HTML and Markdown as UTF-8 text)."""
+    import mimetypes
+
+    if key.endswith(".md"):
+        return "text/markdown; charset=utf-8"
+    guessed, _ = mimetypes.guess_type(key)
+    if guessed and guessed.startswith("text/"):
+        return f"{guessed}; charset=utf-8"
+    return guessed
 
 
 def _client_error(err: BaseException | None) -> Any:

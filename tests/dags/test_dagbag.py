@@ -73,7 +73,8 @@ def test_refresh_schedule_is_quarterly_or_drift_and_wires_the_loop(dagbag: Any) 
     order = ["pull", "validate", "train", "evaluate", "gate", "deploy", "verify", "record"]
     for upstream, downstream in zip(order, order[1:], strict=False):
         assert downstream in dag.get_task(upstream).downstream_task_ids, f"{upstream} -> {downstream}"
-    assert "reconcile_before" in dag.get_task("should_deploy").downstream_task_ids
+    assert dag.get_task("should_deploy").downstream_task_ids == {"approve"}
+    assert dag.get_task("approve").downstream_task_ids == {"reconcile_before"}
     assert "deploy" in dag.get_task("reconcile_before").downstream_task_ids
     # the teardown reconciles whatever happened between the setup and it (verify, record)
     before, after = dag.get_task("reconcile_before"), dag.get_task("reconcile_after")
@@ -81,11 +82,27 @@ def test_refresh_schedule_is_quarterly_or_drift_and_wires_the_loop(dagbag: Any) 
     assert before.is_setup and after.is_teardown and not after.on_failure_fail_dagrun
     assert {"record", "reconcile_before"} <= after.upstream_task_ids
     assert dag.get_task("train").pool == "gpu"
-    assert set(dag.params.keys()) == {"force", "since", "until", "dry_run"}
+    assert set(dag.params.keys()) == {"force", "since", "until", "dry_run", "require_approval"}
     outlets = {t.task_id: [o.uri for o in t.outlets] for t in dag.tasks if t.outlets}
     assert outlets["validate"] == ["tuneloop://loop/dataset-snapshot"]
     assert outlets["train"] == ["tuneloop://loop/candidate-adapter"]
     assert outlets["gate"] == ["tuneloop://loop/eval-report"]
+
+
+def test_refresh_asks_a_human_only_between_the_gate_and_the_deploy(dagbag: Any) -> None:
+    """`approve` is Airflow's ApprovalOperator: Approve/Reject, Reject when nobody answers in
+    time, a Reject skips everything downstream; off unless the config or the run asks."""
+    from airflow.providers.standard.operators.hitl import ApprovalOperator
+
+    dag = dagbag.dags["tuneloop_refresh"]
+    approve = dag.get_task("approve")
+    assert isinstance(approve, ApprovalOperator)
+    assert approve.options == ["Approve", "Reject"] and approve.defaults == ["Reject"]
+    assert approve.ignore_downstream_trigger_rules is True and approve.fail_on_reject is False
+    assert approve.upstream_task_ids == {"should_deploy"}
+    assert {"reconcile_before", "deploy", "verify", "record"} <= {t.task_id for t in approve.get_flat_relatives(upstream=False)}
+    assert {"gate", "evaluate", "train"} <= {t.task_id for t in approve.get_flat_relatives(upstream=True)}
+    assert dag.params["require_approval"] is False
 
 
 def test_monitor_emits_drift_asset_only_behind_the_policy(dagbag: Any) -> None:
