@@ -847,8 +847,9 @@ def build_parser() -> argparse.ArgumentParser:
         "method trains a classifier on hashed word uni- and bigrams to tell the windows apart "
         "(two-fold cross-fitting); its out-of-fold ROC AUC is the statistic and a Mann-Whitney test "
         "on the held-out scores gives a p-value that is calibrated under no drift. drift = "
-        "p < alpha. The output names the terms that separate the windows and the most "
-        "current-like records.",
+        "p < alpha. --method embedding runs the same test on all-MiniLM-L6-v2 sentence embeddings "
+        "(bundled, no download; needs torch: run it as .venv-ml/bin/tuneloop). The output names the "
+        "terms that separate the windows and the most current-like records.",
         epilog="Exit status: 0 whether or not drift is found (see 'drift' in --json); 2 when a window "
         "cannot be read or yields no text. Unusable lines are skipped and counted by reason "
         "(input.*.skipped), with a warning on stderr.",
@@ -857,7 +858,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--current", required=True, help="JSONL records of the current window (recent traffic)")
     p.add_argument("--field", default=None, help="the text field of each record (default: drift.field, 'prompt')")
     p.add_argument("--alpha", type=float, default=None, help="significance level (default: drift.alpha, 0.05)")
-    p.add_argument("--method", choices=["classifier", "embedding"], default=None, help="default: drift.method")
+    p.add_argument("--method", choices=["classifier", "embedding"], default=None, help="classifier (hashed n-grams, fast) or embedding (sentence encoder); default: drift.method")
     p.add_argument("--seed", type=int, default=0, help="seed of the split and classifier (reproducible)")
     p.add_argument("--top", type=int, default=10, help="separating terms to report per direction")
     p.add_argument("--examples", type=int, default=5, help="most current-like records to report")
