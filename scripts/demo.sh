@@ -8,7 +8,7 @@ source "$(dirname "$0")/airflow_env.sh"
 cd "$ROOT"
 export TUNELOOP_CONFIG="${TUNELOOP_CONFIG:-$ROOT/include/tuneloop/defaults/tuneloop.yaml}"
 TL="$ROOT/.venv/bin/tuneloop"
-# 150 steps per adapter keep the demo under 15 minutes on 2 cores: enough for v1 to learn the
+# 150 steps per adapter keep the demo under 20 minutes on 2 cores: enough for v1 to learn the
 # answer's schema and the per-domain constants (currency, VAT id presence), and for v2, which
 # warm-starts from v1, to learn the drifted domain's without forgetting the original's. The
 # default (8 epochs, ~600 steps here) is what this small CPU model needs to start copying values.
