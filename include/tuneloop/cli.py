@@ -511,8 +511,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     name = args.adapter if adapter_dir is not None else "base"
     out_dir = Path(args.out) if args.out else Path(settings.work_dir) / "evals" / name
     progress = _progress(args)
-    if not args.verbose:  # one INFO line per request would bury the progress lines
-        logging.getLogger("httpx").setLevel(logging.WARNING)
     plan = None
     if not args.no_suites:
         injection, skipped = _injection_suite(
@@ -964,6 +962,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if not args.verbose:  # httpx logs one INFO line per request (vLLM, S3): noise next to progress
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         if args.command in ML_COMMANDS:
             _reexec_in_ml_env(argv, args.command)
