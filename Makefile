@@ -39,7 +39,7 @@ serve-stop: ## stop the vLLM server started by `make serve`
 	@bash scripts/serve.sh stop
 
 bench-setup: ## build .venv-bench (Evidently, the reference library bench/drift_speed.py compares with)
-	@bash scripts/setup_bench.sh
+	@bash scripts/setup.sh bench
 
 clean: ## remove the local store, models, adapters and eval outputs (keeps the environments)
 	rm -rf .tuneloop

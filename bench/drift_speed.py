@@ -26,7 +26,7 @@ the other domain), the same windows for all three, drawn as in ``bench/drift_pow
 Evidently 0.7.23 fails to import with pandas 3 (which .venv has) and brings ~40 packages of
 its own, so it lives in a separate bench environment rather than the Airflow one:
 
-    bash scripts/setup_bench.sh                       # builds .venv-bench from requirements/bench.lock
+    bash scripts/setup.sh bench                       # builds .venv-bench from requirements/bench.lock
     .venv-bench/bin/python bench/drift_speed.py       # ~10 min on 2 cores
     .venv-bench/bin/python bench/drift_speed.py --pairs 10 --speed-n 10000   # a quick look
 """

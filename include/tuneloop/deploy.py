@@ -943,6 +943,12 @@ def _restore_endpoint(client: VllmClient, report: EndpointReport, plan: _Plan) -
     return True
 
 
+def _reporter(progress: Progress | None) -> Progress:
+    """Where a step's lines go: the caller's progress callback (an Airflow task's is its
+    logger), else this module's logger; never both, or task logs show every line twice."""
+    return progress if progress is not None else lambda message: logger.info("%s", message)
+
+
 def deploy_adapter(
     endpoints: Sequence[str],
     adapter_dir: str | os.PathLike[str],
@@ -971,11 +977,7 @@ def deploy_adapter(
     adapter the server lists for the stable name, if any, else the name is unloaded).
     Returns the report on success; raises :class:`DeployError` (with ``.report``) otherwise.
     """
-    def say(message: str) -> None:  # one channel: an Airflow task's progress is its logger
-        if progress is not None:
-            progress(message)
-        else:
-            logger.info("%s", message)
+    say = _reporter(progress)
 
     if not endpoints:
         raise ValueError("no vLLM endpoints given")
@@ -1131,11 +1133,7 @@ def reconcile(
     one fails; then :class:`DeployError` (step ``reconcile``) names each failure.
     """
 
-    def say(message: str) -> None:  # one channel: an Airflow task's progress is its logger
-        if progress is not None:
-            progress(message)
-        else:
-            logger.info("%s", message)
+    say = _reporter(progress)
 
     path = str(Path(adapter_dir).resolve()) if adapter_dir is not None else None
     if path is not None:

@@ -12,13 +12,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import struct
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from processes import (
+    free_port as free_port,  # re-exported: the tests and benches import it from here
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -57,14 +60,8 @@ TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 
 def build_tiny_llama(out_dir: Path, *, seed: int = 0) -> Path:
     """Save a random 2-layer Llama (hidden 128) with a byte-level BPE tokenizer and chat template."""
-    import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import (
-        GenerationConfig,
-        LlamaConfig,
-        LlamaForCausalLM,
-        PreTrainedTokenizerFast,
-    )
+    from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -86,8 +83,19 @@ def build_tiny_llama(out_dir: Path, *, seed: int = 0) -> Path:
     )
     fast.chat_template = CHAT_TEMPLATE
     ids = {token: tokenizer.token_to_id(token) for token in (BOS, EOS, PAD)}
+    return _save_random_llama(out_dir, fast, tokenizer.get_vocab_size(), ids[BOS], ids[EOS], ids[PAD], ids[EOS], seed)
+
+
+def _save_random_llama(
+    out_dir: Path, tokenizer: Any, vocab_size: int, bos: int, eos: int, pad: int, stop: int | list[int], seed: int
+) -> Path:
+    """A random 2-layer Llama (hidden 128, large init: clear greedy winners) saved with ``tokenizer``;
+    generation stops at ``stop``."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
     config = LlamaConfig(
-        vocab_size=tokenizer.get_vocab_size(),
+        vocab_size=vocab_size,
         hidden_size=128,
         intermediate_size=256,
         num_hidden_layers=2,
@@ -97,18 +105,16 @@ def build_tiny_llama(out_dir: Path, *, seed: int = 0) -> Path:
         max_position_embeddings=512,
         initializer_range=0.2,
         tie_word_embeddings=False,
-        bos_token_id=ids[BOS],
-        eos_token_id=ids[EOS],
-        pad_token_id=ids[PAD],
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=pad,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).float()
-    model.generation_config = GenerationConfig(
-        bos_token_id=ids[BOS], eos_token_id=ids[EOS], pad_token_id=ids[PAD]
-    )
+    model.generation_config = GenerationConfig(bos_token_id=bos, eos_token_id=stop, pad_token_id=pad)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
-    fast.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
     return out_dir
 
 
@@ -120,9 +126,6 @@ def build_invoice_llama(out_dir: Path, *, seed: int = 0) -> Path:
     weights are random with a large scale (clear greedy winners), and nothing is pre-trained,
     so it builds in seconds. Its answers are noise: for plumbing and backend agreement only.
     """
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-
     from tuneloop.basemodel import (
         BOS_TOKEN,
         END_TOKEN,
@@ -135,30 +138,10 @@ def build_invoice_llama(out_dir: Path, *, seed: int = 0) -> Path:
 
     tokenizer = train_tokenizer(pretraining_corpus(seed, 400), 600)
     ids = {token: tokenizer.token_to_id(token) for token in (BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, END_TOKEN)}
-    config = LlamaConfig(
-        vocab_size=tokenizer.get_vocab_size(),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        head_dim=64,
-        max_position_embeddings=512,
-        initializer_range=0.2,
-        tie_word_embeddings=False,
-        bos_token_id=ids[BOS_TOKEN],
-        eos_token_id=ids[EOS_TOKEN],
-        pad_token_id=ids[PAD_TOKEN],
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).float()
-    model.generation_config = GenerationConfig(
-        bos_token_id=ids[BOS_TOKEN], eos_token_id=[ids[EOS_TOKEN], ids[END_TOKEN]], pad_token_id=ids[PAD_TOKEN]
-    )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    wrap_tokenizer(tokenizer, 512).save_pretrained(out_dir)
-    return out_dir
+    return _save_random_llama(
+        out_dir, wrap_tokenizer(tokenizer, 512), tokenizer.get_vocab_size(),
+        ids[BOS_TOKEN], ids[EOS_TOKEN], ids[PAD_TOKEN], [ids[EOS_TOKEN], ids[END_TOKEN]], seed,
+    )  # fmt: skip
 
 
 def build_lora_adapter(
@@ -211,13 +194,6 @@ def corrupt_safetensors(good_adapter: Path, out_dir: Path) -> Path:
     header_bytes += b" " * (-len(header_bytes) % 8)
     weights.write_bytes(struct.pack("<Q", len(header_bytes)) + header_bytes + raw[8 + header_len :])
     return out_dir
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class FaultProxy:

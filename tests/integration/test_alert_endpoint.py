@@ -15,8 +15,6 @@ import json
 import os
 import secrets
 import shlex
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import psutil
 import pytest
+from processes import free_port, stop_process_tree
 
 from tuneloop.assets import DRIFT_ASSET_URI
 
@@ -41,12 +40,6 @@ ENV_TOKEN = secrets.token_urlsafe(24)
 VARIABLE_TOKEN = secrets.token_urlsafe(24)
 START_TIMEOUT_S = 150
 TRIGGER_TIMEOUT_S = 90
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -77,10 +70,10 @@ source {q(str(ROOT / "scripts/airflow_env.sh"))}
 export AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=sqlite:///{q(str(home))}/airflow.db
 export AIRFLOW__CORE__EXECUTION_API_SERVER_URL=http://127.0.0.1:{port}/execution/
 export AIRFLOW__API_AUTH__JWT_SECRET={secrets.token_hex(32)}
-export AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_PORT={_free_port()}
-export AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT={_free_port()}
+export AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_PORT={free_port()}
+export AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT={free_port()}
 export TUNELOOP_HOME={q(str(tuneloop_home))} TUNELOOP__STORE__URI={q(str(tuneloop_home / "store"))}
-export TUNELOOP__VLLM__ENDPOINTS="[http://127.0.0.1:{_free_port()}]"
+export TUNELOOP__VLLM__ENDPOINTS="[http://127.0.0.1:{free_port()}]"
 unset TUNELOOP_ALERT_TOKEN TUNELOOP_ALERT_MATCH TUNELOOP_ALERT_NAMES TUNELOOP_CONFIG
 printf '{{"admin": "admin"}}\\n' > "$AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"
 airflow db migrate > {out}/migrate.out 2>&1
@@ -90,29 +83,6 @@ airflow api-server --apps core -H 127.0.0.1 -p {port_without_token} -w 1 > {out}
 TUNELOOP_ALERT_TOKEN="$ALERT_TOKEN_FOR_TEST" airflow api-server -H 127.0.0.1 -p {port} -w 1 > {out}/api-server.out 2>&1 &
 wait
 """
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the process group and every descendant (task processes start their own
-    sessions), then SIGKILL whatever is left after 20 s."""
-    try:
-        family = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        family = []
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            pass
-        for proc in family:
-            try:
-                proc.send_signal(sig)
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(family, timeout=20)
-        if not alive:
-            break
-    process.wait(timeout=10)
 
 
 def _wait_for(what: str, check: Any, timeout: float, airflow_logs: Any) -> Any:
@@ -132,7 +102,7 @@ def airflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalAirflow]:
     home = tmp_path_factory.mktemp("alert-airflow")
     tuneloop_home = tmp_path_factory.mktemp("alert-tuneloop")
     (tuneloop_home / "store").mkdir()
-    port, port_without_token = _free_port(), _free_port()
+    port, port_without_token = free_port(), free_port()
     url, url_without_token = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port_without_token}"
     script = _start_script(home, port, port_without_token, tuneloop_home)
     # The token travels in the environment, never on a command line `ps` shows.
@@ -163,7 +133,7 @@ def airflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalAirflow]:
     finally:
         if api is not None:
             api.close()
-        _stop(process)
+        stop_process_tree(process)
 
 
 def alertmanager_payload(status: str = "firing", fingerprint: str = "a1b2c3d4e5f60718") -> dict[str, Any]:

@@ -19,8 +19,6 @@ import json
 import logging
 import os
 import secrets
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -32,8 +30,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import httpx
-import psutil
 import pytest
+from processes import free_port, stop_process_tree
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -48,41 +46,13 @@ ANSWER_TIMEOUT_S = 90
 RUN_TIMEOUT_S = 180
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the api-server's process group and every descendant, SIGKILL after 20 s."""
-    try:
-        family = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        family = []
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            pass
-        for proc in family:
-            try:
-                proc.send_signal(sig)
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(family, timeout=20)
-        if not alive:
-            break
-    process.wait(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def api(airflow_db: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
     """A real Airflow API server on this session's metadata DB; a client logged in as admin."""
     home = tmp_path_factory.mktemp("approval-api")
     passwords = home / "passwords.json"
     passwords.write_text('{"admin": "admin"}\n')
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,  # AIRFLOW_HOME and the database from tests/conftest.py
         "AIRFLOW__CORE__AUTH_MANAGER": "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
@@ -117,7 +87,7 @@ def api(airflow_db: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[h
     finally:
         if client is not None:
             client.close()
-        _stop(process)
+        stop_process_tree(process)
 
 
 # --- the loop's stand-ins around the real gate ------------------------------------------------
@@ -145,7 +115,7 @@ def loop_world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any
     for name, value in {
         "TUNELOOP_HOME": str(tmp_path),
         "TUNELOOP__STORE__URI": str(store_dir),
-        "TUNELOOP__VLLM__ENDPOINTS": f"[http://127.0.0.1:{_free_port()}]",
+        "TUNELOOP__VLLM__ENDPOINTS": f"[http://127.0.0.1:{free_port()}]",
         "TUNELOOP__GATE__IMPROVE_SLICES": "[drifted]",
         "TUNELOOP__GATE__MIN_EXAMPLES": "10",
         "TUNELOOP__GATE__BOOTSTRAP_SAMPLES": "300",

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from processes import free_port
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -22,12 +22,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 TUNELOOP = Path(sys.executable).parent / "tuneloop"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _run(*command: str, env: dict[str, str], timeout: float = 900) -> str:
@@ -41,7 +35,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, airflow_db: str, s3_server: 
     root = tmp_path_factory.mktemp("refresh")
     bucket = "tuneloop-it"
     s3_client.create_bucket(Bucket=bucket)
-    port = _free_port()
+    port = free_port()
     env = {
         "TUNELOOP_HOME": str(root),
         "HF_HUB_OFFLINE": "1",
