@@ -57,4 +57,15 @@ if [[ "${1:-}" == "bench" ]]; then
 fi
 build_env .venv requirements/airflow.lock
 build_env .venv-ml requirements/ml.lock "${TORCH_SOURCE[@]}"
+# 3. Debian's Chromium, which the UI test drives headless through playwright (playwright's
+#    own browser download cannot work offline). Skipped where it is present or apt is not ours.
+if [[ ! -x /usr/bin/chromium && "${TUNELOOP_SKIP_CHROMIUM:-0}" != 1 ]]; then
+  if command -v apt-get >/dev/null 2>&1 && [[ $(id -u) -eq 0 ]]; then
+    log "installing Debian's chromium for the UI test (apt-get)"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; } \
+      || log "WARNING: could not install chromium; the UI screenshot test will be skipped"
+  else
+    log "no /usr/bin/chromium and no root apt-get: the UI screenshot test will be skipped"
+  fi
+fi
 log "done: .venv/bin/tuneloop --help"
