@@ -121,6 +121,13 @@ class TrainingSettings(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     log_every: int = Field(10, ge=1)
+    packing: bool = Field(True, description="pack each micro-batch's rows into max_seq_len rows (no padding waste; attention stays within a row's own example)")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass: less GPU memory, ~30% slower")
+    checkpoint_every: int = Field(25, ge=0, description="save optimizer + LoRA state every N steps beside the output; a re-run resumes from it; 0: never")
+    validation_fraction: float = Field(0.0, ge=0, lt=0.5, description="share of training rows (by id hash) held out for eval loss and early stopping; 0: off")
+    eval_every: int = Field(25, ge=1, description="steps between eval-loss measurements when validation_fraction > 0")
+    early_stopping_patience: int = Field(3, ge=0, description="stop after this many evals without a lower eval loss (the best adapter is kept); 0: never stop early")
+    replay_fraction: float = Field(0.0, ge=0, lt=1, description="share of the training mix drawn from the production adapter's own snapshot, against forgetting")
 
 
 class EvalSettings(_Section):

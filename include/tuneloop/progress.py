@@ -111,6 +111,11 @@ class Progress:
         if self.enabled:
             self._emit(self.line(**metrics) + f" done in {format_duration(self.elapsed)}")
 
+    def note(self, text: str) -> None:
+        """Print a one-off line (a checkpoint saved, an early stop) through the same sink."""
+        if self.enabled:
+            self._emit(f"{self.label} {text}" if self.label else text)
+
     def line(self, **metrics: float) -> str:
         """The text of one progress line."""
         parts = [self.label] if self.label else []

@@ -18,7 +18,7 @@ import random
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -60,6 +60,13 @@ class TrainResult:
     n_dropped_too_long: int = 0
     dataset_hash: str = ""
     init_from: str | None = None
+    packing: bool = False
+    n_validation: int = 0
+    eval_loss_history: list[list[float]] = field(default_factory=list)
+    best_step: int | None = None
+    stopped_early: bool = False
+    resumed_from_step: int | None = None
+    world_size: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -199,6 +206,50 @@ def collate(examples: Sequence[TokenizedExample], pad_id: int) -> dict[str, Any]
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
+def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: indices grouped into rows of at most ``capacity`` tokens."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for row, free in enumerate(room):
+            if lengths[index] <= free:
+                rows[row].append(index)
+                room[row] -= lengths[index]
+                break
+        else:
+            rows.append([index])
+            room.append(capacity - lengths[index])
+    return rows
+
+
+def collate_packed(examples: Sequence[TokenizedExample], pad_id: int, capacity: int) -> dict[str, Any]:
+    """Pack a micro-batch's examples into as few rows of ``capacity`` tokens as fit.
+
+    Each example keeps its own position ids (0, 1, ...); transformers turns restarting
+    position ids with ``attention_mask=None`` into a block-diagonal causal mask, so no token
+    attends across examples and the loss equals the unpacked batch's. A row's tail padding
+    is a segment of its own with labels -100.
+    """
+    import torch
+
+    rows = pack_rows([len(example.input_ids) for example in examples], capacity)
+    width = max(sum(len(examples[i].input_ids) for i in row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for index in row:
+            example = examples[index]
+            n = len(example.input_ids)
+            input_ids[r, at : at + n] = torch.tensor(example.input_ids)
+            labels[r, at : at + n] = torch.tensor(example.labels)
+            position_ids[r, at : at + n] = torch.arange(n)
+            at += n
+        position_ids[r, at:] = torch.arange(width - at)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+
+
 def _epoch_batches(lengths: Sequence[int], batch_size: int, rng: random.Random) -> list[list[int]]:
     """Shuffled batches of similar length: sort within chunks of 50 batches, shuffle batches."""
     order = list(range(len(lengths)))
@@ -210,6 +261,18 @@ def _epoch_batches(lengths: Sequence[int], batch_size: int, rng: random.Random) 
         batches.extend(block[i : i + batch_size] for i in range(0, len(block), batch_size))
     rng.shuffle(batches)
     return batches
+
+
+def micro_batch_stream(lengths: Sequence[int], batch_size: int, seed: int, skip: int = 0) -> Iterator[list[int]]:
+    """Endless epochs of length-grouped micro-batches, a pure function of ``seed``; ``skip``
+    drops the first micro-batches (a resumed run continues the interrupted run's order)."""
+    rng = random.Random(seed)
+    produced = 0
+    while True:
+        for batch in _epoch_batches(lengths, batch_size, rng):
+            produced += 1
+            if produced > skip:
+                yield batch
 
 
 def _lr_factor(step: int, total: int, warmup: int) -> float:
@@ -253,18 +316,6 @@ def _move_into_place(staging: Path, out_dir: Path) -> None:
     if out_dir.exists():
         shutil.rmtree(out_dir)
     staging.rename(out_dir)
-
-
-@dataclass
-class FitStats:
-    """What :func:`fit` measured."""
-
-    losses: list[float]
-    steps: int
-    micro_batches: int
-    micro_batches_per_epoch: int
-    tokens: int
-    seconds: float
 
 
 def check_init_adapter(init_adapter: str | os.PathLike[str], base_model: str | os.PathLike[str]) -> dict[str, Any]:
@@ -348,6 +399,171 @@ def load_lora_model(
     return peft_model, tokenizer
 
 
+@dataclass
+class FitStats:
+    """What :func:`fit` measured (over the whole run, also when it was resumed)."""
+
+    losses: list[float]
+    steps: int
+    micro_batches: int
+    micro_batches_per_epoch: int
+    tokens: int
+    seconds: float
+    eval_losses: list[list[float]] = field(default_factory=list)  # [step, eval loss]
+    best_step: int | None = None
+    stopped_early: bool = False
+    resumed_from_step: int | None = None
+
+
+def _loss_head(model: Any) -> tuple[Any, Any] | None:
+    """(decoder, lm_head) when the loss may compute logits at supervised positions only.
+
+    The prompt (the document) is most of a row, and the vocabulary projection is the largest
+    matrix of a small model: skipping it where the label is -100 saves time and the memory of
+    a (tokens x vocab) float tensor. Models that post-process logits (soft-capping, a logit
+    scale) go through their own forward instead.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None) not in (None, 1, 1.0):
+        return None
+    try:
+        decoder, head = base.get_decoder(), base.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    if decoder is None or head is None or decoder is base:
+        return None
+    return decoder, head
+
+
+def loss_sum(model: Any, batch: Mapping[str, Any], head: tuple[Any, Any] | None) -> Any:
+    """Sum of the next-token cross-entropy over the batch's supervised tokens."""
+    import torch
+
+    targets = batch["labels"][:, 1:]
+    inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids") if key in batch}
+    if head is None:
+        logits = model(**inputs, use_cache=False).logits[:, :-1]
+        return torch.nn.functional.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+    decoder, lm_head = head
+    hidden = decoder(**inputs, use_cache=False).last_hidden_state[:, :-1]
+    keep = targets != IGNORE_INDEX
+    logits = lm_head(hidden[keep]).float()
+    return torch.nn.functional.cross_entropy(logits, targets[keep], reduction="sum")
+
+
+def n_targets(example: TokenizedExample) -> int:
+    """Supervised next-token targets in one example (its labels after the first position)."""
+    return sum(1 for label in example.labels[1:] if label != IGNORE_INDEX)
+
+
+def eval_loss(
+    model: Any, examples: Sequence[TokenizedExample], settings: TrainingSettings, *, pad_id: int, device: str, dtype: str
+) -> float:
+    """Mean cross-entropy per supervised token on ``examples`` (no gradients)."""
+    import torch
+
+    head = _loss_head(model)
+    autocast_dtype = None if dtype == "float32" else getattr(torch, dtype)
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(order), settings.batch_size):
+            chunk = [examples[i] for i in order[start : start + settings.batch_size]]
+            batch = _make_batch(chunk, settings, pad_id)
+            batch = {key: value.to(device) for key, value in batch.items()}
+            with torch.autocast(device, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                total += float(loss_sum(model, batch, head))
+            count += sum(n_targets(example) for example in chunk)
+    model.train()
+    return total / max(1, count)
+
+
+def _make_batch(examples: Sequence[TokenizedExample], settings: TrainingSettings, pad_id: int) -> dict[str, Any]:
+    if settings.packing:
+        return collate_packed(examples, pad_id, max(settings.max_seq_len, max(len(e.input_ids) for e in examples)))
+    return collate(examples, pad_id)
+
+
+def distributed_world() -> tuple[int, int]:
+    """(rank, world size) of a torchrun/accelerate launch, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed(device: str) -> bool:
+    """Join the process group when launched by torchrun/accelerate (WORLD_SIZE > 1).
+
+    Each process trains on its own share of every optimizer step's micro-batches; the LoRA
+    gradients are summed across processes before the step, so N processes with ``grad_accum``
+    A take the same steps as one process with ``grad_accum`` N x A. NCCL on GPUs, gloo on CPU.
+    """
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    return True
+
+
+class Checkpointer:
+    """Training state (LoRA weights, optimizer, step, RNG, early-stopping state) in one file.
+
+    Written every ``every`` steps with write-then-rename, so a killed run leaves the previous
+    checkpoint whole. A run finds a checkpoint with its own fingerprint (same data, settings,
+    base model and start adapter) and continues from it; any other is ignored and replaced.
+    """
+
+    def __init__(self, path: Path | None, fingerprint: str, every: int, *, writer: bool = True) -> None:
+        self.path = path if every > 0 else None
+        self.fingerprint = fingerprint
+        self.every = every
+        self.writer = writer
+
+    def load(self) -> dict[str, Any] | None:
+        import torch
+
+        if self.path is None or not self.path.is_file():
+            return None
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - a torn or foreign file: start over, say why
+            logger.warning("ignoring unreadable checkpoint %s (%s); training from the start", self.path, err)
+            return None
+        if state.get("fingerprint") != self.fingerprint:
+            logger.warning(
+                "ignoring checkpoint %s: it belongs to another run (different data, settings, base model or "
+                "start adapter); training from the start", self.path,
+            )
+            return None
+        return state
+
+    def due(self, step: int, total: int) -> bool:
+        return self.path is not None and self.writer and step % self.every == 0 and step < total
+
+    def save(self, state: dict[str, Any]) -> None:
+        import torch
+
+        assert self.path is not None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
+        torch.save({"fingerprint": self.fingerprint, **state}, tmp)
+        os.replace(tmp, self.path)
+
+    def remove(self) -> None:
+        if self.path is not None and self.writer:
+            self.path.unlink(missing_ok=True)
+
+
 def fit(
     model: Any,
     examples: Sequence[TokenizedExample],
@@ -357,61 +573,86 @@ def fit(
     device: str,
     dtype: str,
     progress: ProgressSink | None = None,
+    validation: Sequence[TokenizedExample] = (),
+    checkpointer: Checkpointer | None = None,
 ) -> FitStats:
     """The training loop: AdamW on the trainable (LoRA) parameters, warmup + cosine, clip 1.0.
 
     Each micro-batch's loss is the sum over its supervised tokens divided by the supervised
-    tokens of the whole accumulated step, so ``grad_accum`` equals one larger batch.
+    tokens of the whole accumulated step, so ``grad_accum`` equals one larger batch, packed or
+    not, on one process or several. With ``validation`` rows, the eval loss is measured every
+    ``eval_every`` steps, training stops after ``early_stopping_patience`` evals without a new
+    best, and the best weights are the ones returned. ``checkpointer`` saves the state every
+    ``checkpoint_every`` steps and resumes from a matching checkpoint.
     """
     import torch
 
+    rank, world = distributed_world()
     micro_per_epoch = math.ceil(len(examples) / settings.batch_size)
-    steps_per_epoch = max(1, math.ceil(micro_per_epoch / settings.grad_accum))
+    per_step = settings.grad_accum * world
+    steps_per_epoch = max(1, math.ceil(micro_per_epoch / per_step))
     total_steps = settings.max_steps or max(1, math.ceil(settings.epochs * steps_per_epoch))
     warmup = max(1, round(settings.warmup_ratio * total_steps)) if settings.warmup_ratio > 0 else 0
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    trainable = [p for _, p in named]
     optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     autocast_dtype = None if dtype == "float32" else getattr(torch, dtype)
     scaler = torch.amp.GradScaler("cuda") if dtype == "float16" and device == "cuda" else None
+    head = _loss_head(model)
+    if settings.gradient_checkpointing:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    tracker = Progress(label="train", every_n=settings.log_every, sink=progress)
+    tracker = Progress(label="train", every_n=settings.log_every, sink=progress, enabled=rank == 0)
     tracker.start(total_steps)
     model.train()
-    rng = random.Random(settings.seed)
     lengths = [len(example.input_ids) for example in examples]
+    targets_of = [n_targets(example) for example in examples]
 
-    def micro_batches() -> Iterator[list[int]]:
-        while True:
-            yield from _epoch_batches(lengths, settings.batch_size, rng)
-
-    batches = micro_batches()
     losses: list[float] = []
+    eval_losses: list[list[float]] = []
+    best: dict[str, Any] = {"loss": math.inf, "step": None, "weights": None, "bad_evals": 0}
+    tokens_seen, micro_done, first_step, seconds_before = 0, 0, 0, 0.0
+    state = checkpointer.load() if checkpointer is not None else None
+    if state is not None:
+        with torch.no_grad():
+            for name, p in named:
+                p.copy_(state["trainable"][name])
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["torch_rng"])
+        if device == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"])
+        first_step, micro_done = int(state["step"]), int(state["micro_done"])
+        losses, eval_losses = list(state["losses"]), [list(e) for e in state["eval_losses"]]
+        tokens_seen, seconds_before = int(state["tokens"]), float(state["seconds"])
+        best = dict(state["best"])
+        tracker.note(f"resumed from the checkpoint at step {first_step}/{total_steps} ({checkpointer.path})")
+    batches = micro_batch_stream(lengths, settings.batch_size, settings.seed, skip=micro_done)
     window: list[float] = []
-    tokens_seen = 0
-    micro_done = 0
+    stopped_early = False
     started = time.monotonic()
-    for step in range(total_steps):
+    for step in range(first_step, total_steps):
         for group in optimizer.param_groups:
             group["lr"] = settings.learning_rate * _lr_factor(step, total_steps, warmup)
-        chunk = [collate([examples[i] for i in next(batches)], pad_id) for _ in range(settings.grad_accum)]
-        n_targets = sum(int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) for batch in chunk)
+        chunk = [next(batches) for _ in range(per_step)]
+        step_targets = sum(targets_of[i] for batch in chunk for i in batch)
+        mine = chunk[rank::world]
         step_loss = 0.0
         step_tokens = 0
-        for batch in chunk:
+        for indices in mine:
+            batch = _make_batch([examples[i] for i in indices], settings, pad_id)
             batch = {key: value.to(device) for key, value in batch.items()}
             with torch.autocast(device, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss_sum = torch.nn.functional.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                batch["labels"][:, 1:].reshape(-1),
-                ignore_index=IGNORE_INDEX,
-                reduction="sum",
-            )
-            loss = loss_sum / max(1, n_targets)
+                loss = loss_sum(model, batch, head) / max(1, step_targets)
             (scaler.scale(loss) if scaler is not None else loss).backward()
             step_loss += float(loss.detach())
-            step_tokens += int(batch["attention_mask"].sum())
-            micro_done += 1
+            step_tokens += sum(lengths[i] for i in indices)
+        micro_done += per_step
+        if world > 1:
+            _all_reduce_gradients(trainable)
+            step_loss, step_tokens = _all_reduce_sum(step_loss, step_tokens, device)
         if scaler is not None:
             scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -429,20 +670,115 @@ def fit(
         losses.append(step_loss)
         window.append(step_loss)
         tokens_seen += step_tokens
-        tracker.update(
-            step + 1, items=step_tokens, loss=sum(window) / len(window), lr=optimizer.param_groups[0]["lr"]
-        )
-        if (step + 1) % settings.log_every == 0:
+        done = step + 1
+        tracker.update(done, items=step_tokens, loss=sum(window) / len(window), lr=optimizer.param_groups[0]["lr"])
+        if done % settings.log_every == 0:
             window = []
+        if validation and (done % settings.eval_every == 0 or done == total_steps):
+            value = eval_loss(model, validation, settings, pad_id=pad_id, device=device, dtype=dtype)
+            eval_losses.append([done, round(value, 6)])
+            if value < best["loss"] - 1e-6:
+                best = {"loss": value, "step": done, "bad_evals": 0,
+                        "weights": {name: p.detach().to("cpu", copy=True) for name, p in named}}
+            else:
+                best["bad_evals"] += 1
+            tracker.note(f"step {done}/{total_steps} eval loss {value:.4f} (best {best['loss']:.4f} at step {best['step']})")
+            if settings.early_stopping_patience and best["bad_evals"] >= settings.early_stopping_patience:
+                stopped_early = True
+                tracker.note(f"early stop at step {done}: no better eval loss in {best['bad_evals']} evals")
+                break
+        if checkpointer is not None and checkpointer.due(done, total_steps):
+            checkpointer.save({
+                "step": done, "micro_done": micro_done, "losses": losses, "eval_losses": eval_losses,
+                "tokens": tokens_seen, "seconds": seconds_before + time.monotonic() - started,
+                "trainable": {name: p.detach().to("cpu") for name, p in named},
+                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
+                "torch_rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state() if device == "cuda" else None,
+                "best": best,
+            })
+            tracker.note(f"checkpoint saved at step {done}/{total_steps}")
+    if best["weights"] is not None and best["step"] != len(losses):
+        with torch.no_grad():
+            for name, p in named:
+                p.copy_(best["weights"][name])
+        tracker.note(f"kept the weights of step {best['step']} (eval loss {best['loss']:.4f})")
     tracker.finish(loss=losses[-1])
     return FitStats(
         losses=losses,
-        steps=total_steps,
+        steps=len(losses),
         micro_batches=micro_done,
         micro_batches_per_epoch=micro_per_epoch,
         tokens=tokens_seen,
-        seconds=time.monotonic() - started,
+        seconds=seconds_before + time.monotonic() - started,
+        eval_losses=eval_losses,
+        best_step=best["step"],
+        stopped_early=stopped_early,
+        resumed_from_step=first_step or None,
     )
+
+
+def _all_reduce_gradients(parameters: Sequence[Any]) -> None:
+    """Sum the LoRA gradients over processes (each loss is already divided by the global
+    target count, so the sum is the gradient of the whole step)."""
+    import torch
+    import torch.distributed as dist
+
+    grads = [p.grad for p in parameters if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    at = 0
+    for g in grads:
+        g.copy_(flat[at : at + g.numel()].view_as(g))
+        at += g.numel()
+
+
+def _all_reduce_sum(loss: float, tokens: int, device: str) -> tuple[float, int]:
+    import torch
+    import torch.distributed as dist
+
+    values = torch.tensor([loss, float(tokens)], dtype=torch.float64, device=device)
+    dist.all_reduce(values)
+    return float(values[0]), int(values[1])
+
+
+def split_validation(records: Sequence[Mapping[str, Any]], fraction: float) -> tuple[list[Mapping[str, Any]], list[Mapping[str, Any]]]:
+    """(train, validation): a stable share of rows by id hash, never the gate's eval split."""
+    if fraction <= 0:
+        return list(records), []
+    train, validation = [], []
+    for index, record in enumerate(records):
+        key = f"validation:{record.get('id', index)}".encode()
+        share = int.from_bytes(hashlib.sha256(key).digest()[:8], "big") / 2**64
+        (validation if share < fraction else train).append(record)
+    return train, validation
+
+
+def mix_replay(
+    records: Sequence[Mapping[str, Any]], earlier: Sequence[Mapping[str, Any]], fraction: float, seed: int = 0
+) -> tuple[list[Mapping[str, Any]], int]:
+    """``records`` plus a seeded sample of ``earlier`` rows making up ``fraction`` of the mix.
+
+    Replaying some of what the production adapter learnt from keeps the candidate from
+    forgetting it while it learns the new data. Rows whose id is in ``records`` are skipped.
+    """
+    if fraction <= 0 or not earlier:
+        return list(records), 0
+    ids = {record.get("id") for record in records}
+    pool = [record for record in earlier if record.get("id") not in ids]
+    want = min(len(pool), round(fraction / (1 - fraction) * len(records)))
+    sample = random.Random(seed).sample(pool, want) if want else []
+    return [*records, *sample], len(sample)
+
+
+def _fingerprint(dataset_hash: str, settings: TrainingSettings, base_model: Any, init_adapter: Any, world: int) -> str:
+    config = settings.model_dump(mode="json", exclude={"log_every", "checkpoint_every"})
+    text = json.dumps([dataset_hash, config, str(base_model), str(init_adapter), world], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def checkpoint_path(out_dir: Path) -> Path:
+    """Where a run writing ``out_dir`` keeps its resumable state (beside it, same volume)."""
+    return out_dir.parent / f".{out_dir.name}.checkpoint.pt"
 
 
 def train_lora(
@@ -461,6 +797,9 @@ def train_lora(
     records). ``init_adapter`` warm-starts from an existing adapter's weights (default: fresh).
     ``progress`` receives one line per ``settings.log_every`` steps (default stderr).
     The adapter is written to a sibling directory first and renamed into place at the end.
+    Every ``checkpoint_every`` steps the state is saved beside ``out_dir``; running again
+    with the same inputs after a crash or a pre-empted node resumes from there. Under
+    torchrun (WORLD_SIZE > 1) each process trains on its share and rank 0 writes the adapter.
     """
     validate_records(train_records)
     validate_settings(settings)
@@ -476,8 +815,13 @@ def train_lora(
     started = time.monotonic()
     set_seed(settings.seed)
     device, dtype = resolve_device(settings.device, settings.dtype)
+    joined = init_distributed(device)
+    rank, world = distributed_world()
     model, tokenizer = load_lora_model(base_model, settings, device, dtype, init_adapter=init_adapter)
-    examples, dropped = tokenize_records(tokenizer, train_records, settings.max_seq_len)
+    fit_records, validation_records = split_validation(train_records, settings.validation_fraction)
+    examples, dropped = tokenize_records(tokenizer, fit_records, settings.max_seq_len)
+    validation, dropped_validation = tokenize_records(tokenizer, validation_records, settings.max_seq_len)
+    dropped += dropped_validation
     if dropped:
         logger.warning(
             "dropped %d of %d records longer than max_seq_len=%d tokens",
@@ -485,48 +829,83 @@ def train_lora(
         )
     if not examples:
         raise TrainingError(
-            f"all {len(train_records)} records are longer than max_seq_len={settings.max_seq_len} "
+            f"all {len(fit_records)} training records are longer than max_seq_len={settings.max_seq_len} "
             "tokens; raise training.max_seq_len"
         )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     logger.info(
-        "LoRA r=%d alpha=%s on %s (%s): %d examples, batch %dx%d, %s %s, %.2f%% of %d parameters trainable",
+        "LoRA r=%d alpha=%s on %s (%s): %d examples (%d for eval loss), batch %dx%dx%d%s, %s %s, %.2f%% of %d parameters trainable",
         settings.lora_rank, settings.lora_alpha, base_model,
-        f"warm start from {init_adapter}" if init_adapter else "fresh", len(examples), settings.batch_size,
-        settings.grad_accum, device, dtype, 100 * trainable / total, total,
+        f"warm start from {init_adapter}" if init_adapter else "fresh", len(examples), len(validation), settings.batch_size,
+        settings.grad_accum, world, ", packed" if settings.packing else "", device, dtype, 100 * trainable / total, total,
     )
-    stats = fit(model, examples, settings, pad_id=pad_id, device=device, dtype=dtype, progress=progress)
+    checkpointer = Checkpointer(
+        checkpoint_path(out_dir), _fingerprint(dataset_hash, settings, base_model, init_adapter, world),
+        settings.checkpoint_every, writer=rank == 0,
+    )
+    stats = fit(
+        model, examples, settings, pad_id=pad_id, device=device, dtype=dtype, progress=progress,
+        validation=validation, checkpointer=checkpointer,
+    )
     losses = stats.losses
     final_loss = sum(losses[-10:]) / len(losses[-10:])
+    result = TrainResult(
+        steps=stats.steps,
+        epochs=round(stats.micro_batches / stats.micro_batches_per_epoch, 3),
+        final_loss=round(final_loss, 5),
+        loss_history=[round(loss, 5) for loss in losses],
+        tokens_per_second=round(stats.tokens / stats.seconds, 1) if stats.seconds > 0 else 0.0,
+        seconds=round(time.monotonic() - started, 2),
+        device=device,
+        dtype=dtype,
+        trainable_params=trainable,
+        total_params=total,
+        adapter_dir=str(out_dir),
+        n_examples=len(examples),
+        n_dropped_too_long=dropped,
+        dataset_hash=dataset_hash,
+        init_from=str(init_adapter) if init_adapter is not None else None,
+        packing=settings.packing,
+        n_validation=len(validation),
+        eval_loss_history=stats.eval_losses,
+        best_step=stats.best_step,
+        stopped_early=stats.stopped_early,
+        resumed_from_step=stats.resumed_from_step,
+        world_size=world,
+    )
+    if rank == 0:
+        _write_adapter(model, out_dir, result, base_model, dataset_hash, len(train_records), settings)
+        checkpointer.remove()
+    if world > 1:
+        import torch.distributed as dist
 
+        dist.barrier()
+        if joined:
+            dist.destroy_process_group()
+    logger.info(
+        "adapter written to %s: loss %.3f -> %.3f in %.0f s (%.0f tok/s)",
+        out_dir, losses[0], final_loss, result.seconds, result.tokens_per_second,
+    )
+    return result
+
+
+def _write_adapter(
+    model: Any, out_dir: Path, result: TrainResult, base_model: Any, dataset_hash: str, n_records: int, settings: TrainingSettings
+) -> None:
+    """Adapter files, provenance.json and train_metrics.json, renamed into ``out_dir`` at once."""
+    for stale in out_dir.parent.glob(f".{out_dir.name}.training-*"):
+        shutil.rmtree(stale, ignore_errors=True)  # left by a killed run
     staging = _prepare_out_dir(out_dir)
     try:
         model.save_pretrained(str(staging), safe_serialization=True)
-        result = TrainResult(
-            steps=stats.steps,
-            epochs=round(stats.micro_batches / stats.micro_batches_per_epoch, 3),
-            final_loss=round(final_loss, 5),
-            loss_history=[round(loss, 5) for loss in losses],
-            tokens_per_second=round(stats.tokens / stats.seconds, 1) if stats.seconds > 0 else 0.0,
-            seconds=round(time.monotonic() - started, 2),
-            device=device,
-            dtype=dtype,
-            trainable_params=trainable,
-            total_params=total,
-            adapter_dir=str(out_dir),
-            n_examples=len(examples),
-            n_dropped_too_long=dropped,
-            dataset_hash=dataset_hash,
-            init_from=str(init_adapter) if init_adapter is not None else None,
-        )
         provenance = collect_provenance(
             kind="lora_adapter",
             base_model=str(base_model),
             dataset_hash=dataset_hash,
             init_from=result.init_from,
-            n_records=len(train_records),
+            n_records=n_records,
             config=settings.model_dump(mode="json"),
         )
         (staging / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
@@ -534,8 +913,3 @@ def train_lora(
         _move_into_place(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    logger.info(
-        "adapter written to %s: loss %.3f -> %.3f in %.0f s (%.0f tok/s)",
-        out_dir, losses[0], final_loss, result.seconds, result.tokens_per_second,
-    )
-    return result
