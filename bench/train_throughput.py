@@ -1,15 +1,23 @@
-"""LoRA training throughput of `tuneloop.train.train_lora` on a model of realistic shape.
+"""tuneloop's LoRA trainer against a plain Hugging Face Trainer + peft baseline, same run.
 
-Builds a Llama of the chosen shape with random weights (throughput does not depend on the
-weights) and a BPE tokenizer trained on demo text, then trains LoRA adapters on demo-world
-records twice in the same run: with the auto dtype (bfloat16 autocast on CUDA) and with a
-float32 baseline, and prints tokens/s, model FLOPs utilisation and the ratio.
+Both train the same LoRA (same model, same initial adapter, same records, same steps,
+learning rate, warmup + cosine schedule, clipping, completion-only labels) for exactly one
+epoch, so both see the same tokens. The baseline is what a team would write first: HF
+``Trainer`` with ``DataCollatorForSeq2Seq`` (dynamic padding to the longest row of a random
+batch), the model's own loss over all positions' logits, and on a GPU HF's mixed-precision
+recipe (float32 weights, ``bf16=True``). tuneloop packs length-grouped
+micro-batches and projects only the supervised positions through the LM head.
 
-    python bench/train_throughput.py --shape 1b --steps 30          # on a GPU
-    python bench/train_throughput.py --shape demo --steps 10        # on the CPU here
+Printed: real (non-padding) tokens/s of each, the ratio, both eval losses on the same held-out
+rows (measured by the same function), and on a GPU the model FLOPs utilisation.
 
-MFU counts 4 x params FLOPs per token for frozen-base LoRA (forward 2N, backward through
-the frozen weights 2N; no weight gradients for them) and ignores attention's quadratic term.
+    python bench/train_throughput.py --shape demo --steps 40           # CPU here (~5 min)
+    python bench/train_throughput.py --shape 1b --steps 40 --batch-size 32   # on a GPU
+
+Models are Llama-shaped with random weights (throughput does not depend on the weights;
+``--shape demo`` is the demo model itself, trained from scratch first for a meaningful loss).
+MFU counts 6 x params FLOPs per token minus the frozen weights' gradient (2 x params):
+4 x params for frozen-base LoRA, attention's quadratic term ignored.
 """
 
 from __future__ import annotations
@@ -23,20 +31,20 @@ import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "include"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 SHAPES = {
     # name: hidden, layers, heads, kv_heads, intermediate, vocab
-    "demo": (256, 4, 4, 4, 704, 2000),
-    "1b": (2048, 16, 16, 8, 5632, 32000),
+    "1b": (2048, 16, 32, 8, 8192, 32000),  # Llama-3.2-1B's body (its 128k vocab would be 1.2B)
     "3b": (3072, 28, 24, 8, 8192, 32000),
 }
-PEAK_TFLOPS = {"bfloat16": {"H100": 989.0, "H200": 989.0}, "float32": {"H100": 67.0, "H200": 67.0}}
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0}
 
 
-def build_model(out_dir: Path, shape: str) -> int:
+def build_random_llama(out_dir: Path, shape: str) -> None:
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -44,90 +52,171 @@ def build_model(out_dir: Path, shape: str) -> int:
     from tuneloop.basemodel import train_tokenizer, wrap_tokenizer
 
     hidden, layers, heads, kv_heads, intermediate, vocab = SHAPES[shape]
-    corpus = world.pretraining_corpus(0, 1500)
-    tokenizer = wrap_tokenizer(train_tokenizer(corpus, min(vocab, 4000)), 2048)
+    tokenizer = wrap_tokenizer(train_tokenizer(world.pretraining_corpus(0, 1500), 4000), 2048)
     config = LlamaConfig(
-        vocab_size=max(vocab, len(tokenizer)),
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=2048,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        vocab_size=max(vocab, len(tokenizer)), hidden_size=hidden, intermediate_size=intermediate,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
     )
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = LlamaForCausalLM(config)
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.generation_config = GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
-    n_params = sum(p.numel() for p in model.parameters())
     del model
-    return n_params
 
 
-def records(n: int) -> list[dict]:
+def records(n: int, seed: int) -> list[dict[str, Any]]:
     from tuneloop import world
 
-    rng = random.Random(7)
+    rng = random.Random(seed)
     now = datetime(2026, 1, 1, tzinfo=UTC)
-    return [world.make_labelled_record(rng, "original" if i % 2 else "drifted", f"b-{i}", now) for i in range(n)]
+    return [world.make_labelled_record(rng, "original" if i % 2 else "drifted", f"b{seed}-{i}", now) for i in range(n)]
+
+
+def run_tuneloop(base: Path, data: list[dict[str, Any]], held_out: list[dict[str, Any]], settings: Any, device: str, dtype: str) -> dict[str, Any]:
+    from tuneloop.train import eval_loss, fit, load_lora_model, tokenize_records
+
+    model, tokenizer = load_lora_model(base, settings, device, dtype)
+    examples, _ = tokenize_records(tokenizer, data, settings.max_seq_len)
+    pad = tokenizer.pad_token_id
+    _sync(device)
+    stats = fit(model, examples, settings, pad_id=pad, device=device, dtype=dtype, progress=lambda m: print("   ", m, flush=True))
+    _sync(device)
+    held, _ = tokenize_records(tokenizer, held_out, settings.max_seq_len)
+    loss = eval_loss(model, held, settings, pad_id=pad, device=device, dtype=dtype)
+    return {"tokens": stats.tokens, "seconds": stats.seconds, "eval_loss": loss, "train_loss_last10": sum(stats.losses[-10:]) / len(stats.losses[-10:])}
+
+
+def run_hf_trainer(base: Path, data: list[dict[str, Any]], held_out: list[dict[str, Any]], settings: Any, device: str, dtype: str, out: Path, sdpa: str = "default") -> dict[str, Any]:
+    import torch
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    from tuneloop.train import eval_loss, load_lora_model, tokenize_records
+
+    torch.manual_seed(settings.seed)
+    # HF's mixed-precision recipe: float32 weights, bf16 autocast (bf16=True). With the base
+    # weights loaded in bf16 instead, this baseline's gradients became NaN on the 1B model.
+    load_dtype = "float32" if device == "cuda" else dtype
+    model, tokenizer = load_lora_model(base, settings, device, load_dtype)  # same initial LoRA matrices (same seed)
+    examples, _ = tokenize_records(tokenizer, data, settings.max_seq_len)
+    rows = [{"input_ids": e.input_ids, "labels": e.labels, "attention_mask": [1] * len(e.input_ids)} for e in examples]
+    steps = settings.max_steps
+    args = TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=settings.batch_size, max_steps=steps,
+        learning_rate=settings.learning_rate, lr_scheduler_type="cosine", warmup_steps=max(1, round(settings.warmup_ratio * steps)),
+        weight_decay=settings.weight_decay, max_grad_norm=1.0, logging_steps=max(1, steps // 4), save_strategy="no",
+        report_to="none", bf16=dtype == "bfloat16", use_cpu=device == "cpu", seed=settings.seed,
+        remove_unused_columns=False, disable_tqdm=True, dataloader_num_workers=0,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
+    _sync(device)
+    with _baseline_attention(device, sdpa):
+        output = trainer.train()
+    _sync(device)
+    held, _ = tokenize_records(tokenizer, held_out, settings.max_seq_len)
+    loss = eval_loss(model, held, settings, pad_id=tokenizer.pad_token_id, device=device, dtype=dtype)
+    tokens = sum(len(e.input_ids) for e in examples)  # exactly one epoch: every row once
+    return {"tokens": tokens, "seconds": output.metrics["train_runtime"], "eval_loss": loss, "train_loss_last10": output.training_loss}
+
+
+def _baseline_attention(device: str, sdpa: str) -> Any:
+    """``no-cudnn``: the baseline gets tuneloop's attention kernels too (isolates the rest)."""
+    import contextlib
+
+    if device != "cuda" or sdpa == "default":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="demo")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--shape", choices=["demo", *SHAPES], default="demo", help="demo: the demo model (CPU); 1b/3b: random Llama (GPU)")
+    parser.add_argument("--steps", type=int, default=40, help="optimizer steps; the data is exactly one epoch of them")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--order", choices=["baseline-first", "tuneloop-first"], default="baseline-first")
+    parser.add_argument("--baseline-sdpa", choices=["default", "no-cudnn"], default="default", help="no-cudnn: give the baseline tuneloop's attention kernels (GPU)")
     parser.add_argument("--json-out", help="write the results here too")
     args = parser.parse_args()
 
     import torch
 
     from tuneloop.config import TrainingSettings
-    from tuneloop.train import train_lora
+    from tuneloop.train import resolve_device
 
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    peak_key = "H200" if "H200" in gpu else "H100"
-    data = records(args.batch_size * (args.steps + 2))
-    results = {}
+    device, dtype = resolve_device("auto", "auto")
+    gpu = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
+    data = records(args.batch_size * args.steps, seed=7)
+    held_out = records(128, seed=99)
+    settings = TrainingSettings(
+        max_steps=args.steps, batch_size=args.batch_size, lora_rank=args.rank, lora_alpha=2 * args.rank,
+        learning_rate=args.lr, max_seq_len=512, log_every=max(1, args.steps // 4), checkpoint_every=0,
+    )
     with tempfile.TemporaryDirectory() as tmp:
-        base = Path(tmp) / "base"
-        n_params = build_model(base, args.shape)
-        print(f"{args.shape}: {n_params / 1e6:.0f}M parameters on {gpu}", flush=True)
-        for label, dtype in (("auto", "auto"), ("float32 baseline", "float32")):
-            settings = TrainingSettings(max_steps=args.steps, batch_size=args.batch_size, lora_rank=args.rank, lora_alpha=2 * args.rank, dtype=dtype, log_every=max(1, args.steps // 4), max_seq_len=512)
+        if args.shape == "demo":
+            from tuneloop.basemodel import build_demo_model
+
+            # the demo's own cached model (`tuneloop build-model`), built here if missing
+            base = Path(build_demo_model(Path(__file__).resolve().parents[1] / ".tuneloop" / "models" / "demo-base", preset="demo"))
+        else:
+            base = Path(tmp) / "base"
+            build_random_llama(base, args.shape)
+        from transformers import AutoConfig
+
+        n_params = _count_params(AutoConfig.from_pretrained(base))
+        print(f"{args.shape}: {n_params / 1e6:.0f}M parameters on {gpu} ({dtype}); {len(data)} rows, {args.steps} steps of {args.batch_size}", flush=True)
+        runs = {
+            "hf-trainer": lambda: run_hf_trainer(base, data, held_out, settings, device, dtype, Path(tmp) / "hf", args.baseline_sdpa),
+            "tuneloop": lambda: run_tuneloop(base, data, held_out, settings, device, dtype),
+        }
+        order = list(runs) if args.order == "baseline-first" else list(reversed(runs))
+        results: dict[str, Any] = {}
+        for name in order:
+            print(f"== {name}", flush=True)
             start = time.perf_counter()
-            result = train_lora(base, data, Path(tmp) / f"adapter-{dtype}", settings, progress=lambda m: print("   ", m, flush=True))
-            wall = time.perf_counter() - start
-            tflops = 4 * n_params * result.tokens_per_second / 1e12
-            peak = PEAK_TFLOPS.get(result.dtype, {}).get(peak_key) if gpu != "cpu" else None
-            results[label] = {
-                "dtype": result.dtype,
-                "device": result.device,
-                "tokens_per_second": result.tokens_per_second,
-                "model_tflops": tflops,
-                "mfu": (tflops / peak) if peak else None,
-                "final_loss": result.final_loss,
-                "wall_seconds": wall,
-                "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu != "cpu" else None,
-            }
-            if gpu != "cpu":
+            results[name] = runs[name]()
+            results[name]["wall_seconds"] = time.perf_counter() - start
+            results[name]["tokens_per_second"] = results[name]["tokens"] / results[name]["seconds"]
+            if device == "cuda":
+                results[name]["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
                 torch.cuda.reset_peak_memory_stats()
-    fast, slow = results["auto"], results["float32 baseline"]
-    print(f"\n{'run':<18} {'dtype':<9} {'tok/s':>10} {'TFLOP/s':>9} {'MFU':>6}")
-    for label, r in results.items():
+                torch.cuda.empty_cache()
+    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in gpu), None) if device == "cuda" and dtype == "bfloat16" else None
+    print(f"\n{'trainer':<12} {'tok/s':>10} {'eval loss':>10} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9}")
+    for name in runs:
+        r = results[name]
+        r["model_tflops"] = 4 * n_params * r["tokens_per_second"] / 1e12
+        r["mfu"] = r["model_tflops"] / peak if peak else None
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
-        print(f"{label:<18} {r['dtype']:<9} {r['tokens_per_second']:>10,.0f} {r['model_tflops']:>9.1f} {mfu:>6}")
-    print(f"ratio auto/float32: {fast['tokens_per_second'] / slow['tokens_per_second']:.2f}x")
+        memory = f"{r['peak_memory_gib']:.1f}" if "peak_memory_gib" in r else "-"
+        print(f"{name:<12} {r['tokens_per_second']:>10,.0f} {r['eval_loss']:>10.4f} {r['model_tflops']:>8.2f} {mfu:>6} {memory:>9}")
+    ratio = results["tuneloop"]["tokens_per_second"] / results["hf-trainer"]["tokens_per_second"]
+    delta = results["tuneloop"]["eval_loss"] - results["hf-trainer"]["eval_loss"]
+    print(f"ratio tuneloop/hf-trainer: {ratio:.2f}x tokens/s; eval loss {delta:+.4f} ({'equal or better' if delta <= 0.01 else 'worse'})")
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps({"shape": args.shape, "params": n_params, "device": gpu, "results": results}, indent=2))
+        Path(args.json_out).write_text(json.dumps({"baseline_sdpa": args.baseline_sdpa, "shape": args.shape, "params": n_params, "device": gpu, "dtype": dtype, "steps": args.steps, "batch_size": args.batch_size, "ratio": ratio, "results": results}, indent=2))
     return 0
+
+
+def _count_params(config: Any) -> int:
+    """Parameters of a Llama-shaped model from its config (no weights loaded)."""
+    h, i, n, v = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
+    kv = h * config.num_key_value_heads // config.num_attention_heads
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
+    return n * per_layer + 2 * v * h + h if not config.tie_word_embeddings else n * per_layer + v * h + h
 
 
 if __name__ == "__main__":

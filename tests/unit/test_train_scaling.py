@@ -138,13 +138,16 @@ def test_gradient_checkpointing_changes_memory_not_the_adapter(tiny_model: Path,
     assert _max_diff(_adapter(tmp_path / "plain"), _adapter(tmp_path / "gc")) < 1e-5
 
 
-def test_micro_batch_stream_skip_continues_the_same_order() -> None:
+@pytest.mark.parametrize("grouped", [True, False])
+def test_micro_batch_stream_skip_continues_the_same_order(grouped: bool) -> None:
     lengths = [random.Random(i).randint(10, 90) for i in range(37)]
-    stream = micro_batch_stream(lengths, 4, seed=3)
+    stream = micro_batch_stream(lengths, 4, seed=3, grouped=grouped)
     full = [next(stream) for _ in range(25)]
-    resumed = micro_batch_stream(lengths, 4, seed=3, skip=11)
+    resumed = micro_batch_stream(lengths, 4, seed=3, skip=11, grouped=grouped)
     assert [next(resumed) for _ in range(14)] == full[11:]
     assert sorted(i for batch in full[:10] for i in batch) == list(range(37))  # one epoch = every row once
+    spreads = [max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in full[:9]]
+    assert (sum(spreads) < 9 * 25) == grouped  # grouped batches hold rows of similar length
 
 
 def test_split_validation_is_stable_and_disjoint(records: list[dict[str, Any]]) -> None:
