@@ -148,6 +148,9 @@ def main() -> int:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--order", choices=["baseline-first", "tuneloop-first"], default="baseline-first")
+    parser.add_argument("--packing", choices=["on", "off"], default=None, help="override training.packing for tuneloop's run")
+    parser.add_argument("--batching", choices=["length_grouped", "random"], default=None, help="override training.batching")
+    parser.add_argument("--skip-baseline", action="store_true", help="only tuneloop's run (to compare its own settings)")
     parser.add_argument("--baseline-sdpa", choices=["default", "no-cudnn"], default="default", help="no-cudnn: give the baseline tuneloop's attention kernels (GPU)")
     parser.add_argument("--json-out", help="write the results here too")
     args = parser.parse_args()
@@ -165,6 +168,9 @@ def main() -> int:
         max_steps=args.steps, batch_size=args.batch_size, lora_rank=args.rank, lora_alpha=2 * args.rank,
         learning_rate=args.lr, max_seq_len=512, log_every=max(1, args.steps // 4), checkpoint_every=0,
     )
+    overrides = {"packing": args.packing == "on"} if args.packing else {}
+    overrides.update({"batching": args.batching} if args.batching else {})
+    settings = settings.model_copy(update=overrides)
     with tempfile.TemporaryDirectory() as tmp:
         if args.shape == "demo":
             from tuneloop.basemodel import build_demo_model
@@ -183,6 +189,8 @@ def main() -> int:
             "tuneloop": lambda: run_tuneloop(base, data, held_out, settings, device, dtype),
         }
         order = list(runs) if args.order == "baseline-first" else list(reversed(runs))
+        if args.skip_baseline:
+            order = ["tuneloop"]
         results: dict[str, Any] = {}
         for name in order:
             print(f"== {name}", flush=True)
@@ -196,13 +204,16 @@ def main() -> int:
                 torch.cuda.empty_cache()
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in gpu), None) if device == "cuda" and dtype == "bfloat16" else None
     print(f"\n{'trainer':<12} {'tok/s':>10} {'eval loss':>10} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9}")
-    for name in runs:
+    for name in order:
         r = results[name]
         r["model_tflops"] = 4 * n_params * r["tokens_per_second"] / 1e12
         r["mfu"] = r["model_tflops"] / peak if peak else None
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
         memory = f"{r['peak_memory_gib']:.1f}" if "peak_memory_gib" in r else "-"
         print(f"{name:<12} {r['tokens_per_second']:>10,.0f} {r['eval_loss']:>10.4f} {r['model_tflops']:>8.2f} {mfu:>6} {memory:>9}")
+    print(f"tuneloop settings: packing={settings.packing} batching={settings.batching}")
+    if args.skip_baseline:
+        return 0
     ratio = results["tuneloop"]["tokens_per_second"] / results["hf-trainer"]["tokens_per_second"]
     delta = results["tuneloop"]["eval_loss"] - results["hf-trainer"]["eval_loss"]
     print(f"ratio tuneloop/hf-trainer: {ratio:.2f}x tokens/s; eval loss {delta:+.4f} ({'equal or better' if delta <= 0.01 else 'worse'})")

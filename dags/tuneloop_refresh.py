@@ -41,6 +41,7 @@ from airflow.sdk import (
 )
 
 from tuneloop import assets
+from tuneloop.kubernetes import settings_at_parse_time
 
 DRIFT = Asset(name=assets.DRIFT[0], uri=assets.DRIFT[1])
 SNAPSHOT = Asset(name=assets.SNAPSHOT[0], uri=assets.SNAPSHOT[1])
@@ -153,6 +154,8 @@ class HumanApproval(ApprovalOperator):
     },
 )
 def tuneloop_refresh() -> None:
+    parse_time_settings = settings_at_parse_time()  # training_runner and the pod spec; never the Variable
+
     @task
     def pull(params: dict[str, Any] | None = None) -> dict[str, Any]:
         from tuneloop.pipeline import pull_step
@@ -187,6 +190,27 @@ def tuneloop_refresh() -> None:
         if outlet_events is not None:
             outlet_events[ADAPTER].extra = {"version": result["version"], "snapshot": result["snapshot"]}
         return result
+
+    def train_in_pod(validated: Any) -> Any:
+        """`train` as one pod per run (training_runner: kubernetes; see include/tuneloop/kubernetes.py):
+        `tuneloop train --register` in the trainer image; its result comes back through the XCom sidecar."""
+        from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+
+        from tuneloop.kubernetes import pod_operator_kwargs
+
+        def record_adapter_event(context: Any, result: Any) -> None:
+            context["outlet_events"][ADAPTER].extra = {"version": result["version"], "snapshot": result["snapshot"]}
+
+        pod = KubernetesPodOperator(
+            task_id="train",
+            pool="gpu",
+            outlets=[ADAPTER],
+            execution_timeout=timedelta(hours=12),
+            post_execute=record_adapter_event,
+            **pod_operator_kwargs(parse_time_settings),
+        )
+        validated >> pod
+        return pod.output
 
     @task(execution_timeout=timedelta(hours=6))
     def evaluate(candidate: dict[str, Any]) -> dict[str, Any]:
@@ -256,7 +280,9 @@ def tuneloop_refresh() -> None:
 
         return reconcile_step(_loop())
 
-    decision = gate(evaluate(train(validate(pull()))))
+    validated = validate(pull())
+    trained = train_in_pod(validated) if parse_time_settings.training_runner == "kubernetes" else train(validated)
+    decision = gate(evaluate(trained))
     approve = HumanApproval(task_id="approve", subject="Deploy the gate's candidate?", defaults=HumanApproval.REJECT, ignore_downstream_trigger_rules=True)
     before = reconcile_before()
     deployed = deploy(decision)

@@ -298,7 +298,84 @@ def _snapshot_records(store: Store, snapshot: str, split: str) -> tuple[str, lis
     return snapshot, records
 
 
+def _write_result_file(path: str | None, result: dict[str, Any]) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(result, default=str) + "\n", encoding="utf-8")
+
+
+def _train_and_register(args: argparse.Namespace) -> int:
+    """``tuneloop train --register``: :func:`tuneloop.pipeline.train_step` in this process."""
+    from tuneloop.pipeline import open_loop, train_step
+    from tuneloop.pull import latest_snapshot
+
+    given = {"--version": args.version, "--out": args.out, "--max-steps": args.max_steps, "--epochs": args.epochs,
+             "--limit": args.limit, "--init-from": args.init_from, "--no-upload": args.no_upload or None}
+    clashing = [flag for flag, value in given.items() if value is not None]
+    if clashing:
+        raise CliError(
+            f"--register takes the version from the registry and everything else from the settings (training.*): "
+            f"drop {', '.join(clashing)}"
+        )
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise CliError("--register runs as one process (it allocates a version): launch it without torchrun/accelerate")
+    # train_step runs `tuneloop train` in the ML env: this interpreter is one (see _reexec_in_ml_env).
+    os.environ.setdefault("TUNELOOP_ML_PYTHON", sys.executable)
+    loop = open_loop(args.config, run_id=args.run_id, progress=_progress(args))
+    snapshot = args.snapshot
+    if snapshot.endswith(".jsonl") or Path(snapshot).is_file():
+        raise CliError("--register trains on a dataset snapshot in the store (a hash or 'latest'), not a local file")
+    if snapshot == "latest":
+        found = latest_snapshot(loop.store)
+        if found is None:
+            raise CliError(f"no dataset snapshot in {loop.store.uri}: run `tuneloop pull` first")
+        snapshot = found
+    result = train_step(loop, snapshot)
+    _write_result_file(args.xcom_json, result)
+    human = (
+        f"candidate {result['version']} trained on snapshot {snapshot[:12]} and registered "
+        f"(loss {result.get('first_loss')} -> {result.get('final_loss')}, {result.get('device')}); "
+        f"`candidate` points at it\n  adapter: {result['adapter_uri']}"
+    )
+    _emit(args, result, human)
+    return 0
+
+
+def _with_replay(
+    store: Store, records: list[dict[str, Any]], snapshot: str, training: Any, progress: Any
+) -> tuple[list[dict[str, Any]], str, int]:
+    """(records plus replayed rows, the hash the adapter records as its data, rows replayed).
+
+    ``training.replay_fraction`` of the mix comes from the training split of the snapshot the
+    production adapter was trained on, so a warm-started candidate keeps seeing the old domain.
+    """
+    if training.replay_fraction <= 0:
+        return records, snapshot, 0
+    from tuneloop.registry import Registry, RegistryError
+    from tuneloop.train import mix_replay
+
+    registry = Registry(store)
+    production = registry.aliases().get("production")
+    try:
+        earlier_snapshot = registry.get(production)["snapshot"] if production else None
+    except RegistryError:
+        earlier_snapshot = None
+    if not earlier_snapshot or earlier_snapshot == snapshot:
+        progress(f"replay: nothing to replay (production {production or 'none'} was trained on this snapshot or none)")
+        return records, snapshot, 0
+    _, earlier = _snapshot_records(store, earlier_snapshot, "train")
+    mixed, n = mix_replay(records, earlier, training.replay_fraction, seed=training.seed)
+    progress(f"replay: {n} rows of production {production}'s snapshot {earlier_snapshot[:12]} ({n / len(mixed):.0%} of {len(mixed)})")
+    return mixed, f"{snapshot}+replay-{earlier_snapshot[:12]}-{n}", n
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.register:
+        return _train_and_register(args)
+    if args.version is None:
+        raise CliError("--version is required (or --register: the registry picks the next version)")
+    if args.run_id is not None:
+        raise CliError("--run-id goes with --register")
     from tuneloop.basemodel import resolve_base_model
     from tuneloop.train import train_lora
 
@@ -317,13 +394,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     base = resolve_base_model(settings)
     out_dir = Path(args.out) if args.out else _adapter_dir(settings, args.version)
     init_adapter = None if args.init_from in (None, "none") else _find_adapter(settings, store, args.init_from)
+    records, trained_on, replayed = _with_replay(store, records, dataset_hash, training, _progress(args))
     result = train_lora(
         base, records, out_dir, training,
-        dataset_hash=dataset_hash, init_adapter=init_adapter, progress=_progress(args),
+        dataset_hash=trained_on, init_adapter=init_adapter, progress=_progress(args),
     )
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun/accelerate launch, rank 0 wrote the adapter: it alone uploads and reports
     if not args.no_upload:
         store.put_dir(f"adapters/{args.version}", out_dir)
-    payload = {"version": args.version, "snapshot": dataset_hash, "base_model": str(base), **_as_dict(result)}
+    payload = {"version": args.version, "snapshot": dataset_hash, "base_model": str(base), **_as_dict(result), "replayed_rows": replayed}
     if args.init_from not in (None, "none"):
         payload["init_from"] = args.init_from
     human = (
@@ -333,6 +413,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"{result.tokens_per_second:,.0f} tok/s on {result.device}\n  written to {out_dir}"
         + ("" if args.no_upload else f" and {store.uri}/adapters/{args.version}")
     )
+    _write_result_file(args.xcom_json, payload)
     _emit(args, payload, human)
     return 0
 
@@ -771,7 +852,7 @@ def build_parser() -> argparse.ArgumentParser:
         "provenance.json and train_metrics.json. Uses CUDA + bf16 when present, else the CPU.",
     )
     p.add_argument("--snapshot", default="latest", help="snapshot hash, 'latest', or a local JSONL file")
-    p.add_argument("--version", required=True, help="adapter version name, e.g. v1")
+    p.add_argument("--version", help="adapter version name, e.g. v1 (required unless --register)")
     p.add_argument("--out", help="adapter directory (default: .tuneloop/adapters/VERSION)")
     p.add_argument("--max-steps", type=int, default=None, help="override training.max_steps")
     p.add_argument("--epochs", type=float, default=None, help="override training.epochs")
@@ -784,6 +865,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="warm-start from this adapter (a version in the store, e.g. v1, or a directory) instead "
         "of fresh LoRA weights; 'none' (default) trains from scratch",
     )
+    p.add_argument(
+        "--register",
+        action="store_true",
+        help="run the refresh DAG's train step: the registry picks the next version, training.init_from "
+        "decides the warm start, and the trained adapter is registered and becomes the `candidate` alias "
+        "(what the Kubernetes trainer pod runs); the store must be shared (s3://)",
+    )
+    p.add_argument("--run-id", metavar="ID", help="with --register: the run id recorded in the registry (the Airflow run id)")
+    p.add_argument("--xcom-json", metavar="PATH", help="also write the JSON result to PATH (the pod operator's XCom: /airflow/xcom/return.json)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(

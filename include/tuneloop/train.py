@@ -271,9 +271,8 @@ def micro_batch_stream(
     lengths: Sequence[int], batch_size: int, seed: int, skip: int = 0, *, grouped: bool = True
 ) -> Iterator[list[int]]:
     """Endless epochs of micro-batches, a pure function of ``seed``; ``skip`` drops the first
-    micro-batches (a resumed run continues the interrupted run's order). Packed training uses
-    ``grouped=False``: packing already removes the padding, and batches of similar length are
-    less random (on the benchmark they cost a little eval loss)."""
+    micro-batches (a resumed run continues the interrupted run's order). ``grouped``: see
+    ``training.batching``."""
     rng = random.Random(seed)
     produced = 0
     while True:
@@ -637,7 +636,7 @@ def fit(
         tokens_seen, seconds_before = int(state["tokens"]), float(state["seconds"])
         best = dict(state["best"])
         tracker.note(f"resumed from the checkpoint at step {first_step}/{total_steps} ({checkpointer.path})")
-    batches = micro_batch_stream(lengths, settings.batch_size, settings.seed, skip=micro_done, grouped=not settings.packing)
+    batches = micro_batch_stream(lengths, settings.batch_size, settings.seed, skip=micro_done, grouped=settings.batching == "length_grouped")
     window: list[float] = []
     stopped_early = False
     with _fast_kernels(model, device, mixed=autocast_dtype is not None):
