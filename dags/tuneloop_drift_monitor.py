@@ -30,6 +30,21 @@ DEFAULT_ARGS = {
 }
 
 
+def _loop() -> Any:
+    """Open the loop for this task: config from $TUNELOOP_CONFIG or the `tuneloop_config` Variable."""
+    import logging
+
+    from airflow.sdk import Variable, get_current_context
+
+    from tuneloop.pipeline import open_task_loop
+
+    return open_task_loop(
+        get_current_context()["run_id"],
+        config_variable=lambda: Variable.get("tuneloop_config", default=None),
+        progress=logging.getLogger("airflow.task").info,
+    )
+
+
 @dag(
     dag_id="tuneloop_drift_monitor",
     schedule="@daily",
@@ -46,19 +61,9 @@ DEFAULT_ARGS = {
 def tuneloop_drift_monitor() -> None:
     @task
     def check_drift(params: dict[str, Any] | None = None) -> dict[str, Any]:
-        import logging
-
-        from airflow.sdk import Variable, get_current_context
-
         from tuneloop.pipeline import check_drift as run_check
-        from tuneloop.pipeline import open_task_loop
 
-        loop = open_task_loop(
-            get_current_context()["run_id"],
-            config_variable=lambda: Variable.get("tuneloop_config", default=None),
-            progress=logging.getLogger("airflow.task").info,
-        )
-        return run_check(loop, as_of=(params or {}).get("as_of"))
+        return run_check(_loop(), as_of=(params or {}).get("as_of"))
 
     @task.short_circuit
     def drift_persists(check: dict[str, Any]) -> bool:
@@ -82,6 +87,9 @@ def tuneloop_drift_monitor() -> None:
         }
         if outlet_events is not None:
             outlet_events[DRIFT].extra = extra
+        from tuneloop.notify import drift_links, drift_message, notify_task_event
+
+        notify_task_event(_loop, lambda loop: drift_message(check, links=drift_links(loop)))
         return extra
 
     check = check_drift()

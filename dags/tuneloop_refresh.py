@@ -220,12 +220,16 @@ def tuneloop_refresh() -> None:
 
     @task(outlets=[EVAL_REPORT])
     def gate(evaluation: dict[str, Any], outlet_events: Any = None) -> dict[str, Any]:
+        from tuneloop.notify import gate_reject_message, notify_task_event
         from tuneloop.pipeline import gate_step
 
-        decision = gate_step(_loop(), evaluation)
+        loop = _loop()
+        decision = gate_step(loop, evaluation)
         decision["scores_key"] = evaluation["candidate_eval"]["scores_key"]
         if outlet_events is not None:
             outlet_events[EVAL_REPORT].extra = {"version": decision["version"], "promote": decision["promote"], "report": decision["report_key"]}
+        if not decision["promote"]:
+            notify_task_event(lambda: loop, lambda _: gate_reject_message(decision))
         return decision
 
     @task.short_circuit
@@ -243,9 +247,17 @@ def tuneloop_refresh() -> None:
 
     @task(retries=1)
     def deploy(decision: dict[str, Any]) -> dict[str, Any]:
+        from tuneloop.deploy import DeployError
+        from tuneloop.notify import deploy_rollback_message, notify_task_event
         from tuneloop.pipeline import deploy_step
 
-        return deploy_step(_loop(), decision["version"], scores_key=decision["scores_key"])
+        loop = _loop()
+        try:
+            return deploy_step(loop, decision["version"], scores_key=decision["scores_key"])
+        except DeployError as err:  # it restored the previous adapter where it had swapped: say so
+            report = err.report.to_dict() if err.report is not None else {}
+            notify_task_event(lambda: loop, lambda _: deploy_rollback_message(report, version=decision["version"]))
+            raise
 
     @task
     def verify(deployed: dict[str, Any]) -> dict[str, Any]:
@@ -255,12 +267,16 @@ def tuneloop_refresh() -> None:
 
     @task(outlets=[PRODUCTION])
     def record(verified: dict[str, Any], decision: dict[str, Any], outlet_events: Any = None) -> dict[str, Any]:
+        from tuneloop.notify import deploy_message, notify_task_event
         from tuneloop.pipeline import record_step
 
+        loop = _loop()
         gate_summary = {k: decision[k] for k in ("promote", "reasons", "slices", "report_key") if k in decision}
-        summary = record_step(_loop(), verified["version"], gate_summary)
+        summary = record_step(loop, verified["version"], gate_summary)
         if outlet_events is not None:
             outlet_events[PRODUCTION].extra = {"version": verified["version"]}
+        links = {"gate report": (decision.get("report_links") or {}).get("html")}
+        notify_task_event(lambda: loop, lambda _: deploy_message(summary, endpoints=loop.settings.vllm.endpoints, links=links))
         return summary
 
     @setup

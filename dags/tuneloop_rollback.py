@@ -52,6 +52,8 @@ def tuneloop_rollback() -> None:
 
         from airflow.sdk import Variable, get_current_context
 
+        from tuneloop.deploy import DeployError
+        from tuneloop.notify import deploy_rollback_message, notify_task_event, rollback_message
         from tuneloop.pipeline import open_task_loop, rollback_step
 
         loop = open_task_loop(
@@ -60,9 +62,19 @@ def tuneloop_rollback() -> None:
             progress=logging.getLogger("airflow.task").info,
             vllm_connection=_vllm_connection,
         )
-        result = rollback_step(loop, (params or {}).get("version") or "previous")
+        requested = (params or {}).get("version") or "previous"
+        try:
+            result = rollback_step(loop, requested)
+        except DeployError as err:  # the swap failed and restored what served before it
+            report = err.report.to_dict() if err.report is not None else {}
+            notify_task_event(lambda: loop, lambda _: deploy_rollback_message(report, version=requested))
+            raise
         if outlet_events is not None:
             outlet_events[PRODUCTION].extra = {"version": result["version"], "rollback_from": result["from"]}
+        context = get_current_context()
+        who = getattr(context.get("dag_run"), "triggering_user_name", None) or "unknown user"
+        reason = f"manual rollback (tuneloop_rollback run {context['run_id']}, triggered by {who})"
+        notify_task_event(lambda: loop, lambda _: rollback_message(result, requested=requested, reason=reason), context=context)
         return result
 
     rollback()
