@@ -370,6 +370,11 @@ def drift_history(store: Store) -> list[dict[str, Any]]:
 
 
 def _plot_drift_history(history: list[dict[str, Any]], store: Store) -> None:
+    store.put_bytes("drift/history.png", plot_drift_history(history))
+
+
+def plot_drift_history(history: list[dict[str, Any]]) -> bytes:
+    """The drift checks as a PNG: the AUC per check, and its p-value (red = drift)."""
     import io
 
     import matplotlib
@@ -396,7 +401,7 @@ def _plot_drift_history(history: list[dict[str, Any]], store: Store) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
-    store.put_bytes("drift/history.png", buffer.getvalue())
+    return buffer.getvalue()
 
 
 # --- refresh ------------------------------------------------------------------------------
