@@ -182,14 +182,17 @@ def cmd_build_model(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from tuneloop.pull import plan_pull, read_batch, write_dataset_snapshot
+    from tuneloop.intake_checks import IntakeOptions
+    from tuneloop.pull import check_batch, plan_pull, write_dataset_snapshot
 
     settings = _settings(args)
     store = _store(settings)
     progress = _progress(args)
     plan = plan_pull(store, since=args.since, until=args.until, incremental=args.incremental)
     progress(f"pulling {len(plan.keys)} files from {len(plan.days)} partitions ({plan.days[0]} .. {plan.days[-1]})")
-    batch = read_batch(store, plan)
+    batch, intake = check_batch(store, plan, IntakeOptions.from_settings(settings), eval_fraction=settings.data.eval_fraction, progress=progress)
+    for note in intake.notes:
+        progress(note)
     quality = None
     if not args.skip_quality:
         try:
@@ -197,7 +200,14 @@ def cmd_pull(args: argparse.Namespace) -> int:
         except ImportError as err:
             raise CliError(f"the quality gate needs great_expectations ({err}): run `.venv/bin/tuneloop pull` or pass --skip-quality") from None
         data = settings.data
-        quality = run_quality_gate(batch, max_quarantine_rate=data.max_quarantine_rate, min_accepted_rows=data.min_accepted_rows, progress=progress)
+        quality = run_quality_gate(
+            batch,
+            max_quarantine_rate=data.max_quarantine_rate,
+            min_accepted_rows=data.min_accepted_rows,
+            pii=data.pii,
+            intake=intake,
+            progress=progress,
+        )
         if not quality.passed:
             raise CliError(format_quality_failure(quality) + "\n  no snapshot written")
     result = write_dataset_snapshot(store, batch, plan, eval_fraction=settings.data.eval_fraction, quality=quality)
@@ -223,19 +233,47 @@ def _raw_lines(path: Path) -> list[bytes]:
     return [line.removesuffix(b"\r") for line in lines]
 
 
+def _eval_records(paths: Sequence[str]) -> list[dict[str, Any]]:
+    """Records of ``--eval`` JSONL files (lines that are not JSON objects with a prompt are skipped)."""
+    records = []
+    for path in paths:
+        for line in _raw_lines(Path(path)):
+            try:
+                record = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue
+            if isinstance(record, dict) and isinstance(record.get("prompt"), str):
+                records.append(record)
+    return records
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
+    from tuneloop.intake_checks import IntakeOptions, run_intake_checks, write_review_sample
     from tuneloop.validate import check_lines
 
     settings = _settings(args)
     data = settings.data
     progress = _progress(args)
+    options = IntakeOptions.from_settings(settings)
+    if args.tokenizer_dir:
+        options = IntakeOptions(**{**options.__dict__, "model_dir": Path(args.tokenizer_dir)})
     triples = [(str(path), number, line) for path in args.input for number, line in enumerate(_raw_lines(Path(path)), 1)]
-    batch = check_lines(triples)
-    progress(f"row checks: {len(batch.accepted)} of {batch.total} lines pass; running the Great Expectations suite")
+    eval_records = _eval_records(args.eval or [])
+    batch = check_lines(triples, progress=progress, expected=len(triples))
+    progress(f"row checks: {len(batch.accepted)} of {batch.total} lines pass; running the intake checks")
+    intake = run_intake_checks(batch, options, eval_records=eval_records, progress=progress)
+    for note in intake.notes:
+        progress(note)
+    progress(f"intake checks: {len(batch.accepted)} rows left; running the Great Expectations suite")
     from tuneloop.quality import format_quality_failure, run_quality_gate
 
     quality = run_quality_gate(
-        batch, max_quarantine_rate=data.max_quarantine_rate, min_accepted_rows=data.min_accepted_rows, progress=progress
+        batch,
+        max_quarantine_rate=data.max_quarantine_rate,
+        min_accepted_rows=data.min_accepted_rows,
+        pii=data.pii,
+        intake=intake,
+        progress=progress,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -244,7 +282,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     with open(out / "quarantined.jsonl", "w", encoding="utf-8") as handle:
         handle.writelines(json.dumps(row.to_json(), ensure_ascii=False) + "\n" for row in batch.quarantined)
     (out / "validation_result.json").write_text(json.dumps(quality.validation_result, indent=2, default=str) + "\n", encoding="utf-8")
-    summary = {**quality.summary(), "out": str(out), "inputs": [str(path) for path in args.input]}
+    summary = {**quality.summary(), "out": str(out), "inputs": [str(path) for path in args.input], "eval_inputs": list(args.eval or [])}
+    if args.review_sample:
+        summary["review_sample"] = write_review_sample(batch, out, args.review_sample, seed=args.review_seed)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     if batch.total != len(batch.accepted) + len(batch.quarantined):  # the invariant the files rest on
         raise CliError(f"internal error: {batch.total} lines but {len(batch.accepted)} + {len(batch.quarantined)} written")
@@ -253,6 +293,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
         f"of {quality.total} lines -> {out}/accepted.jsonl, {out}/quarantined.jsonl"
     ]
     human += [f"  {count:>5}  {reason}" for reason, count in sorted(quality.reasons.items(), key=lambda kv: -kv[1])]
+    checks = intake.summary()
+    labels = checks["labels"]
+    human.append(f"  tokens: {checks['tokens']['method']}, max {checks['tokens']['max_tokens']}; chat template: {checks['chat_template']['status']}")
+    if data.pii == "redact":
+        human.append(f"  pii redacted in {intake.redactions['rows']} rows: {intake.redactions}")
+    if labels["multi_labelled_rows"]:
+        human.append(f"  label agreement {labels['agreement']:.1%} over {labels['multi_labelled_rows']} multi-labelled rows; per field {labels['field_agreement']}")
+    if args.review_sample:
+        human.append(f"  review sample: {summary['review_sample']['rows']} rows -> {out}/review_sample.jsonl, {out}/review_sample.csv")
     if not quality.passed:
         human.append(format_quality_failure(quality))
     _emit(args, summary, "\n".join(human))
@@ -912,19 +961,42 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="check labelled JSONL rows: accepted and quarantined files, reasons, the batch verdict",
         description="Run the intake checks on labelled records, one JSON object per line with string fields "
-        "id, prompt, completion (the task's JSON answer) and optional domain, labelled_at. Each line is "
-        "parsed and checked (UTF-8, JSON object, required fields, completion parses and matches the "
-        "schema, unique id, at most 64 KiB), then the Great Expectations suite runs on the rows that "
-        "passed (prompt length, injection markers, domain, labelled_at format). Writes to OUT: "
-        "accepted.jsonl, quarantined.jsonl (each bad line verbatim with its source, line number and "
-        "reasons), validation_result.json (GX's full result) and summary.json. accepted + quarantined "
-        "always equals the number of input lines.",
+        "id, prompt, completion (the task's JSON answer) and optional domain, labelled_at and labels (a list "
+        "of completions from several annotators). Each line is parsed and checked (UTF-8, JSON object, "
+        "required fields, completion parses and matches the schema, unique id, at most 64 KiB); then the "
+        "LLM checks run: prompt + completion tokens within data.max_tokens (default training.max_seq_len; "
+        "the base model's tokenizer.json when the tokenizers library is installed, else an approximate "
+        "count, named in the summary), the chat template renders, card numbers (Luhn) under data.pii=flag "
+        "or redaction under data.pii=redact, labels agree, no near-duplicate of an earlier prompt "
+        "(word-shingle Jaccard >= data.near_duplicate_jaccard) and no leak of an --eval prompt; then the "
+        "Great Expectations suite runs on the rows that passed (prompt length, e-mail/phone, injection "
+        "markers, domain, labelled_at format). Writes to OUT: accepted.jsonl, quarantined.jsonl (each bad "
+        "line verbatim with its source, line number, reasons and, for near_duplicate/eval_leakage, the "
+        "matched_id), validation_result.json (GX's full result) and summary.json (with a 'checks' block: "
+        "token method, label agreement per field, redaction counts). accepted + quarantined always "
+        "equals the number of input lines.",
         epilog="Exit status: 0 when the batch passes the thresholds (data.max_quarantine_rate, "
         "data.min_accepted_rows), 1 when it fails them (files are written either way), 2 when an "
         "input cannot be read.",
     )
     p.add_argument("--input", required=True, action="append", help="a JSONL file of labelled rows (repeatable)")
     p.add_argument("--out", required=True, help="directory for accepted.jsonl, quarantined.jsonl and the reports")
+    p.add_argument(
+        "--eval", action="append", metavar="PATH",
+        help="a JSONL file of evaluation rows (repeatable): input rows whose prompt equals or nearly equals one "
+        "of theirs are quarantined as eval_leakage",
+    )
+    p.add_argument(
+        "--review-sample", type=int, default=0, metavar="N",
+        help="also write N rows, drawn with --review-seed from the accepted rows and the rows held back for "
+        "label_disagreement, to OUT/review_sample.jsonl and OUT/review_sample.csv for human review",
+    )
+    p.add_argument("--review-seed", type=int, default=0, metavar="SEED", help="seed of the review sample (default 0)")
+    p.add_argument(
+        "--tokenizer-dir", metavar="DIR", default=None,
+        help="directory with tokenizer.json and the chat template (default: data.tokenizer_dir, else the base "
+        "model's directory when it is local)",
+    )
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser(

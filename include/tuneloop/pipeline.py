@@ -425,13 +425,16 @@ def pull_step(loop: Loop, *, since: str | None = None, until: str | None = None,
 
 def validate_step(loop: Loop, plan_json: dict[str, Any]) -> dict[str, Any]:
     """Row checks + the Great Expectations suite; a failing batch stops the run before training."""
-    from tuneloop.pull import PullPlan, read_batch, write_dataset_snapshot
+    from tuneloop.intake_checks import IntakeOptions
+    from tuneloop.pull import PullPlan, check_batch, write_dataset_snapshot
     from tuneloop.quality import DataQualityError, format_quality_failure, run_quality_gate
 
     plan = PullPlan.from_json(plan_json)
-    batch = read_batch(loop.store, plan)
     data = loop.settings.data
-    report = run_quality_gate(batch, max_quarantine_rate=data.max_quarantine_rate, min_accepted_rows=data.min_accepted_rows, progress=loop.progress)
+    batch, intake = check_batch(loop.store, plan, IntakeOptions.from_settings(loop.settings), eval_fraction=data.eval_fraction, progress=loop.progress)
+    report = run_quality_gate(
+        batch, max_quarantine_rate=data.max_quarantine_rate, min_accepted_rows=data.min_accepted_rows, pii=data.pii, intake=intake, progress=loop.progress
+    )
     loop.progress(f"quality: {report.accepted} accepted, {report.quarantined} quarantined of {report.total}: {report.reasons}")
     if not report.passed:
         prefix = f"quality/{loop.run_key}"

@@ -6,6 +6,11 @@ plus ``gx_validation_result.json`` when the Great Expectations gate ran.
 The hash covers the data files only, so pulling the same partitions twice gives the same
 hash. The train/eval split is a stable function of each row's id. Every input line ends up
 in exactly one of train, eval or quarantine.
+
+:func:`check_batch` adds the intake checks (``intake_checks``) to the row checks; its eval-leakage
+check compares the batch's train-side rows with its eval-side rows (the split is known before the
+snapshot, being a function of the id), the fixed held-out sets ``heldout/*.jsonl`` and the latest
+snapshot's ``eval.jsonl``.
 """
 
 from __future__ import annotations
@@ -21,12 +26,14 @@ from tuneloop.validate import CheckedBatch, check_lines
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
+    from tuneloop.intake_checks import IntakeOptions, IntakeReport
     from tuneloop.quality import QualityReport
     from tuneloop.storage import Store
 
 LABELLED_PREFIX = "labelled"
 SNAPSHOT_PREFIX = "snapshots"
 LATEST_POINTER = f"{SNAPSHOT_PREFIX}/LATEST"
+HELDOUT_PREFIX = "heldout"
 
 
 class NoNewDataError(RuntimeError):
@@ -100,9 +107,50 @@ def _partition_lines(store: Store, keys: list[str]) -> Iterator[tuple[str, int, 
             yield key, number, raw.rstrip(b"\r")
 
 
-def read_batch(store: Store, plan: PullPlan) -> CheckedBatch:
+def read_batch(store: Store, plan: PullPlan, *, progress: Callable[[str], None] | None = None) -> CheckedBatch:
     """Read and row-check every line of the planned partitions."""
-    return check_lines(_partition_lines(store, plan.keys))
+    return check_lines(_partition_lines(store, plan.keys), progress=progress)
+
+
+def stored_eval_records(store: Store) -> list[dict[str, Any]]:
+    """Evaluation rows already in the store: the held-out sets and the latest snapshot's eval split."""
+    keys = [key for key in store.list(f"{HELDOUT_PREFIX}/") if key.endswith(".jsonl")]
+    latest = latest_snapshot(store)
+    if latest and store.exists(f"{SNAPSHOT_PREFIX}/{latest}/eval.jsonl"):
+        keys.append(f"{SNAPSHOT_PREFIX}/{latest}/eval.jsonl")
+    records: list[dict[str, Any]] = []
+    for key in keys:
+        for line in store.get_text(key).splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("prompt"), str):
+                records.append(record)
+    return records
+
+
+def check_batch(
+    store: Store,
+    plan: PullPlan,
+    options: IntakeOptions,
+    *,
+    eval_fraction: float,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[CheckedBatch, IntakeReport]:
+    """Row checks, then the intake checks (tokens, chat template, PII, labels, near-duplicates,
+    eval leakage against this batch's eval side and the stored eval rows)."""
+    from tuneloop.intake_checks import run_intake_checks
+
+    batch = read_batch(store, plan, progress=progress)
+    report = run_intake_checks(
+        batch,
+        options,
+        eval_records=stored_eval_records(store),
+        is_eval=lambda record_id: is_eval_id(record_id, eval_fraction),
+        progress=progress,
+    )
+    return batch, report
 
 
 def write_dataset_snapshot(
@@ -154,13 +202,19 @@ def pull_snapshot(
     until: date | None = None,
     eval_fraction: float = 0.2,
     incremental: bool = False,
+    checks: IntakeOptions | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Plan, read, row-check and snapshot (the quality gate runs in the refresh DAG)."""
+    """Plan, read, check and snapshot (the quality gate runs in the refresh DAG).
+
+    ``checks`` adds the intake checks to the row checks (see :func:`check_batch`)."""
     plan = plan_pull(store, since=since, until=until, incremental=incremental)
     if progress:
         progress(f"pulling {len(plan.keys)} files from {len(plan.days)} partitions ({plan.days[0]} .. {plan.days[-1]})")
-    batch = read_batch(store, plan)
+    if checks is not None:
+        batch, _ = check_batch(store, plan, checks, eval_fraction=eval_fraction, progress=progress)
+    else:
+        batch = read_batch(store, plan, progress=progress)
     result = write_dataset_snapshot(store, batch, plan, eval_fraction=eval_fraction)
     if progress:
         progress(f"snapshot {result['snapshot'][:12]}: {result['counts']}")

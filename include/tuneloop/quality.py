@@ -1,7 +1,9 @@
 """The data quality gate: a Great Expectations 1.x suite over rows that passed the row checks.
 
 Row-level expectations mark individual rows; every row an expectation rejects is moved to
-quarantine with the reason ``gx:<expectation>:<column>``. Batch thresholds (quarantine rate,
+quarantine with the reason ``gx:<expectation>:<column>``. PII follows ``data.pii``: ``flag`` keeps
+the e-mail/phone regex expectation (card numbers too, unless the intake checks ran: they test
+card numbers with the Luhn checksum, which a regex cannot), ``redact``/``off`` drop it. Batch thresholds (quarantine rate,
 minimum accepted rows) raise :class:`DataQualityError` whose message lists every failing
 expectation with its counts, so the task log alone says why a refresh stopped.
 """
@@ -19,13 +21,22 @@ from tuneloop.validate import CheckedBatch, QuarantinedRow
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from tuneloop.intake_checks import IntakeReport
+
 DOMAINS = ["original", "drifted"]
+# The regexes are written so that ``re`` scans fast (it runs them over every prompt); each finds
+# a match exactly where its plain form does: e-mail ``[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}``,
+# injection ``(?i)(ignore (all |any )?(previous|prior|above) instructions|disregard (the )?(system|previous)
+# prompt|you are now)``. The card pattern is the one used when the intake checks (Luhn) did not run.
 PII_PATTERNS = {
-    "email": r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}",
+    "email": r"@(?<=[A-Za-z0-9._%+-]@)[A-Za-z0-9.-]+\.[A-Za-z]{2,}",  # starts with "@": re jumps from "@" to "@"
     "card_number": r"\b(?:\d[ -]?){13,16}\b",
     "phone": r"\+\d{1,3}[ -]?\(?\d{2,4}\)?[ -]?\d{3,4}[ -]?\d{3,4}",
 }
-INJECTION_PATTERN = r"(?i)(ignore (all |any )?(previous|prior|above) instructions|disregard (the )?(system|previous) prompt|you are now)"
+INJECTION_PATTERN = (
+    r"[IiDdYy](?i:(?<=i)gnore (?:all |any )?(?:previous|prior|above) instructions"
+    r"|(?<=d)isregard (?:the )?(?:system|previous) prompt|(?<=y)ou are now)"
+)
 ISO_TIMESTAMP = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:?\d{2})?$"
 
 
@@ -49,9 +60,10 @@ class QualityReport:
     validation_result: dict[str, Any]
     passed: bool
     failures: list[str]
+    checks: dict[str, Any] | None = None  # the intake checks' summary, when they ran
 
     def summary(self) -> dict[str, Any]:
-        return {
+        summary = {
             "total": self.total,
             "accepted": self.accepted,
             "quarantined": self.quarantined,
@@ -60,9 +72,12 @@ class QualityReport:
             "failures": self.failures,
             "expectations": self.expectations,
         }
+        if self.checks is not None:
+            summary["checks"] = self.checks
+        return summary
 
 
-def _build_suite(gx: Any, *, min_prompt_chars: int, max_prompt_chars: int) -> Any:
+def _build_suite(gx: Any, *, min_prompt_chars: int, max_prompt_chars: int, pii_patterns: list[str]) -> Any:
     suite = gx.ExpectationSuite(name="tuneloop_labelled_rows")
     expect = gx.expectations
     suite.add_expectation(expect.ExpectColumnValuesToBeUnique(column="id"))
@@ -70,7 +85,8 @@ def _build_suite(gx: Any, *, min_prompt_chars: int, max_prompt_chars: int) -> An
     suite.add_expectation(expect.ExpectColumnValuesToNotBeNull(column="domain"))
     suite.add_expectation(expect.ExpectColumnValuesToBeInSet(column="domain", value_set=DOMAINS, mostly=1.0))
     suite.add_expectation(expect.ExpectColumnValuesToMatchRegex(column="labelled_at", regex=ISO_TIMESTAMP))
-    suite.add_expectation(expect.ExpectColumnValuesToNotMatchRegexList(column="prompt", regex_list=list(PII_PATTERNS.values())))
+    if pii_patterns:
+        suite.add_expectation(expect.ExpectColumnValuesToNotMatchRegexList(column="prompt", regex_list=pii_patterns))
     suite.add_expectation(expect.ExpectColumnValuesToNotMatchRegex(column="prompt", regex=INJECTION_PATTERN))
     return suite
 
@@ -82,10 +98,15 @@ def run_quality_gate(
     min_accepted_rows: int,
     min_prompt_chars: int = 40,
     max_prompt_chars: int = 4000,
+    pii: str = "flag",
+    intake: IntakeReport | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> QualityReport:
     """Run the GX suite on ``batch.accepted``, move failing rows to ``batch.quarantined``,
-    then apply the batch thresholds (raising :class:`DataQualityError`)."""
+    then apply the batch thresholds (the caller raises :class:`DataQualityError`).
+
+    ``intake`` is the report of :func:`tuneloop.intake_checks.run_intake_checks` when it ran
+    on this batch: its summary joins the report and card numbers are left to its Luhn check."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations as gx
     import pandas as pd
@@ -107,7 +128,8 @@ def run_quality_gate(
         pass
     asset = context.data_sources.add_pandas("tuneloop").add_dataframe_asset("labelled_rows")
     batch_definition = asset.add_batch_definition_whole_dataframe("batch")
-    suite = context.suites.add(_build_suite(gx, min_prompt_chars=min_prompt_chars, max_prompt_chars=max_prompt_chars))
+    pii_patterns = [] if pii != "flag" else [p for kind, p in PII_PATTERNS.items() if intake is None or kind != "card_number"]
+    suite = context.suites.add(_build_suite(gx, min_prompt_chars=min_prompt_chars, max_prompt_chars=max_prompt_chars, pii_patterns=pii_patterns))
     validation = context.validation_definitions.add(gx.ValidationDefinition(name="tuneloop_intake", data=batch_definition, suite=suite))
     if progress:
         progress(f"Great Expectations: {len(suite.expectations)} expectations on {len(rows)} rows")
@@ -156,6 +178,7 @@ def run_quality_gate(
         validation_result=result.to_json_dict(),
         passed=not failures,
         failures=failures,
+        checks=intake.summary() if intake is not None else None,
     )
     return report
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from tuneloop import task
+from tuneloop.cli import main
 from tuneloop.pull import (
     NoNewDataError,
     is_eval_id,
@@ -137,3 +138,28 @@ def test_batch_over_threshold_fails_with_counts_per_reason(store: LocalStore) ->
     assert "not_json: 1" in message and "duplicate_id: 1" in message
     with pytest.raises(DataQualityError):
         raise DataQualityError(message, report.summary())
+
+
+def test_cli_pull_quarantines_a_near_duplicate_and_an_eval_leak(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`tuneloop pull` runs the same intake checks as the refresh DAG before its GX gate."""
+    monkeypatch.setenv("TUNELOOP_HOME", str(tmp_path))
+    store = LocalStore(tmp_path / ".tuneloop/store")
+    rows = [_row(i) for i in range(60)]
+    heldout = _row(900, prompt=task.make_prompt("Held-out invoice HX-77 from Borealis GmbH dated 2026-01-05, total EUR 99.00 for audit work."))
+    leak_id = next(f"r{i:04d}" for i in range(100, 200) if not is_eval_id(f"r{i:04d}", 0.2))  # a train-side row
+    near = _row(60, prompt=str(rows[7]["prompt"]) + " Thanks")  # one word more than r0007: Jaccard 0.95
+    leak = _row(61, id=leak_id, prompt=heldout["prompt"])
+    store.put_bytes("heldout/original.jsonl", _line(heldout))
+    store.put_bytes("labelled/dt=2026-01-01/part-00000.jsonl", b"".join(_line(r) for r in [*rows, near, leak]))
+
+    assert main(["pull", "--json", "-q"]) == 0
+    pulled = json.loads(capsys.readouterr().out)
+    assert pulled["counts"]["total"] == 62 and pulled["counts"]["quarantined"] == 2
+    assert pulled["reasons"] == {"eval_leakage": 1, "near_duplicate": 1}
+    quarantine = [json.loads(line) for line in store.get_text(f"snapshots/{pulled['snapshot']}/quarantine.jsonl").splitlines()]
+    assert sorted((json.loads(q["raw"])["id"], q["reasons"], q["matched_id"]) for q in quarantine) == [
+        ("r0060", ["near_duplicate"], "r0007"),
+        (leak_id, ["eval_leakage"], "r0900"),
+    ]
+    checks = read_snapshot_manifest(store, "snapshots", pulled["snapshot"])["validation"]["checks"]
+    assert checks["quarantined"] == {"eval_leakage": 1, "near_duplicate": 1} and checks["eval_leakage"]["eval_rows"] >= 1
