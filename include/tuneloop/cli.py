@@ -122,6 +122,11 @@ def _find_adapter(settings: Settings, store: Store, adapter: str) -> Path:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
+    if args.table:
+        from tuneloop.config import settings_table
+
+        print(settings_table())
+        return 0
     settings = _settings(args)
     data = settings.model_dump(mode="json")
     if data["vllm"].get("api_key"):
@@ -415,7 +420,7 @@ def _with_replay(
     _, earlier = _snapshot_records(store, earlier_snapshot, "train")
     mixed, n = mix_replay(records, earlier, training.replay_fraction, seed=training.seed)
     progress(f"replay: {n} rows of production {production}'s snapshot {earlier_snapshot[:12]} ({n / len(mixed):.0%} of {len(mixed)})")
-    return mixed, f"{snapshot}+replay-{earlier_snapshot[:12]}-{n}", n
+    return [dict(row) for row in mixed], f"{snapshot}+replay-{earlier_snapshot[:12]}-{n}", n
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -845,6 +850,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("config", parents=[common], help="print the effective settings (secrets masked)")
+    p.add_argument("--table", action="store_true", help="print every key with its default and meaning as a Markdown table (the README's)")
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser(

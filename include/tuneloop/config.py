@@ -516,3 +516,44 @@ def _anchor_paths(settings: Settings, home: Path) -> Settings:
     settings.model.demo_model_dir = anchor(settings.model.demo_model_dir)
     settings.vllm.adapter_dir = anchor(settings.vllm.adapter_dir)
     return settings
+
+
+def settings_table() -> str:
+    """Every settings key as a Markdown table: key, default, what it does (the README's table)."""
+    import json
+
+    defaults = Settings().model_dump(mode="json")
+    comments = _yaml_comments(resources.files("tuneloop").joinpath("defaults/tuneloop.yaml").read_text())
+    lines = ["| key | default | what it does |", "| --- | --- | --- |"]
+
+    def walk(model: type[BaseModel], values: Mapping[str, Any], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                walk(annotation, values[name], f"{prefix}{name}.")
+                continue
+            value = json.dumps(values[name])
+            value = value if len(value) <= 48 else value[:45] + "..."
+            text = (field.description or comments.get(f"{prefix}{name}", "")).replace("|", "/")
+            lines.append(f"| `{prefix}{name}` | `{value}` | {text} |")
+
+    walk(Settings, defaults, "")
+    return "\n".join(lines)
+
+
+def _yaml_comments(text: str) -> dict[str, str]:
+    """``section.key`` -> the trailing comment of its line in the defaults file."""
+    found: dict[str, str] = {}
+    section = ""
+    for line in text.splitlines():
+        match = re.match(r"^(\s*)([a-z_]+):(.*?)(?:\s+#\s*(.*))?$", line)
+        if not match:
+            continue
+        indent, key, _, comment = match.groups()
+        if not indent:
+            section = key
+        name = key if not indent else f"{section}.{key}"
+        if comment and len(indent) <= 2:
+            found[name] = comment
+    return found
+

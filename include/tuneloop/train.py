@@ -635,7 +635,8 @@ def fit(
         losses, eval_losses = list(state["losses"]), [list(e) for e in state["eval_losses"]]
         tokens_seen, seconds_before = int(state["tokens"]), float(state["seconds"])
         best = dict(state["best"])
-        tracker.note(f"resumed from the checkpoint at step {first_step}/{total_steps} ({checkpointer.path})")
+        where = checkpointer.path if checkpointer is not None else None
+        tracker.note(f"resumed from the checkpoint at step {first_step}/{total_steps} ({where})")
     batches = micro_batch_stream(lengths, settings.batch_size, settings.seed, skip=micro_done, grouped=settings.batching == "length_grouped")
     window: list[float] = []
     stopped_early = False
@@ -777,7 +778,8 @@ def split_validation(records: Sequence[Mapping[str, Any]], fraction: float) -> t
     """(train, validation): a stable share of rows by id hash, never the gate's eval split."""
     if fraction <= 0:
         return list(records), []
-    train, validation = [], []
+    train: list[Mapping[str, Any]] = []
+    validation: list[Mapping[str, Any]] = []
     for index, record in enumerate(records):
         key = f"validation:{record.get('id', index)}".encode()
         share = int.from_bytes(hashlib.sha256(key).digest()[:8], "big") / 2**64
