@@ -186,6 +186,21 @@ def cmd_build_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quality_gate(batch: Any, settings: Settings, intake: Any, progress: Callable[[str], None]) -> Any:
+    """The Great Expectations suite and the batch thresholds with the ``data`` settings."""
+    from tuneloop.quality import run_quality_gate
+
+    data = settings.data
+    return run_quality_gate(
+        batch,
+        max_quarantine_rate=data.max_quarantine_rate,
+        min_accepted_rows=data.min_accepted_rows,
+        pii=data.pii,
+        intake=intake,
+        progress=progress,
+    )
+
+
 def cmd_pull(args: argparse.Namespace) -> int:
     from tuneloop.intake_checks import IntakeOptions
     from tuneloop.pull import check_batch, plan_pull, write_dataset_snapshot
@@ -201,18 +216,10 @@ def cmd_pull(args: argparse.Namespace) -> int:
     quality = None
     if not args.skip_quality:
         try:
-            from tuneloop.quality import format_quality_failure, run_quality_gate
+            from tuneloop.quality import format_quality_failure
         except ImportError as err:
             raise CliError(f"the quality gate needs great_expectations ({err}): run `.venv/bin/tuneloop pull` or pass --skip-quality") from None
-        data = settings.data
-        quality = run_quality_gate(
-            batch,
-            max_quarantine_rate=data.max_quarantine_rate,
-            min_accepted_rows=data.min_accepted_rows,
-            pii=data.pii,
-            intake=intake,
-            progress=progress,
-        )
+        quality = _quality_gate(batch, settings, intake, progress)
         if not quality.passed:
             raise CliError(format_quality_failure(quality) + "\n  no snapshot written")
     result = write_dataset_snapshot(store, batch, plan, eval_fraction=settings.data.eval_fraction, quality=quality)
@@ -270,16 +277,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for note in intake.notes:
         progress(note)
     progress(f"intake checks: {len(batch.accepted)} rows left; running the Great Expectations suite")
-    from tuneloop.quality import format_quality_failure, run_quality_gate
+    from tuneloop.quality import format_quality_failure
 
-    quality = run_quality_gate(
-        batch,
-        max_quarantine_rate=data.max_quarantine_rate,
-        min_accepted_rows=data.min_accepted_rows,
-        pii=data.pii,
-        intake=intake,
-        progress=progress,
-    )
+    quality = _quality_gate(batch, settings, intake, progress)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "accepted.jsonl", "w", encoding="utf-8") as handle:

@@ -15,7 +15,7 @@ gate and the deploy. ``gate`` and ``record`` are the real steps on a local store
 
 from __future__ import annotations
 
-import json
+import functools
 import logging
 import os
 import secrets
@@ -31,6 +31,7 @@ from urllib.parse import quote
 
 import httpx
 import pytest
+import stand_ins
 from processes import free_port, stop_process_tree
 
 if TYPE_CHECKING:
@@ -93,17 +94,6 @@ def api(airflow_db: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[h
 # --- the loop's stand-ins around the real gate ------------------------------------------------
 
 
-def _scores(gain: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Production and candidate on 30 + 30 held-out rows: the candidate gains on `drifted`."""
-    baseline, candidate = [], []
-    for name, delta in (("drifted", gain), ("original", 0.0)):
-        for i in range(30):
-            base = (i % 4) / 6
-            baseline.append({"id": f"{name}-{i}", "slice": name, "score": base})
-            candidate.append({"id": f"{name}-{i}", "slice": name, "score": base + (delta if i % 3 else 0.0)})
-    return baseline, candidate
-
-
 @pytest.fixture
 def loop_world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     """A local store whose production is v1, and stand-ins that train v2 to beat it."""
@@ -128,25 +118,6 @@ def loop_world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any
     registry.move_aliases({"production": "v1"}, reason="test setup")
     calls: list[str] = []
 
-    def train_step(loop: Any, snapshot: str) -> dict[str, Any]:
-        version = loop.registry.next_version()
-        loop.registry.register(version, adapter_key=f"adapters/{version}", snapshot=snapshot, base_model="demo", run_id=loop.run_id)
-        loop.registry.move_aliases({"candidate": version}, reason="trained", run_id=loop.run_id)
-        return {"version": version, "snapshot": snapshot}
-
-    def evaluate_step(loop: Any, train: dict[str, Any]) -> dict[str, Any]:
-        baseline, candidate = _scores(gain=1 / 6)
-        prefix = f"evals/{train['version']}/{loop.run_key}"
-        for role, rows in (("production", baseline), ("candidate", candidate)):
-            loop.store.put_text(f"{prefix}/{role}/scores.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-        return {
-            "version": train["version"],
-            "snapshot": train["snapshot"],
-            "production": "v1",
-            "candidate_eval": {"scores_key": f"{prefix}/candidate/scores.jsonl"},
-            "production_eval": {"scores_key": f"{prefix}/production/scores.jsonl"},
-        }
-
     def stand_in(name: str, result: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
         def step(*args: Any, **kwargs: Any) -> dict[str, Any]:
             calls.append(name)
@@ -156,8 +127,8 @@ def loop_world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any
 
     monkeypatch.setattr(pipeline, "pull_step", stand_in("pull", lambda loop, **_: {"partitions": []}))
     monkeypatch.setattr(pipeline, "validate_step", stand_in("validate", lambda loop, plan: {"snapshot": "0" * 64, "counts": {}}))
-    monkeypatch.setattr(pipeline, "train_step", stand_in("train", train_step))
-    monkeypatch.setattr(pipeline, "evaluate_step", stand_in("evaluate", evaluate_step))
+    monkeypatch.setattr(pipeline, "train_step", stand_in("train", functools.partial(stand_ins.train_step, move_candidate=True)))
+    monkeypatch.setattr(pipeline, "evaluate_step", stand_in("evaluate", stand_ins.evaluate_step(gain=1 / 6)))
     monkeypatch.setattr(pipeline, "reconcile_step", stand_in("reconcile", lambda loop: {"production": loop.registry.aliases()["production"]}))
     monkeypatch.setattr(pipeline, "deploy_step", stand_in("deploy", lambda loop, version, **_: {"version": version}))
     monkeypatch.setattr(pipeline, "verify_step", stand_in("verify", lambda loop, version: {"version": version}))

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+import stand_ins
 from processes import free_port
 
 if TYPE_CHECKING:
@@ -208,16 +209,6 @@ def _states(run: Any) -> dict[str, str]:
     return {ti.task_id: str(ti.state).rsplit(".", 1)[-1].lower() for ti in run.get_task_instances()}
 
 
-def _scores(gain: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    baseline, candidate = [], []
-    for name, delta in (("drifted", gain), ("original", 0.0)):
-        for i in range(30):
-            base = (i % 4) / 6
-            baseline.append({"id": f"{name}-{i}", "slice": name, "score": base})
-            candidate.append({"id": f"{name}-{i}", "slice": name, "score": base + (delta if i % 3 else 0.0)})
-    return baseline, candidate
-
-
 def _refresh_stand_ins(monkeypatch: pytest.MonkeyPatch, *, gain: float, deploy: Callable[..., dict[str, Any]] | None = None) -> Any:
     """Production v1 in a local store; stand-ins for the ML and vLLM steps (gate and record are real)."""
     from tuneloop import pipeline
@@ -229,28 +220,10 @@ def _refresh_stand_ins(monkeypatch: pytest.MonkeyPatch, *, gain: float, deploy: 
     registry.register("v1", adapter_key="adapters/v1", snapshot=None, base_model="demo")
     registry.move_aliases({"production": "v1"}, reason="test setup")
 
-    def train_step(loop: Any, snapshot: str) -> dict[str, Any]:
-        version = loop.registry.next_version()
-        loop.registry.register(version, adapter_key=f"adapters/{version}", snapshot=snapshot, base_model="demo", run_id=loop.run_id)
-        return {"version": version, "snapshot": snapshot}
-
-    def evaluate_step(loop: Any, train: dict[str, Any]) -> dict[str, Any]:
-        baseline, candidate = _scores(gain)
-        prefix = f"evals/{train['version']}/{loop.run_key}"
-        for role, rows in (("production", baseline), ("candidate", candidate)):
-            loop.store.put_text(f"{prefix}/{role}/scores.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-        return {
-            "version": train["version"],
-            "snapshot": train["snapshot"],
-            "production": "v1",
-            "candidate_eval": {"scores_key": f"{prefix}/candidate/scores.jsonl"},
-            "production_eval": {"scores_key": f"{prefix}/production/scores.jsonl"},
-        }
-
     monkeypatch.setattr(pipeline, "pull_step", lambda loop, **_: {"partitions": []})
     monkeypatch.setattr(pipeline, "validate_step", lambda loop, plan: {"snapshot": "0" * 64, "counts": {}})
-    monkeypatch.setattr(pipeline, "train_step", train_step)
-    monkeypatch.setattr(pipeline, "evaluate_step", evaluate_step)
+    monkeypatch.setattr(pipeline, "train_step", stand_ins.train_step)
+    monkeypatch.setattr(pipeline, "evaluate_step", stand_ins.evaluate_step(gain))
     monkeypatch.setattr(pipeline, "reconcile_step", lambda loop: {"production": loop.registry.aliases()["production"]})
     monkeypatch.setattr(pipeline, "deploy_step", deploy or (lambda loop, version, **_: {"version": version}))
     monkeypatch.setattr(pipeline, "verify_step", lambda loop, version: {"version": version})
