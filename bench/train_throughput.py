@@ -76,14 +76,15 @@ def records(n: int, seed: int) -> list[dict[str, Any]]:
     return [world.make_labelled_record(rng, "original" if i % 2 else "drifted", f"b{seed}-{i}", now) for i in range(n)]
 
 
-def run_tuneloop(base: Path, data: list[dict[str, Any]], held_out: list[dict[str, Any]], settings: Any, device: str, dtype: str) -> dict[str, Any]:
+def run_tuneloop(base: Path, data: list[dict[str, Any]], held_out: list[dict[str, Any]], settings: Any, device: str, dtype: str, train_dtype: str) -> dict[str, Any]:
+    """``train_dtype`` trains; the eval loss is measured in ``dtype``, as the baseline's."""
     from tuneloop.train import eval_loss, fit, load_lora_model, tokenize_records
 
     model, tokenizer = load_lora_model(base, settings, device, dtype)
     examples, _ = tokenize_records(tokenizer, data, settings.max_seq_len)
     pad = tokenizer.pad_token_id
     _sync(device)
-    stats = fit(model, examples, settings, pad_id=pad, device=device, dtype=dtype, progress=lambda m: print("   ", m, flush=True))
+    stats = fit(model, examples, settings, pad_id=pad, device=device, dtype=train_dtype, progress=lambda m: print("   ", m, flush=True))
     _sync(device)
     held, _ = tokenize_records(tokenizer, held_out, settings.max_seq_len)
     loss = eval_loss(model, held, settings, pad_id=pad, device=device, dtype=dtype)
@@ -150,6 +151,8 @@ def main() -> int:
     parser.add_argument("--order", choices=["baseline-first", "tuneloop-first"], default="baseline-first")
     parser.add_argument("--packing", choices=["on", "off"], default=None, help="override training.packing for tuneloop's run")
     parser.add_argument("--batching", choices=["length_grouped", "random"], default=None, help="override training.batching")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="training.dtype for tuneloop's run (bfloat16 autocast also runs on CPUs with avx512_bf16/AMX)")
+    parser.add_argument("--seed", type=int, default=0, help="training.seed (LoRA init, batch order) of both trainers")
     parser.add_argument("--skip-baseline", action="store_true", help="only tuneloop's run (to compare its own settings)")
     parser.add_argument("--baseline-sdpa", choices=["default", "no-cudnn"], default="default", help="no-cudnn: give the baseline tuneloop's attention kernels (GPU)")
     parser.add_argument("--json-out", help="write the results here too")
@@ -166,10 +169,12 @@ def main() -> int:
     held_out = records(128, seed=99)
     settings = TrainingSettings(
         max_steps=args.steps, batch_size=args.batch_size, lora_rank=args.rank, lora_alpha=2 * args.rank,
-        learning_rate=args.lr, max_seq_len=512, log_every=max(1, args.steps // 4), checkpoint_every=0,
+        learning_rate=args.lr, max_seq_len=512, log_every=max(1, args.steps // 4), checkpoint_every=0, seed=args.seed,
     )
     overrides = {"packing": args.packing == "on"} if args.packing else {}
     overrides.update({"batching": args.batching} if args.batching else {})
+    if args.dtype != "auto":
+        overrides["dtype"] = args.dtype
     settings = settings.model_copy(update=overrides)
     with tempfile.TemporaryDirectory() as tmp:
         if args.shape == "demo":
@@ -186,7 +191,7 @@ def main() -> int:
         print(f"{args.shape}: {n_params / 1e6:.0f}M parameters on {gpu} ({dtype}); {len(data)} rows, {args.steps} steps of {args.batch_size}", flush=True)
         runs = {
             "hf-trainer": lambda: run_hf_trainer(base, data, held_out, settings, device, dtype, Path(tmp) / "hf", args.baseline_sdpa),
-            "tuneloop": lambda: run_tuneloop(base, data, held_out, settings, device, dtype),
+            "tuneloop": lambda: run_tuneloop(base, data, held_out, settings, device, dtype, resolve_device("auto", settings.dtype)[1]),
         }
         order = list(runs) if args.order == "baseline-first" else list(reversed(runs))
         if args.skip_baseline:
@@ -211,7 +216,7 @@ def main() -> int:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
         memory = f"{r['peak_memory_gib']:.1f}" if "peak_memory_gib" in r else "-"
         print(f"{name:<12} {r['tokens_per_second']:>10,.0f} {r['eval_loss']:>10.4f} {r['model_tflops']:>8.2f} {mfu:>6} {memory:>9}")
-    print(f"tuneloop settings: packing={settings.packing} batching={settings.batching}")
+    print(f"tuneloop settings: packing={settings.packing} batching={settings.batching} dtype={settings.dtype}")
     if args.skip_baseline:
         return 0
     ratio = results["tuneloop"]["tokens_per_second"] / results["hf-trainer"]["tokens_per_second"]

@@ -67,5 +67,11 @@ airflow dags test tuneloop_refresh 2026-03-05 > .tuneloop/demo-refresh-v2.log 2>
 
 step "summary (logs in .tuneloop/demo-*.log)"
 "$TL" status
+if [[ -x /usr/bin/chromium && "${DEMO_SCREENSHOT:-1}" == 1 ]]; then
+  step "the tuneloop view in the Airflow UI, screenshot in headless Chromium"
+  "$ROOT/.venv/bin/python" scripts/screenshot_ui.py --store .tuneloop/store --out .tuneloop/screenshots > .tuneloop/demo-screenshot.log 2>&1 \
+    && echo "  .tuneloop/screenshots/tuneloop-view.png (the page) and airflow-ui-tuneloop-nav.png (inside the Airflow UI)" \
+    || echo "  screenshot failed (the demo itself succeeded); log: .tuneloop/demo-screenshot.log"
+fi
 echo
-echo "demo finished in $(( $(date +%s) - START ))s; store: .tuneloop/store; Airflow UI: make airflow"
+echo "demo finished in $(( $(date +%s) - START ))s; store: .tuneloop/store; Airflow UI with the tuneloop view: make airflow"

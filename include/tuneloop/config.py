@@ -122,7 +122,7 @@ class TrainingSettings(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     log_every: int = Field(10, ge=1)
-    packing: bool = Field(True, description="pack each micro-batch's rows into max_seq_len rows (no padding waste; attention stays within a row's own example)")
+    packing: bool = Field(False, description="pack each micro-batch's rows into max_seq_len rows with a block-diagonal mask; pays off for many short rows, not for the demo's")
     batching: Literal["length_grouped", "random"] = Field("length_grouped", description="micro-batches of similar length (less padding and packing mask work) or plain shuffled")
     gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass: less GPU memory, ~30% slower")
     checkpoint_every: int = Field(25, ge=0, description="save optimizer + LoRA state every N steps beside the output; a re-run resumes from it; 0: never")

@@ -130,10 +130,12 @@ def test_supervised_only_head_equals_the_full_forward(tiny_model: Path, records:
 
 def test_gradient_checkpointing_changes_memory_not_the_adapter(tiny_model: Path, records: list[dict[str, Any]], tmp_path: Path) -> None:
     quiet = {"progress": lambda _: None}
-    plain = train_lora(tiny_model, records, tmp_path / "plain", TrainingSettings(max_steps=3, **SMALL), **quiet)
+    # packed end to end as well (packing is off by default)
+    plain = train_lora(tiny_model, records, tmp_path / "plain", TrainingSettings(max_steps=3, packing=True, **SMALL), **quiet)
     checkpointed = train_lora(
-        tiny_model, records, tmp_path / "gc", TrainingSettings(max_steps=3, gradient_checkpointing=True, **SMALL), **quiet
+        tiny_model, records, tmp_path / "gc", TrainingSettings(max_steps=3, packing=True, gradient_checkpointing=True, **SMALL), **quiet
     )
+    assert plain.packing and checkpointed.packing
     assert checkpointed.loss_history == pytest.approx(plain.loss_history, rel=1e-4)
     assert _max_diff(_adapter(tmp_path / "plain"), _adapter(tmp_path / "gc")) < 1e-5
 
