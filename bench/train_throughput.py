@@ -221,7 +221,7 @@ def main() -> int:
         return 0
     ratio = results["tuneloop"]["tokens_per_second"] / results["hf-trainer"]["tokens_per_second"]
     delta = results["tuneloop"]["eval_loss"] - results["hf-trainer"]["eval_loss"]
-    print(f"ratio tuneloop/hf-trainer: {ratio:.2f}x tokens/s; eval loss {delta:+.4f} ({'equal or better' if delta <= 0.01 else 'worse'})")
+    print(f"ratio tuneloop/hf-trainer: {ratio:.2f}x tokens/s; eval loss {delta:+.4f} ({'equal or better' if delta <= 0 else 'worse'})")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"baseline_sdpa": args.baseline_sdpa, "shape": args.shape, "params": n_params, "device": gpu, "dtype": dtype, "steps": args.steps, "batch_size": args.batch_size, "ratio": ratio, "results": results}, indent=2))
     return 0
