@@ -28,10 +28,10 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from tuneloop.config import Settings, load_settings
+from tuneloop.config import CONFIG_ENV, Settings, load_settings
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Mapping
 
     from tuneloop.registry import Registry
     from tuneloop.storage import Store
@@ -60,11 +60,17 @@ class Loop:
         return re.sub(r"[^A-Za-z0-9._=-]+", "_", self.run_id)[:120]
 
 
-def open_loop(config_path: str | None = None, *, run_id: str | None = None, progress: Callable[[str], None] | None = None) -> Loop:
+def open_loop(
+    config_path: str | None = None,
+    *,
+    run_id: str | None = None,
+    progress: Callable[[str], None] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Loop:
     from tuneloop.registry import Registry
     from tuneloop.storage import open_store_from_settings
 
-    settings = load_settings(config_path)
+    settings = load_settings(config_path, env=env)
     store = open_store_from_settings(settings)
     return Loop(
         settings=settings,
@@ -88,10 +94,17 @@ def open_task_loop(
     that does not exist on this worker falls back to the defaults. ``vllm_connection()`` (the
     DAGs read the ``tuneloop_vllm`` Airflow connection; None when it does not exist) may replace
     the vLLM endpoints and API key: see :func:`apply_vllm_connection`."""
-    config = os.environ.get("TUNELOOP_CONFIG") or config_variable() or None
-    if config and not os.path.exists(config):
-        config = None
-    loop = open_loop(config, run_id=run_id, progress=progress)
+    config = os.environ.get(CONFIG_ENV) or None
+    if not (config and os.path.exists(config)):
+        missing = config
+        config = config_variable() or None
+        if config and not os.path.exists(config):
+            missing, config = config, None
+        if missing:
+            progress(f"config file {missing} does not exist on this worker: using {config or 'the embedded defaults'}")
+    # load_settings would read $TUNELOOP_CONFIG again: the choice is made here
+    env = {key: value for key, value in os.environ.items() if key != CONFIG_ENV}
+    loop = open_loop(config, run_id=run_id, progress=progress, env=env)
     found = vllm_connection() if vllm_connection is not None else None
     if found is not None:
         connection = VllmConnection(
