@@ -78,8 +78,11 @@ def records(n: int, seed: int) -> list[dict[str, Any]]:
 
 def run_tuneloop(base: Path, data: list[dict[str, Any]], held_out: list[dict[str, Any]], settings: Any, device: str, dtype: str, train_dtype: str) -> dict[str, Any]:
     """``train_dtype`` trains; the eval loss is measured in ``dtype``, as the baseline's."""
+    import torch
+
     from tuneloop.train import eval_loss, fit, load_lora_model, tokenize_records
 
+    torch.manual_seed(settings.seed)  # the same initial LoRA matrices as the baseline's
     model, tokenizer = load_lora_model(base, settings, device, dtype)
     examples, _ = tokenize_records(tokenizer, data, settings.max_seq_len)
     pad = tokenizer.pad_token_id

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+GROUP_CHUNK_BATCHES = 50  # length grouping sorts rows within chunks of this many batches
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -258,7 +259,7 @@ def _epoch_batches(lengths: Sequence[int], batch_size: int, rng: random.Random, 
     rng.shuffle(order)
     if not grouped:
         return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    chunk = batch_size * 50
+    chunk = batch_size * GROUP_CHUNK_BATCHES
     batches: list[list[int]] = []
     for start in range(0, len(order), chunk):
         block = sorted(order[start : start + chunk], key=lambda index: lengths[index])
