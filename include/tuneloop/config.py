@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -483,6 +483,27 @@ def _format_errors(err: ValidationError, sources: Mapping[tuple[str, ...], str],
         shown = "" if isinstance(value, dict) else f" = {value!r}"
         lines.append(f"  {key}{shown}: {reason} [from {source}]")
     return "invalid tuneloop settings:\n" + "\n".join(lines)
+
+
+def choose_task_config(
+    env: Mapping[str, str], config_variable: Callable[[], str | None] | None, report: Callable[[str], None]
+) -> tuple[str | None, dict[str, str]]:
+    """Which config file an Airflow process uses, and the environment to load it with.
+
+    ``$TUNELOOP_CONFIG``, else ``config_variable()`` (the ``tuneloop_config`` Variable), else
+    the embedded defaults; a path that does not exist on this machine is skipped and reported.
+    The returned environment lacks ``$TUNELOOP_CONFIG``, so :func:`load_settings` does not
+    fall back to it: the choice is made here.
+    """
+    config = env.get(CONFIG_ENV) or None
+    if not (config and os.path.exists(config)):
+        missing = config
+        config = (config_variable() if config_variable is not None else None) or None
+        if config and not os.path.exists(config):
+            missing, config = config, None
+        if missing:
+            report(f"config file {missing} does not exist on this worker: using {config or 'the embedded defaults'}")
+    return config, {key: value for key, value in env.items() if key != CONFIG_ENV}
 
 
 def load_settings(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Settings:

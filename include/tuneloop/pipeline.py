@@ -28,7 +28,7 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from tuneloop.config import CONFIG_ENV, Settings, load_settings
+from tuneloop.config import Settings, choose_task_config, load_settings
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -94,16 +94,7 @@ def open_task_loop(
     that does not exist on this worker falls back to the defaults. ``vllm_connection()`` (the
     DAGs read the ``tuneloop_vllm`` Airflow connection; None when it does not exist) may replace
     the vLLM endpoints and API key: see :func:`apply_vllm_connection`."""
-    config = os.environ.get(CONFIG_ENV) or None
-    if not (config and os.path.exists(config)):
-        missing = config
-        config = config_variable() or None
-        if config and not os.path.exists(config):
-            missing, config = config, None
-        if missing:
-            progress(f"config file {missing} does not exist on this worker: using {config or 'the embedded defaults'}")
-    # load_settings would read $TUNELOOP_CONFIG again: the choice is made here
-    env = {key: value for key, value in os.environ.items() if key != CONFIG_ENV}
+    config, env = choose_task_config(os.environ, config_variable, progress)
     loop = open_loop(config, run_id=run_id, progress=progress, env=env)
     found = vllm_connection() if vllm_connection is not None else None
     if found is not None:
@@ -209,9 +200,12 @@ def check_drift(loop: Loop, *, as_of: str | date | None = None) -> dict[str, Any
     current_days, current_keys = _traffic_keys(store, current_start, end)
 
     production = loop.registry.aliases().get("production")
+    versions = loop.registry.versions()  # read once: the reference, the cooldown, the performance check
+    record = next((v for v in versions if v["version"] == production), None) if production else None
+    if production and record is None:
+        record = loop.registry.get(production)  # raises RegistryError naming the missing version
     reference_source: str
-    if production:
-        record = loop.registry.get(production)
+    if record is not None:
         snapshot = record.get("snapshot")
         reference = _prompts(store, [f"snapshots/{snapshot}/train.jsonl"], cfg.field)
         reference_source = f"training data of production {production} (snapshot {str(snapshot)[:12]})"
@@ -229,7 +223,7 @@ def check_drift(loop: Loop, *, as_of: str | date | None = None) -> dict[str, Any
     # Cooldown: the newest refresh that trained a candidate (promoted or rejected) and how far
     # its data reaches. Counted on the data's calendar, so simulated worlds behave like real time.
     last_refresh, trained_until = None, None
-    for version in reversed(loop.registry.versions()):
+    for version in reversed(versions):
         trained_until = snapshot_last_day(store, version.get("snapshot"))
         if trained_until is not None:
             last_refresh = version["version"]
@@ -251,7 +245,7 @@ def check_drift(loop: Loop, *, as_of: str | date | None = None) -> dict[str, Any
             break
         streak += 1
     in_cooldown = trained_until is not None and (end - trained_until).days < cfg.cooldown_days
-    performance = check_performance(loop, end) if cfg.performance else {"checked": False, "reason": "drift.performance is off"}
+    performance = check_performance(loop, end, record) if cfg.performance else {"checked": False, "reason": "drift.performance is off"}
     performance_fell = bool(performance.get("drift"))
     emit = (bool(report["drift"]) and streak >= cfg.consecutive_checks or performance_fell) and not in_cooldown
     if performance_fell and not in_cooldown:
@@ -296,14 +290,15 @@ def check_drift(loop: Loop, *, as_of: str | date | None = None) -> dict[str, Any
     return check
 
 
-def check_performance(loop: Loop, end: date) -> dict[str, Any]:
+def check_performance(loop: Loop, end: date, production_record: dict[str, Any] | None = None) -> dict[str, Any]:
     """Production's score on labelled rows newer than its training data vs its score at promotion.
 
     Fresh rows: labelled partitions after the last day of production's snapshot, up to ``end``,
     that pass the row checks; at most ``drift.performance_max_rows`` (a sample stable by id
     hash). Baseline: production's per-example scores on its snapshot's eval split, from its
     evaluation as a candidate. Scored in the ML env; returns ``{"checked": False, "reason"}``
-    when there is nothing to compare yet.
+    when there is nothing to compare yet. ``production_record``: the production version's
+    registry record when the caller has it (else it is read).
     """
     import hashlib
 
@@ -311,10 +306,13 @@ def check_performance(loop: Loop, end: date) -> dict[str, Any]:
     from tuneloop.pull import NoNewDataError, plan_pull, read_batch, snapshot_last_day
 
     cfg = loop.settings.drift
-    production = loop.registry.aliases().get("production")
-    if not production:
+    if production_record is None:
+        name = loop.registry.aliases().get("production")
+        production_record = loop.registry.get(name) if name else None
+    if production_record is None:
         return {"checked": False, "reason": "no production adapter yet"}
-    snapshot = loop.registry.get(production).get("snapshot")
+    production = production_record["version"]
+    snapshot = production_record.get("snapshot")
     trained_until = snapshot_last_day(loop.store, snapshot)
     scores_key = _latest_candidate_scores(loop, production)
     if trained_until is None or scores_key is None:

@@ -492,7 +492,7 @@ def eval_loss(
 
 def _make_batch(examples: Sequence[TokenizedExample], settings: TrainingSettings, pad_id: int) -> dict[str, Any]:
     if settings.packing:
-        return collate_packed(examples, pad_id, max(settings.max_seq_len, max(len(e.input_ids) for e in examples)))
+        return collate_packed(examples, pad_id, settings.max_seq_len)  # tokenize_records dropped longer rows
     return collate(examples, pad_id)
 
 

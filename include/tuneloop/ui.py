@@ -74,21 +74,15 @@ def open_view_store(
 ) -> tuple[Store, str]:
     """The store to show and where its location came from.
 
-    Settings as the DAG tasks load them: ``$TUNELOOP_CONFIG``, else ``config_variable()`` (the
-    plugin reads the ``tuneloop_config`` Airflow Variable), else the embedded defaults; a
-    config path that does not exist here falls back to the defaults, as in the tasks. Then
+    Settings as the DAG tasks load them (:func:`tuneloop.config.choose_task_config`), then
     ``TUNELOOP__*`` overrides, and ``$TUNELOOP_UI_STORE`` replaces ``store.uri``.
     """
-    from tuneloop.config import CONFIG_ENV, load_settings
+    from tuneloop.config import choose_task_config, load_settings
     from tuneloop.storage import open_store_from_settings
 
     env = os.environ if env is None else env
-    config = env.get(CONFIG_ENV) or (config_variable() if config_variable is not None else None) or None
-    if config and not os.path.exists(config):
-        log.warning("tuneloop view: config %s does not exist here; using the embedded defaults", config)
-        config = None
-    # the path was decided above: load_settings must not fall back to $TUNELOOP_CONFIG itself
-    settings = load_settings(config, env={k: v for k, v in env.items() if k != CONFIG_ENV})
+    config, settings_env = choose_task_config(env, config_variable, lambda text: log.warning("tuneloop view: %s", text))
+    settings = load_settings(config, env=settings_env)
     source = f"config {config}" if config else "embedded defaults"
     override = env.get(STORE_ENV)
     if override:
