@@ -5,8 +5,10 @@ learning rate, warmup + cosine schedule, clipping, completion-only labels) for e
 epoch, so both see the same tokens. The baseline is what a team would write first: HF
 ``Trainer`` with ``DataCollatorForSeq2Seq`` (dynamic padding to the longest row of a random
 batch), the model's own loss over all positions' logits, and on a GPU HF's mixed-precision
-recipe (float32 weights, ``bf16=True``). tuneloop packs length-grouped
-micro-batches and projects only the supervised positions through the LM head.
+recipe (float32 weights, ``bf16=True``; float32 on a CPU, HF's default there). tuneloop runs
+its defaults: random micro-batches (the same batch composition as the baseline), bf16 autocast
+on a GPU or a CPU with native bf16, and only the supervised positions projected through the
+LM head.
 
 Printed: real (non-padding) tokens/s of each, the ratio, both eval losses on the same held-out
 rows (measured by the same function), and on a GPU the model FLOPs utilisation.
@@ -94,7 +96,8 @@ def run_tuneloop(base: Path, data: list[dict[str, Any]], held_out: list[dict[str
     return {"tokens": stats.tokens, "seconds": stats.seconds, "eval_loss": loss, "train_loss_last10": sum(stats.losses[-10:]) / len(stats.losses[-10:])}
 
 
-def run_hf_trainer(base: Path, data: list[dict[str, Any]], held_out: list[dict[str, Any]], settings: Any, device: str, dtype: str, out: Path, sdpa: str = "default") -> dict[str, Any]:
+def run_hf_trainer(base: Path, data: list[dict[str, Any]], held_out: list[dict[str, Any]], settings: Any, device: str, dtype: str, out: Path, sdpa: str = "default", eval_dtype: str = "float32") -> dict[str, Any]:
+    """``dtype``: bfloat16 turns on HF's ``bf16=True``; the eval loss is measured in ``eval_dtype``."""
     import torch
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
@@ -103,8 +106,7 @@ def run_hf_trainer(base: Path, data: list[dict[str, Any]], held_out: list[dict[s
     torch.manual_seed(settings.seed)
     # HF's mixed-precision recipe: float32 weights, bf16 autocast (bf16=True). With the base
     # weights loaded in bf16 instead, this baseline's gradients became NaN on the 1B model.
-    load_dtype = "float32" if device == "cuda" else dtype
-    model, tokenizer = load_lora_model(base, settings, device, load_dtype)  # same initial LoRA matrices (same seed)
+    model, tokenizer = load_lora_model(base, settings, device, "float32")  # same initial LoRA matrices (same seed)
     examples, _ = tokenize_records(tokenizer, data, settings.max_seq_len)
     rows = [{"input_ids": e.input_ids, "labels": e.labels, "attention_mask": [1] * len(e.input_ids)} for e in examples]
     steps = settings.max_steps
@@ -121,7 +123,7 @@ def run_hf_trainer(base: Path, data: list[dict[str, Any]], held_out: list[dict[s
         output = trainer.train()
     _sync(device)
     held, _ = tokenize_records(tokenizer, held_out, settings.max_seq_len)
-    loss = eval_loss(model, held, settings, pad_id=tokenizer.pad_token_id, device=device, dtype=dtype)
+    loss = eval_loss(model, held, settings, pad_id=tokenizer.pad_token_id, device=device, dtype=eval_dtype)
     tokens = sum(len(e.input_ids) for e in examples)  # exactly one epoch: every row once
     return {"tokens": tokens, "seconds": output.metrics["train_runtime"], "eval_loss": loss, "train_loss_last10": output.training_loss}
 
@@ -155,6 +157,10 @@ def main() -> int:
     parser.add_argument("--packing", choices=["on", "off"], default=None, help="override training.packing for tuneloop's run")
     parser.add_argument("--batching", choices=["length_grouped", "random"], default=None, help="override training.batching")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="training.dtype for tuneloop's run (bfloat16 autocast also runs on CPUs with avx512_bf16/AMX)")
+    parser.add_argument(
+        "--baseline-precision", choices=["hf-default", "same"], default="hf-default",
+        help="hf-default: HF's bf16=True on a GPU, float32 on a CPU (HF's default); same: bf16 autocast wherever tuneloop trains in bf16",
+    )
     parser.add_argument("--seed", type=int, default=0, help="training.seed (LoRA init, batch order) of both trainers")
     parser.add_argument("--skip-baseline", action="store_true", help="only tuneloop's run (to compare its own settings)")
     parser.add_argument("--baseline-sdpa", choices=["default", "no-cudnn"], default="default", help="no-cudnn: give the baseline tuneloop's attention kernels (GPU)")
@@ -166,7 +172,8 @@ def main() -> int:
     from tuneloop.config import TrainingSettings
     from tuneloop.train import resolve_device
 
-    device, dtype = resolve_device("auto", "auto")
+    device, _ = resolve_device("auto", "auto")
+    dtype = "bfloat16" if device == "cuda" else "float32"  # tuneloop's base weights; both eval losses are measured in it
     gpu = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
     data = records(args.batch_size * args.steps, seed=7)
     held_out = records(128, seed=99)
@@ -179,6 +186,8 @@ def main() -> int:
     if args.dtype != "auto":
         overrides["dtype"] = args.dtype
     settings = settings.model_copy(update=overrides)
+    train_dtype = resolve_device(device, settings.dtype)[1]
+    baseline_dtype = dtype if args.baseline_precision == "hf-default" else train_dtype
     with tempfile.TemporaryDirectory() as tmp:
         if args.shape == "demo":
             from tuneloop.basemodel import build_demo_model
@@ -191,10 +200,13 @@ def main() -> int:
         from transformers import AutoConfig
 
         n_params = _count_params(AutoConfig.from_pretrained(base))
-        print(f"{args.shape}: {n_params / 1e6:.0f}M parameters on {gpu} ({dtype}); {len(data)} rows, {args.steps} steps of {args.batch_size}", flush=True)
+        print(
+            f"{args.shape}: {n_params / 1e6:.0f}M parameters on {gpu}; tuneloop trains in {train_dtype}, the baseline in "
+            f"{baseline_dtype}; {len(data)} rows, {args.steps} steps of {args.batch_size}", flush=True,
+        )
         runs = {
-            "hf-trainer": lambda: run_hf_trainer(base, data, held_out, settings, device, dtype, Path(tmp) / "hf", args.baseline_sdpa),
-            "tuneloop": lambda: run_tuneloop(base, data, held_out, settings, device, dtype, resolve_device("auto", settings.dtype)[1]),
+            "hf-trainer": lambda: run_hf_trainer(base, data, held_out, settings, device, baseline_dtype, Path(tmp) / "hf", args.baseline_sdpa, dtype),
+            "tuneloop": lambda: run_tuneloop(base, data, held_out, settings, device, dtype, train_dtype),
         }
         order = list(runs) if args.order == "baseline-first" else list(reversed(runs))
         if args.skip_baseline:
@@ -219,14 +231,17 @@ def main() -> int:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
         memory = f"{r['peak_memory_gib']:.1f}" if "peak_memory_gib" in r else "-"
         print(f"{name:<12} {r['tokens_per_second']:>10,.0f} {r['eval_loss']:>10.4f} {r['model_tflops']:>8.2f} {mfu:>6} {memory:>9}")
-    print(f"tuneloop settings: packing={settings.packing} batching={settings.batching} dtype={settings.dtype}")
+    print(
+        f"tuneloop settings: packing={settings.packing} batching={settings.batching} "
+        f"dtype={settings.dtype} ({train_dtype}); baseline {baseline_dtype}"
+    )
     if args.skip_baseline:
         return 0
     ratio = results["tuneloop"]["tokens_per_second"] / results["hf-trainer"]["tokens_per_second"]
     delta = results["tuneloop"]["eval_loss"] - results["hf-trainer"]["eval_loss"]
     print(f"ratio tuneloop/hf-trainer: {ratio:.2f}x tokens/s; eval loss {delta:+.4f} ({'equal or better' if delta <= 0 else 'worse'})")
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps({"baseline_sdpa": args.baseline_sdpa, "shape": args.shape, "params": n_params, "device": gpu, "dtype": dtype, "steps": args.steps, "batch_size": args.batch_size, "ratio": ratio, "results": results}, indent=2))
+        Path(args.json_out).write_text(json.dumps({"baseline_sdpa": args.baseline_sdpa, "shape": args.shape, "params": n_params, "device": gpu, "dtype": train_dtype, "baseline_dtype": baseline_dtype, "steps": args.steps, "batch_size": args.batch_size, "ratio": ratio, "results": results}, indent=2))
     return 0
 
 

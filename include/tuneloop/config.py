@@ -120,10 +120,12 @@ class TrainingSettings(_Section):
     )
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bfloat16 on a GPU or a CPU with native bf16 (AVX512-BF16/AMX), else float32"
+    )
     log_every: int = Field(10, ge=1)
     packing: bool = Field(False, description="pack each micro-batch's rows into max_seq_len rows with a block-diagonal mask; pays off for many short rows, not for the demo's")
-    batching: Literal["length_grouped", "random"] = Field("length_grouped", description="micro-batches of similar length (less padding and packing mask work) or plain shuffled")
+    batching: Literal["length_grouped", "random"] = Field("random", description="plain shuffled micro-batches, or length_grouped: rows of similar length together (less padding, but it cost eval loss on the CPU bench)")
     gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass: less GPU memory, ~30% slower")
     checkpoint_every: int = Field(25, ge=0, description="save optimizer + LoRA state every N steps beside the output; a re-run resumes from it; 0: never")
     validation_fraction: float = Field(0.0, ge=0, lt=0.5, description="share of training rows (by id hash) held out for eval loss and early stopping; 0: off")

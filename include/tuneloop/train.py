@@ -290,8 +290,20 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX), as torch reports it.
+
+    Without them bf16 matrix products are emulated, so ``dtype: auto`` stays at float32 there.
+    """
+    import torch
+
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
 def resolve_device(device: str, dtype: str) -> tuple[str, str]:
-    """``auto`` -> cuda + bfloat16 when a GPU is present, else cpu + float32."""
+    """``auto`` -> cuda + bfloat16 when a GPU is present, else cpu with bfloat16 autocast
+    where the CPU has native bf16 and float32 where it has not."""
     import torch
 
     if device == "auto":
@@ -299,7 +311,7 @@ def resolve_device(device: str, dtype: str) -> tuple[str, str]:
     if device == "cuda" and not torch.cuda.is_available():
         raise TrainingError("device 'cuda' requested but torch sees no CUDA GPU; use device: auto")
     if dtype == "auto":
-        dtype = "bfloat16" if device == "cuda" else "float32"
+        dtype = "bfloat16" if device == "cuda" or cpu_has_native_bf16() else "float32"
     return device, dtype
 
 

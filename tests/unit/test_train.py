@@ -19,6 +19,7 @@ from tuneloop.train import (  # noqa: E402
     TrainingError,
     fit,
     load_lora_model,
+    resolve_device,
     tokenize_records,
     train_lora,
 )
@@ -106,9 +107,28 @@ def test_provenance_and_metrics(trained: tuple[Path, Any, TrainingSettings]) -> 
     metrics = json.loads((out / "train_metrics.json").read_text())
     assert metrics["steps"] == result.steps == 3
     assert len(metrics["loss_history"]) == 3
-    assert metrics["device"] == "cpu" and metrics["dtype"] == "float32"
+    assert (metrics["device"], metrics["dtype"]) == resolve_device("auto", "auto") == ("cpu", metrics["dtype"])
     assert 0 < metrics["trainable_params"] < metrics["total_params"]
     assert result.tokens_per_second > 0
+
+
+@pytest.mark.parametrize(
+    ("avx512_bf16", "amx", "expected"),
+    [(True, False, "bfloat16"), (False, True, "bfloat16"), (False, False, "float32")],
+)
+def test_auto_dtype_on_cpu_follows_native_bf16(
+    monkeypatch: pytest.MonkeyPatch, avx512_bf16: bool, amx: bool, expected: str
+) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert resolve_device("auto", "auto") == ("cpu", expected)
+    assert resolve_device("cpu", "float32") == ("cpu", "float32"), "an explicit dtype is kept"
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")  # an older torch without the probe
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert resolve_device("auto", "auto") == ("cpu", "float32")
 
 
 def test_prompt_tokens_are_masked_and_match_inference(tiny_model: Path, records: list[dict[str, Any]]) -> None:
