@@ -133,6 +133,10 @@ class HumanApproval(ApprovalOperator):
                 run_id=loop.run_id,
             )
             self.log.info("%s", review["message"])
+            if review["decision"] == "rejected":
+                from tuneloop.notify import approval_reject_message, notify_task_event, review_links
+
+                notify_task_event(lambda: loop, lambda lp: approval_reject_message(review, links=review_links(lp, review)), context=context)
         return super().execute_complete(context, event)
 
 

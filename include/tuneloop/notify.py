@@ -162,6 +162,34 @@ def gate_reject_message(decision: Mapping[str, Any], *, links: Mapping[str, Any]
     )
 
 
+def approval_reject_message(review: Mapping[str, Any], *, links: Mapping[str, Any] | None = None) -> Notification | None:
+    """A human rejected the gate's promotion in Required Actions, or nobody answered in time
+    (``approval.record_review``'s result). It goes out as a ``gate_reject`` event: either way the
+    candidate is not deployed. None for an approval (the deploy message follows)."""
+    if review.get("decision") != "rejected":
+        return None
+    version, baseline = review.get("version", "?"), review.get("baseline") or "production"
+    who = "nobody answered before the approval timeout (its default is Reject)" if review.get("timed_out") else f"rejected by {review.get('by') or 'an unnamed user'}"
+    facts = [
+        f"decision: REJECT {version} at human approval; the gate had passed it",
+        f"why: {who}, at {review.get('at', '?')}",
+        f"production stays {baseline}; nothing is deployed",
+    ]
+    return Notification(
+        event="gate_reject",
+        title=f"Approval rejected candidate {version}: production stays {baseline}",
+        facts=tuple(facts),
+        links=_links(links),
+        data={"version": version, "baseline": baseline, "promote": False, "approval": "timed_out" if review.get("timed_out") else "rejected"},
+    )
+
+
+def review_links(loop: Any, review: Mapping[str, Any]) -> dict[str, list[str]]:
+    """Where to open the gate report a human review answered (``Store.links``)."""
+    key = review.get("gate_report")
+    return {"gate report": loop.store.links(key, expires_s=int(loop.settings.gate.report_link_hours * 3600))} if key else {}
+
+
 def deploy_message(recorded: Mapping[str, Any], *, endpoints: Sequence[str], links: Mapping[str, Any] | None = None) -> Notification:
     """A candidate was hot-swapped, verified and recorded as production (``pipeline.record_step``)."""
     version = recorded.get("version", "?")

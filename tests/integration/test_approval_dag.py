@@ -289,10 +289,22 @@ def test_approved_by_a_human_the_candidate_is_deployed(
     assert api.patch(answerer.path, json={"chosen_options": ["Reject"]}).status_code == 409
 
 
+def _capture_notifications(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Turn notifications on with a channel that keeps each message instead of sending it
+    (test_notify_sinks.py checks the real channels)."""
+    from tuneloop import notify
+
+    sent: list[Any] = []
+    monkeypatch.setattr(notify, "channels", lambda settings: [("slack", "captured")])
+    monkeypatch.setattr(notify, "send_notification", lambda settings, message, context=None: sent.append(message) or {"slack": "sent"})
+    return sent
+
+
 def test_rejected_by_a_human_nothing_is_deployed_and_the_rejection_is_recorded(
-    loop_world: dict[str, Any], api: httpx.Client, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+    loop_world: dict[str, Any], api: httpx.Client, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
 ) -> None:
     caplog.set_level(logging.INFO)
+    sent = _capture_notifications(monkeypatch)
     run, answerer = _run(datetime(2026, 2, 3, tzinfo=UTC), {"force": True, "require_approval": True}, api, answer="Reject")
     states = _states(run)
     assert str(run.state).endswith("success"), states
@@ -309,6 +321,9 @@ def test_rejected_by_a_human_nothing_is_deployed_and_the_rejection_is_recorded(
     assert review["gate_report"] == "reports/v2/gate.md"
     text = _log_text(caplog, capfd)
     assert "approval: candidate v2 REJECTED by a human (admin); nothing is deployed, v1 keeps serving" in text
+    assert [message.title for message in sent] == ["Approval rejected candidate v2: production stays v1"]
+    assert sent[0].event == "gate_reject" and any("rejected by admin" in fact for fact in sent[0].facts)
+    assert [label for label, _ in sent[0].links] == ["gate report"]
 
 
 def test_nobody_answers_in_time_the_default_rejects(
@@ -316,6 +331,7 @@ def test_nobody_answers_in_time_the_default_rejects(
 ) -> None:
     """Approval required by the config (no param), a 1.8 s timeout, the scheduler's sweep."""
     caplog.set_level(logging.INFO)
+    sent = _capture_notifications(monkeypatch)
     monkeypatch.setenv("TUNELOOP__GATE__REQUIRE_APPROVAL", "true")
     monkeypatch.setenv("TUNELOOP__GATE__APPROVAL_TIMEOUT_HOURS", "0.0005")
     run, answerer = _run(datetime(2026, 2, 4, tzinfo=UTC), {"force": True}, api, sweep=True)
@@ -327,3 +343,4 @@ def test_nobody_answers_in_time_the_default_rejects(
     assert review["decision"] == "rejected" and review["timed_out"] is True and review["by"] is None
     assert answerer is not None and "No answer within 0.0005 h" in answerer.request["body"]
     assert "nobody answered before the approval timeout" in _log_text(caplog, capfd)
+    assert len(sent) == 1 and any("nobody answered before the approval timeout" in fact for fact in sent[0].facts)

@@ -13,6 +13,7 @@ import pytest
 from tuneloop.config import ConfigError, NotifySettings, load_settings
 from tuneloop.notify import (
     Notification,
+    approval_reject_message,
     channels,
     deploy_message,
     deploy_rollback_message,
@@ -70,6 +71,18 @@ def test_drift_message_carries_statistic_p_value_window_and_performance() -> Non
     assert "score change -0.081, p-value 0.004 (fell beyond the margin)" in text
     assert "top drifted terms: refund, invoice" in text
     assert message.links == (("drift history plot", "file:///store/drift/history.png"),)
+
+
+def test_approval_reject_message_says_who_rejected_or_that_nobody_answered() -> None:
+    review = {"version": "v4", "decision": "rejected", "by": "ana", "timed_out": False, "at": "2026-03-02T10:00:00+00:00", "baseline": "v3"}
+    message = approval_reject_message(review, links={"gate report": ["file:///r/gate.md", "https://s3.example/r/gate.md?sig=1"]})
+    assert message is not None and message.event == "gate_reject"
+    assert message.title == "Approval rejected candidate v4: production stays v3"
+    assert "why: rejected by ana, at 2026-03-02T10:00:00+00:00" in message.facts
+    assert message.links == (("gate report", "https://s3.example/r/gate.md?sig=1"),)
+    timed_out = approval_reject_message({**review, "by": None, "timed_out": True})
+    assert timed_out is not None and any("nobody answered before the approval timeout" in fact for fact in timed_out.facts)
+    assert approval_reject_message({**review, "decision": "approved"}) is None, "an approval sends the deploy message instead"
 
 
 def test_gate_reject_message_lists_every_reason_and_failing_slice_with_a_browser_link() -> None:
