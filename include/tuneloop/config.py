@@ -202,8 +202,8 @@ class DataSettings(_Section):
     shingle_words: int = Field(3, ge=1, le=8, description="words per shingle of the similarity checks")
 
 
-NOTIFY_EVENTS = ("drift", "gate_reject", "deploy", "rollback")
 NotifyEvent = Literal["drift", "gate_reject", "deploy", "rollback"]
+NOTIFY_EVENTS: tuple[NotifyEvent, ...] = ("drift", "gate_reject", "deploy", "rollback")
 
 
 class NotifySettings(_Section):

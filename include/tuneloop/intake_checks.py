@@ -483,10 +483,9 @@ def _minhash(buf: bytes, row_starts: np.ndarray, stripped_rows: np.ndarray, k: i
             extra.append(one[0])
         sh_hash = np.concatenate((sh_hash, np.array(extra, dtype=np.uint64)))
         sh_row = np.concatenate((sh_row, short_rows.astype(np.int64)))
-    signature = np.full(n * OPH_BINS, _EMPTY_BIN, dtype=np.uint64)
-    np.minimum.at(signature, sh_row * OPH_BINS + (sh_hash >> _U64(_BIN_SHIFT)).astype(np.int64), sh_hash & _U64((1 << _BIN_SHIFT) - 1))
-    signature = signature.reshape(n, OPH_BINS)
-    dense, no_words = _densify(signature)
+    flat = np.full(n * OPH_BINS, _EMPTY_BIN, dtype=np.uint64)
+    np.minimum.at(flat, sh_row * OPH_BINS + (sh_hash >> _U64(_BIN_SHIFT)).astype(np.int64), sh_hash & _U64((1 << _BIN_SHIFT) - 1))
+    dense, no_words = _densify(flat.reshape(n, OPH_BINS))
     bands = dense[:, : LSH_BANDS * LSH_ROWS].reshape(n, LSH_BANDS, LSH_ROWS)
     with np.errstate(over="ignore"):
         keys = bands[:, :, 0].copy()
@@ -821,9 +820,9 @@ def write_review_sample(batch: CheckedBatch, out_dir: Path, n: int, *, seed: int
     pool: list[dict[str, Any]] = []
     for record, (source, line) in zip(batch.accepted, batch.origins, strict=True):
         pool.append({"record": record, "status": "accepted", "reasons": [], "source": source, "line": line})
-    for row in batch.quarantined:
-        if "label_disagreement" in row.reasons:
-            pool.append({"record": json.loads(row.raw), "status": "held_back", "reasons": row.reasons, "source": row.source, "line": row.line})
+    for held in batch.quarantined:
+        if "label_disagreement" in held.reasons:
+            pool.append({"record": json.loads(held.raw), "status": "held_back", "reasons": held.reasons, "source": held.source, "line": held.line})
     chosen = random.Random(seed).sample(range(len(pool)), min(n, len(pool)))
     sample = []
     for index in sorted(chosen, key=lambda i: (pool[i]["source"], pool[i]["line"])):

@@ -123,7 +123,7 @@ def run_quality_gate(
     )
     context = gx.get_context(mode="ephemeral")
     try:
-        context.variables.progress_bars = {"globally": False}
+        context.variables.progress_bars = {"globally": False}  # type: ignore[assignment]
     except Exception:  # noqa: BLE001 - cosmetic setting; older/newer GX shapes differ
         pass
     asset = context.data_sources.add_pandas("tuneloop").add_dataframe_asset("labelled_rows")
@@ -142,6 +142,7 @@ def run_quality_gate(
     expectations: list[dict[str, Any]] = []
     for item in result.results:
         config = item.expectation_config
+        assert config is not None, "a GX validation result without its expectation"
         column = config.kwargs.get("column")
         name = f"gx:{config.type.removeprefix('expect_column_')}:{column}"
         unexpected = item.result.get("unexpected_index_list") or []
@@ -161,8 +162,8 @@ def run_quality_gate(
     batch.accepted, batch.origins = kept, kept_origins
 
     counts: Counter[str] = Counter()
-    for row in batch.quarantined:
-        counts.update(row.reasons)
+    for quarantined in batch.quarantined:
+        counts.update(quarantined.reasons)
     rate = len(batch.quarantined) / batch.total if batch.total else 1.0
     failures = []
     if rate > max_quarantine_rate:
