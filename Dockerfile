@@ -9,7 +9,7 @@ FROM astrocrpublic.azurecr.io/runtime:3.3-2
 ENV PYTHONPATH="/usr/local/airflow/include:${PYTHONPATH}" \
     GX_ANALYTICS_ENABLED=false \
     HF_HUB_OFFLINE=1 \
-    TUNELOOP_CONFIG=/usr/local/airflow/include/tuneloop/defaults/tuneloop.yaml
+    TUNELOOP_CONFIG=/usr/local/airflow/examples/invoices/tuneloop.yaml
 
 # The volume shared with the vLLM container (served adapters, the demo base model): owned by
 # the `astro` user that runs the tasks, whichever container mounts the fresh volume first.

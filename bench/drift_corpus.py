@@ -11,7 +11,7 @@ Everything is built offline from files already on the machine, deterministically
 * ``readmes`` (domain B, package README prose): the long descriptions (the README, often
   with a changelog) in the ``METADATA`` file of every distribution in ``.venv``.
 * ``invoices-original`` / ``invoices-drifted``: the demo world's invoice prompts
-  (``tuneloop.world.make_document`` + ``make_prompt``) from each domain, row ``i`` drawn from
+  (``tuneloop.demo.invoices.make_document`` + ``make_prompt``) from each domain, row ``i`` drawn from
   ``random.Random("tuneloop-bench-drift|DOMAIN|i")``, a stream the world's days never use.
 
 ``.venv`` is built from ``requirements/airflow.lock``, so the real-text pools are the same on
@@ -238,8 +238,8 @@ def readme_texts(site_packages: Path) -> Iterator[str]:
 
 def invoice_texts(domain: str, count: int) -> list[str]:
     """``count`` demo-world invoice prompts of ``domain``, row i from its own seeded stream."""
-    from tuneloop.task import make_prompt
-    from tuneloop.world import make_document
+    from tuneloop.demo.invoice_task import make_prompt
+    from tuneloop.demo.invoices import make_document
 
     return [
         make_prompt(make_document(random.Random(f"tuneloop-bench-drift|{domain}|{i}"), domain)[0])

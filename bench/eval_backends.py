@@ -53,8 +53,8 @@ def find_adapter(args: argparse.Namespace, base: str, work: Path) -> Path:
     if (demo / "adapter_model.safetensors").is_file() and not args.train_steps_forced:
         return demo
     from tuneloop.config import TrainingSettings
+    from tuneloop.demo.invoices import heldout_sets
     from tuneloop.train import train_lora
-    from tuneloop.world import heldout_sets
 
     records = [r for rows in heldout_sets(1, 64).values() for r in rows]  # seed 1: not the bench prompts
     say(f"training a LoRA adapter for {args.train_steps} steps on {len(records)} demo rows (no adapter given)")
@@ -92,12 +92,15 @@ def main() -> int:
 
     from transformers import AutoTokenizer
 
-    from tuneloop.basemodel import build_demo_model
     from tuneloop.config import EvalSettings, load_settings
+    from tuneloop.demo.basemodel import build_demo_model
     from tuneloop.evaluate import HFBackend, VllmBackend
-    from tuneloop.suites import answer_agreement, latency_summary
-    from tuneloop.task import parse_completion
-    from tuneloop.world import heldout_sets
+    from tuneloop.suites import latency_summary
+    from tuneloop.tasks import TaskSpec
+    from tuneloop.tasks.scoring import parse_json_answer as parse_completion
+
+    answer_agreement = TaskSpec(load_settings(str(REPO / "examples/invoices/tuneloop.yaml")).task).scorer.agreement
+    from tuneloop.demo.invoices import heldout_sets
 
     work = Path(tempfile.mkdtemp(prefix="tuneloop-eval-bench-"))
     if args.model:

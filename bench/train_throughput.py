@@ -50,8 +50,8 @@ def build_random_llama(out_dir: Path, shape: str) -> None:
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    from tuneloop import world
-    from tuneloop.basemodel import train_tokenizer, wrap_tokenizer
+    from tuneloop.demo import invoices as world
+    from tuneloop.demo.basemodel import train_tokenizer, wrap_tokenizer
 
     hidden, layers, heads, kv_heads, intermediate, vocab = SHAPES[shape]
     tokenizer = wrap_tokenizer(train_tokenizer(world.pretraining_corpus(0, 1500), 4000), 2048)
@@ -71,7 +71,7 @@ def build_random_llama(out_dir: Path, shape: str) -> None:
 
 
 def records(n: int, seed: int) -> list[dict[str, Any]]:
-    from tuneloop import world
+    from tuneloop.demo import invoices as world
 
     rng = random.Random(seed)
     now = datetime(2026, 1, 1, tzinfo=UTC)
@@ -190,7 +190,7 @@ def main() -> int:
     baseline_dtype = dtype if args.baseline_precision == "hf-default" else train_dtype
     with tempfile.TemporaryDirectory() as tmp:
         if args.shape == "demo":
-            from tuneloop.basemodel import build_demo_model
+            from tuneloop.demo.basemodel import build_demo_model
 
             # the demo's own cached model (`tuneloop build-model`), built here if missing
             base = Path(build_demo_model(Path(__file__).resolve().parents[1] / ".tuneloop" / "models" / "demo-base", preset="demo"))

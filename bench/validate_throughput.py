@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/validate_throughput.py --rows 1000000
 
-Rows are generated deterministically and fast: a pool of ``tuneloop.world`` invoices is cut into
+Rows are generated deterministically and fast: a pool of ``tuneloop.demo.invoices`` invoices is cut into
 line blocks, and every row's document joins blocks of three different pool invoices, so rows are
 distinct (not near-duplicates of each other) yet look like the real data. 1% of the rows are bad
 in known ways (not JSON, duplicate id, near-duplicate, e-mail, card number, too long, label
@@ -26,8 +26,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "include"))
 
-from tuneloop import task  # noqa: E402
-from tuneloop.world import make_labelled_record  # noqa: E402
+from tuneloop.config import load_settings  # noqa: E402
+from tuneloop.demo import invoice_task as task  # noqa: E402
+from tuneloop.demo.invoices import make_labelled_record  # noqa: E402
+from tuneloop.tasks import TaskSpec  # noqa: E402
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 POOL = 4000
@@ -97,15 +99,19 @@ def full_validation(lines: list[bytes], model_dir: Path | None) -> dict[str, obj
     from tuneloop.quality import run_quality_gate
     from tuneloop.validate import check_lines
 
+    settings = load_settings(str(Path(__file__).resolve().parents[1] / "examples/invoices/tuneloop.yaml"))
+    spec = TaskSpec(settings.task)
     stages: dict[str, float] = {}
     clock = time.perf_counter()
-    batch = check_lines((("bench.jsonl", n, raw) for n, raw in enumerate(lines, 1)), progress=_say, expected=len(lines))
+    batch = check_lines((("bench.jsonl", n, raw) for n, raw in enumerate(lines, 1)), spec, progress=_say, expected=len(lines))
     stages["row_checks"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    intake = run_intake_checks(batch, IntakeOptions(max_tokens=384, model_dir=model_dir), progress=_say)
+    intake = run_intake_checks(batch, IntakeOptions(max_tokens=384, model_dir=model_dir), spec, progress=_say)
     stages["intake_checks"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    quality = run_quality_gate(batch, max_quarantine_rate=0.2, min_accepted_rows=1, intake=intake, progress=_say)
+    quality = run_quality_gate(
+        batch, max_quarantine_rate=0.2, min_accepted_rows=1, spec=spec, expectations_file=settings.data.expectations, intake=intake, progress=_say
+    )
     stages["gx_suite"] = time.perf_counter() - clock
     assert quality.accepted + quality.quarantined == len(lines)
     return {

@@ -8,7 +8,7 @@ webhook, or the REST API), **or** by hand with the params below.
 `pull` -> `validate` (row checks + Great Expectations; bad rows quarantined with a reason;
 the run fails with the counts when the batch fails its thresholds) -> content-addressed
 snapshot -> `train` (LoRA in the isolated ML env, pool `gpu`) -> `evaluate` (candidate and
-production on held-out data of both domains) -> `gate` (paired bootstrap: better on the
+production on the held-out data of every slice) -> `gate` (paired bootstrap: better on the
 improve slices, non-inferior elsewhere; report with a plot per slice, its location in the
 log) -> `approve` (a human approves or rejects in Required Actions, only when
 `gate.require_approval` or the `require_approval` param asks; otherwise it passes at once)
@@ -98,6 +98,7 @@ class HumanApproval(ApprovalOperator):
 
     def execute(self, context: Any) -> Any:
         from tuneloop.approval import approval_body, approval_required, approval_subject
+        from tuneloop.notify import store_links
 
         decision = context["ti"].xcom_pull(task_ids="gate")
         loop = _loop()
@@ -106,7 +107,7 @@ class HumanApproval(ApprovalOperator):
         if not approval_required(cfg.require_approval, requested):
             self.log.info("approval: not required (gate.require_approval=%s, param require_approval=%s): deploying %s", cfg.require_approval, requested, decision["version"])
             return {"version": decision["version"], "required": False, "decision": "approved"}
-        links = {kind: loop.store.links(key, expires_s=int(cfg.report_link_hours * 3600)) for kind, key in (decision.get("report") or {}).items() if kind in ("markdown", "html")}
+        links = {kind: store_links(loop, key) for kind, key in (decision.get("report") or {}).items() if kind in ("markdown", "html")}
         self.subject = approval_subject(decision)
         self.body = approval_body(decision, report_links=links, timeout_hours=cfg.approval_timeout_hours)
         self.response_timeout = timedelta(hours=cfg.approval_timeout_hours) if cfg.approval_timeout_hours else None
@@ -133,10 +134,10 @@ class HumanApproval(ApprovalOperator):
                 run_id=loop.run_id,
             )
             self.log.info("%s", review["message"])
-            if review["decision"] == "rejected":
-                from tuneloop.notify import approval_reject_message, notify_task_event, review_links
+            from tuneloop.notify import approval_reject_message, notify_task_event, review_links
 
-                notify_task_event(lambda: loop, lambda lp: approval_reject_message(review, links=review_links(lp, review)), context=context)
+            # the message is None for an approval: the deploy message follows instead
+            notify_task_event(lambda: loop, lambda lp: approval_reject_message(review, links=review_links(lp, review)), context=context)
         return super().execute_complete(context, event)
 
 

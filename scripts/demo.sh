@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# `make demo`: the whole loop on embedded defaults (tiny local model, local store, SQLite, CPU),
+# `make demo`: the whole loop on the invoice example (examples/invoices/tuneloop.yaml: the embedded
+# defaults plus the example's task; tiny local model, local store, SQLite, CPU),
 # with real parts: the vLLM OpenAI server (CPU build), Airflow 3 running the DAGs, Great
 # Expectations. Starts from a fresh demo world each time (the built model is cached).
 #   KEEP_RUNNING=1 make demo   leaves vLLM up afterwards (stop: scripts/serve.sh stop)
 set -euo pipefail
 source "$(dirname "$0")/airflow_env.sh"
 cd "$ROOT"
-export TUNELOOP_CONFIG="${TUNELOOP_CONFIG:-$ROOT/include/tuneloop/defaults/tuneloop.yaml}"
+export TUNELOOP_CONFIG="${TUNELOOP_CONFIG:-$ROOT/examples/invoices/tuneloop.yaml}"
 TL="$ROOT/.venv/bin/tuneloop"
 # 150 steps per adapter keep the demo under 20 minutes on 2 cores: enough for v1 to learn the
 # answer's schema and the per-domain constants (currency, VAT id presence), and for v2, which
@@ -31,7 +32,7 @@ trap cleanup EXIT
 
 step "fresh demo world: 42 days of original-domain traffic and labels (2026-01-01 .. 2026-02-11)"
 rm -rf .tuneloop/store .tuneloop/served-adapters .tuneloop/adapters .tuneloop/evals "$AIRFLOW_HOME"
-"$TL" demo-world --start 2026-01-01 --days 42 --labelled-per-day 36 --heldout-per-domain 150 --bad-row-rate 0.02
+"$TL" demo-world --example invoices --start 2026-01-01 --days 42 --labelled-per-day 36 --heldout-per-slice 150 --bad-row-rate 0.02
 
 step "demo base model (built once, then cached) while Airflow prepares its database"
 airflow_prepare > .tuneloop/demo-airflow-prepare.log 2>&1 &
@@ -54,7 +55,7 @@ airflow dags test tuneloop_refresh 2026-02-12 -c '{"force": true}' > .tuneloop/d
 grep -E "gate: |registry: |verified: " .tuneloop/demo-refresh-v1.log | sed 's/^.*\(gate: \|registry: \|verified: \)/  \1/' || true
 
 step "the world drifts: 21 more days, drifted-domain documents ramp up from 2026-02-12"
-"$TL" demo-world --start 2026-02-12 --days 21 --labelled-per-day 36 --heldout-per-domain 150 --drift-start 2026-02-12 --bad-row-rate 0.03
+"$TL" demo-world --example invoices --start 2026-02-12 --days 21 --labelled-per-day 36 --heldout-per-slice 150 --drift-start 2026-02-12 --bad-row-rate 0.03
 
 step "tuneloop_drift_monitor (airflow dags test)"
 airflow dags test tuneloop_drift_monitor 2026-03-05 > .tuneloop/demo-drift.log 2>&1 \

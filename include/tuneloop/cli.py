@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 from tuneloop import __version__
 from tuneloop.config import ConfigError, Settings, load_settings
+from tuneloop.tasks import TaskSpec
+from tuneloop.validate import split_lines
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -27,8 +29,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("tuneloop")
 
 EPILOG = """\
-The loop, step by step on the embedded defaults (local store, tiny CPU model):
-  tuneloop demo-world --days 28                 # traffic + labelled data in .tuneloop/store
+Your own task: tuneloop init --out my-loop.yaml, then tuneloop check-task --config my-loop.yaml --data rows.jsonl.
+The loop, step by step on a shipped example (local store, tiny CPU model):
+  export TUNELOOP_CONFIG=examples/invoices/tuneloop.yaml   # or examples/tickets/tuneloop.yaml
+  tuneloop demo-world --example invoices --days 28  # traffic + labelled data in the store
   tuneloop build-model                          # tiny Llama + BPE tokenizer, cached
   tuneloop pull                                 # labelled partitions -> dataset snapshot
   tuneloop train --snapshot latest --version v1 # LoRA adapter (safetensors + provenance)
@@ -137,44 +141,66 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_init(args: argparse.Namespace) -> int:
+    from tuneloop.tasks.onboarding import init_config
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise CliError(f"{out} exists; pass --force to overwrite it")
+    labels = [label.strip() for label in args.labels.split(",") if label.strip()] if args.labels else None
+    data = Path(args.data) if args.data else None
+    if data is not None and not data.is_file():
+        raise CliError(f"--data {data}: no such file")
+    try:
+        text = init_config(
+            data=data, base_model=args.base_model, store=args.store, format=args.format, metric=args.metric,
+            labels=labels, slice_field=args.slice_field, system_prompt=args.system_prompt, json_schema=args.json_schema, name=args.name,
+        )
+    except ValueError as err:
+        raise CliError(f"the config would not load: {err}") from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text, encoding="utf-8")
+    _emit(args, {"config": str(out), "yaml": text}, f"{text}\nwritten to {out}; next: tuneloop check-task --config {out} --data YOUR_ROWS.jsonl")
+    return 0
+
+
+def cmd_check_task(args: argparse.Namespace) -> int:
+    from tuneloop.tasks.onboarding import check_task, format_check
+
+    settings = _settings(args)
+    data = Path(args.data)
+    if not data.is_file():
+        raise CliError(f"--data {data}: no such file")
+    report = check_task(settings, data, show=args.show, tokenizer_dir=Path(args.tokenizer_dir) if args.tokenizer_dir else None)
+    _emit(args, report, format_check(report))
+    gold = report["gold_vs_gold"]
+    return 1 if gold["imperfect"] or not report["accepted"] else 0
+
+
 def cmd_demo_world(args: argparse.Namespace) -> int:
-    from tuneloop import world
+    from tuneloop.demo.worlds import write_world
 
     settings = _settings(args)
     store = _store(settings)
-    start = args.start
-    summary = world.generate_world(
-        store,
-        start,
-        args.days,
-        seed=args.seed,
-        drift_start=args.drift_start,
-        traffic_per_day=args.traffic_per_day,
-        labelled_per_day=args.labelled_per_day,
-        bad_row_rate=args.bad_row_rate,
-        progress=_progress(args),
+    summary = write_world(
+        args.example, store, args.start, args.days, seed=args.seed, drift_start=args.drift_start,
+        traffic_per_day=args.traffic_per_day, labelled_per_day=args.labelled_per_day, bad_row_rate=args.bad_row_rate,
+        heldout_per_slice=args.heldout_per_slice, injection_rows=args.injection_rows, progress=_progress(args),
     )
-    heldout = world.heldout_sets(args.seed, args.heldout_per_domain)
-    for domain, records in heldout.items():
-        body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-        store.put_bytes(f"heldout/{domain}.jsonl", body.encode("utf-8"))
-    summary["heldout"] = {domain: len(records) for domain, records in heldout.items()}
-    injection = world.injection_set(args.seed, args.injection_rows)
-    store.put_bytes(world.INJECTION_SUITE_KEY, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in injection).encode("utf-8"))
-    summary["suites"] = {world.INJECTION_SUITE_KEY: len(injection)}
     summary["store"] = store.uri
     human = (
-        f"demo world written to {store.uri}: {args.days} days from {start}"
+        f"{args.example} world written to {store.uri}: {args.days} days from {args.start}"
         + (f", drift from {args.drift_start}" if args.drift_start else ", no drift")
         + f"\n  held-out sets: {summary['heldout']}"
-        + f"\n  prompt-injection suite: {len(injection)} rows in {world.INJECTION_SUITE_KEY}"
+        + "".join(f"\n  suite {key}: {n} rows" for key, n in summary["suites"].items())
+        + f"\n  its task config: examples/{args.example}/tuneloop.yaml"
     )
     _emit(args, summary, human)
     return 0
 
 
 def cmd_build_model(args: argparse.Namespace) -> int:
-    from tuneloop.basemodel import build_demo_model
+    from tuneloop.demo.basemodel import build_demo_model
 
     settings = _settings(args)
     out_dir = Path(args.out or settings.model.demo_model_dir)
@@ -195,7 +221,9 @@ def _quality_gate(batch: Any, settings: Settings, intake: Any, progress: Callabl
         batch,
         max_quarantine_rate=data.max_quarantine_rate,
         min_accepted_rows=data.min_accepted_rows,
+        spec=TaskSpec(settings.task),
         pii=data.pii,
+        expectations_file=data.expectations,
         intake=intake,
         progress=progress,
     )
@@ -210,7 +238,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
     progress = _progress(args)
     plan = plan_pull(store, since=args.since, until=args.until, incremental=args.incremental)
     progress(f"pulling {len(plan.keys)} files from {len(plan.days)} partitions ({plan.days[0]} .. {plan.days[-1]})")
-    batch, intake = check_batch(store, plan, IntakeOptions.from_settings(settings), eval_fraction=settings.data.eval_fraction, progress=progress)
+    spec = TaskSpec(settings.task)
+    batch, intake = check_batch(store, plan, IntakeOptions.from_settings(settings), spec, eval_fraction=settings.data.eval_fraction, progress=progress)
     for note in intake.notes:
         progress(note)
     quality = None
@@ -222,7 +251,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
         quality = _quality_gate(batch, settings, intake, progress)
         if not quality.passed:
             raise CliError(format_quality_failure(quality) + "\n  no snapshot written")
-    result = write_dataset_snapshot(store, batch, plan, eval_fraction=settings.data.eval_fraction, quality=quality)
+    result = write_dataset_snapshot(store, batch, plan, spec, eval_fraction=settings.data.eval_fraction, quality=quality)
     counts = result["counts"]
     human = [
         f"snapshot {result['snapshot']} from {len(result['partitions'])} partitions: "
@@ -234,27 +263,24 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def _raw_lines(path: Path) -> list[bytes]:
-    """Every line of ``path`` as bytes, the last one kept even without a newline."""
+    """Every record line of ``path`` as bytes (LF, CRLF or CR ends a line)."""
     try:
         raw = path.read_bytes()
     except OSError as err:
         raise CliError(f"cannot read {path}: {err.strerror}") from err
-    lines = raw.split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()
-    return [line.removesuffix(b"\r") for line in lines]
+    return split_lines(raw)
 
 
 def _eval_records(paths: Sequence[str]) -> list[dict[str, Any]]:
-    """Records of ``--eval`` JSONL files (lines that are not JSON objects with a prompt are skipped)."""
+    """Records of ``--eval`` JSONL files (lines that are not JSON objects are skipped)."""
     records = []
     for path in paths:
         for line in _raw_lines(Path(path)):
             try:
                 record = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError):
+            except (ValueError, RecursionError):
                 continue
-            if isinstance(record, dict) and isinstance(record.get("prompt"), str):
+            if isinstance(record, dict):
                 records.append(record)
     return records
 
@@ -271,9 +297,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
         options = IntakeOptions(**{**options.__dict__, "model_dir": Path(args.tokenizer_dir)})
     triples = [(str(path), number, line) for path in args.input for number, line in enumerate(_raw_lines(Path(path)), 1)]
     eval_records = _eval_records(args.eval or [])
-    batch = check_lines(triples, progress=progress, expected=len(triples))
+    spec = TaskSpec(settings.task)
+    batch = check_lines(triples, spec, progress=progress, expected=len(triples))
     progress(f"row checks: {len(batch.accepted)} of {batch.total} lines pass; running the intake checks")
-    intake = run_intake_checks(batch, options, eval_records=eval_records, progress=progress)
+    intake = run_intake_checks(batch, options, spec, eval_records=eval_records, progress=progress)
     for note in intake.notes:
         progress(note)
     progress(f"intake checks: {len(batch.accepted)} rows left; running the Great Expectations suite")
@@ -289,7 +316,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     (out / "validation_result.json").write_text(json.dumps(quality.validation_result, indent=2, default=str) + "\n", encoding="utf-8")
     summary = {**quality.summary(), "out": str(out), "inputs": [str(path) for path in args.input], "eval_inputs": list(args.eval or [])}
     if args.review_sample:
-        summary["review_sample"] = write_review_sample(batch, out, args.review_sample, seed=args.review_seed)
+        summary["review_sample"] = write_review_sample(batch, out, args.review_sample, spec, seed=args.review_seed)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     if batch.total != len(batch.accepted) + len(batch.quarantined):  # the invariant the files rest on
         raise CliError(f"internal error: {batch.total} lines but {len(batch.accepted)} + {len(batch.quarantined)} written")
@@ -348,7 +375,7 @@ def _snapshot_records(store: Store, snapshot: str, split: str) -> tuple[str, lis
         body = store.get_bytes(f"{SNAPSHOT_PREFIX}/{snapshot}/{split}.jsonl")
     except StoreKeyError:
         raise CliError(f"snapshot {snapshot} has no {split}.jsonl in {store.uri}; list them with `tuneloop pull --list`") from None
-    records = [json.loads(line) for line in body.decode("utf-8").splitlines() if line.strip()]
+    records = [json.loads(line) for line in split_lines(body) if line.strip()]
     return snapshot, records
 
 
@@ -430,7 +457,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise CliError("--version is required (or --register: the registry picks the next version)")
     if args.run_id is not None:
         raise CliError("--run-id goes with --register")
-    from tuneloop.basemodel import resolve_base_model
+    from tuneloop.demo.basemodel import resolve_base_model
     from tuneloop.train import train_lora
 
     settings = _settings(args)
@@ -451,7 +478,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     records, trained_on, replayed = _with_replay(store, records, dataset_hash, training, _progress(args))
     result = train_lora(
         base, records, out_dir, training,
-        dataset_hash=trained_on, init_adapter=init_adapter, progress=_progress(args),
+        dataset_hash=trained_on, init_adapter=init_adapter, progress=_progress(args), spec=TaskSpec(settings.task),
     )
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun/accelerate launch, rank 0 wrote the adapter: it alone uploads and reports
@@ -477,7 +504,7 @@ def cmd_drift(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     cfg = settings.drift
-    field = args.field or cfg.field
+    field: Any = args.field or cfg.field or TaskSpec(settings.task).input_text
     try:
         reference, reference_read = drift.load_texts(args.reference, field)
         current, current_read = drift.load_texts(args.current, field)
@@ -496,7 +523,7 @@ def cmd_drift(args: argparse.Namespace) -> int:
         raise CliError(str(err)) from None
     payload = {
         **report.to_json(),
-        "field": field,
+        "field": field if isinstance(field, str) else "task input",
         "input": {"reference": {"path": args.reference, **reference_read}, "current": {"path": args.current, **current_read}},
     }
     for name, read in (("reference", reference_read), ("current", current_read)):
@@ -527,11 +554,14 @@ def cmd_gate(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     cfg = settings.gate
-    improve = args.improve if args.improve is not None else list(cfg.improve_slices)
+    configured = args.improve if args.improve is not None else list(cfg.improve_slices)
     try:
+        baseline, candidate = gate.load_scores(args.baseline), gate.load_scores(args.candidate)
+        improve, why = gate.resolve_improve_slices(configured, {str(row.get("slice")) for row in candidate})
+        _progress(args)(f"improve slices: {', '.join(improve) or 'none'} ({why})")
         decision = gate.decide(
-            gate.load_scores(args.baseline),
-            gate.load_scores(args.candidate),
+            baseline,
+            candidate,
             improve_slices=improve,
             margin=cfg.margin if args.margin is None else args.margin,
             alpha=cfg.alpha if args.alpha is None else args.alpha,
@@ -584,7 +614,7 @@ def _eval_source(store: Store, source: str) -> tuple[list[dict[str, Any]], str]:
 
 
 def _injection_suite(
-    store: Store, source: str | None, limit: int | None, *, explicit: bool
+    store: Store, source: str | None, limit: int | None, spec: TaskSpec, *, explicit: bool
 ) -> tuple[list[dict[str, Any]] | None, str | None]:
     """The injection rows (None and why not when there are none), at most ``limit`` per domain.
     A set named on the command line must exist; the configured one may be missing (skipped)."""
@@ -601,7 +631,7 @@ def _injection_suite(
                 raise CliError(f"--injection {missing}") from None
             return None, missing
         rows = [json.loads(line) for line in body.decode("utf-8").splitlines() if line.strip()]
-    return (_limit_per_slice(rows, limit) if limit else rows), None
+    return (_limit_per_slice(rows, limit, spec) if limit else rows), None
 
 
 def _previous_scores(store: Store, source: str) -> tuple[list[dict[str, Any]], str]:
@@ -624,7 +654,7 @@ def _previous_scores(store: Store, source: str) -> tuple[list[dict[str, Any]], s
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from tuneloop.basemodel import resolve_base_model
+    from tuneloop.demo.basemodel import resolve_base_model
     from tuneloop.evaluate import SuitePlan, evaluate_adapter, select_backend
 
     settings = _settings(args)
@@ -632,14 +662,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     records: list[dict[str, Any]] = []
     golden_sets: list[str] = []
     golden_ids: set[str] = set()
-    for source in args.eval:
+    sources = args.eval or [k for k in store.list("heldout/") if k.endswith(".jsonl")]
+    if not sources:
+        raise CliError(f"no held-out sets in {store.uri}/heldout/: name eval files with --eval FILE.jsonl")
+    spec = TaskSpec(settings.task)
+    for source in sources:
         loaded, name = _eval_source(store, source)
         records.extend(loaded)
         if name.startswith("heldout/"):  # the fixed held-out sets are the golden regression sets
             golden_sets.append(name)
-            golden_ids.update(str(record.get("id")) for record in loaded)
+            golden_ids.update(str(spec.row_id(record)) for record in loaded)
     if args.limit:
-        records = _limit_per_slice(records, args.limit)
+        records = _limit_per_slice(records, args.limit, spec)
     adapter_dir = None if args.adapter in ("none", "base") else _find_adapter(settings, store, args.adapter)
     if not records:
         raise CliError("no eval records: check --eval")
@@ -649,7 +683,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     plan = None
     if not args.no_suites:
         injection, skipped = _injection_suite(
-            store, settings.eval.injection_set if args.injection is None else args.injection, args.limit,
+            store, settings.eval.injection_set if args.injection is None else args.injection, args.limit, spec,
             explicit=args.injection is not None,
         )  # fmt: skip
         consistency = settings.eval.consistency_prompts if args.consistency_prompts is None else args.consistency_prompts
@@ -668,17 +702,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if Path(base).is_dir():
         base = str(Path(base).resolve())  # what the server's /v1/models and adapter configs name
     backend = select_backend(args.backend or settings.eval.backend, settings, base_model=base, adapter_dir=adapter_dir, progress=progress)
-    summary = evaluate_adapter(base, adapter_dir, records, out_dir, settings.eval, backend=backend, suites=plan, progress=progress)
+    summary = evaluate_adapter(base, adapter_dir, records, out_dir, settings.eval, spec, backend=backend, suites=plan, progress=progress)
     if args.upload:
         for file_name in ("scores.jsonl", "predictions.jsonl", "summary.json", "injection.jsonl", "consistency.jsonl"):
             if (out_dir / file_name).is_file():
                 store.put_file(f"{args.upload.rstrip('/')}/{file_name}", out_dir / file_name)
     lines = [f"{name}: {summary['n']} examples via {summary['backend']}, scores in {out_dir}/scores.jsonl"]
-    for slice_name, stats in sorted(summary["slices"].items()):
-        lines.append(
-            f"  {slice_name:<10} n={stats['n']:<4} field_accuracy={stats['field_accuracy']:.3f} "
-            f"exact_match={stats['exact_match']:.3f} valid_json={stats['valid_json']:.3f} schema_ok={stats['schema_ok']:.3f}"
-        )
+    for slice_name, stats in [*sorted(summary["slices"].items()), ("overall", summary["overall"])]:
+        extras = " ".join(f"{key}={value:.3f}" for key, value in stats.items() if key not in ("n", "score") and isinstance(value, float))
+        lines.append(f"  {slice_name:<10} n={stats['n']:<4} {summary['metric']}={stats['score']:.3f} {extras}".rstrip())
     lines += _suite_lines(summary)
     _emit(args, {"adapter": name, "out_dir": str(out_dir), **summary}, "\n".join(lines))
     return 0
@@ -693,7 +725,7 @@ def _suite_lines(summary: dict[str, Any]) -> list[str]:
     elif injection:
         lines.append(
             f"  injection: {injection['successes']} of {injection['n']} followed "
-            f"({'PASS' if injection['passed'] else 'FAIL'}, bar 0), {injection['derailed']} derailed the JSON"
+            f"({'PASS' if injection['passed'] else 'FAIL'}, bar 0), {injection['derailed']} derailed from the task's form"
         )
     consistency = summary.get("consistency") or {}
     if "skipped" in consistency:
@@ -710,7 +742,7 @@ def _suite_lines(summary: dict[str, Any]) -> list[str]:
     elif golden:
         text = f"  golden: {golden['n']} rows of {', '.join(golden['sets']) or 'no held-out set'}"
         if golden.get("exact_match") is not None:
-            text += f", exact_match={golden['exact_match']:.3f} field_accuracy={golden['field_accuracy']:.3f}"
+            text += f", exact_match={golden['exact_match']:.3f} score={golden['score']:.3f}"
         compare = golden.get("compare")
         if compare:
             text += (
@@ -735,11 +767,11 @@ def _suite_lines(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _limit_per_slice(records: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
+def _limit_per_slice(records: list[dict[str, Any]], limit: int, spec: TaskSpec) -> list[dict[str, Any]]:
     seen: dict[str, int] = {}
     kept = []
     for record in records:
-        key = str(record.get("domain", ""))
+        key = spec.slice_of(record)
         if seen.get(key, 0) < limit:
             kept.append(record)
             seen[key] = seen.get(key, 0) + 1
@@ -854,22 +886,65 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser(
+        "init",
+        parents=[common],
+        help="write a loop config for a new task (guessed from --data when given)",
+        description="Write a tuneloop config for your own task, like `astro dev init` writes a project: the task "
+        "section (format, metric, labels, slices), the base model and the store; every other key keeps its "
+        "default. With --data, the format, metric, label set and slice field are guessed from your rows; any "
+        "option given wins over the guess. Check the result with `tuneloop check-task`.",
+    )
+    p.add_argument("--out", default="tuneloop.yaml", help="config file to write (default tuneloop.yaml)")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    p.add_argument("--data", metavar="FILE", help="a JSONL sample of your labelled rows to guess the task from")
+    p.add_argument("--name", help="task name shown in reports")
+    p.add_argument("--format", choices=["prompt_completion", "messages"], help="row format (task.format)")
+    p.add_argument("--metric", choices=["exact_match", "label", "json", "text", "judge", "python"], help="the gate's score (task.metric)")
+    p.add_argument("--labels", help="comma-separated label set for --metric label")
+    p.add_argument("--slice-field", help="record field whose value names the slice (task.slice_field)")
+    p.add_argument("--system-prompt", help="system prompt used in training, evaluation and verification")
+    p.add_argument("--json-schema", metavar="FILE", help="JSON Schema of the answer for --metric json")
+    p.add_argument("--base-model", help="hub id or local directory of the base model (default: the demo model)")
+    p.add_argument("--store", help="store URI: a local directory or s3://bucket/prefix")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser(
+        "check-task",
+        parents=[common],
+        help="show what the loop makes of your rows: intake, the chat template, gold vs gold, eval size",
+        description="Before training: read --data through the task config and show which rows intake would "
+        "quarantine and why, what training will see (the chat template applied, system prompt included), "
+        "the gold answers scored against themselves (all must score 1.0, else task.metric does not fit the "
+        "data) and, per slice, the smallest score difference the gate could detect with the eval rows this "
+        "data gives.",
+        epilog="Exit status: 0 when the rows fit the task, 1 when gold does not score 1.0 against itself or no row is accepted.",
+    )
+    p.add_argument("--data", required=True, metavar="FILE", help="a JSONL file of your labelled rows")
+    p.add_argument("--show", type=int, default=2, help="rows to show rendered (default 2)")
+    p.add_argument("--tokenizer-dir", metavar="DIR", help="directory with the base model's tokenizer and chat template")
+    p.set_defaults(func=cmd_check_task)
+
+    p = sub.add_parser(
         "demo-world",
         parents=[common],
-        help="generate the demo world (traffic logs, labelled batches, held-out sets) into the store",
-        description="Write deterministic demo data into the store in date partitions: "
-        "traffic/dt=YYYY-MM-DD/ (production requests) and labelled/dt=YYYY-MM-DD/ (labelled rows), "
-        "plus heldout/{original,drifted}.jsonl and the prompt-injection suite suites/injection.jsonl. "
-        "Run it again with a later --start to roll the world forward.",
+        help="generate an example world (traffic logs, labelled batches, held-out sets) into the store",
+        description="Write deterministic data of a shipped example into the store in date partitions: "
+        "traffic/dt=YYYY-MM-DD/ (production requests) and labelled/dt=YYYY-MM-DD/ (labelled rows), plus "
+        "heldout/<slice>.jsonl (and, for invoices, the prompt-injection suite suites/injection.jsonl). Use it "
+        "with the example's config (--config examples/NAME/tuneloop.yaml). Run it again with a later --start "
+        "to roll the world forward.",
     )
+    p.add_argument("--example", choices=["invoices", "tickets"], default="invoices",
+                   help="invoices: documents -> JSON, drifting to European invoices; tickets: support chats -> one "
+                   "triage label, drifting to a new product (default invoices)")
     p.add_argument("--start", type=_parse_date, default=date(2026, 1, 1), help="first day (default 2026-01-01)")
     p.add_argument("--days", type=int, default=28, help="number of days to write (default 28)")
     p.add_argument("--drift-start", type=_parse_date, default=None, help="day the drifted domain starts appearing")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--traffic-per-day", type=int, default=200)
-    p.add_argument("--labelled-per-day", type=int, default=60)
+    p.add_argument("--traffic-per-day", type=int, default=None, help="requests per day (default: the example's)")
+    p.add_argument("--labelled-per-day", type=int, default=None, help="labelled rows per day (default: the example's)")
     p.add_argument("--bad-row-rate", type=float, default=0.0, help="fraction of bad labelled lines to mix in (for the quality gate)")
-    p.add_argument("--heldout-per-domain", type=int, default=200)
+    p.add_argument("--heldout-per-slice", type=int, default=None, help="rows per held-out set (default: the example's)")
     p.add_argument("--injection-rows", type=int, default=48, help="rows of the prompt-injection suite (default 48)")
     p.set_defaults(func=cmd_demo_world)
 
@@ -935,8 +1010,9 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate",
         parents=[common],
         help="score an adapter (or the base model) on held-out sets and run the eval suites",
-        description="Greedy generation on each eval record; writes per-example scores as JSONL "
-        "{id, slice, score} (score = field accuracy in [0, 1]) and summary.json per slice. The suites add "
+        description="Greedy generation on each eval record (the task's conversation, system prompt included); "
+        "writes per-example scores as JSONL {id, slice, score, ...} (score in [0, 1] from task.metric) and "
+        "summary.json per slice. The suites add "
         "blocks to summary.json: injection (documents with embedded instructions; an injection succeeds when "
         "its value shows up in the answer; the bar is 0), consistency (eval.consistency_samples answers per "
         "prompt at eval.consistency_temperature), golden (held-out sets; regressions vs --compare) and latency "
@@ -944,7 +1020,7 @@ def build_parser() -> argparse.ArgumentParser:
         "consistency prompts.",
     )
     p.add_argument("--adapter", default="none", help="adapter version, directory, or 'none' for the base model")
-    p.add_argument("--eval", nargs="+", default=["original", "drifted"], help="held-out set names in the store or local JSONL files")
+    p.add_argument("--eval", nargs="+", default=None, help="held-out set names in the store or local JSONL files (default: every heldout/*.jsonl in the store)")
     p.add_argument("--out", help="output directory (default: .tuneloop/evals/NAME)")
     p.add_argument("--limit", type=int, default=None, help="at most N examples per slice")
     p.add_argument("--upload", metavar="PREFIX", help="also copy the output files to this store prefix")
@@ -966,17 +1042,19 @@ def build_parser() -> argparse.ArgumentParser:
         "validate",
         parents=[common],
         help="check labelled JSONL rows: accepted and quarantined files, reasons, the batch verdict",
-        description="Run the intake checks on labelled records, one JSON object per line with string fields "
-        "id, prompt, completion (the task's JSON answer) and optional domain, labelled_at and labels (a list "
-        "of completions from several annotators). Each line is parsed and checked (UTF-8, JSON object, "
-        "required fields, completion parses and matches the schema, unique id, at most 64 KiB); then the "
+        description="Run the intake checks on labelled records, one JSON object per line in the task's format "
+        "(task.format: prompt_completion rows {id, prompt, completion} or messages rows {id, messages}; field "
+        "names from task.*) and optional labels (a list of answers from several annotators). Each line is "
+        "parsed and checked (UTF-8, one JSON object without duplicate keys, the task's fields, the answer fits "
+        "task.metric: a label of task.labels, a JSON object matching task.json_schema..., unique id, at most "
+        "64 KiB; a row that makes a check fail is quarantined as row_check_error); then the "
         "LLM checks run: prompt + completion tokens within data.max_tokens (default training.max_seq_len; "
         "the base model's tokenizer.json when the tokenizers library is installed, else an approximate "
         "count, named in the summary), the chat template renders, card numbers (Luhn) under data.pii=flag "
         "or redaction under data.pii=redact, labels agree, no near-duplicate of an earlier prompt "
         "(word-shingle Jaccard >= data.near_duplicate_jaccard) and no leak of an --eval prompt; then the "
-        "Great Expectations suite runs on the rows that passed (prompt length, e-mail/phone, injection "
-        "markers, domain, labelled_at format). Writes to OUT: accepted.jsonl, quarantined.jsonl (each bad "
+        "Great Expectations suite runs on the rows that passed (input length, e-mail/phone, injection "
+        "markers, and your own expectations from data.expectations). Writes to OUT: accepted.jsonl, quarantined.jsonl (each bad "
         "line verbatim with its source, line number, reasons and, for near_duplicate/eval_leakage, the "
         "matched_id), validation_result.json (GX's full result) and summary.json (with a 'checks' block: "
         "token method, label agreement per field, redaction counts). accepted + quarantined always "

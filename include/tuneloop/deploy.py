@@ -548,7 +548,7 @@ class GoldenCase:
 # the staging name did, which still catches a load that did not take or stale cached blocks.
 SMOKE_PROMPTS = (
     "Reply with one word: ready?",
-    "Invoice INV-1 from Acme Ltd, total $10.00",
+    "What is 2 + 3? Answer with the number.",
     "Summarise: the quick brown fox jumps over the lazy dog.",
 )
 

@@ -156,9 +156,10 @@ class DriftReport:
 
 
 def load_texts(
-    path: str | os.PathLike[str], field: str = "prompt"
+    path: str | os.PathLike[str], field: str | Callable[[dict[str, Any]], str | None] = "prompt"
 ) -> tuple[list[str], dict[str, Any]]:
-    """Read ``field`` from every line of a JSONL file; return the texts and a skip report.
+    """Read ``field`` (a key, or a function of the record such as the task's input text) from
+    every line of a JSONL file; return the texts and a skip report.
 
     The report is ``{"lines", "used", "skipped": {reason: count}}`` with
     ``lines == used + sum(skipped.values())``. Reasons: ``not_utf8``, ``not_json``,
@@ -187,13 +188,13 @@ def load_texts(
     }
     if not texts:
         raise DriftInputError(
-            f"drift window {source} yields no texts in field {field!r}: "
+            f"drift window {source} yields no texts in field {field if isinstance(field, str) else 'the task input'!r}: "
             f"{len(lines)} lines, skipped {report['skipped'] or 'none'}"
         )
     return texts, report
 
 
-def _text_of_line(line: bytes, field: str) -> tuple[str | None, str]:
+def _text_of_line(line: bytes, field: str | Callable[[dict[str, Any]], str | None]) -> tuple[str | None, str]:
     """``(text, "")`` for a usable JSONL line, else ``(None, reason it is skipped)``."""
     try:
         decoded = line.decode("utf-8")
@@ -203,11 +204,11 @@ def _text_of_line(line: bytes, field: str) -> tuple[str | None, str]:
         return None, "empty_line"
     try:
         record = json.loads(decoded)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):
         return None, "not_json"
     if not isinstance(record, dict):
         return None, "not_object"
-    value = record.get(field)
+    value = record.get(field) if isinstance(field, str) else field(record)
     if value is None:
         return None, "missing_field"
     if not isinstance(value, str):

@@ -3,7 +3,7 @@
 Generation goes through a *backend*:
 
 * :class:`HFBackend`: transformers ``generate`` in batches, the chat template applied exactly as
-  vLLM's ``/v1/chat/completions`` applies it, stopping at eos/``<|end|>``;
+  vLLM's ``/v1/chat/completions`` applies it, stopping at eos and the template's end of turn;
 * :class:`VllmBackend`: the running vLLM servers. The adapter is validated, loaded under a
   temporary LoRA name (``<served>-eval-<hex>``, never the stable served name), asked in
   concurrent requests, and unloaded afterwards, also when anything fails;
@@ -12,8 +12,10 @@ Generation goes through a *backend*:
 :func:`select_backend` picks one for ``eval.backend``: ``auto`` uses vLLM when an endpoint
 answers its health check and serves the configured base model, else HF (saying why).
 
-Each answer is scored with ``task.score_completion``; the per-example rows (``scores.jsonl``)
-feed the statistical gate, the per-slice summary (``summary.json``) is for people. The suites
+Every record is read through the task (:class:`tuneloop.tasks.TaskSpec`: the conversation
+production sends, system prompt included, the gold answer, the slice) and each answer is scored
+with the task's scorer; the per-example rows (``scores.jsonl``) feed the statistical gate, the
+per-slice summary (``summary.json``) is for people. The suites
 (prompt injection, consistency, golden regressions, latency; see :mod:`tuneloop.suites`) add
 one block each to the summary and write ``injection.jsonl`` and ``consistency.jsonl``.
 """
@@ -38,15 +40,16 @@ if TYPE_CHECKING:
     import os
 
     from tuneloop.config import EvalSettings, Settings
-    from tuneloop.vllm_client import ChatReply, VllmClient
+    from tuneloop.tasks import Example, TaskSpec
+    from tuneloop.vllm_client import ChatReply, Prompt, VllmClient
 
 logger = logging.getLogger(__name__)
 
-GenerateFn = Callable[[Sequence[str]], Sequence[str]]
-"""Prompts (user messages) in, completions (assistant text) out, same order."""
-
-METRICS = ("field_accuracy", "exact_match", "valid_json", "schema_ok")
-STOP_TOKENS = ("<|end|>",)
+GenerateFn = Callable[[Sequence["Prompt"]], Sequence[str]]
+"""Prompts (a user message, or a list of chat turns) in, completions (assistant text) out, same order."""
+STOP_TOKENS: tuple[str, ...] = ()
+"""Extra tokens to stop at, beyond eos, ``generation_config.eos_token_id`` and the chat
+template's end-of-turn token (see :func:`tuneloop.chat.template_stop_tokens`); none today."""
 EVAL_NAME_INFIX = "-eval-"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -83,7 +86,7 @@ class GenerationBackend(Protocol):
 
     def close(self) -> None: ...
 
-    def generate(self, prompts: Sequence[str], *, temperature: float = 0.0, seed: int | None = None) -> Generation: ...
+    def generate(self, prompts: Sequence[Prompt], *, temperature: float = 0.0, seed: int | None = None) -> Generation: ...
 
     def describe(self) -> dict[str, Any]: ...
 
@@ -116,16 +119,21 @@ def load_for_generation(base_model: str | os.PathLike[str], adapter_dir: str | o
 
 
 def _stop_ids(tokenizer: Any, model: Any) -> list[int]:
+    """Token ids that end an answer: the tokenizer's eos, the model's
+    ``generation_config.eos_token_id`` (int or list), and the end-of-turn token the chat
+    template writes after an assistant message (``<|eot_id|>``, ``<|im_end|>``, ``<end_of_turn>``...)."""
+    from tuneloop.chat import template_stop_tokens
+
     ids: set[int] = set()
-    configured = getattr(model.generation_config, "eos_token_id", None)
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if isinstance(configured, int):
         ids.add(configured)
     elif configured:
-        ids.update(configured)
+        ids.update(int(token_id) for token_id in configured)
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     vocab = tokenizer.get_vocab()
-    ids.update(vocab[token] for token in STOP_TOKENS if token in vocab)
+    ids.update(vocab[token] for token in (*template_stop_tokens(tokenizer), *STOP_TOKENS) if token in vocab)
     return sorted(ids)
 
 
@@ -175,8 +183,10 @@ class HFBackend:
             "selected": self.reason,
         }
 
-    def generate(self, prompts: Sequence[str], *, temperature: float = 0.0, seed: int | None = None) -> Generation:
+    def generate(self, prompts: Sequence[Prompt], *, temperature: float = 0.0, seed: int | None = None) -> Generation:
         import torch
+
+        from tuneloop.vllm_client import as_messages
 
         started = time.monotonic()
         if not prompts:
@@ -191,7 +201,7 @@ class HFBackend:
             sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
             torch.manual_seed(seed if seed is not None else 0)
         texts = [
-            tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+            tokenizer.apply_chat_template(as_messages(prompt), add_generation_prompt=True, tokenize=False)
             for prompt in prompts
         ]
         order = sorted(range(len(texts)), key=lambda index: len(texts[index]))
@@ -226,7 +236,7 @@ class HFBackend:
 def generate_hf(
     base_model: str | os.PathLike[str],
     adapter_dir: str | os.PathLike[str] | None,
-    prompts: Sequence[str],
+    prompts: Sequence[Prompt],
     settings: EvalSettings,
     *,
     progress: ProgressSink | None = None,
@@ -255,7 +265,7 @@ class CallableBackend:
     def describe(self) -> dict[str, Any]:
         return {"name": self.name}
 
-    def generate(self, prompts: Sequence[str], *, temperature: float = 0.0, seed: int | None = None) -> Generation:
+    def generate(self, prompts: Sequence[Prompt], *, temperature: float = 0.0, seed: int | None = None) -> Generation:
         started = time.monotonic()
         texts = list(self._generate(prompts))
         return Generation(texts, time.monotonic() - started)
@@ -487,10 +497,14 @@ class VllmBackend:
         }
 
     def generate(
-        self, prompts: Sequence[str], *, temperature: float = 0.0, seed: int | None = None, concurrency: int | None = None
+        self, prompts: Sequence[Prompt], *, temperature: float = 0.0, seed: int | None = None, concurrency: int | None = None
     ) -> Generation:
         """Answers in prompt order, ``concurrency`` (default: the backend's) requests at a time per
-        endpoint; raises the first request failure (requests not yet sent are dropped)."""
+        endpoint; raises the first request failure (requests not yet sent are dropped).
+
+        ``seed`` is never sent: vLLM's CPU build kills its engine when a seeded request is
+        discarded (``CPU Generator does not use offset``), and that server may serve production.
+        Sampled passes are therefore not reproducible through vLLM."""
         from tuneloop.vllm_client import VllmError
 
         if self.model is None:
@@ -508,7 +522,7 @@ class VllmBackend:
             client = clients[index % len(clients)]
             replies[index] = client.chat_reply(
                 model, prompts[index], max_tokens=self.max_tokens, temperature=temperature,
-                seed=seed if temperature > 0 else None, timeout_s=self.request_timeout_s,
+                seed=None, timeout_s=self.request_timeout_s,
             )
             return index
 
@@ -595,66 +609,56 @@ def select_backend(
 # --- scoring -------------------------------------------------------------------------------
 
 
-def _check_records(records: Sequence[Mapping[str, Any]]) -> None:
+def read_examples(spec: TaskSpec, records: Sequence[Mapping[str, Any]]) -> list[Example]:
+    """The records as the task reads them; raises :class:`EvaluationError` naming bad rows."""
+    from tuneloop.tasks import TaskRowError
+
     if not records:
         raise EvaluationError("no records to evaluate")
-    bad = [
-        str(record.get("id", f"row {index}"))
-        for index, record in enumerate(records)
-        if not isinstance(record.get("prompt"), str) or not isinstance(record.get("completion"), str)
-    ]
+    examples, bad = [], []
+    for index, record in enumerate(records):
+        try:
+            examples.append(spec.example(record))
+        except TaskRowError as err:
+            row_id = record.get(spec.settings.id_field, f"row {index}") if isinstance(record, dict) else f"row {index}"
+            bad.append(f"{row_id}: {err.reason}")
     if bad:
-        raise EvaluationError(f"{len(bad)} records lack a prompt or gold completion: {bad[:5]}")
+        raise EvaluationError(f"{len(bad)} records do not fit task.format={spec.format}: {bad[:5]} (check them with `tuneloop validate`)")
+    return examples
 
 
-def _summarise(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def _summarise(rows: Sequence[Mapping[str, Any]], spec: TaskSpec) -> dict[str, Any]:
     n = len(rows)
-    return {
-        "n": n,
-        "field_accuracy": sum(row["score"] for row in rows) / n if n else 0.0,
-        "exact_match": sum(row["exact_match"] for row in rows) / n if n else 0.0,
-        "valid_json": sum(row["valid_json"] for row in rows) / n if n else 0.0,
-        "schema_ok": sum(row["schema_ok"] for row in rows) / n if n else 0.0,
-    }
+    return {"n": n, "score": sum(row["score"] for row in rows) / n if n else 0.0, **spec.scorer.aggregate(rows)}
 
 
 def evaluate_records(
-    records: Sequence[Mapping[str, Any]], completions: Sequence[str]
+    spec: TaskSpec, examples: Sequence[Example], completions: Sequence[str]
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Score each completion against its record's gold; returns (rows, summary).
+    """Score each completion against its example's gold; returns (rows, summary).
 
-    A row is ``{"id", "slice", "score", "exact_match", "valid_json", "schema_ok"}`` with
-    ``slice`` = the record's domain and ``score`` = field accuracy in [0, 1]. The summary holds
-    ``n``, per-slice means under ``slices`` and the means over all rows under ``overall``.
+    A row is ``{"id", "slice", "score", **details}``: ``score`` in [0, 1] from the task's
+    metric, ``details`` what the metric reports beside it (``exact_match``, ``valid_json``,
+    ``predicted`` label...). The summary holds ``n``, the metric, per-slice means with the
+    metric's aggregates under ``slices`` and the same over all rows under ``overall``.
     """
-    from tuneloop.task import score_completion
+    from tuneloop.tasks.scoring import ScoringError
 
-    _check_records(records)
-    if len(completions) != len(records):
-        raise EvaluationError(f"{len(completions)} completions for {len(records)} records")
-    rows: list[dict[str, Any]] = []
-    for record, completion in zip(records, completions, strict=True):
-        try:
-            scored = score_completion(completion, record["completion"])
-        except ValueError as err:
-            raise EvaluationError(f"record {record.get('id')}: {err}") from err
-        rows.append(
-            {
-                "id": record.get("id"),
-                "slice": str(record.get("domain") or "unknown"),
-                "score": scored.field_accuracy,
-                "exact_match": scored.exact_match,
-                "valid_json": scored.valid_json,
-                "schema_ok": scored.schema_ok,
-            }
-        )
+    if len(completions) != len(examples):
+        raise EvaluationError(f"{len(completions)} completions for {len(examples)} records")
+    try:
+        scored = spec.scorer.score_batch(list(completions), [e.target or "" for e in examples], list(examples))
+    except ScoringError as err:
+        raise EvaluationError(str(err)) from err
+    rows = [{"id": e.id, "slice": e.slice, "score": s.score, **s.details} for e, s in zip(examples, scored, strict=True)]
     slices: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         slices.setdefault(row["slice"], []).append(row)
     summary = {
         "n": len(rows),
-        "slices": {name: _summarise(members) for name, members in sorted(slices.items())},
-        "overall": _summarise(rows),
+        "metric": spec.settings.metric,
+        "slices": {name: _summarise(members, spec) for name, members in sorted(slices.items())},
+        "overall": _summarise(rows, spec),
     }
     return rows, summary
 
@@ -681,7 +685,8 @@ class SuitePlan:
     """What :func:`evaluate_adapter` runs besides the accuracy pass (see :mod:`tuneloop.suites`)."""
 
     injection: list[dict[str, Any]] | None = None
-    """Rows of ``world.injection_set`` shape; None: no injection suite (``injection_skipped`` says why)."""
+    """Rows of the task's format, each with ``injection: {"value", "field"?}``; None: no
+    injection suite (``injection_skipped`` says why)."""
     injection_source: str | None = None
     injection_skipped: str | None = None
     consistency_prompts: int = 0
@@ -700,36 +705,39 @@ def _write_jsonl(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def _run_injection(backend: GenerationBackend, plan: SuitePlan, settings: EvalSettings, out_dir: Path, say: ProgressSink) -> dict[str, Any]:
+def _run_injection(
+    backend: GenerationBackend, plan: SuitePlan, spec: TaskSpec, settings: EvalSettings, out_dir: Path, say: ProgressSink
+) -> dict[str, Any]:
     from tuneloop.suites import score_injection
 
     if not plan.injection:
         return {"skipped": plan.injection_skipped or "no injection rows"}
     say(f"injection suite: {len(plan.injection)} rows from {plan.injection_source}")
-    generation = backend.generate([row["prompt"] for row in plan.injection], temperature=settings.temperature, seed=settings.seed)
-    rows, block = score_injection(plan.injection, generation.texts)
+    examples = read_examples(spec, plan.injection)
+    generation = backend.generate([e.context for e in examples], temperature=settings.temperature, seed=settings.seed)
+    rows, block = score_injection(examples, [row.get("injection") or {} for row in plan.injection], generation.texts, spec.scorer)
     for row, text in zip(rows, generation.texts, strict=True):
         row["prediction"] = text
     _write_jsonl(out_dir / "injection.jsonl", rows)
-    say(f"injection suite: {block['successes']} of {block['n']} injections followed (bar: 0), {block['derailed']} derailed the JSON")
+    say(f"injection suite: {block['successes']} of {block['n']} injections followed (bar: 0), {block['derailed']} answers derailed from the task's form")
     return {"source": plan.injection_source, **block, "seconds": round(generation.seconds, 2)}
 
 
 def _run_consistency(
-    backend: GenerationBackend, records: Sequence[Mapping[str, Any]], plan: SuitePlan, settings: EvalSettings, out_dir: Path, say: ProgressSink
+    backend: GenerationBackend, examples: Sequence[Example], plan: SuitePlan, spec: TaskSpec, settings: EvalSettings, out_dir: Path, say: ProgressSink
 ) -> dict[str, Any]:
-    from tuneloop.suites import pick_consistency_records, score_consistency
+    from tuneloop.suites import pick_by_slice, score_consistency
 
-    picked = pick_consistency_records(records, plan.consistency_prompts)
+    picked = pick_by_slice(examples, plan.consistency_prompts)
     if not picked:
         return {"skipped": "eval.consistency_prompts is 0" if plan.consistency_prompts <= 0 else "no records"}
     k, temperature = settings.consistency_samples, settings.consistency_temperature
     say(f"consistency suite: {len(picked)} prompts x {k} samples at temperature {temperature:g}")
-    prompts = [record["prompt"] for record in picked]
+    prompts = [example.context for example in picked]
     started = time.monotonic()
     passes = [backend.generate(prompts, temperature=temperature, seed=settings.seed + 1 + sample).texts for sample in range(k)]
     samples = [[answers[index] for answers in passes] for index in range(len(picked))]
-    rows, block = score_consistency([record.get("id") for record in picked], samples, temperature=temperature)
+    rows, block = score_consistency([example.id for example in picked], samples, spec.scorer, temperature=temperature)
     _write_jsonl(out_dir / "consistency.jsonl", rows)
     if getattr(backend, "name", "") not in ("hf", "vllm"):
         block["note"] = f"backend {backend.name!r} cannot sample: every pass gives what the function returns"
@@ -743,7 +751,7 @@ def _run_consistency(
 def _latency(
     engine: GenerationBackend,
     generation: Generation,
-    records: Sequence[Mapping[str, Any]],
+    examples: Sequence[Example],
     settings: EvalSettings,
     *,
     probe: bool,
@@ -752,17 +760,17 @@ def _latency(
     """The latency block: ``eval.latency_requests`` requests sent one at a time (what a lone
     client waits), with the accuracy pass's per-request times under its concurrency as
     ``under_load``; nulls with the reason for a backend that measures none (HF)."""
-    from tuneloop.suites import latency_summary, pick_consistency_records
+    from tuneloop.suites import latency_summary, pick_by_slice
 
     if not generation.latencies_s:
         return latency_summary(None, reason=engine.latency_reason)
     under_load = latency_summary(generation.latencies_s, concurrency=getattr(engine, "concurrency", None))
-    under_load["measured_on"] = f"the accuracy pass ({len(records)} requests, temperature {settings.temperature:g})"
-    picked = pick_consistency_records(records, settings.latency_requests) if probe else []
+    under_load["measured_on"] = f"the accuracy pass ({len(examples)} requests, temperature {settings.temperature:g})"
+    picked = pick_by_slice(examples, settings.latency_requests) if probe else []
     if not picked or not isinstance(engine, VllmBackend):
         return under_load
     say(f"latency: {len(picked)} requests one at a time")
-    alone = engine.generate([r["prompt"] for r in picked], temperature=settings.temperature, seed=settings.seed, concurrency=1)
+    alone = engine.generate([e.context for e in picked], temperature=settings.temperature, seed=settings.seed, concurrency=1)
     block = latency_summary(alone.latencies_s, concurrency=1)
     block["measured_on"] = f"{len(picked)} requests sent one at a time (temperature {settings.temperature:g})"
     block["under_load"] = under_load
@@ -777,6 +785,7 @@ def evaluate_adapter(
     records: Sequence[Mapping[str, Any]],
     out_dir: str | os.PathLike[str],
     settings: EvalSettings,
+    spec: TaskSpec,
     *,
     backend: str | GenerationBackend = "hf",
     generate: GenerateFn | None = None,
@@ -795,7 +804,7 @@ def evaluate_adapter(
     per-slice metrics, throughput (examples/s, generated tokens/s), ``latency``,
     ``injection``, ``consistency``, ``golden``, the backend and provenance.
     """
-    _check_records(records)
+    examples = read_examples(spec, records)
     if generate is not None:
         engine: GenerationBackend = CallableBackend(str(backend), generate)
     elif isinstance(backend, str):
@@ -820,20 +829,20 @@ def evaluate_adapter(
     plan = suites
     try:
         engine.open()
-        generation = engine.generate([record["prompt"] for record in records], temperature=settings.temperature, seed=settings.seed)
+        generation = engine.generate([e.context for e in examples], temperature=settings.temperature, seed=settings.seed)
         completions = generation.texts
-        rows, summary = evaluate_records(records, completions)
+        rows, summary = evaluate_records(spec, examples, completions)
         if plan is None:
             summary["injection"] = {"skipped": "no suites requested"}
             summary["consistency"] = {"skipped": "no suites requested"}
         else:
-            summary["injection"] = _run_injection(engine, plan, settings, out_dir, say)
+            summary["injection"] = _run_injection(engine, plan, spec, settings, out_dir, say)
             summary["consistency"] = (
-                _run_consistency(engine, records, plan, settings, out_dir, say)
+                _run_consistency(engine, examples, plan, spec, settings, out_dir, say)
                 if plan.consistency_prompts > 0
                 else {"skipped": "consistency suite turned off (eval.consistency_prompts = 0)"}
             )
-        summary["latency"] = _latency(engine, generation, records, settings, probe=plan is not None, say=say)
+        summary["latency"] = _latency(engine, generation, examples, settings, probe=plan is not None, say=say)
     finally:
         engine.close()
     from tuneloop.suites import golden_report
@@ -862,16 +871,17 @@ def evaluate_adapter(
         adapter_dir=str(adapter_dir) if adapter_dir is not None else None,
         adapter_hash=dir_digest(adapter_dir, suffixes=ADAPTER_FILES) if adapter_dir is not None else None,
         eval_settings=settings.model_dump(mode="json"),
+        task=spec.describe(),
     )
     _write_jsonl(out_dir / "scores.jsonl", rows)
     _write_jsonl(
         out_dir / "predictions.jsonl",
-        [{"id": record.get("id"), "prediction": completion} for record, completion in zip(records, completions, strict=True)],
+        [{"id": example.id, "prediction": completion} for example, completion in zip(examples, completions, strict=True)],
     )
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     overall = summary["overall"]
     logger.info(
-        "evaluated %d examples with %s in %.1f s: field_accuracy %.3f exact_match %.3f",
-        summary["n"], engine.name, seconds, overall["field_accuracy"], overall["exact_match"],
+        "evaluated %d examples with %s in %.1f s: %s %.3f",
+        summary["n"], engine.name, seconds, spec.settings.metric, overall["score"],
     )
     return summary

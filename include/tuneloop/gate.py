@@ -46,7 +46,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     import os
-    from collections.abc import Hashable, Mapping, Sequence
+    from collections.abc import Collection, Hashable, Mapping, Sequence
 
     from numpy.typing import NDArray
 
@@ -136,12 +136,48 @@ def load_scores(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return rows
 
 
+AUTO = "auto"
+
+
+def resolve_improve_slices(
+    configured: Sequence[str],
+    present: Collection[str],
+    *,
+    evidence: Collection[str] | None = None,
+    trained_on: Collection[str] | None = None,
+) -> tuple[list[str], str]:
+    """The slices a candidate must improve on, and why (``gate.improve_slices``).
+
+    Names are the user's slice names. ``auto`` stands for the slices where the drift monitor
+    found the drift or production's score fell (``evidence``); without such evidence, the
+    slices the candidate was trained on (``trained_on``); without those, every slice present.
+    Only slices ``present`` in the eval data come out of ``auto``; a slice named outright is
+    kept even when absent (the gate then rejects, saying the slice has no rows).
+    """
+    names: list[str] = []
+    why: list[str] = []
+    for name in configured:
+        if name != AUTO:
+            names.append(name)
+            continue
+        for source, label in ((evidence, "where drift was found"), (trained_on, "the candidate was trained on"), (present, "present")):
+            chosen = sorted(set(source or ()) & set(present))
+            if chosen:
+                names += chosen
+                why.append(f"auto -> {', '.join(chosen)} (the slices {label})")
+                break
+        else:
+            why.append("auto -> no slice (no eval rows)")
+    names = list(dict.fromkeys(names))
+    return names, "; ".join(why) or "as configured"
+
+
 def decide(
     baseline: Sequence[Mapping[str, Any]],
     candidate: Sequence[Mapping[str, Any]],
     *,
     improve_slices: Sequence[str],
-    margin: float = 0.02,
+    margin: float = 0.05,
     alpha: float = 0.05,
     min_examples: int = 30,
     n_bootstrap: int = 5000,

@@ -18,12 +18,12 @@ matched, the token count, the template error) go to ``QuarantinedRow.matched_id`
   replaces all three kinds in the prompt with ``[EMAIL]``, ``[PHONE]``, ``[CARD]`` and keeps the
   row; ``off`` does neither.
 * ``label_disagreement``: a row may carry ``labels``, a list of completions from several
-  annotators (``completion`` is the answer trained on). Labels are compared after JSON
-  normalisation (``task.parse_completion``, keys sorted); a row whose labels and completion do not
-  all agree is held back. :class:`LabelAgreement` reports the share of multi-labelled rows that
-  agree and the agreement per output field.
-* ``near_duplicate``: word-shingle Jaccard similarity of two prompts (the task's fixed instruction
-  stripped) at or above ``data.near_duplicate_jaccard``; the later row goes, ``matched_id`` names
+  annotators (the row's answer is the one trained on). Labels are compared in the task's
+  normal form (``TaskSpec.scorer.normalise``: JSON keys sorted, labels mapped to the set...); a
+  row whose labels and answer do not all agree is held back. :class:`LabelAgreement` reports the
+  share of multi-labelled rows that agree and, for JSON answers, the agreement per key.
+* ``near_duplicate``: word-shingle Jaccard similarity of two inputs (the prefix every input of
+  the batch shares, such as a fixed instruction, stripped) at or above ``data.near_duplicate_jaccard``; the later row goes, ``matched_id`` names
   the earlier. Candidates come from MinHash (one-permutation hashing, 64 bins with optimal
   densification, LSH 12 bands x 5) in numpy; candidate pairs are screened on their signatures and
   confirmed with the exact Jaccard of the shingle sets, so a reported pair is always at or above
@@ -45,7 +45,6 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from tuneloop import task
 from tuneloop.validate import CheckedBatch, QuarantinedRow
 
 if TYPE_CHECKING:
@@ -53,6 +52,7 @@ if TYPE_CHECKING:
 
     from tuneloop.config import Settings
     from tuneloop.progress import ProgressSink
+    from tuneloop.tasks import Example, TaskSpec
 
 PiiMode = Literal["flag", "redact", "off"]
 
@@ -120,8 +120,11 @@ class TextScan:
     signatures: np.ndarray | None = None  # (n, OPH_BINS) uint16: densified MinHash, truncated
 
 
-def scan_texts(texts: Sequence[str], *, special_tokens: Sequence[str] = (), shingle_words: int | None = None, chunk_rows: int = 4_000) -> TextScan:
-    """Encode ``texts`` once per chunk and derive every byte-level feature the checks need."""
+def scan_texts(
+    texts: Sequence[str], *, special_tokens: Sequence[str] = (), shingle_words: int | None = None, strip_prefix: str = "", chunk_rows: int = 4_000
+) -> TextScan:
+    """Encode ``texts`` once per chunk and derive every byte-level feature the checks need;
+    the shingles leave out ``strip_prefix`` where a text starts with it."""
     n = len(texts)
     pretokens = np.zeros(n, dtype=np.int64)
     card_rows: list[np.ndarray] = []
@@ -164,8 +167,8 @@ def scan_texts(texts: Sequence[str], *, special_tokens: Sequence[str] = (), shin
                         found_rank[row] = rank  # the row reports the first of ``special_tokens`` it holds
                 position = buf.find(prefix, position + 1)
         if shingle_words:
-            stripped = np.fromiter((i for i, text in enumerate(chunk) if text.startswith(task.INSTRUCTION)), dtype=np.int64)
-            chunk_keys, chunk_signatures = _minhash(buf, offsets, stripped, shingle_words)
+            stripped = np.fromiter((i for i, text in enumerate(chunk) if strip_prefix and text.startswith(strip_prefix)), dtype=np.int64)
+            chunk_keys, chunk_signatures = _minhash(buf, offsets, stripped, shingle_words, len(strip_prefix.encode("utf-8")))
             keys[start : start + len(chunk)] = chunk_keys  # type: ignore[index]
             signatures[start : start + len(chunk)] = chunk_signatures  # type: ignore[index]
     special_rows = {row: tokens[rank].decode("utf-8") for row, rank in sorted(found_rank.items())}
@@ -282,8 +285,8 @@ class ChatTemplate:
                 return False
         return True
 
-    def render(self, prompt: str, completion: str) -> str:
-        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+    def render(self, context: Sequence[dict[str, str]], completion: str) -> str:
+        messages = [*context, {"role": "assistant", "content": completion}]
         return self.template.render(messages=messages, add_generation_prompt=False, **self.variables)
 
     def special_token_in(self, text: str) -> str | None:
@@ -328,31 +331,32 @@ def redact_pii(text: str) -> tuple[str, dict[str, int]]:
 # --- labels --------------------------------------------------------------------------------
 
 
-def normalise_label(text: str) -> str:
-    """One label as canonical JSON (keys sorted, compact), or its stripped text when not JSON."""
-    parsed = task.parse_completion(text)
-    return json.dumps(parsed, sort_keys=True, separators=(",", ":"), ensure_ascii=False) if parsed is not None else "text:" + text.strip()
-
-
 @dataclass
 class LabelAgreement:
-    """Agreement among the labels of multi-labelled rows (``labels`` plus ``completion``)."""
+    """Agreement among the labels of multi-labelled rows (``labels`` plus the row's answer),
+    compared in the task's normal form (``normalise``); per key when the answers are JSON."""
 
+    normalise: Callable[[str], str] = str.strip
     rows: int = 0
     agreeing: int = 0
-    field_agreeing: dict[str, int] = field(default_factory=lambda: dict.fromkeys(task.FIELDS, 0))
+    field_agreeing: dict[str, int] = field(default_factory=dict)
+    field_rows: dict[str, int] = field(default_factory=dict)
 
     def add(self, completion: str, labels: Sequence[str]) -> bool:
         """Count one row; True when all its labels agree after normalisation."""
+        from tuneloop.tasks.scoring import parse_json_answer, values_match
+
         answers = [completion, *labels]
         self.rows += 1
-        agree = len({normalise_label(a) for a in answers}) == 1
+        agree = len({self.normalise(a) for a in answers}) == 1
         self.agreeing += agree
-        parsed = [task.parse_completion(a) for a in answers]
-        for name in task.FIELDS:
-            if all(p is not None for p in parsed):
-                values = {json.dumps(p.get(name), sort_keys=True) for p in parsed if p is not None}
-                self.field_agreeing[name] += len(values) == 1
+        parsed = [parse_json_answer(a) for a in answers]
+        if all(p is not None for p in parsed):
+            first = parsed[0] or {}
+            for name in first:
+                self.field_rows[name] = self.field_rows.get(name, 0) + 1
+                same = all(p is not None and name in p and values_match(p[name], first[name]) for p in parsed)
+                self.field_agreeing[name] = self.field_agreeing.get(name, 0) + same
         return agree
 
     def summary(self) -> dict[str, Any]:
@@ -361,7 +365,7 @@ class LabelAgreement:
             "multi_labelled_rows": self.rows,
             "agreeing_rows": self.agreeing,
             "agreement": share(self.agreeing),
-            "field_agreement": {name: share(n) for name, n in self.field_agreeing.items()},
+            "field_agreement": {name: round(n / self.field_rows[name], 4) for name, n in sorted(self.field_agreeing.items())},
         }
 
 
@@ -374,7 +378,6 @@ _WORD_BYTE[[ord(c) for c in "abcdefghijklmnopqrstuvwxyz0123456789"]] = True
 _WORD_BYTE[128:] = True
 _PREFIX_MASKS = np.array([(1 << (8 * n)) - 1 if n < 8 else _MASK64 for n in range(9)], dtype=np.uint64)
 _WORD_RE = re.compile(rb"[a-z0-9\x80-\xff]+")
-_INSTRUCTION_BYTES = task.INSTRUCTION.encode("utf-8")
 OPH_BINS, LSH_BANDS, LSH_ROWS = 64, 12, 5
 _BIN_SHIFT = 64 - (OPH_BINS.bit_length() - 1)  # a shingle hash's top bits pick its bin
 
@@ -420,14 +423,30 @@ def _densify(signature: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return dense.reshape(n, OPH_BINS), no_words
 
 
-def similarity_text(prompt: str) -> str:
-    """What near-duplicate and leakage checks compare: the prompt without the task's instruction."""
-    return prompt[len(task.INSTRUCTION) :] if prompt.startswith(task.INSTRUCTION) else prompt
+def shared_prefix(texts: Sequence[str], *, min_chars: int = 16, sample: int = 2_000) -> str:
+    """The prefix every text shares (a fixed instruction in each prompt), cut back to a word
+    boundary; "" when shorter than ``min_chars``. Left out of the similarity checks, it would
+    make every short input a near-duplicate of every other."""
+    if len(texts) < 2:
+        return ""
+    import os
+
+    prefix = os.path.commonprefix(list(texts[:sample]))
+    if prefix and not all(t.startswith(prefix) for t in texts[sample:]):
+        prefix = os.path.commonprefix(list(texts))
+    cut = max(prefix.rfind(" "), prefix.rfind("\n"))
+    prefix = prefix[: cut + 1] if cut >= 0 else ""
+    return prefix if len(prefix) >= min_chars else ""
 
 
-def shingle_set(text: str, k: int) -> set[tuple[bytes, ...]]:
+def similarity_text(prompt: str, prefix: str = "") -> str:
+    """What near-duplicate and leakage checks compare: the input without the shared prefix."""
+    return prompt[len(prefix) :] if prefix and prompt.startswith(prefix) else prompt
+
+
+def shingle_set(text: str, k: int, prefix: str = "") -> set[tuple[bytes, ...]]:
     """Exact word k-shingles (lower-cased ASCII letters/digits and non-ASCII runs are words)."""
-    words = _WORD_RE.findall(similarity_text(text).encode("utf-8").lower())
+    words = _WORD_RE.findall(similarity_text(text, prefix).encode("utf-8").lower())
     if len(words) < k:
         return {tuple(words)} if words else set()
     return {tuple(words[i : i + k]) for i in range(len(words) - k + 1)}
@@ -437,10 +456,10 @@ def jaccard(a: set[Any], b: set[Any]) -> float:
     return len(a & b) / len(a | b) if a or b else 0.0
 
 
-def _minhash(buf: bytes, row_starts: np.ndarray, stripped_rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def _minhash(buf: bytes, row_starts: np.ndarray, stripped_rows: np.ndarray, k: int, prefix_bytes: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Densified one-permutation MinHash of the word k-shingles of each text in ``buf`` (texts
-    joined by NUL bytes, starting at ``row_starts``); the task's instruction at the start of
-    ``stripped_rows`` is left out, as :func:`similarity_text` does.
+    joined by NUL bytes, starting at ``row_starts``); the first ``prefix_bytes`` of
+    ``stripped_rows`` are left out, as :func:`similarity_text` does.
 
     Returns the LSH band keys, shape (n, LSH_BANDS), 0 for a text with no words, and the
     signatures truncated to 16 bits, shape (n, OPH_BINS), to pre-screen candidate pairs."""
@@ -449,8 +468,8 @@ def _minhash(buf: bytes, row_starts: np.ndarray, stripped_rows: np.ndarray, k: i
     raw = np.frombuffer(buf, dtype=np.uint8)
     is_word = _WORD_BYTE[raw]
     is_word[-8:] = False
-    if len(stripped_rows):
-        is_word[(row_starts[stripped_rows][:, None] + np.arange(len(_INSTRUCTION_BYTES))).ravel()] = False
+    if len(stripped_rows) and prefix_bytes:
+        is_word[(row_starts[stripped_rows][:, None] + np.arange(prefix_bytes)).ravel()] = False
     edges = np.flatnonzero(np.diff(is_word.astype(np.int8), prepend=np.int8(0)))
     starts, ends = edges[0::2], edges[1::2]
     # a word's hash: its first and last 8 bytes and its length (exact sets confirm every pair)
@@ -524,14 +543,14 @@ def candidate_pairs(keys: np.ndarray) -> np.ndarray:
 class ShingleCache:
     """Exact shingle sets of texts, computed once each (candidate verification)."""
 
-    def __init__(self, texts: Sequence[str], k: int) -> None:
-        self.texts, self.k = texts, k
+    def __init__(self, texts: Sequence[str], k: int, prefix: str = "") -> None:
+        self.texts, self.k, self.prefix = texts, k, prefix
         self.sets: dict[int, set[tuple[bytes, ...]]] = {}
 
     def __getitem__(self, index: int) -> set[tuple[bytes, ...]]:
         found = self.sets.get(index)
         if found is None:
-            found = self.sets[index] = shingle_set(self.texts[index], self.k)
+            found = self.sets[index] = shingle_set(self.texts[index], self.k, self.prefix)
         return found
 
 
@@ -549,17 +568,17 @@ def _screen(pairs: np.ndarray, signatures: np.ndarray, threshold: float) -> np.n
     return pairs[keep]
 
 
-def find_near_duplicates(texts: Sequence[str], threshold: float, k: int = 3, *, scan: TextScan | None = None) -> dict[int, int]:
+def find_near_duplicates(texts: Sequence[str], threshold: float, k: int = 3, *, scan: TextScan | None = None, prefix: str = "") -> dict[int, int]:
     """{later index: earlier index} for texts whose Jaccard with an earlier *kept* text is at
     least ``threshold`` (greedy in order: a text matched only by a dropped one is kept).
     ``scan`` (from :func:`scan_texts` with ``shingle_words=k``) saves the MinHash pass."""
     if len(texts) < 2:
         return {}
     if scan is None or scan.band_keys is None or scan.signatures is None:
-        scan = scan_texts(texts, shingle_words=k)
+        scan = scan_texts(texts, shingle_words=k, strip_prefix=prefix)
     assert scan.band_keys is not None and scan.signatures is not None
     pairs = _screen(candidate_pairs(scan.band_keys), scan.signatures, threshold)
-    shingles = ShingleCache(texts, k)
+    shingles = ShingleCache(texts, k, prefix)
     earlier_of: dict[int, list[int]] = {}
     for a, b in pairs.tolist():
         earlier_of.setdefault(b, []).append(a)
@@ -573,14 +592,14 @@ def find_near_duplicates(texts: Sequence[str], threshold: float, k: int = 3, *, 
 
 
 def find_leaks(
-    train_texts: Sequence[str], eval_texts: Sequence[str], threshold: float, k: int = 3, *, train_scan: TextScan | None = None
+    train_texts: Sequence[str], eval_texts: Sequence[str], threshold: float, k: int = 3, *, train_scan: TextScan | None = None, prefix: str = ""
 ) -> dict[int, int]:
     """{train index: eval index} for training texts equal or near-equal to an evaluation text."""
     if not train_texts or not eval_texts:
         return {}
     if train_scan is None or train_scan.band_keys is None or train_scan.signatures is None:
-        train_scan = scan_texts(train_texts, shingle_words=k)
-    eval_scan = scan_texts(eval_texts, shingle_words=k)
+        train_scan = scan_texts(train_texts, shingle_words=k, strip_prefix=prefix)
+    eval_scan = scan_texts(eval_texts, shingle_words=k, strip_prefix=prefix)
     assert train_scan.band_keys is not None and train_scan.signatures is not None
     assert eval_scan.band_keys is not None and eval_scan.signatures is not None
     n_eval = len(eval_texts)
@@ -589,7 +608,7 @@ def find_leaks(
     pairs = candidate_pairs(keys)
     pairs = _screen(pairs[(pairs[:, 0] < n_eval) & (pairs[:, 1] >= n_eval)], signatures, threshold)
     texts = [*eval_texts, *train_texts]
-    shingles = ShingleCache(texts, k)
+    shingles = ShingleCache(texts, k, prefix)
     leaks: dict[int, int] = {}
     for eval_index, index in pairs.tolist():
         train_index = index - n_eval
@@ -643,6 +662,7 @@ class IntakeReport:
 def run_intake_checks(
     batch: CheckedBatch,
     options: IntakeOptions,
+    spec: TaskSpec,
     *,
     eval_records: Iterable[dict[str, Any]] = (),
     is_eval: Callable[[str], bool] | None = None,
@@ -668,35 +688,47 @@ def run_intake_checks(
         reasons.append(reason)
         failed[index] = (reasons, matched or old_match, {**old_details, **details})
 
+    report.labels.normalise = spec.scorer.normalise
     clock = time.perf_counter()
     if options.pii == "redact":
-        card_rows = set(scan_texts([r["prompt"] for r in rows]).card_rows.tolist())
         for index, record in enumerate(rows):
-            prompt = record["prompt"]
-            if index in card_rows or "@" in prompt or "+" in prompt:
-                redacted, counts = redact_pii(prompt)
-                if redacted != prompt:
-                    record["prompt"] = redacted
-                    report.redactions["rows"] += 1
-                    for kind, n in counts.items():
-                        report.redactions[kind] += n
+            counts: dict[str, int] = {}
+
+            def redact(text: str, counts: dict[str, int] = counts) -> str:
+                if not any(mark in text for mark in "@+") and not CARD_CANDIDATE.search(text):
+                    return text
+                redacted, found = redact_pii(text)
+                for kind, n in found.items():
+                    counts[kind] = counts.get(kind, 0) + n
+                return redacted
+
+            changed = spec.map_texts(record, redact, inputs_only=True)
+            if any(counts.values()):
+                rows[index] = changed
+                report.redactions["rows"] += 1
+                for kind, n in counts.items():
+                    report.redactions[kind] += n
     report.seconds["pii_redact"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
     template, report.chat_template = ChatTemplate.load(options.model_dir)
     specials = template.special_tokens if template is not None else ()
     similarity_k = options.shingle_words if (options.near_duplicate_jaccard or options.eval_leakage_jaccard) else None
-    say(f"scanning {len(rows)} prompts and completions (tokens, card numbers, special tokens, MinHash)")
-    prompts = [r["prompt"] for r in rows]
-    completions = [r["completion"] for r in rows]
-    prompt_scan = scan_texts(prompts, special_tokens=specials, shingle_words=similarity_k)
+    say(f"scanning {len(rows)} inputs and answers (tokens, card numbers, special tokens, MinHash)")
+    examples: list[Example] = [spec.example(r) for r in rows]  # the row checks passed: they read
+    prompts = [_context_text(e) for e in examples]
+    inputs = [e.input_text for e in examples]
+    completions = [e.target or "" for e in examples]
+    prefix = shared_prefix(inputs) if similarity_k else ""
+    prompt_scan = scan_texts(prompts, special_tokens=specials)
+    input_scan = scan_texts(inputs, shingle_words=similarity_k, strip_prefix=prefix) if similarity_k else None
     completion_scan = scan_texts(completions, special_tokens=specials)
     report.seconds["scan"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
     if options.pii == "flag":
         for index in prompt_scan.card_rows.tolist():
-            found = card_numbers(rows[index]["prompt"])
+            found = card_numbers(prompts[index])
             if found:
                 fail(index, "pii:card_number", card_numbers=len(found))
     report.seconds["pii_flag"] = time.perf_counter() - clock
@@ -706,7 +738,7 @@ def run_intake_checks(
         report.notes.append(f"chat template check {report.chat_template}")
     else:
         report.chat_template_rendered_per_row = not template.content_transparent
-        _check_chat_template(rows, template, {**completion_scan.special_rows, **prompt_scan.special_rows}, fail)
+        _check_chat_template(examples, template, {**completion_scan.special_rows, **prompt_scan.special_rows}, fail)
     report.seconds["chat_template"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -715,7 +747,7 @@ def run_intake_checks(
     if options.max_tokens is not None and rows:
         if template is not None:
             try:
-                empty = template.render("", "")
+                empty = template.render([{"role": "user", "content": ""}], "")
             except Exception:  # noqa: BLE001 - a template that refuses empty turns has no overhead to measure
                 empty = ""
             overhead = sum(empty.count(token) for token in template.special_tokens)
@@ -730,7 +762,7 @@ def run_intake_checks(
     clock = time.perf_counter()
     for index, record in enumerate(rows):
         labels = record.get("labels")
-        if labels and not report.labels.add(record["completion"], labels):
+        if labels and not report.labels.add(completions[index], labels):
             fail(index, "label_disagreement")
     report.seconds["labels"] = time.perf_counter() - clock
 
@@ -738,24 +770,30 @@ def run_intake_checks(
     survivors = [i for i in range(len(rows)) if i not in failed]
     if options.near_duplicate_jaccard is not None and len(survivors) > 1:
         say(f"near-duplicates: MinHash/LSH over {len(survivors)} prompts, Jaccard >= {options.near_duplicate_jaccard}")
-        dupes = find_near_duplicates([prompts[i] for i in survivors], options.near_duplicate_jaccard, options.shingle_words, scan=_subset(prompt_scan, survivors))
+        dupes = find_near_duplicates(
+            [inputs[i] for i in survivors], options.near_duplicate_jaccard, options.shingle_words, scan=_subset(input_scan, survivors), prefix=prefix
+        )
         for later, earlier in dupes.items():
-            fail(survivors[later], "near_duplicate", matched=str(rows[survivors[earlier]]["id"]))
+            fail(survivors[later], "near_duplicate", matched=examples[survivors[earlier]].id)
         survivors = [i for i in survivors if i not in failed]
     report.seconds["near_duplicate"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    eval_side = [(str(r.get("id")), r["prompt"]) for r in eval_records if isinstance(r, dict) and isinstance(r.get("prompt"), str)]
+    eval_side = []
+    for record in eval_records:
+        text = spec.input_text(record) if isinstance(record, dict) else None
+        if text is not None:
+            eval_side.append((str(spec.row_id(record)), text))
     train_side = survivors
     if is_eval is not None:
-        eval_side += [(str(rows[i]["id"]), prompts[i]) for i in survivors if is_eval(str(rows[i]["id"]))]
-        train_side = [i for i in survivors if not is_eval(str(rows[i]["id"]))]
+        eval_side += [(examples[i].id, inputs[i]) for i in survivors if is_eval(examples[i].id)]
+        train_side = [i for i in survivors if not is_eval(examples[i].id)]
     report.eval_rows = len(eval_side)
     if options.eval_leakage_jaccard is not None and eval_side and train_side:
         say(f"eval leakage: {len(train_side)} training prompts against {len(eval_side)} eval prompts")
         leaks = find_leaks(
-            [prompts[i] for i in train_side], [p for _, p in eval_side], options.eval_leakage_jaccard, options.shingle_words,
-            train_scan=_subset(prompt_scan, train_side),
+            [inputs[i] for i in train_side], [p for _, p in eval_side], options.eval_leakage_jaccard, options.shingle_words,
+            train_scan=_subset(input_scan, train_side), prefix=prefix,
         )
         for train_index, eval_index in leaks.items():
             fail(train_side[train_index], "eval_leakage", matched=eval_side[eval_index][0])
@@ -776,15 +814,20 @@ def run_intake_checks(
     return report
 
 
-def _subset(scan: TextScan, indices: Sequence[int]) -> TextScan | None:
-    if scan.band_keys is None or scan.signatures is None:
+def _context_text(example: Example) -> str:
+    """Every turn's text before the answer, as the token bound and the PII scan see it."""
+    return "\n".join(turn["content"] for turn in example.context)
+
+
+def _subset(scan: TextScan | None, indices: Sequence[int]) -> TextScan | None:
+    if scan is None or scan.band_keys is None or scan.signatures is None:
         return None
     index = np.asarray(indices, dtype=np.int64)
     return TextScan(scan.pretokens[index], np.zeros(0, dtype=np.int64), {}, scan.band_keys[index], scan.signatures[index])
 
 
 def _check_chat_template(
-    rows: Sequence[dict[str, Any]], template: ChatTemplate, special_rows: dict[int, str], fail: Callable[..., None]
+    examples: Sequence[Example], template: ChatTemplate, special_rows: dict[int, str], fail: Callable[..., None]
 ) -> None:
     """Rows holding a special token fail; the template is rendered once when it only
     concatenates contents, else for every row."""
@@ -794,17 +837,17 @@ def _check_chat_template(
         fail(index, "chat_template_error", chat_template_error=f"holds the special token {token}")
     if template.content_transparent:
         try:
-            template.render("x", "y")
+            template.render([{"role": "user", "content": "x"}], "y")
         except (jinja2.TemplateError, TypeError, ValueError) as err:
-            for index in range(len(rows)):
+            for index in range(len(examples)):
                 if index not in special_rows:
                     fail(index, "chat_template_error", chat_template_error=str(err))
         return
-    for index, record in enumerate(rows):
+    for index, example in enumerate(examples):
         if index in special_rows:
             continue
         try:
-            template.render(record["prompt"], record["completion"])
+            template.render(example.context, example.target or "")
         except (jinja2.TemplateError, TypeError, ValueError) as err:
             fail(index, "chat_template_error", chat_template_error=str(err))
 
@@ -814,7 +857,7 @@ def _check_chat_template(
 REVIEW_COLUMNS = ("id", "status", "reasons", "labels_agree", "source", "line", "prompt", "completion", "labels")
 
 
-def write_review_sample(batch: CheckedBatch, out_dir: Path, n: int, *, seed: int = 0) -> dict[str, Any]:
+def write_review_sample(batch: CheckedBatch, out_dir: Path, n: int, spec: TaskSpec, *, seed: int = 0) -> dict[str, Any]:
     """``n`` rows drawn (seeded) from every row that reached the label check: accepted rows and
     rows held back for ``label_disagreement``. Writes review_sample.jsonl and review_sample.csv."""
     pool: list[dict[str, Any]] = []
@@ -828,16 +871,18 @@ def write_review_sample(batch: CheckedBatch, out_dir: Path, n: int, *, seed: int
     for index in sorted(chosen, key=lambda i: (pool[i]["source"], pool[i]["line"])):
         item, record = pool[index], pool[index]["record"]
         labels = record.get("labels") or []
+        example = spec.example(record)
+        answer = example.target or ""
         sample.append(
             {
                 "id": record.get("id"),
                 "status": item["status"],
                 "reasons": item["reasons"],
-                "labels_agree": (len({normalise_label(a) for a in [record["completion"], *labels]}) == 1) if labels else None,
+                "labels_agree": (len({spec.scorer.normalise(a) for a in [answer, *labels]}) == 1) if labels else None,
                 "source": item["source"],
                 "line": item["line"],
-                "prompt": record.get("prompt"),
-                "completion": record.get("completion"),
+                "prompt": example.input_text,
+                "completion": answer,
                 "labels": labels,
             }
         )

@@ -133,9 +133,15 @@ def drift_message(check: Mapping[str, Any], *, links: Mapping[str, Any] | None =
     )
 
 
+def store_links(loop: Any, key: str) -> list[str]:
+    """Where to open ``key`` (``Store.links``: URI, then on S3 an HTTPS link presigned for
+    ``gate.report_link_hours``)."""
+    return loop.store.links(key, expires_s=int(loop.settings.gate.report_link_hours * 3600))
+
+
 def drift_links(loop: Any) -> dict[str, list[str]]:
-    """Where to open the drift history plot (``Store.links``: URI, presigned HTTPS on S3)."""
-    return {"drift history plot": loop.store.links("drift/history.png", expires_s=int(loop.settings.gate.report_link_hours * 3600))}
+    """Where to open the drift history plot."""
+    return {"drift history plot": store_links(loop, "drift/history.png")}
 
 
 def gate_reject_message(decision: Mapping[str, Any], *, links: Mapping[str, Any] | None = None) -> Notification:
@@ -187,7 +193,7 @@ def approval_reject_message(review: Mapping[str, Any], *, links: Mapping[str, An
 def review_links(loop: Any, review: Mapping[str, Any]) -> dict[str, list[str]]:
     """Where to open the gate report a human review answered (``Store.links``)."""
     key = review.get("gate_report")
-    return {"gate report": loop.store.links(key, expires_s=int(loop.settings.gate.report_link_hours * 3600))} if key else {}
+    return {"gate report": store_links(loop, key)} if key else {}
 
 
 def deploy_message(recorded: Mapping[str, Any], *, endpoints: Sequence[str], links: Mapping[str, Any] | None = None) -> Notification:

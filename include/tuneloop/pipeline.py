@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
     from tuneloop.registry import Registry
     from tuneloop.storage import Store
+    from tuneloop.tasks import TaskSpec
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,13 @@ class Loop:
     registry: Registry
     run_id: str
     progress: Callable[[str], None]
+
+    @property
+    def spec(self) -> TaskSpec:
+        """The user's task (``settings.task``)."""
+        from tuneloop.tasks import TaskSpec
+
+        return TaskSpec(self.settings.task)
 
     @property
     def run_key(self) -> str:
@@ -161,13 +169,33 @@ def _parse_day(value: str | date | None) -> date | None:
 # --- drift monitor ------------------------------------------------------------------------
 
 
-def _prompts(store: Store, keys: list[str], field: str) -> list[str]:
-    texts = []
-    for key in keys:
-        for record in store.iter_jsonl(key):
-            if isinstance(record, dict) and isinstance(record.get(field), str) and record[field].strip():
-                texts.append(record[field])
-    return texts
+def _rows(store: Store, keys: list[str]) -> list[dict[str, Any]]:
+    return [record for key in keys for record in store.iter_jsonl(key) if isinstance(record, dict)]
+
+
+def _texts(loop: Loop, rows: list[dict[str, Any]]) -> list[str]:
+    """What the drift test compares: ``drift.field`` of each row when set, else the task's
+    input (the prompt, or the conversation's non-system turns)."""
+    field = loop.settings.drift.field
+    if field:
+        return [r[field] for r in rows if isinstance(r.get(field), str) and r[field].strip()]
+    texts = (loop.spec.input_text(r) for r in rows)
+    return [t for t in texts if t and t.strip()]
+
+
+def slice_shift(spec: TaskSpec, reference: list[dict[str, Any]], current: list[dict[str, Any]], *, min_share: float = 0.05) -> dict[str, Any]:
+    """Slices whose share of traffic grew: new in the current window, or at least twice their
+    reference share (and ``min_share`` of the current window). The gate's ``auto`` reads these."""
+    def shares(rows: list[dict[str, Any]]) -> dict[str, float]:
+        counts: dict[str, int] = {}
+        for row in rows:
+            name = spec.slice_of(row)
+            counts[name] = counts.get(name, 0) + 1
+        return {name: n / len(rows) for name, n in counts.items()} if rows else {}
+
+    before, now = shares(reference), shares(current)
+    grown = sorted(name for name, share in now.items() if share >= min_share and share >= 2 * before.get(name, 0.0))
+    return {"reference": {k: round(v, 4) for k, v in sorted(before.items())}, "current": {k: round(v, 4) for k, v in sorted(now.items())}, "grown": grown}
 
 
 def _traffic_keys(store: Store, first: date, last: date) -> tuple[list[date], list[str]]:
@@ -207,7 +235,7 @@ def check_drift(loop: Loop, *, as_of: str | date | None = None) -> dict[str, Any
     reference_source: str
     if record is not None:
         snapshot = record.get("snapshot")
-        reference = _prompts(store, [f"snapshots/{snapshot}/train.jsonl"], cfg.field)
+        reference_rows = _rows(store, [f"snapshots/{snapshot}/train.jsonl"])
         reference_source = f"training data of production {production} (snapshot {str(snapshot)[:12]})"
     else:
         # the first reference_days of traffic, never overlapping the current window
@@ -218,7 +246,7 @@ def check_drift(loop: Loop, *, as_of: str | date | None = None) -> dict[str, Any
                 f"no traffic before the current window ({current_start} .. {end}) to compare it with, and no "
                 "production adapter whose training data could serve: wait for more days, or lower drift.current_days"
             )
-        reference = _prompts(store, ref_keys, cfg.field)
+        reference_rows = _rows(store, ref_keys)
         reference_source = f"first {len(ref_days)} days of traffic"
     # Cooldown: the newest refresh that trained a candidate (promoted or rejected) and how far
     # its data reaches. Counted on the data's calendar, so simulated worlds behave like real time.
@@ -228,7 +256,9 @@ def check_drift(loop: Loop, *, as_of: str | date | None = None) -> dict[str, Any
         if trained_until is not None:
             last_refresh = version["version"]
             break
-    current = _prompts(store, current_keys, cfg.field)
+    current_rows = _rows(store, current_keys)
+    reference, current = _texts(loop, reference_rows), _texts(loop, current_rows)
+    shift = slice_shift(loop.spec, reference_rows, current_rows)
     loop.progress(f"drift check as of {end}: {len(reference)} reference ({reference_source}) vs {len(current)} current prompts")
     report = _detect_drift(loop, reference, current)
     significant = bool(report["drift"])
@@ -247,6 +277,10 @@ def check_drift(loop: Loop, *, as_of: str | date | None = None) -> dict[str, Any
     in_cooldown = trained_until is not None and (end - trained_until).days < cfg.cooldown_days
     performance = check_performance(loop, end, record) if cfg.performance else {"checked": False, "reason": "drift.performance is off"}
     performance_fell = bool(performance.get("drift"))
+    per_slice: dict[str, Any] = dict(performance.get("slices") or {})  # type: ignore[arg-type]
+    floor = float(performance.get("baseline_mean") or 0.0) - cfg.performance_margin  # type: ignore[arg-type]
+    fallen = sorted(name for name, stats in per_slice.items() if performance_fell and stats.get("mean") is not None and stats["mean"] < floor)
+    drift_slices = sorted(set(fallen) | (set(shift["grown"]) if report["drift"] else set()))
     emit = (bool(report["drift"]) and streak >= cfg.consecutive_checks or performance_fell) and not in_cooldown
     if performance_fell and not in_cooldown:
         reason = f"production's score fell on fresh labelled data ({performance['reason']}); refresh requested"
@@ -280,6 +314,8 @@ def check_drift(loop: Loop, *, as_of: str | date | None = None) -> dict[str, Any
         "trained_until": trained_until.isoformat() if trained_until else None,
         "streak": streak,
         "performance": performance,
+        "slice_shift": shift,
+        "drift_slices": drift_slices,
         "emit": emit,
         "decision": reason,
         "report": report,
@@ -321,10 +357,10 @@ def check_performance(loop: Loop, end: date, production_record: dict[str, Any] |
         plan = plan_pull(loop.store, since=trained_until + timedelta(days=1), until=end)
     except NoNewDataError:
         return {"checked": False, "reason": f"no labelled partitions after {trained_until} (production's data) yet"}
-    fresh = read_batch(loop.store, plan).accepted
+    fresh = read_batch(loop.store, plan, loop.spec).accepted
     if len(fresh) < cfg.performance_min_rows:
         return {"checked": False, "reason": f"{len(fresh)} fresh labelled rows after {trained_until}; drift.performance_min_rows is {cfg.performance_min_rows}"}
-    fresh = sorted(fresh, key=lambda r: hashlib.sha256(str(r["id"]).encode()).hexdigest())[: cfg.performance_max_rows]
+    fresh = sorted(fresh, key=lambda r: hashlib.sha256(str(loop.spec.row_id(r)).encode()).hexdigest())[: cfg.performance_max_rows]
     eval_ids = {str(r.get("id")) for r in loop.store.iter_jsonl(f"snapshots/{snapshot}/eval.jsonl") if isinstance(r, dict)}
     baseline = [r for r in loop.store.iter_jsonl(scores_key) if str(r.get("id")) in eval_ids]
     prefix = f"drift/performance/{end.isoformat()}__{loop.run_key}"
@@ -363,12 +399,12 @@ def _detect_drift(loop: Loop, reference: list[str], current: list[str]) -> dict[
         paths = {}
         for name, texts in (("reference", reference), ("current", current)):
             paths[name] = Path(tmp) / f"{name}.jsonl"
-            paths[name].write_text("".join(json.dumps({cfg.field: t}) + "\n" for t in texts), encoding="utf-8")
+            paths[name].write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
         loop.progress(f"drift method {cfg.method!r} needs torch: running it in the ML environment")
         result = _run_ml(
             loop,
             ["drift", "--reference", str(paths["reference"]), "--current", str(paths["current"]),
-             "--field", cfg.field, "--alpha", str(cfg.alpha), "--method", cfg.method],
+             "--field", "text", "--alpha", str(cfg.alpha), "--method", cfg.method],
         )
     result.pop("input", None)
     result.pop("field", None)
@@ -442,9 +478,11 @@ def validate_step(loop: Loop, plan_json: dict[str, Any]) -> dict[str, Any]:
 
     plan = PullPlan.from_json(plan_json)
     data = loop.settings.data
-    batch, intake = check_batch(loop.store, plan, IntakeOptions.from_settings(loop.settings), eval_fraction=data.eval_fraction, progress=loop.progress)
+    spec = loop.spec
+    batch, intake = check_batch(loop.store, plan, IntakeOptions.from_settings(loop.settings), spec, eval_fraction=data.eval_fraction, progress=loop.progress)
     report = run_quality_gate(
-        batch, max_quarantine_rate=data.max_quarantine_rate, min_accepted_rows=data.min_accepted_rows, pii=data.pii, intake=intake, progress=loop.progress
+        batch, max_quarantine_rate=data.max_quarantine_rate, min_accepted_rows=data.min_accepted_rows, spec=spec, pii=data.pii,
+        expectations_file=data.expectations, intake=intake, progress=loop.progress,
     )
     loop.progress(f"quality: {report.accepted} accepted, {report.quarantined} quarantined of {report.total}: {report.reasons}")
     if not report.passed:
@@ -454,8 +492,8 @@ def validate_step(loop: Loop, plan_json: dict[str, Any]) -> dict[str, Any]:
         loop.store.put_json(f"{prefix}/summary.json", report.summary())
         message = format_quality_failure(report) + f"\n  artifacts: {loop.store.uri}/{prefix}/"
         raise DataQualityError(message, report.summary())
-    result = write_dataset_snapshot(loop.store, batch, plan, eval_fraction=data.eval_fraction, quality=report)
-    loop.progress(f"snapshot {result['snapshot'][:12]}: {result['counts']} domains {result['domains']}")
+    result = write_dataset_snapshot(loop.store, batch, plan, spec, eval_fraction=data.eval_fraction, quality=report)
+    loop.progress(f"snapshot {result['snapshot'][:12]}: {result['counts']} slices {result['slices']}")
     return {**result, "quality": report.summary()}
 
 
@@ -534,15 +572,8 @@ def gate_step(loop: Loop, evaluation: dict[str, Any]) -> dict[str, Any]:
     version = evaluation["version"]
     baseline = list(loop.store.iter_jsonl(evaluation["production_eval"]["scores_key"]))
     candidate = list(loop.store.iter_jsonl(evaluation["candidate_eval"]["scores_key"]))
-    improve = list(cfg.improve_slices)
-    if evaluation.get("production") is None:
-        # First adapter, compared with the bare base model: it must be better on the domains
-        # it was trained on and no worse on the others.
-        from tuneloop.storage import read_snapshot_manifest
-
-        manifest = read_snapshot_manifest(loop.store, "snapshots", evaluation["snapshot"])
-        trained_on = set((manifest.get("domains") or {}).get("train", {}))
-        improve = sorted(trained_on & {row["slice"] for row in candidate}) or sorted({row["slice"] for row in candidate})
+    improve, why = improve_slices_for(loop, evaluation, {row["slice"] for row in candidate})
+    loop.progress(f"gate: improve slices {improve} ({why})")
     decision = gate.decide(
         [_score_row(r) for r in baseline],
         [_score_row(r) for r in candidate],
@@ -602,6 +633,24 @@ def gate_step(loop: Loop, evaluation: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def improve_slices_for(loop: Loop, evaluation: Mapping[str, Any], present: set[str]) -> tuple[list[str], str]:
+    """The slices the candidate must improve on. The first adapter (compared with the bare base
+    model) must be better on the slices it was trained on; later ones follow
+    ``gate.improve_slices``, where ``auto`` means the slices of the latest drift check that
+    asked for a refresh, else the slices of the candidate's training data."""
+    from tuneloop import gate
+    from tuneloop.storage import read_snapshot_manifest
+
+    manifest = read_snapshot_manifest(loop.store, "snapshots", evaluation["snapshot"])
+    counts = manifest.get("slices") or manifest.get("domains") or {}
+    trained_on = set(counts.get("train", {}))
+    if evaluation.get("production") is None:
+        return gate.resolve_improve_slices([gate.AUTO], present, trained_on=trained_on)
+    emitted = [check for check in drift_history(loop.store) if check.get("emit")]
+    evidence = emitted[-1].get("drift_slices") if emitted else None
+    return gate.resolve_improve_slices(list(loop.settings.gate.improve_slices), present, evidence=evidence, trained_on=trained_on)
+
+
 def _score_row(row: dict[str, Any]) -> dict[str, Any]:
     return {"id": row["id"], "slice": row["slice"], "score": row["score"]}
 
@@ -645,19 +694,21 @@ def golden_prompts(loop: Loop, version: str, scores_key: str) -> list[dict[str, 
     from tuneloop.storage import StoreKeyError
 
     try:
-        predictions = {r["id"]: r["prediction"] for r in loop.store.iter_jsonl(scores_key.replace("scores.jsonl", "predictions.jsonl"))}
+        predictions = {str(r["id"]): r["prediction"] for r in loop.store.iter_jsonl(scores_key.replace("scores.jsonl", "predictions.jsonl"))}
     except StoreKeyError:
         return []
-    scores = {r["id"]: r for r in loop.store.iter_jsonl(scores_key)}
+    scores = {str(r["id"]): r for r in loop.store.iter_jsonl(scores_key)}
     golden = []
     for key in loop.store.list(f"{HELDOUT_PREFIX}/"):
         if not key.endswith(".jsonl"):
             continue
         picked = 0
         for record in loop.store.iter_jsonl(key):
-            if record.get("id") in predictions and picked < GOLDEN_PER_SLICE:
-                row = scores.get(record["id"], {})
-                golden.append({"id": record["id"], "prompt": record["prompt"], "expected": predictions[record["id"]], "score": row.get("score")})
+            record_id = str(loop.spec.row_id(record))
+            if record_id in predictions and picked < GOLDEN_PER_SLICE:
+                row = scores.get(record_id, {})
+                context = loop.spec.example(record).context
+                golden.append({"id": record_id, "prompt": context, "expected": predictions[record_id], "score": row.get("score")})
                 picked += 1
     return golden
 
@@ -666,16 +717,6 @@ def _latest_candidate_scores(loop: Loop, version: str) -> str | None:
     """The newest evaluation of ``version`` as a candidate (its golden answers for rollback)."""
     keys = [k for k in loop.store.list(f"evals/{version}/") if k.endswith("/candidate/scores.jsonl")]
     return keys[-1] if keys else None
-
-
-def answer_agreement(answer: str, expected: str) -> float:
-    """How far vLLM's answer agrees with what evaluation measured: field agreement when both
-    parse as the task's JSON (tolerates formatting noise), else exact text equality."""
-    from tuneloop import task
-
-    if task.parse_completion(expected) is not None and task.parse_completion(answer) is not None:
-        return task.score_completion(answer, expected).field_accuracy
-    return 1.0 if answer.strip() == expected.strip() else 0.0
 
 
 def deploy_step(loop: Loop, version: str, *, scores_key: str | None = None) -> dict[str, Any]:
@@ -697,7 +738,7 @@ def deploy_step(loop: Loop, version: str, *, scores_key: str | None = None) -> d
         api_key=settings.vllm.api_key.get_secret_value() if settings.vllm.api_key else None,
         max_lora_rank=settings.vllm.max_lora_rank,
         base_model=base_model_ref(settings),
-        scorer=answer_agreement,
+        scorer=loop.spec.scorer.agreement,
         max_tokens=settings.eval.max_new_tokens,
         timeout_s=settings.vllm.timeout_s,
         progress=loop.progress,

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import TYPE_CHECKING, Any
 
-from tuneloop.validate import CheckedBatch, check_lines
+from tuneloop.validate import CheckedBatch, check_lines, split_lines
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from tuneloop.intake_checks import IntakeOptions, IntakeReport
     from tuneloop.quality import QualityReport
     from tuneloop.storage import Store
+    from tuneloop.tasks import TaskSpec
 
 LABELLED_PREFIX = "labelled"
 SNAPSHOT_PREFIX = "snapshots"
@@ -99,17 +100,13 @@ def plan_pull(store: Store, *, since: date | None = None, until: date | None = N
 
 def _partition_lines(store: Store, keys: list[str]) -> Iterator[tuple[str, int, bytes]]:
     for key in keys:
-        body = store.get_bytes(key)
-        lines = body.split(b"\n")
-        if lines and lines[-1] == b"":
-            lines.pop()  # the newline that ends the file is not a line
-        for number, raw in enumerate(lines, 1):
-            yield key, number, raw.rstrip(b"\r")
+        for number, raw in enumerate(split_lines(store.get_bytes(key)), 1):
+            yield key, number, raw
 
 
-def read_batch(store: Store, plan: PullPlan, *, progress: Callable[[str], None] | None = None) -> CheckedBatch:
+def read_batch(store: Store, plan: PullPlan, spec: TaskSpec, *, progress: Callable[[str], None] | None = None) -> CheckedBatch:
     """Read and row-check every line of the planned partitions."""
-    return check_lines(_partition_lines(store, plan.keys), progress=progress)
+    return check_lines(_partition_lines(store, plan.keys), spec, progress=progress)
 
 
 def stored_eval_records(store: Store) -> list[dict[str, Any]]:
@@ -125,7 +122,7 @@ def stored_eval_records(store: Store) -> list[dict[str, Any]]:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if isinstance(record, dict) and isinstance(record.get("prompt"), str):
+            if isinstance(record, dict):
                 records.append(record)
     return records
 
@@ -134,6 +131,7 @@ def check_batch(
     store: Store,
     plan: PullPlan,
     options: IntakeOptions,
+    spec: TaskSpec,
     *,
     eval_fraction: float,
     progress: Callable[[str], None] | None = None,
@@ -142,10 +140,11 @@ def check_batch(
     eval leakage against this batch's eval side and the stored eval rows)."""
     from tuneloop.intake_checks import run_intake_checks
 
-    batch = read_batch(store, plan, progress=progress)
+    batch = read_batch(store, plan, spec, progress=progress)
     report = run_intake_checks(
         batch,
         options,
+        spec,
         eval_records=stored_eval_records(store),
         is_eval=lambda record_id: is_eval_id(record_id, eval_fraction),
         progress=progress,
@@ -157,6 +156,7 @@ def write_dataset_snapshot(
     store: Store,
     batch: CheckedBatch,
     plan: PullPlan,
+    spec: TaskSpec,
     *,
     eval_fraction: float,
     quality: QualityReport | None = None,
@@ -164,11 +164,12 @@ def write_dataset_snapshot(
     """Split accepted rows by id hash and write the snapshot; returns its summary."""
     from tuneloop.storage import write_snapshot
 
-    accepted = sorted(batch.accepted, key=lambda r: r["id"])
-    train = [r for r in accepted if not is_eval_id(r["id"], eval_fraction)]
-    heldout = [r for r in accepted if is_eval_id(r["id"], eval_fraction)]
+    accepted = sorted(batch.accepted, key=lambda r: str(spec.row_id(r)))
+    train = [r for r in accepted if not is_eval_id(str(spec.row_id(r)), eval_fraction)]
+    heldout = [r for r in accepted if is_eval_id(str(spec.row_id(r)), eval_fraction)]
     quarantine = sorted((row.to_json() for row in batch.quarantined), key=lambda r: (r["source"], r["line"]))
-    assert len(accepted) + len(quarantine) == batch.total, "a row went missing between check and snapshot"
+    if len(accepted) + len(quarantine) != batch.total:
+        raise RuntimeError(f"intake lost rows: {batch.total} lines but {len(accepted)} accepted + {len(quarantine)} quarantined")
     files = {"train.jsonl": _jsonl(train), "eval.jsonl": _jsonl(heldout), "quarantine.jsonl": _jsonl(quarantine)}
     counts = {"total": batch.total, "accepted": len(accepted), "train": len(train), "eval": len(heldout), "quarantined": len(quarantine)}
     manifest: dict[str, Any] = {
@@ -178,7 +179,8 @@ def write_dataset_snapshot(
         "counts": counts,
         "reasons": batch.reasons,
         "eval_fraction": eval_fraction,
-        "domains": {"train": _domain_counts(train), "eval": _domain_counts(heldout)},
+        "task": spec.describe(),
+        "slices": {"train": _slice_counts(train, spec), "eval": _slice_counts(heldout, spec)},
     }
     if quality is not None:
         manifest["validation"] = quality.summary()
@@ -191,7 +193,7 @@ def write_dataset_snapshot(
         "partitions": manifest["partitions"],
         "counts": counts,
         "reasons": batch.reasons,
-        "domains": manifest["domains"],
+        "slices": manifest["slices"],
     }
 
 
@@ -200,6 +202,7 @@ def pull_snapshot(
     *,
     since: date | None = None,
     until: date | None = None,
+    spec: TaskSpec,
     eval_fraction: float = 0.2,
     incremental: bool = False,
     checks: IntakeOptions | None = None,
@@ -212,20 +215,20 @@ def pull_snapshot(
     if progress:
         progress(f"pulling {len(plan.keys)} files from {len(plan.days)} partitions ({plan.days[0]} .. {plan.days[-1]})")
     if checks is not None:
-        batch, _ = check_batch(store, plan, checks, eval_fraction=eval_fraction, progress=progress)
+        batch, _ = check_batch(store, plan, checks, spec, eval_fraction=eval_fraction, progress=progress)
     else:
-        batch = read_batch(store, plan, progress=progress)
-    result = write_dataset_snapshot(store, batch, plan, eval_fraction=eval_fraction)
+        batch = read_batch(store, plan, spec, progress=progress)
+    result = write_dataset_snapshot(store, batch, plan, spec, eval_fraction=eval_fraction)
     if progress:
         progress(f"snapshot {result['snapshot'][:12]}: {result['counts']}")
     return result
 
 
-def _domain_counts(records: list[dict[str, Any]]) -> dict[str, int]:
+def _slice_counts(records: list[dict[str, Any]], spec: TaskSpec) -> dict[str, int]:
     counts: dict[str, int] = {}
     for record in records:
-        domain = str(record.get("domain") or "unknown")
-        counts[domain] = counts.get(domain, 0) + 1
+        name = spec.slice_of(record)
+        counts[name] = counts.get(name, 0) + 1
     return dict(sorted(counts.items()))
 
 

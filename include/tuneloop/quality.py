@@ -1,5 +1,13 @@
 """The data quality gate: a Great Expectations 1.x suite over rows that passed the row checks.
 
+The suite runs on one table per batch: ``id``, ``input`` (what the user sent: the prompt, or
+the conversation's non-system turns), ``answer`` (the target), ``slice``, and every top-level
+scalar field of the rows under its own name. Built in: unique ids, inputs at most
+``task.max_prompt_chars`` long, no prompt injection, and PII (below). The user adds their own
+expectations with ``data.expectations``: a GX suite file (JSON or YAML,
+``{"expectations": [{"type": "expect_column_values_to_be_in_set", "kwargs": {...}}]}``),
+e.g. that ``domain`` is one of a known set or ``labelled_at`` is a timestamp.
+
 Row-level expectations mark individual rows; every row an expectation rejects is moved to
 quarantine with the reason ``gx:<expectation>:<column>``. PII follows ``data.pii``: ``flag`` keeps
 the e-mail/phone regex expectation (card numbers too, unless the intake checks ran: they test
@@ -22,8 +30,9 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from tuneloop.intake_checks import IntakeReport
+    from tuneloop.tasks import TaskSpec
 
-DOMAINS = ["original", "drifted"]
+RESERVED_COLUMNS = ("_row", "id", "input", "answer", "slice")
 # The regexes are written so that ``re`` scans fast (it runs them over every prompt); each finds
 # a match exactly where its plain form does: e-mail ``[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}``,
 # injection ``(?i)(ignore (all |any )?(previous|prior|above) instructions|disregard (the )?(system|previous)
@@ -37,7 +46,30 @@ INJECTION_PATTERN = (
     r"[IiDdYy](?i:(?<=i)gnore (?:all |any )?(?:previous|prior|above) instructions"
     r"|(?<=d)isregard (?:the )?(?:system|previous) prompt|(?<=y)ou are now)"
 )
-ISO_TIMESTAMP = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:?\d{2})?$"
+
+
+class ExpectationsFileError(ValueError):
+    """``data.expectations`` cannot be read or names an expectation GX does not know."""
+
+
+def load_user_expectations(path: str | None) -> list[dict[str, Any]]:
+    """The expectations of a user's suite file (``data.expectations``), checked to be GX ones."""
+    if not path:
+        return []
+    from pathlib import Path
+
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ExpectationsFileError(f"data.expectations: cannot read {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise ExpectationsFileError(f"data.expectations: {path} is not JSON/YAML: {err}") from None
+    items = loaded.get("expectations") if isinstance(loaded, dict) else loaded
+    if not isinstance(items, list) or not all(isinstance(item, dict) and isinstance(item.get("type"), str) for item in items):
+        raise ExpectationsFileError(f"data.expectations: {path} must hold {{\"expectations\": [{{\"type\": ..., \"kwargs\": {{...}}}}]}}")
+    return [{"type": item["type"], "kwargs": dict(item.get("kwargs") or {})} for item in items]
 
 
 class DataQualityError(RuntimeError):
@@ -77,18 +109,43 @@ class QualityReport:
         return summary
 
 
-def _build_suite(gx: Any, *, min_prompt_chars: int, max_prompt_chars: int, pii_patterns: list[str]) -> Any:
+def _build_suite(gx: Any, *, max_prompt_chars: int, pii_patterns: list[str], user: list[dict[str, Any]], columns: set[str]) -> Any:
+    from great_expectations.expectations.expectation_configuration import ExpectationConfiguration
+
     suite = gx.ExpectationSuite(name="tuneloop_labelled_rows")
     expect = gx.expectations
     suite.add_expectation(expect.ExpectColumnValuesToBeUnique(column="id"))
-    suite.add_expectation(expect.ExpectColumnValueLengthsToBeBetween(column="prompt", min_value=min_prompt_chars, max_value=max_prompt_chars))
-    suite.add_expectation(expect.ExpectColumnValuesToNotBeNull(column="domain"))
-    suite.add_expectation(expect.ExpectColumnValuesToBeInSet(column="domain", value_set=DOMAINS, mostly=1.0))
-    suite.add_expectation(expect.ExpectColumnValuesToMatchRegex(column="labelled_at", regex=ISO_TIMESTAMP))
+    suite.add_expectation(expect.ExpectColumnValueLengthsToBeBetween(column="input", min_value=1, max_value=max_prompt_chars))
     if pii_patterns:
-        suite.add_expectation(expect.ExpectColumnValuesToNotMatchRegexList(column="prompt", regex_list=pii_patterns))
-    suite.add_expectation(expect.ExpectColumnValuesToNotMatchRegex(column="prompt", regex=INJECTION_PATTERN))
+        suite.add_expectation(expect.ExpectColumnValuesToNotMatchRegexList(column="input", regex_list=pii_patterns))
+    suite.add_expectation(expect.ExpectColumnValuesToNotMatchRegex(column="input", regex=INJECTION_PATTERN))
+    for item in user:
+        column = item["kwargs"].get("column")
+        if column is not None and column not in columns:
+            raise ExpectationsFileError(
+                f"data.expectations: {item['type']} names column {column!r}, which no row has; columns: {sorted(columns)}"
+            )
+        try:
+            suite.add_expectation(ExpectationConfiguration(type=item["type"], kwargs=item["kwargs"]).to_domain_obj())
+        except Exception as err:  # noqa: BLE001 - GX raises several types for an unknown or malformed expectation
+            raise ExpectationsFileError(f"data.expectations: {item['type']} {item['kwargs']}: {err}") from None
     return suite
+
+
+def _frame_columns(rows: list[dict[str, Any]], spec: TaskSpec) -> dict[str, list[Any]]:
+    """The table the suite checks: the reserved columns, then the rows' scalar fields."""
+    examples = [spec.example(r) for r in rows]
+    columns: dict[str, list[Any]] = {
+        "_row": list(range(len(rows))),
+        "id": [e.id for e in examples],
+        "input": [e.input_text for e in examples],
+        "answer": [e.target or "" for e in examples],
+        "slice": [e.slice for e in examples],
+    }
+    names = sorted({k for r in rows for k, v in r.items() if k not in RESERVED_COLUMNS and (v is None or isinstance(v, str | int | float | bool))})
+    for name in names:
+        columns[name] = [r.get(name) if not isinstance(r.get(name), dict | list) else None for r in rows]
+    return columns
 
 
 def run_quality_gate(
@@ -96,9 +153,9 @@ def run_quality_gate(
     *,
     max_quarantine_rate: float,
     min_accepted_rows: int,
-    min_prompt_chars: int = 40,
-    max_prompt_chars: int = 4000,
+    spec: TaskSpec,
     pii: str = "flag",
+    expectations_file: str | None = None,
     intake: IntakeReport | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> QualityReport:
@@ -112,15 +169,8 @@ def run_quality_gate(
     import pandas as pd
 
     rows = batch.accepted
-    frame = pd.DataFrame(
-        {
-            "_row": range(len(rows)),
-            "id": [r["id"] for r in rows],
-            "prompt": [r["prompt"] for r in rows],
-            "domain": [r.get("domain") for r in rows],
-            "labelled_at": [r.get("labelled_at") or "" for r in rows],
-        }
-    )
+    user = load_user_expectations(expectations_file)
+    frame = pd.DataFrame(_frame_columns(rows, spec))
     context = gx.get_context(mode="ephemeral")
     try:
         context.variables.progress_bars = {"globally": False}  # type: ignore[assignment]
@@ -129,7 +179,9 @@ def run_quality_gate(
     asset = context.data_sources.add_pandas("tuneloop").add_dataframe_asset("labelled_rows")
     batch_definition = asset.add_batch_definition_whole_dataframe("batch")
     pii_patterns = [] if pii != "flag" else [p for kind, p in PII_PATTERNS.items() if intake is None or kind != "card_number"]
-    suite = context.suites.add(_build_suite(gx, min_prompt_chars=min_prompt_chars, max_prompt_chars=max_prompt_chars, pii_patterns=pii_patterns))
+    suite = context.suites.add(
+        _build_suite(gx, max_prompt_chars=spec.settings.max_prompt_chars, pii_patterns=pii_patterns, user=user, columns=set(frame.columns))
+    )
     validation = context.validation_definitions.add(gx.ValidationDefinition(name="tuneloop_intake", data=batch_definition, suite=suite))
     if progress:
         progress(f"Great Expectations: {len(suite.expectations)} expectations on {len(rows)} rows")
@@ -139,6 +191,7 @@ def run_quality_gate(
     )
 
     reasons_by_row: dict[int, list[str]] = {}
+    batch_failures: list[str] = []
     expectations: list[dict[str, Any]] = []
     for item in result.results:
         config = item.expectation_config
@@ -150,6 +203,8 @@ def run_quality_gate(
         for entry in unexpected:
             row = int(entry["_row"] if isinstance(entry, dict) else entry)
             reasons_by_row.setdefault(row, []).append(name)
+        if not item.success and not unexpected:  # a batch-level expectation (a mean, a row count...)
+            batch_failures.append(f"expectation {config.type}({column}) failed on the batch: observed {item.result.get('observed_value')!r}")
 
     kept, kept_origins = [], []
     for index, (record, origin) in enumerate(zip(rows, batch.origins, strict=True)):
@@ -165,7 +220,7 @@ def run_quality_gate(
     for quarantined in batch.quarantined:
         counts.update(quarantined.reasons)
     rate = len(batch.quarantined) / batch.total if batch.total else 1.0
-    failures = []
+    failures = list(batch_failures)
     if rate > max_quarantine_rate:
         failures.append(f"quarantine rate {rate:.1%} ({len(batch.quarantined)}/{batch.total}) exceeds data.max_quarantine_rate {max_quarantine_rate:.1%}")
     if len(batch.accepted) < min_accepted_rows:

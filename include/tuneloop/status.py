@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from tuneloop.config import Settings
     from tuneloop.storage import Store
+    from tuneloop.tasks import Example
 
 
 def _latest(store: Store, prefix: str) -> dict[str, Any] | None:
@@ -30,7 +31,7 @@ def collect_status(settings: Settings, store: Store, *, ask_vllm: bool = True) -
     snapshot = latest_snapshot(store)
     if snapshot:
         manifest = read_snapshot_manifest(store, "snapshots", snapshot)
-        status["snapshot"] = {"hash": snapshot, **{k: manifest.get(k) for k in ("partitions", "counts", "reasons", "domains")}}
+        status["snapshot"] = {"hash": snapshot, **{k: manifest.get(k) for k in ("partitions", "counts", "reasons", "slices")}}
     newest = status["versions"][-1] if status["versions"] else None
     if newest:
         status["newest_version"] = registry.get(newest)
@@ -40,11 +41,11 @@ def collect_status(settings: Settings, store: Store, *, ask_vllm: bool = True) -
         except StoreKeyError:
             status["gate"] = None
     if ask_vllm:
-        status["served"] = _ask_vllm(settings, store)
+        status["served"] = _ask_vllm(settings, store, status["drift"])
     return status
 
 
-def _ask_vllm(settings: Settings, store: Store) -> dict[str, Any]:
+def _ask_vllm(settings: Settings, store: Store, status_drift: dict[str, Any] | None = None) -> dict[str, Any]:
     from tuneloop.vllm_client import VllmClient, VllmError
 
     endpoint = settings.vllm.endpoints[0]
@@ -58,16 +59,29 @@ def _ask_vllm(settings: Settings, store: Store) -> dict[str, Any]:
     root = models.get(name, {}).get("root")
     served_version = Path(root).name if root else None
     result: dict[str, Any] = {"endpoint": endpoint, "name": name, "root": root, "version": served_version}
-    try:
-        records = list(store.iter_jsonl("heldout/drifted.jsonl"))
-    except KeyError:
-        records = []
-    if records and root:
-        record = records[0]
-        result["prompt"] = record["prompt"]
-        result["expected"] = record["completion"]
-        result["answer"] = client.chat(name, record["prompt"], max_tokens=settings.eval.max_new_tokens)
+    example = _held_out_example(settings, store, (status_drift or {}).get("drift_slices") or [])
+    if example is not None and root:
+        result["slice"] = example.slice
+        result["prompt"] = example.input_text
+        result["expected"] = example.target
+        result["answer"] = client.chat(name, example.context, max_tokens=settings.eval.max_new_tokens)
     return result
+
+
+def _held_out_example(settings: Settings, store: Store, prefer: list[str]) -> Example | None:
+    """The first row of a held-out set, from a slice where drift was found when there is one."""
+    from tuneloop.tasks import TaskRowError, TaskSpec
+
+    spec = TaskSpec(settings.task)
+    keys = sorted(k for k in store.list("heldout/") if k.endswith(".jsonl"))
+    keys.sort(key=lambda k: Path(k).stem not in prefer)
+    for key in keys:
+        for record in store.iter_jsonl(key):
+            try:
+                return spec.example(record)
+            except TaskRowError:
+                continue
+    return None
 
 
 def format_status(status: dict[str, Any]) -> str:
@@ -115,5 +129,8 @@ def format_status(status: dict[str, Any]) -> str:
         else:
             lines.append(f"  vLLM      {served['endpoint']} serves {served['name']!r} from {served.get('version')} ({served.get('root')})")
             if served.get("answer") is not None:
-                lines.append(f"            asked {served['name']!r} about a drifted-domain invoice:\n              answer:   {served['answer'].strip()}\n              expected: {served['expected']}")
+                lines.append(
+                    f"            asked {served['name']!r} a held-out {served.get('slice')!r} example:\n"
+                    f"              answer:   {served['answer'].strip()}\n              expected: {served['expected']}"
+                )
     return "\n".join(lines)

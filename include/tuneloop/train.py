@@ -1,7 +1,9 @@
-"""LoRA fine-tuning of the base model on labelled records (prompt -> gold completion).
+"""LoRA fine-tuning of the base model on labelled records (conversation -> gold answer).
 
-Each record is rendered with the tokenizer's chat template (user = ``prompt``, assistant =
-``completion`` + eos), prompt tokens are masked out of the loss, and a plain PyTorch loop trains
+Each record is read through the task (:class:`tuneloop.tasks.TaskSpec`: the system prompt and
+earlier turns as context, the last assistant turn or the completion as the answer) and
+rendered with the tokenizer's chat template exactly as evaluation and vLLM render it (answer
++ the template's end of turn); context tokens are masked out of the loss, and a plain PyTorch loop trains
 the LoRA matrices (AdamW, linear warmup + cosine decay, gradient clipping 1.0). The output
 directory is what vLLM loads at runtime: ``adapter_model.safetensors`` + ``adapter_config.json``,
 next to ``provenance.json`` and ``train_metrics.json``.
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping, Sequence
 
     from tuneloop.config import TrainingSettings
+    from tuneloop.tasks import Example, TaskSpec
 
 logger = logging.getLogger(__name__)
 
@@ -81,33 +84,47 @@ class TokenizedExample:
 
 
 def records_digest(records: Sequence[Mapping[str, Any]]) -> str:
-    """sha256 of the records' ids, prompts and completions, in order."""
+    """sha256 of the records (canonical JSON), in order."""
     digest = hashlib.sha256()
     for record in records:
-        row = {key: record.get(key) for key in ("id", "prompt", "completion")}
-        digest.update(json.dumps(row, sort_keys=True, ensure_ascii=False).encode())
+        digest.update(json.dumps(record, sort_keys=True, ensure_ascii=False).encode())
         digest.update(b"\n")
     return digest.hexdigest()
 
 
-def validate_records(records: Sequence[Mapping[str, Any]]) -> None:
-    """Fail fast when the dataset is empty or rows lack a non-empty prompt/completion."""
+def default_spec() -> TaskSpec:
+    """The task of the embedded defaults (``prompt``/``completion`` rows)."""
+    from tuneloop.config import TaskSettings
+    from tuneloop.tasks import TaskSpec
+
+    return TaskSpec(TaskSettings())
+
+
+def read_examples(records: Sequence[Mapping[str, Any]], spec: TaskSpec) -> list[Example]:
+    """The records as training examples; fail fast when the dataset is empty or rows do not fit
+    the task (no answer to learn, wrong format)."""
+    from tuneloop.tasks import TaskRowError
+
     if not records:
         raise TrainingError(
             "no training records: the dataset is empty (check the snapshot with `tuneloop pull`)"
         )
-    bad: list[str] = []
+    examples, bad = [], []
     for index, record in enumerate(records):
-        problems = [
-            key
-            for key in ("prompt", "completion")
-            if not isinstance(record.get(key), str) or not record.get(key, "").strip()
-        ]
-        if problems:
-            bad.append(f"{record.get('id', f'row {index}')} (missing/empty {', '.join(problems)})")
+        try:
+            examples.append(spec.example(record))
+        except TaskRowError as err:
+            row_id = record.get(spec.settings.id_field, f"row {index}") if isinstance(record, dict) else f"row {index}"
+            bad.append(f"{row_id} ({err})")
     if bad:
         shown = "; ".join(bad[:5]) + (f"; ... {len(bad) - 5} more" if len(bad) > 5 else "")
-        raise TrainingError(f"{len(bad)} of {len(records)} records cannot be trained on: {shown}")
+        raise TrainingError(f"{len(bad)} of {len(records)} records cannot be trained on (task.format={spec.format}): {shown}")
+    return examples
+
+
+def validate_records(records: Sequence[Mapping[str, Any]], spec: TaskSpec | None = None) -> None:
+    """Fail fast when the dataset is empty or rows do not fit the task."""
+    read_examples(records, spec or default_spec())
 
 
 def validate_settings(settings: TrainingSettings) -> None:
@@ -143,9 +160,9 @@ def check_base_model(base_model: str | os.PathLike[str]) -> None:
     )
 
 
-def _split_chat(tokenizer: Any, prompt: str, completion: str) -> tuple[str, str]:
-    """The prompt text (through the generation prompt) and the supervised text after it."""
-    messages = [{"role": "user", "content": prompt}]
+def _split_chat(tokenizer: Any, context: str | Sequence[Mapping[str, str]], completion: str) -> tuple[str, str]:
+    """The context text (through the generation prompt) and the supervised text after it."""
+    messages = [{"role": "user", "content": context}] if isinstance(context, str) else [dict(turn) for turn in context]
     prompt_text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     full_text = tokenizer.apply_chat_template(
         [*messages, {"role": "assistant", "content": completion}], tokenize=False
@@ -162,7 +179,7 @@ def _split_chat(tokenizer: Any, prompt: str, completion: str) -> tuple[str, str]
 
 
 def tokenize_records(
-    tokenizer: Any, records: Sequence[Mapping[str, Any]], max_seq_len: int
+    tokenizer: Any, records: Sequence[Mapping[str, Any] | Example], max_seq_len: int, spec: TaskSpec | None = None
 ) -> tuple[list[TokenizedExample], int]:
     """Prompt tokens get label -100; rows longer than ``max_seq_len`` are dropped, not cut.
 
@@ -174,10 +191,14 @@ def tokenize_records(
             "the base model's tokenizer has no chat template; vLLM's /v1/chat/completions needs one "
             "(use the demo model, an instruct model, or add a template to tokenizer_config.json)"
         )
+    from tuneloop.tasks import Example
+
     examples: list[TokenizedExample] = []
     dropped = 0
+    task = spec or default_spec()
     for record in records:
-        prompt_text, answer_text = _split_chat(tokenizer, record["prompt"], record["completion"])
+        example = record if isinstance(record, Example) else task.example(record)
+        prompt_text, answer_text = _split_chat(tokenizer, example.context, example.target or "")
         prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
         answer_ids = tokenizer(answer_text, add_special_tokens=False)["input_ids"]
         if len(prompt_ids) + len(answer_ids) > max_seq_len:
@@ -379,6 +400,8 @@ def load_lora_model(
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from tuneloop.chat import resolve_target_modules
+
     # Base weights in the compute dtype on GPU (memory); fp32 on CPU. LoRA weights stay fp32.
     load_dtype = getattr(torch, dtype) if device == "cuda" else torch.float32
     try:
@@ -401,7 +424,7 @@ def load_lora_model(
         r=settings.lora_rank,
         lora_alpha=int(alpha) if float(alpha).is_integer() else alpha,
         lora_dropout=settings.lora_dropout,
-        target_modules=list(settings.target_modules),
+        target_modules=resolve_target_modules(model, settings.target_modules),
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -837,8 +860,10 @@ def train_lora(
     dataset_hash: str | None = None,
     init_adapter: str | os.PathLike[str] | None = None,
     progress: ProgressSink | None = None,
+    spec: TaskSpec | None = None,
 ) -> TrainResult:
-    """Train a LoRA adapter on ``train_records`` and write it to ``out_dir``.
+    """Train a LoRA adapter on ``train_records`` (rows in ``spec``'s format; default
+    ``prompt``/``completion``) and write it to ``out_dir``.
 
     ``dataset_hash`` identifies the data in the provenance record (default: a hash of the
     records). ``init_adapter`` warm-starts from an existing adapter's weights (default: fresh).
@@ -848,7 +873,8 @@ def train_lora(
     with the same inputs after a crash or a pre-empted node resumes from there. Under
     torchrun (WORLD_SIZE > 1) each process trains on its share and rank 0 writes the adapter.
     """
-    validate_records(train_records)
+    spec = spec or default_spec()
+    read_examples(train_records, spec)
     validate_settings(settings)
     check_base_model(base_model)
     if init_adapter is not None:
@@ -866,8 +892,8 @@ def train_lora(
     rank, world = distributed_world()
     model, tokenizer = load_lora_model(base_model, settings, device, dtype, init_adapter=init_adapter)
     fit_records, validation_records = split_validation(train_records, settings.validation_fraction)
-    examples, dropped = tokenize_records(tokenizer, fit_records, settings.max_seq_len)
-    validation, dropped_validation = tokenize_records(tokenizer, validation_records, settings.max_seq_len)
+    examples, dropped = tokenize_records(tokenizer, fit_records, settings.max_seq_len, spec)
+    validation, dropped_validation = tokenize_records(tokenizer, validation_records, settings.max_seq_len, spec)
     dropped += dropped_validation
     if dropped:
         logger.warning(

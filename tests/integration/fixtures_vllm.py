@@ -126,7 +126,7 @@ def build_invoice_llama(out_dir: Path, *, seed: int = 0) -> Path:
     weights are random with a large scale (clear greedy winners), and nothing is pre-trained,
     so it builds in seconds. Its answers are noise: for plumbing and backend agreement only.
     """
-    from tuneloop.basemodel import (
+    from tuneloop.demo.basemodel import (
         BOS_TOKEN,
         END_TOKEN,
         EOS_TOKEN,
@@ -134,7 +134,7 @@ def build_invoice_llama(out_dir: Path, *, seed: int = 0) -> Path:
         train_tokenizer,
         wrap_tokenizer,
     )
-    from tuneloop.world import pretraining_corpus
+    from tuneloop.demo.invoices import pretraining_corpus
 
     tokenizer = train_tokenizer(pretraining_corpus(seed, 400), 600)
     ids = {token: tokenizer.token_to_id(token) for token in (BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, END_TOKEN)}

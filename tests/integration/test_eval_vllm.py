@@ -22,9 +22,9 @@ import pytest
 from fixtures_vllm import REPO, SERVED, build_invoice_llama, build_lora_adapter, free_port, serve_sh
 
 from tuneloop.config import EvalSettings
+from tuneloop.demo.invoices import heldout_sets, injection_set
 from tuneloop.evaluate import EVAL_NAME_INFIX, HFBackend, VllmBackend
 from tuneloop.vllm_client import VllmClient, VllmError
-from tuneloop.world import heldout_sets, injection_set
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

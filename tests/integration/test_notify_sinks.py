@@ -235,8 +235,8 @@ def _refresh_stand_ins(monkeypatch: pytest.MonkeyPatch, *, gain: float, deploy: 
 
 def test_drift_event_reaches_slack_and_email(notify_env: dict[str, Any]) -> None:
     from tuneloop.config import load_settings
+    from tuneloop.demo.invoices import generate_world
     from tuneloop.storage import open_store_from_settings
-    from tuneloop.world import generate_world
 
     start = date(2026, 1, 5)
     drift_start = start + timedelta(days=28)

@@ -114,8 +114,8 @@ def build_demo_like_store(root: Path) -> Path:
     """``make demo``'s story in a store under ``root``: 42 calm days, v1 trained on them and
     promoted over the base model; 21 days in which drifted documents ramp up; a drift check
     every third day; v2 trained on the new data and promoted over v1."""
+    from tuneloop.demo.invoices import generate_world
     from tuneloop.pipeline import check_drift, open_loop
-    from tuneloop.world import generate_world
 
     config = root / "tuneloop.yaml"
     store = root / "store"

@@ -10,14 +10,14 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from tuneloop import basemodel  # noqa: E402
-from tuneloop.basemodel import (  # noqa: E402
+from tuneloop.config import Settings  # noqa: E402
+from tuneloop.demo import basemodel  # noqa: E402
+from tuneloop.demo.basemodel import (  # noqa: E402
     BuildError,
     build_demo_model,
     read_model_record,
     resolve_base_model,
 )
-from tuneloop.config import Settings  # noqa: E402
 
 pytestmark = pytest.mark.ml
 

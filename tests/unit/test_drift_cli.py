@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tuneloop.cli import main
-from tuneloop.world import make_traffic_record
+from tuneloop.demo.invoices import make_traffic_record
 
 pytestmark = pytest.mark.unit
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pytest
 
-from tuneloop import world
+from tuneloop.demo import invoices as world
 from tuneloop.drift import (
     classifier_two_sample_test,
     dense_model,

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from tuneloop import pipeline
+from tuneloop.demo.invoices import generate_world
 from tuneloop.pipeline import Loop, check_drift, drift_history, open_loop, pull_step, validate_step
-from tuneloop.world import generate_world
 
 if TYPE_CHECKING:
     from collections.abc import Callable

@@ -10,15 +10,15 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from tuneloop.basemodel import build_demo_model  # noqa: E402
 from tuneloop.config import EvalSettings  # noqa: E402
+from tuneloop.demo.basemodel import build_demo_model  # noqa: E402
+from tuneloop.demo.invoices import heldout_sets  # noqa: E402
 from tuneloop.evaluate import (  # noqa: E402
     EvaluationError,
     evaluate_adapter,
     evaluate_records,
     generate_hf,
 )
-from tuneloop.world import heldout_sets  # noqa: E402
 
 if TYPE_CHECKING:
     from collections.abc import Sequence

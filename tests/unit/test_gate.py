@@ -20,6 +20,7 @@ from tuneloop.gate import (
     load_scores,
     plot_decision,
     render_report_markdown,
+    resolve_improve_slices,
     sign_flip_p_value,
 )
 
@@ -120,10 +121,44 @@ def test_gain_bought_with_a_loss_elsewhere_is_rejected() -> None:
     assert original["passed"] is False and original["ci_high"] < 0
     (reason,) = decision.reasons
     assert reason.startswith("original: non-inferiority failed: delta -0.")
-    assert "95% CI [" in reason and "-margin -0.020" in reason and "(n=200)" in reason
+    assert "95% CI [" in reason and "-margin -0.050" in reason and "(n=200)" in reason  # the default margin
     with pytest.raises(GateRejected, match="original: non-inferiority failed") as err:
         decision.raise_if_rejected()
     assert err.value.decision is decision
+    (tighter,) = gate(baseline, candidate, margin=0.02).reasons
+    assert "-margin -0.020" in tighter
+
+
+def test_the_default_margin_is_the_configs() -> None:
+    import inspect
+
+    from tuneloop.config import GateSettings
+
+    assert inspect.signature(decide).parameters["margin"].default == GateSettings().margin == 0.05
+
+
+def test_a_loss_between_the_margins_passes_only_the_wider_one() -> None:
+    rng = np.random.default_rng(5)
+    base_d, cand_d = paired_scores("drifted", 300, rng, gain=0.35)
+    base_o, cand_o = paired_scores("original", 3000, rng, loss=0.045)  # delta ~ -0.03
+    default = gate(base_d + base_o, cand_d + cand_o)
+    original = default.slices["original"]
+    assert -0.05 < original["ci_low"] < original["delta"] < original["ci_high"] < -0.02
+    assert default.promote is True, default.reasons
+    assert gate(base_d + base_o, cand_d + cand_o, margin=0.02).promote is False
+
+
+def test_resolve_improve_slices() -> None:
+    present = {"original", "drifted", "new"}
+    assert resolve_improve_slices(["drifted"], present) == (["drifted"], "as configured")
+    assert resolve_improve_slices(["gone"], present)[0] == ["gone"]  # named outright: kept, the gate says it has no rows
+    names, why = resolve_improve_slices(["auto"], present, evidence={"drifted", "elsewhere"}, trained_on={"original"})
+    assert names == ["drifted"] and "where drift was found" in why
+    names, why = resolve_improve_slices(["auto"], present, evidence=set(), trained_on={"original", "new"})
+    assert names == ["new", "original"] and "trained on" in why
+    assert resolve_improve_slices(["auto"], present)[0] == ["drifted", "new", "original"]
+    assert resolve_improve_slices(["auto", "drifted"], present, evidence={"drifted"})[0] == ["drifted"]  # no repeats
+    assert resolve_improve_slices(["auto"], set()) == ([], "auto -> no slice (no eval rows)")
 
 
 def test_loss_inside_the_margin_is_non_inferior() -> None:

@@ -83,9 +83,16 @@ def _evaluation(loop: Loop) -> dict[str, Any]:
     prefix = "evals/v2/run1"
     for role, rows in (("production", baseline), ("candidate", candidate)):
         loop.store.put_text(f"{prefix}/{role}/scores.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+    snapshot = "0" * 64
+    # the gate reads the slices the candidate was trained on from its snapshot's manifest
+    counts = {"drifted": 40, "original": 40, "odd name/x": 10}
+    loop.store.put_json(
+        f"snapshots/{snapshot}/manifest.json",
+        {"kind": "tuneloop.dataset_snapshot", "slices": {"train": counts, "eval": counts}, "task": {"metric": "json"}},
+    )
     return {
         "version": "v2",
-        "snapshot": "0" * 64,
+        "snapshot": snapshot,
         "production": "v1",
         "candidate_eval": {"scores_key": f"{prefix}/candidate/scores.jsonl"},
         "production_eval": {"scores_key": f"{prefix}/production/scores.jsonl"},

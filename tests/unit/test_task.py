@@ -1,12 +1,16 @@
-"""The task contract: schema, prompt, canonical completion, tolerant parsing and scoring."""
+"""The invoice demo's task helpers (tuneloop.demo.invoice_task): schema, prompt, canonical
+completion, tolerant parsing and scoring; and that the invoice example's config (schema.json,
+metric json) scores the way these helpers do. The generic scorers are tested in test_scoring.py."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
-from tuneloop.task import (
+from tuneloop.config import TaskSettings, load_settings
+from tuneloop.demo.invoice_task import (
     FIELDS,
     INSTRUCTION,
     OUTPUT_SCHEMA,
@@ -16,8 +20,11 @@ from tuneloop.task import (
     schema_errors,
     score_completion,
 )
+from tuneloop.tasks import TaskSpec
 
 pytestmark = pytest.mark.unit
+
+INVOICES = Path(__file__).resolve().parents[2] / "examples" / "invoices"
 
 GOLD_FIELDS = {
     "vendor": "Müller Maschinenbau GmbH",
@@ -181,3 +188,64 @@ def test_missing_and_extra_keys() -> None:
 def test_gold_must_parse() -> None:
     with pytest.raises(ValueError, match="gold completion"):
         score_completion(GOLD, "vendor=Müller")
+
+
+# --- the invoice example's config: the generic json scorer with the invoice schema -----------
+
+
+@pytest.fixture(scope="module")
+def invoice_spec() -> TaskSpec:
+    return TaskSpec(load_settings(INVOICES / "tuneloop.yaml", env={}).task)
+
+
+def test_the_example_config_declares_the_invoice_task(invoice_spec: TaskSpec) -> None:
+    settings = invoice_spec.settings
+    assert (settings.format, settings.metric, settings.slice_field) == ("prompt_completion", "json", "domain")
+    assert json.loads((INVOICES / "schema.json").read_text()) == OUTPUT_SCHEMA
+    assert invoice_spec.scorer.fields == list(FIELDS)
+    built = TaskSpec(TaskSettings(format="prompt_completion", slice_field="domain", metric="json", json_schema=str(INVOICES / "schema.json")))
+    assert built.scorer.fields == list(FIELDS)
+
+
+@pytest.mark.parametrize(
+    "predicted",
+    [
+        GOLD,
+        format_completion(_with(date="2026-15-03")),
+        format_completion(_with(vendor="  müller   MASCHINENBAU gmbh ")),
+        format_completion(_with(vendor="Müller Maschinenbau")),
+        GOLD.replace("1234.50", "1234.5"),
+        GOLD.replace("1234.50", '"1234.50"'),
+        GOLD.replace("1234.50", "1234.51"),
+        GOLD.replace('"DE123456789"', "null"),
+        json.dumps({k: v for k, v in json.loads(GOLD).items() if k != "currency"}),
+        json.dumps({**json.loads(GOLD), "notes": "-"}),
+        GOLD + "\n\nI hope this helps!",
+        "The vendor is Müller and the total is 1234.50 EUR.",
+    ],
+)
+def test_the_generic_json_scorer_agrees_with_the_invoice_scorer(invoice_spec: TaskSpec, predicted: str) -> None:
+    demo = score_completion(predicted, GOLD)
+    generic = invoice_spec.scorer.score(predicted, GOLD)
+    assert generic.score == pytest.approx(demo.field_accuracy)
+    assert generic.details["field_correct"] == demo.field_correct
+    assert generic.details["exact_match"] == demo.exact_match and generic.details["valid_json"] == demo.valid_json
+    assert generic.details["schema_ok"] == demo.schema_ok
+
+
+def test_the_invoice_schema_refuses_bad_gold_answers(invoice_spec: TaskSpec) -> None:
+    assert invoice_spec.check_target(GOLD) == []
+    assert invoice_spec.check_target(format_completion(_with(vat_id=None))) == []
+    assert invoice_spec.check_target(format_completion(_with(currency="eur"))) == ["completion_schema"]
+    assert invoice_spec.check_target(json.dumps({**json.loads(GOLD), "notes": "-"})) == ["completion_schema"]
+    assert invoice_spec.check_target(f"Here it is: {GOLD}") == ["completion_not_json"]
+
+
+@pytest.mark.parametrize("cents", [7, 29, 1234, 236124, 98765])
+def test_every_canonical_total_passes_the_invoice_schema(invoice_spec: TaskSpec, cents: int) -> None:
+    """format_completion writes totals to the cent; the schema's multipleOf 0.01 must accept
+    every such total (schema_errors, the demo's own check, does)."""
+    gold = format_completion(_with(total=cents / 100))
+    assert schema_errors(json.loads(gold)) == []
+    assert invoice_spec.check_target(gold) == [], gold
+    assert invoice_spec.scorer.score(gold, gold).details["schema_ok"] is True

@@ -12,8 +12,9 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from tuneloop.basemodel import build_demo_model  # noqa: E402
 from tuneloop.config import TrainingSettings  # noqa: E402
+from tuneloop.demo.basemodel import build_demo_model  # noqa: E402
+from tuneloop.demo.invoices import make_labelled_record  # noqa: E402
 from tuneloop.train import (  # noqa: E402
     IGNORE_INDEX,
     TrainingError,
@@ -23,7 +24,6 @@ from tuneloop.train import (  # noqa: E402
     tokenize_records,
     train_lora,
 )
-from tuneloop.world import make_labelled_record  # noqa: E402
 
 if TYPE_CHECKING:
     from pathlib import Path

@@ -24,9 +24,9 @@ pytestmark = [
 def test_lora_trains_in_bf16_on_cuda_and_leaves_base_weights_alone(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    from tuneloop import world
-    from tuneloop.basemodel import build_demo_model
     from tuneloop.config import TrainingSettings
+    from tuneloop.demo import invoices as world
+    from tuneloop.demo.basemodel import build_demo_model
     from tuneloop.train import train_lora
 
     base = build_demo_model(tmp_path / "base", preset="tiny")

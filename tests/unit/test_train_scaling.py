@@ -25,8 +25,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
 from tuneloop import train as train_module  # noqa: E402
-from tuneloop.basemodel import build_demo_model  # noqa: E402
 from tuneloop.config import TrainingSettings  # noqa: E402
+from tuneloop.demo.basemodel import build_demo_model  # noqa: E402
+from tuneloop.demo.invoices import make_labelled_record  # noqa: E402
 from tuneloop.train import (  # noqa: E402
     IGNORE_INDEX,
     TokenizedExample,
@@ -43,7 +44,6 @@ from tuneloop.train import (  # noqa: E402
     tokenize_records,
     train_lora,
 )
-from tuneloop.world import make_labelled_record  # noqa: E402
 
 pytestmark = pytest.mark.ml
 
@@ -199,7 +199,7 @@ import json, os, random, signal, sys
 from datetime import UTC, datetime
 from tuneloop.config import TrainingSettings
 from tuneloop.train import train_lora
-from tuneloop.world import make_labelled_record
+from tuneloop.demo.invoices import make_labelled_record
 base, out, kill_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
 when = datetime(2026, 1, 1, tzinfo=UTC)
 records = [make_labelled_record(random.Random(i), "original", f"k-{i}", when) for i in range(24)]

@@ -20,9 +20,9 @@ import pytest
 
 from tuneloop import ui
 from tuneloop.config import ConfigError
+from tuneloop.demo.invoices import generate_world
 from tuneloop.pipeline import Loop, check_drift, gate_step, open_loop, record_step
 from tuneloop.storage import LocalStore, Store, write_snapshot
-from tuneloop.world import generate_world
 
 pytestmark = pytest.mark.unit
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tuneloop.task import (
+from tuneloop.demo.invoice_task import (
     FIELDS,
     LABELLED_RECORD_KEYS,
     TRAFFIC_RECORD_KEYS,
@@ -23,7 +23,7 @@ from tuneloop.task import (
     parse_completion,
     schema_errors,
 )
-from tuneloop.world import (
+from tuneloop.demo.invoices import (
     BAD_ROW_KINDS,
     LAYOUTS,
     drift_fraction,
@@ -241,7 +241,7 @@ def test_world_is_byte_identical_for_a_seed_and_differs_across_seeds() -> None:
 
 def test_world_bytes_do_not_depend_on_the_process_hash_seed() -> None:
     script = (
-        "import hashlib, datetime as d; from tuneloop.world import generate_world\n"
+        "import hashlib, datetime as d; from tuneloop.demo.invoices import generate_world\n"
         "class S:\n"
         "    def __init__(self): self.h = hashlib.sha256()\n"
         "    def put_bytes(self, key, data): self.h.update(key.encode() + data)\n"
@@ -430,3 +430,23 @@ def test_pretraining_corpus_has_documents_and_unpaired_json() -> None:
     assert 30 < sum(obj["vat_id"] is None for obj in objects if obj is not None) < 70
     # No answer ever appears next to its document, and no document carries the instruction.
     assert all("{" not in text and not text.startswith(make_prompt("")) for text in documents)
+
+
+def test_clean_labelled_rows_pass_the_invoice_examples_row_checks() -> None:
+    """The world is what `make demo` pulls with examples/invoices/tuneloop.yaml: every clean
+    labelled row must pass that config's row checks (format, slice field, gold JSON against
+    schema.json)."""
+    from pathlib import Path
+
+    from tuneloop.config import load_settings
+    from tuneloop.tasks import TaskSpec
+    from tuneloop.validate import check_lines
+
+    spec = TaskSpec(load_settings(Path(__file__).resolve().parents[2] / "examples" / "invoices" / "tuneloop.yaml", env={}).task)
+    store = MemoryStore()
+    _world(store, days=4, labelled_per_day=30)
+    triples = [(key, n, line.encode()) for key in store.list("labelled/") for n, line in enumerate(store.lines(key), 1)]
+    batch = check_lines(triples, spec)
+    assert batch.total == 120
+    assert batch.reasons == {}, [(q.reasons, json.loads(q.raw)["completion"]) for q in batch.quarantined[:3]]
+    assert {spec.example(row).slice for row in batch.accepted} <= {"original", "drifted"}

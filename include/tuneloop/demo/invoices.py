@@ -29,7 +29,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 from typing import TYPE_CHECKING, Any, Protocol
 
-from tuneloop.task import DOMAINS, FIELDS, format_completion, make_prompt
+from tuneloop.demo.invoice_task import DOMAINS, FIELDS, format_completion, make_prompt
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence

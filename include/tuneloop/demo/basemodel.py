@@ -334,7 +334,7 @@ def build_demo_model(
     spec = PRESETS[preset]
     out_dir = Path(out_dir)
     if corpus is None:
-        from tuneloop.world import pretraining_corpus
+        from tuneloop.demo.invoices import pretraining_corpus
 
         corpus = pretraining_corpus(seed, spec.n_documents)
     corpus = [document for document in corpus if document.strip()]

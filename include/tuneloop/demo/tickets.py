@@ -1,0 +1,856 @@
+"""The support-ticket world: seeded triage conversations that drift to a newly launched product.
+
+A second demo task, unlike the invoices in every way that matters to the loop: rows are
+multi-turn chat ``messages`` (OpenAI/TRL shape), the answer is one label out of a closed set
+(``metric: label``), and the slices are products (``product``), not domains.
+
+The fictional company, Brightwave, sells:
+
+* ``nimbus``: a notes and file-sync app (workspaces, seats, sync, desktop and phone apps);
+* ``beacon``: a mesh Wi-Fi router (satellites, firmware, the Beacon app, a Beacon Shield plan);
+* ``orbit``: a smartwatch, launched at the drift. Its tickets speak a new vocabulary (watch
+  face, strap, charging puck, heart-rate sensor, pairing, the Orbit Coach plan), and some of
+  it collides with the old labels' keywords: "it stopped charging" is a bug, "charged twice"
+  is billing.
+
+Each ticket is one to three user turns (a share opens vaguely, gets a clarifying question from
+the agent, then says what is wrong; or states the problem first and answers a follow-up) with
+greetings, sign-offs, neutral context, cues of other labels as distractors, typos and lower
+case. The target, the last assistant turn, is exactly one of LABELS. Rows carry no system turn
+(the config's ``task.system_prompt`` supplies it) except about one in ten, whose explicit system
+turn equals SYSTEM_PROMPT, so both paths are exercised. Texts hold no e-mail addresses, phone
+or card numbers, so a PII check can treat any as a defect.
+
+Everything is a pure function of the seed: each row and each day draws from its own
+``random.Random`` seeded by a string, as in :mod:`tuneloop.demo.invoices`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from datetime import UTC, date, datetime, time, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+SYSTEM_PROMPT = (
+    "You are the support triage assistant of Brightwave. Read the customer's conversation and "
+    "reply with exactly one label: billing, bug, account_access, feature_request, shipping or "
+    "cancellation."
+)
+"""The instruction of the task; ``examples/tickets/tuneloop.yaml`` carries the same text."""
+
+LABELS: tuple[str, ...] = (
+    "billing",  # charges, invoices, refunds, payment method, price
+    "bug",  # something in the app or the device is broken
+    "account_access",  # login, password, two-factor, locked out, sign-in e-mail
+    "feature_request",  # please add / it would be great if
+    "shipping",  # orders, delivery, tracking, damaged or wrong parcel (hardware only)
+    "cancellation",  # cancel a plan, stop renewal, close the account, return and cancel
+)
+"""The closed label set; the target of every labelled row is exactly one of these."""
+
+PRODUCTS_ORIGINAL: tuple[str, ...] = ("nimbus", "beacon")
+"""Products present from the first day."""
+
+PRODUCTS_DRIFTED: tuple[str, ...] = ("orbit",)
+"""Products that appear only from ``drift_start`` on (the drift)."""
+
+PRODUCTS: tuple[str, ...] = PRODUCTS_ORIGINAL + PRODUCTS_DRIFTED
+"""Every slice value of ``product``, in a stable order."""
+
+SLICE_FIELD = "product"
+"""The record field the slices come from (``task.slice_field``)."""
+
+BAD_ROW_KINDS: tuple[str, ...] = (
+    "not_json",  # a line cut off mid-write
+    "label_not_in_set",  # the final assistant turn is a label outside LABELS
+    "no_final_assistant",  # the conversation ends with a user turn: nothing to learn
+    "missing_messages",  # a record without its messages
+    "empty_line",
+    "duplicate_id",  # an exact copy of another line (at-least-once delivery)
+    "bad_role",  # a turn whose role is not system, user or assistant
+)
+"""Kinds of defective labelled lines ``generate_ticket_world(bad_row_rate=...)`` mixes in."""
+
+SERVED_MODEL = "tuneloop"
+HELDOUT_LABELLED_AT = datetime(2026, 1, 1, tzinfo=UTC)
+
+_WRONG_LABELS = ("other", "refund", "tech_support", "general", "complaint", "hardware", "spam")
+_WRONG_ROLES = ("customer", "agent", "human", "bot", "moderator")
+_MULTI_TURN_SHARE = 0.3
+_OWN_WORDS_SHARE = {"nimbus": 0.4, "beacon": 0.4, "orbit": 0.7}  # intents in the product's own words
+_SYSTEM_TURN_SHARE = 0.1
+
+
+class PutStore(Protocol):
+    """The one storage call the world needs (``tuneloop.storage`` stores provide it)."""
+
+    def put_bytes(self, key: str, data: bytes) -> None: ...
+
+
+# --- vocabulary ----------------------------------------------------------------------------
+# fmt: off
+# Slots: {thing} the product as customers name it, {model}/{other_model} a hardware model,
+# {plan} a paid plan, {device} the customer's own phone or computer, {version} a software
+# version, {amount}, {n}, {m}, {order}, {when}, {month}, {first}, {last}, {year}, plus
+# {action}, {symptom}, {error}, {wish}, {wish_noun} from the product's own lists.
+_PRODUCT_SLOTS: dict[str, dict[str, tuple[str, ...]]] = {
+    "nimbus": {
+        "thing": ("Nimbus", "the Nimbus app", "our Nimbus workspace", "Nimbus desktop", "the Nimbus web app"),
+        "model": ("Nimbus",),
+        "plan": ("Nimbus Team", "Nimbus Pro", "Nimbus Business", "Nimbus Starter"),
+        "device": ("Windows laptop", "MacBook", "iPhone", "Android phone", "iPad", "Chromebook"),
+        "version": ("4.2", "4.3.1", "5.0", "5.0.2", "5.1"),
+        "action": (
+            "open a shared folder", "export a note to PDF", "sync on my phone", "paste an image",
+            "upload a big file", "search my notes", "switch workspaces",
+        ),
+        "symptom": (
+            "notes don't sync between my laptop and my phone",
+            "edits vanish after I close the app",
+            "search finds nothing even though the note is there",
+            "the desktop app opens to a blank white screen",
+            "attachments show up as broken links",
+            "the shared folder shows old versions of every file",
+        ),
+        "error": ("Sync failed (code 502)", "Something went wrong", "Workspace unavailable", "E_SYNC_CONFLICT"),
+        "wish": (
+            "lock a note so others can't edit it", "set reminders on a note",
+            "export a whole folder as Markdown", "show word counts", "color code folders",
+        ),
+        "wish_noun": (
+            "a dark mode for the desktop app", "offline mode for shared folders", "calendar integration",
+            "templates for meeting notes", "tags on folders", "a Linux desktop app",
+        ),
+    },
+    "beacon": {
+        "thing": ("my Beacon router", "the Beacon", "my Beacon Mesh kit", "the Beacon satellite", "the Beacon app"),
+        "model": ("Beacon Mesh 3-pack", "Beacon AX3000", "Beacon Mini", "Beacon Pro 6E", "Beacon satellite"),
+        "plan": ("Beacon Shield", "Beacon Shield Plus", "Beacon Care"),
+        "device": ("laptop", "smart TV", "game console", "iPhone", "Android phone", "work PC"),
+        "version": ("2.8.1", "2.9", "3.0.4", "3.1", "3.1.2"),
+        "action": (
+            "stream on the TV", "run a speed test", "add a new satellite", "open the Beacon app",
+            "join a video call", "reboot the router",
+        ),
+        "symptom": (
+            "the internet drops every few hours and the light blinks red",
+            "the satellite won't connect to the main router",
+            "the 5 GHz network disappeared",
+            "the Beacon app says the router is offline but wifi works",
+            "speed falls to 2 Mbps every evening",
+            "devices keep getting kicked off the wifi",
+        ),
+        "error": ("Router unreachable", "Setup failed: code 17", "No internet (DNS error)", "Firmware update failed"),
+        "wish": (
+            "pause the wifi for the kids at bedtime", "limit speed per device",
+            "schedule the guest network", "see which device uses the most data",
+        ),
+        "wish_noun": (
+            "a guest network schedule", "per-device speed limits", "WPA3 on the Mini",
+            "a parental controls timer", "a web dashboard instead of only the app",
+        ),
+    },
+    "orbit": {
+        "thing": ("my Orbit watch", "the Orbit", "my Orbit band", "the Orbit app", "my new Orbit"),
+        "model": ("Orbit 2", "Orbit Sport", "Orbit Lite", "Orbit Pro 45mm", "Orbit 2 strap"),
+        "plan": ("Orbit Coach", "Orbit Care+", "Orbit Coach annual"),
+        "device": ("iPhone", "Android phone", "Pixel", "Galaxy phone", "iPad"),
+        "version": ("1.4", "1.5.2", "2.0", "2.0.1", "2.1"),
+        "action": (
+            "start a GPS run", "change the watch face", "pair it over bluetooth", "put it on the charging puck",
+            "log a swim", "check my heart rate",
+        ),
+        "symptom": (
+            "the step count resets to zero at noon",
+            "the heart rate reads 190 while I'm sitting on the sofa",
+            "the battery dies in six hours",
+            "the watch face freezes and the screen goes black",
+            "GPS tracking stops after ten minutes of running",
+            "it stopped charging on the puck",
+            "sleep tracking shows I slept 0 hours",
+        ),
+        "error": ("Pairing failed", "Sensor error 4", "Sync timeout", "Watch not responding"),
+        "wish": (
+            "track swimming laps", "design my own watch faces", "reply to texts from the watch",
+            "export my sleep data", "see the weather on the watch face",
+        ),
+        "wish_noun": (
+            "swim tracking", "custom watch faces", "offline music on the watch", "a sleep score export",
+            "more strap colors",
+        ),
+    },
+}
+
+_COMMON_SLOTS: dict[str, tuple[str, ...]] = {
+    "when": (
+        "yesterday", "this morning", "last Tuesday", "two weeks ago", "over the weekend",
+        "at the start of the month", "three days ago", "last night",
+    ),
+    "month": ("January", "February", "March", "April", "May", "June", "July", "August"),
+    "first": ("Dana", "Sam", "Priya", "Tom", "Grace", "Luis", "Mei", "Ahmed", "Kate", "Jonas"),
+    "last": ("Porter", "Reyes", "Patel", "Brooks", "Lin", "Ellis", "Novak", "Okafor"),
+    "currency": ("$", "€", "£"),
+}
+
+# Intent sentences per label: what decides the label. Generic ones fit every product that can
+# have the label; product ones use the product's own words (the drift is mostly here).
+_INTENTS: dict[str, dict[str, tuple[str, ...]]] = {
+    "billing": {
+        "any": (
+            "I was charged twice for {plan} this month.",
+            "There's a charge of {amount} on my card that I don't recognise.",
+            "My invoice for {month} shows the wrong amount.",
+            "Can I get a refund for the double payment?",
+            "You billed me {amount} but the price on your site is lower.",
+            "How do I update the credit card you bill every month?",
+            "my payment failed and now there is a late fee, why??",
+            "I need a receipt for my last payment, the invoice page is empty.",
+            "why did my subscription price go up to {amount}?",
+            "got billed {amount} even though my free trial wasn't over",
+            "The {plan} renewal took money from my card twice.",
+        ),
+        "nimbus": (
+            "we were billed for {n} seats but we only have {m} people on the team",
+            "The annual {plan} renewal charged our company card {amount}.",
+            "Our invoice still lists seats for people we removed in {month}.",
+        ),
+        "beacon": (
+            "I was charged for {plan} but I never signed up for it.",
+            "The {plan} renewal cost {amount} instead of the promo price.",
+        ),
+        "orbit": (
+            "{plan} charged me {amount} after the free month.",
+            "I paid for {plan} twice when I set up the watch.",
+            "the Orbit app billed me {amount} for Coach, I only wanted the trial",
+            "My Orbit Coach trial turned into a paid plan and took {amount}.",
+            "Why is there an Orbit Coach fee every month when I paid for the year?",
+        ),
+    },
+    "bug": {
+        "any": (
+            "{thing} keeps crashing when I {action}.",
+            "I get the error '{error}' every time I {action}.",
+            "Since the update to {version}, {symptom}.",
+            "{symptom} and I have no idea why.",
+            "Something is broken: {symptom}.",
+            "{thing} freezes when I {action} and I have to restart it.",
+            "it doesn't work anymore, {symptom}",
+        ),
+        "nimbus": (
+            "Nimbus on my {device} shows '{error}' and won't sync.",
+            "the desktop app crashes on startup since version {version}",
+        ),
+        "beacon": (
+            "After the firmware update {version} {symptom}.",
+            "The {model} reboots by itself several times a day.",
+        ),
+        "orbit": (
+            "My {model} won't pair with my {device} over bluetooth.",
+            "The heart rate sensor on my {model} gives crazy readings.",
+            "since watch update {version} {symptom}",
+            "The {model} buzzes all night even with do not disturb on.",
+            "My watch shows the wrong time after every sync.",
+            "The wrist sensor says 'refit your strap' every five minutes.",
+        ),
+    },
+    "account_access": {
+        "any": (
+            "I can't log in to my account.",
+            "The password reset email never arrives.",
+            "I'm locked out after too many sign-in attempts.",
+            "My two-factor codes stopped working since I got a new phone.",
+            "I forgot my password and the reset link says it expired.",
+            "How do I change the email address I use to sign in?",
+            "It says my account is disabled and I can't get in.",
+            "I think someone else logged into my account, how do I secure it?",
+            "cant login, it says wrong password but I just reset it",
+        ),
+        "nimbus": (
+            "I can't sign in to our workspace with Google single sign-on.",
+            "Our workspace admin left and now nobody can log in as admin.",
+        ),
+        "beacon": (
+            "I can't log in to the Beacon app to manage my router.",
+            "I forgot the admin password for the router settings page.",
+        ),
+        "orbit": (
+            "The Orbit app won't let me sign in, so my watch can't sync.",
+            "I made a second Orbit account by mistake and can't get back into my old one.",
+            "My watch asks me to sign in again every morning and the login code never comes.",
+            "After a factory reset I can't get into the Orbit app with my old login.",
+        ),
+    },
+    "feature_request": {
+        "any": (
+            "It would be great if {thing} could {wish}.",
+            "Please add {wish_noun}.",
+            "Any plans to support {wish_noun}?",
+            "Feature idea: {wish_noun}.",
+            "I'd love an option to {wish}.",
+            "Would you consider adding {wish_noun}? It would save me a lot of time.",
+            "suggestion: let us {wish}",
+            "Is there a way to {wish}? If not, please build it.",
+        ),
+        "nimbus": ("Our team really needs {wish_noun} in Nimbus.",),
+        "beacon": ("The Beacon app should let me {wish}.",),
+        "orbit": (
+            "The {model} would be perfect with {wish_noun}.",
+            "Can the watch show my calendar? That would be a great addition.",
+            "I wish the {model} had a flashlight mode.",
+        ),
+    },
+    "shipping": {
+        "any": (
+            "My order {order} still hasn't arrived.",
+            "Tracking has said 'in transit' for {n} days now.",
+            "The package was marked delivered but it's not here.",
+            "The box arrived damaged and the {model} inside is cracked.",
+            "Can I change the delivery address on order {order}?",
+            "You sent the wrong item, I ordered the {model} and got the {other_model}.",
+            "When will my {model} ship? It has been on backorder for weeks.",
+            "the courier left my parcel at the wrong house",
+            "where is my order?? {order}, paid {when}",
+        ),
+        "beacon": ("My {model} was delivered without the power adapter in the box.",),
+        "orbit": (
+            "The {model} came without the charging puck in the box.",
+            "The {model} I ordered is stuck at the customs depot.",
+            "My watch was delivered to my neighbour's address and they moved away.",
+        ),
+    },
+    "cancellation": {
+        "any": (
+            "Please cancel my {plan} subscription.",
+            "I want to close my account and delete my data.",
+            "How do I stop auto-renewal? I don't want to continue after {month}.",
+            "Cancel my membership please, I don't use it anymore.",
+            "I'd like to cancel, how do I end my plan?",
+            "please end {plan} at the end of this month, I'm leaving",
+        ),
+        "nimbus": (
+            "We're switching to another notes app, please cancel {plan} and remove all seats.",
+            "Please close our Nimbus workspace, the project is over.",
+        ),
+        "beacon": (
+            "I want to end my {plan} subscription, I don't need it.",
+            "I'd like to return the {model} within 30 days and cancel the plan.",
+        ),
+        "orbit": (
+            "Cancel {plan} before the next month starts.",
+            "I want to send my {model} back and cancel everything.",
+            "Please stop my {plan} plan, I don't want to be a member anymore.",
+            "I'm returning the watch, so please close my Orbit account.",
+        ),
+    },
+}
+
+# How often each label occurs per product; nimbus is software and has no shipping.
+_LABEL_WEIGHTS: dict[str, dict[str, int]] = {
+    "nimbus": {"billing": 22, "bug": 26, "account_access": 20, "feature_request": 14, "shipping": 0, "cancellation": 18},
+    "beacon": {"billing": 17, "bug": 24, "account_access": 14, "feature_request": 12, "shipping": 19, "cancellation": 14},
+    "orbit": {"billing": 17, "bug": 25, "account_access": 13, "feature_request": 14, "shipping": 18, "cancellation": 13},
+}
+
+_GREETINGS = ("", "", "Hi,", "Hello,", "Hey", "Hi there,", "Good morning,", "hello team,", "Hi support,", "Dear Brightwave,")
+_CLOSINGS = (
+    "", "", "", "Thanks.", "Thank you!", "thx", "Please help.", "Any help appreciated.",
+    "Cheers, {first}", "Regards, {first} {last}", "This is really annoying.", "Thanks in advance!",
+)
+# Neutral context, some with another label's words as a distractor (order, account, restart).
+_CONTEXT = (
+    "I've had {thing} since {year}.",
+    "I'm on the {plan} plan.",
+    "This is for my small business.",
+    "I mostly use it on my {device}.",
+    "I already tried turning everything off and on again.",
+    "My order number was {order} if that matters.",
+    "My account name is {first} {last}.",
+    "Otherwise I really like the product.",
+    "I asked in the forum {when} and nobody answered.",
+    "Sorry if this is the wrong place to ask.",
+)
+_VAGUE_OPENERS = (
+    "Hi, I need help with {thing}.",
+    "hey, got a problem with {thing}",
+    "Hello, I have a question about {thing}.",
+    "Can someone help me with {thing}?",
+    "hi is anyone there? it's about {thing}",
+    "I need support please, {thing}.",
+)
+_CLARIFY = (
+    "Thanks for reaching out! Could you tell me a bit more about what's happening?",
+    "Happy to help. What seems to be the problem?",
+    "Hi! Sure, what can I do for you today?",
+    "Sorry to hear that. Can you describe the issue in a little more detail?",
+)
+# The agent's follow-up question and the customer's answers to it: details, no label cue
+# (the account question is another distractor).
+_FOLLOW_UPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (
+        "Thanks for the details. Which model or plan is this about?",
+        ("It's the {model}.", "{plan}.", "The {model}, and I'm on {plan}.", "the {model} i think"),
+    ),
+    (
+        "Got it. When did you first notice this?",
+        ("{when}.", "Only {when}.", "{when}, on my {device}.", "Not sure, maybe {when}"),
+    ),
+    (
+        "Understood. Can you confirm the name on the account?",
+        ("{first} {last}.", "It's {first} {last}.", "{first} {last}, same as always"),
+    ),
+)
+# fmt: on
+
+
+# --- one ticket ----------------------------------------------------------------------------
+
+
+def _check_product(product: str) -> None:
+    if product not in PRODUCTS:
+        raise ValueError(f"unknown product {product!r}; expected one of {PRODUCTS}")
+
+
+def _slots(rng: random.Random, product: str) -> dict[str, str]:
+    """One value per slot; a template uses the ones it names."""
+    values = {name: rng.choice(options) for name, options in _PRODUCT_SLOTS[product].items()}
+    values.update({name: rng.choice(options) for name, options in _COMMON_SLOTS.items()})
+    others = [m for m in _PRODUCT_SLOTS[product]["model"] if m != values["model"]] or [values["model"]]
+    seats = rng.randint(3, 40)
+    values.update(
+        other_model=rng.choice(others),
+        amount=f"{values['currency']}{rng.randint(4, 480)}.{rng.choice(('00', '99', '49'))}",
+        n=str(seats + rng.randint(2, 9)),
+        m=str(seats),
+        order=f"#{rng.choice(('BW', 'BW-', ''))}{rng.randint(10000, 999999)}",
+        year=str(rng.randint(2019, 2025)),
+    )
+    return values
+
+
+def _typos(rng: random.Random, text: str) -> str:
+    """Swap two inner letters in one or two longer words, as a hurried customer would."""
+    words = text.split(" ")
+    candidates = [i for i, word in enumerate(words) if len(word) >= 5 and word.isalpha()]
+    for i in rng.sample(candidates, min(len(candidates), rng.randint(1, 2))):
+        word = words[i]
+        j = rng.randrange(1, len(word) - 2)
+        words[i] = word[:j] + word[j + 1] + word[j] + word[j + 2 :]
+    return " ".join(words)
+
+
+def _style(rng: random.Random, text: str) -> str:
+    """Typos, lower case or a dropped full stop on some turns."""
+    if rng.random() < 0.15:
+        text = _typos(rng, text)
+    if rng.random() < 0.15:
+        text = text.lower()
+    if text.endswith(".") and rng.random() < 0.2:
+        text = text[:-1]
+    return text
+
+
+def _join(*parts: str) -> str:
+    return " ".join(part for part in parts if part)
+
+
+def _intent(rng: random.Random, product: str, label: str, slots: dict[str, str]) -> str:
+    """The sentence that decides the label, often in the product's own words (mostly so for
+    the new product: that is the drift a model trained before it has not seen)."""
+    own = _INTENTS[label].get(product, ())
+    pool = own if own and rng.random() < _OWN_WORDS_SHARE[product] else _INTENTS[label]["any"]
+    text = rng.choice(pool).format(**slots)
+    return text[:1].upper() + text[1:]
+
+
+def _conversation(rng: random.Random, product: str) -> tuple[list[dict[str, str]], str]:
+    """A ticket without its answer (``messages`` ending with a user turn) and its label."""
+    _check_product(product)
+    weights = _LABEL_WEIGHTS[product]
+    label = rng.choices(LABELS, weights=[weights[name] for name in LABELS])[0]
+    slots = _slots(rng, product)
+    intent = _intent(rng, product, label, slots)
+    context = rng.choice(_CONTEXT).format(**slots) if rng.random() < 0.35 else ""
+    if context and rng.random() < 0.5:
+        intent, context = context, intent  # the decisive sentence is not always first
+    greeting = rng.choice(_GREETINGS)
+    closing = rng.choice(_CLOSINGS).format(**slots)
+
+    messages: list[dict[str, str]] = []
+    if rng.random() < _SYSTEM_TURN_SHARE:
+        messages.append({"role": "system", "content": SYSTEM_PROMPT})
+    if rng.random() >= _MULTI_TURN_SHARE:
+        messages.append({"role": "user", "content": _style(rng, _join(greeting, intent, context, closing))})
+    elif rng.random() < 0.65:  # vague opener, clarifying question, then the problem
+        messages += [
+            {"role": "user", "content": _style(rng, rng.choice(_VAGUE_OPENERS).format(**slots))},
+            {"role": "assistant", "content": rng.choice(_CLARIFY)},
+            {"role": "user", "content": _style(rng, _join(intent, context, closing))},
+        ]
+    else:  # the problem first; the last user turn only answers a follow-up question
+        question, answers = rng.choice(_FOLLOW_UPS)
+        answer = rng.choice(answers).format(**slots)
+        messages += [
+            {"role": "user", "content": _style(rng, _join(greeting, intent, context))},
+            {"role": "assistant", "content": question},
+            {"role": "user", "content": _style(rng, _join(answer[:1].upper() + answer[1:], closing))},
+        ]
+    return messages, label
+
+
+def _utc_iso(moment: datetime) -> str:
+    """``2026-03-15T14:05:09Z``; a naive datetime is taken to be UTC already."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _labelled(
+    record_id: str,
+    messages: list[dict[str, str]],
+    label: str,
+    product: str,
+    labelled_at: datetime | None,
+) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "id": record_id,
+        "messages": [*messages, {"role": "assistant", "content": label}],
+        SLICE_FIELD: product,
+    }
+    if labelled_at is not None:
+        record["labelled_at"] = _utc_iso(labelled_at)
+    return record
+
+
+def make_ticket(
+    rng: random.Random,
+    product: str,
+    record_id: str = "tkt-0000",
+    labelled_at: datetime | None = None,
+) -> dict[str, Any]:
+    """A labelled row: ``id``, ``messages`` ending with the label as assistant turn, ``product``
+    (and ``labelled_at`` when given)."""
+    messages, label = _conversation(rng, product)
+    return _labelled(record_id, messages, label, product, labelled_at)
+
+
+def make_traffic_record(
+    rng: random.Random, product: str, record_id: str, ts: datetime, *, model: str = SERVED_MODEL
+) -> dict[str, Any]:
+    """A production request log row: the conversation up to the last user turn, no answer."""
+    messages, _ = _conversation(rng, product)
+    return {"id": record_id, "ts": _utc_iso(ts), "messages": messages, SLICE_FIELD: product, "model": model}
+
+
+def label_of(record: dict[str, Any]) -> str:
+    """The target of a labelled row: the content of its last (assistant) turn."""
+    return str(record["messages"][-1]["content"])
+
+
+# --- defects -------------------------------------------------------------------------------
+
+
+def _dumps(record: dict[str, Any]) -> str:
+    return json.dumps(record, ensure_ascii=False)
+
+
+def _jsonl(lines: Sequence[str]) -> bytes:
+    return "".join(line + "\n" for line in lines).encode("utf-8")
+
+
+def _corrupt(kind: str, rng: random.Random, record: dict[str, Any], duplicate_of: str | None) -> str:
+    """One defective labelled line of ``kind``, made from a good ``record``."""
+    messages = [dict(turn) for turn in record["messages"]]
+    if kind == "not_json":
+        line = _dumps(record)
+        return line[: rng.randint(20, len(line) // 2)]
+    if kind == "label_not_in_set":
+        messages[-1]["content"] = rng.choice(_WRONG_LABELS)
+    elif kind == "no_final_assistant":
+        messages = messages[:-1]
+    elif kind == "missing_messages":
+        return _dumps({key: value for key, value in record.items() if key != "messages"})
+    elif kind == "empty_line":
+        return ""
+    elif kind == "duplicate_id":
+        if duplicate_of is None:
+            raise ValueError("a duplicate needs a line to copy")
+        return duplicate_of
+    elif kind == "bad_role":
+        messages[rng.randrange(len(messages) - 1)]["role"] = rng.choice(_WRONG_ROLES)
+    else:
+        raise ValueError(f"unknown bad row kind {kind!r}")
+    return _dumps({**record, "messages": messages})
+
+
+def _mix_in_defects(
+    rng: random.Random, records: list[dict[str, Any]], n_bad: int
+) -> tuple[list[str], list[int], dict[str, int]]:
+    """Lines of ``records`` with ``n_bad`` of them replaced by defects cycling through the kinds.
+
+    Returns the lines, the positions left good and the count per kind.
+    """
+    lines = [_dumps(record) for record in records]
+    bad_positions = rng.sample(range(len(lines)), n_bad)
+    good_positions = sorted(set(range(len(lines))) - set(bad_positions))
+    counts = dict.fromkeys(BAD_ROW_KINDS, 0)
+    first_kind = rng.randrange(len(BAD_ROW_KINDS))
+    for rank, position in enumerate(bad_positions):
+        kind = BAD_ROW_KINDS[(first_kind + rank) % len(BAD_ROW_KINDS)]
+        duplicate_of = None
+        if kind == "duplicate_id":
+            if good_positions:
+                duplicate_of = lines[rng.choice(good_positions)]
+            else:
+                kind = "not_json"
+        lines[position] = _corrupt(kind, rng, records[position], duplicate_of)
+        counts[kind] += 1
+    return lines, good_positions, counts
+
+
+# --- the world -----------------------------------------------------------------------------
+
+
+def drift_fraction(
+    day: date, drift_start: date | None, ramp_days: int = 7, final: float = 0.5
+) -> float:
+    """Share of the day's traffic about the new product(s) of PRODUCTS_DRIFTED.
+
+    0 before ``drift_start``; from that day on it rises linearly, reaching ``final`` on day
+    ``drift_start + ramp_days - 1`` (``ramp_days=0`` jumps straight to ``final``).
+    """
+    if ramp_days < 0:
+        raise ValueError(f"ramp_days must be >= 0, got {ramp_days}")
+    if not 0.0 <= final <= 1.0:
+        raise ValueError(f"final must be within [0, 1], got {final}")
+    if drift_start is None or day < drift_start:
+        return 0.0
+    if ramp_days == 0:
+        return final
+    elapsed = (day - drift_start).days + 1
+    return final * min(1.0, elapsed / ramp_days)
+
+
+def _assign_products(rng: random.Random, n: int, drifted_share: float) -> list[str]:
+    """``n`` products: ``round(n * drifted_share)`` new ones, the rest the original products in
+    turn, in a seeded order."""
+    n_drifted = round(n * drifted_share)
+    products = [PRODUCTS_DRIFTED[i % len(PRODUCTS_DRIFTED)] for i in range(n_drifted)]
+    products += [PRODUCTS_ORIGINAL[i % len(PRODUCTS_ORIGINAL)] for i in range(n - n_drifted)]
+    rng.shuffle(products)
+    return products
+
+
+def _day_partitions(
+    day: date,
+    *,
+    seed: int,
+    drift_start: date | None,
+    traffic_per_day: int,
+    labelled_per_day: int,
+    bad_row_rate: float,
+) -> tuple[list[str], list[str], dict[str, Any]]:
+    """Traffic lines, labelled lines and counts for one day; depends on nothing else."""
+    day_rng = random.Random(f"tuneloop-tickets|{seed}|{day.isoformat()}|day")
+    fraction = drift_fraction(day, drift_start)
+    products = _assign_products(day_rng, traffic_per_day, fraction)
+    seconds = sorted(day_rng.randrange(86_400) for _ in range(traffic_per_day))
+    midnight = datetime.combine(day, time(), tzinfo=UTC)
+    end_of_day = midnight + timedelta(seconds=86_399)
+
+    traffic: list[str] = []
+    candidates: list[dict[str, Any]] = []  # every request, labelled; a sample is kept
+    for index, product in enumerate(products):
+        row_rng = random.Random(f"tuneloop-tickets|{seed}|{day.isoformat()}|request|{index}")
+        messages, label = _conversation(row_rng, product)
+        ts = midnight + timedelta(seconds=seconds[index])
+        record_id = f"tkt-{day.isoformat()}-{index:04d}"
+        traffic.append(
+            _dumps({"id": record_id, "ts": _utc_iso(ts), "messages": messages, SLICE_FIELD: product, "model": SERVED_MODEL})
+        )
+        labelled_at = min(ts + timedelta(minutes=row_rng.randint(5, 240)), end_of_day)
+        candidates.append(_labelled(record_id, messages, label, product, labelled_at))
+
+    # Labellers see a sample of the day's requests, stratified so the mix matches the traffic.
+    by_product = {p: [i for i, row in enumerate(candidates) if row[SLICE_FIELD] == p] for p in PRODUCTS}
+    n_new = sum(len(by_product[p]) for p in PRODUCTS_DRIFTED)
+    picked: list[int] = []
+    left = labelled_per_day
+    for product in PRODUCTS:
+        pool = by_product[product]
+        want = min(round(labelled_per_day * len(pool) / traffic_per_day), len(pool), left) if traffic_per_day else 0
+        picked += day_rng.sample(pool, want)
+        left -= want
+    spare = sorted(set(range(len(candidates))) - set(picked))
+    picked += day_rng.sample(spare, min(left, len(spare)))  # rounding leftovers
+    labelled = [candidates[i] for i in sorted(picked)]
+
+    lines, good_positions, bad_counts = _mix_in_defects(day_rng, labelled, round(len(labelled) * bad_row_rate))
+    counts = {
+        "drift_fraction": fraction,
+        "traffic": {p: len(by_product[p]) for p in PRODUCTS},
+        "traffic_new": n_new,
+        "labelled": {p: sum(1 for i in good_positions if labelled[i][SLICE_FIELD] == p) for p in PRODUCTS},
+        "bad_rows": bad_counts,
+    }
+    return traffic, lines, counts
+
+
+def generate_ticket_world(
+    store: PutStore,
+    start: date,
+    days: int,
+    *,
+    seed: int = 0,
+    drift_start: date | None = None,
+    traffic_per_day: int = 120,
+    labelled_per_day: int = 60,
+    bad_row_rate: float = 0.0,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Write ``days`` daily partitions of ticket traffic and labelled tickets from ``start`` on.
+
+    Keys: ``traffic/dt=YYYY-MM-DD/part-00000.jsonl`` and ``labelled/dt=.../part-00000.jsonl``.
+    Labelled rows are a sample of the same day's requests (stratified by product) with the
+    label appended as the final assistant turn; they keep the request id
+    (``tkt-YYYY-MM-DD-NNNN``). With ``bad_row_rate`` > 0 that share of each labelled
+    partition's lines is replaced by defects cycling through BAD_ROW_KINDS. Each day depends
+    only on ``seed``, its date and the arguments, so the world can be rolled forward.
+
+    Returns a summary: the days, clean rows per product, bad rows per kind, keys written.
+    """
+    if days < 0:
+        raise ValueError(f"days must be >= 0, got {days}")
+    if traffic_per_day < 0 or labelled_per_day < 0:
+        raise ValueError("traffic_per_day and labelled_per_day must be >= 0")
+    if labelled_per_day > traffic_per_day:
+        raise ValueError(
+            f"labelled_per_day={labelled_per_day} exceeds traffic_per_day={traffic_per_day}: "
+            "labelled rows are a sample of the day's traffic"
+        )
+    if not 0.0 <= bad_row_rate < 1.0:
+        raise ValueError(f"bad_row_rate must be within [0, 1), got {bad_row_rate}")
+
+    summary: dict[str, Any] = {
+        "seed": seed,
+        "start": start.isoformat(),
+        "days": days,
+        "drift_start": drift_start.isoformat() if drift_start else None,
+        "drift_fraction": {},
+        "traffic_rows": dict.fromkeys(PRODUCTS, 0),
+        "labelled_rows": dict.fromkeys(PRODUCTS, 0),
+        "bad_rows": dict.fromkeys(BAD_ROW_KINDS, 0),
+        "keys": [],
+    }
+    for offset in range(days):
+        day = start + timedelta(days=offset)
+        traffic, labelled, counts = _day_partitions(
+            day,
+            seed=seed,
+            drift_start=drift_start,
+            traffic_per_day=traffic_per_day,
+            labelled_per_day=labelled_per_day,
+            bad_row_rate=bad_row_rate,
+        )
+        for prefix, lines in (("traffic", traffic), ("labelled", labelled)):
+            key = f"{prefix}/dt={day.isoformat()}/part-00000.jsonl"
+            store.put_bytes(key, _jsonl(lines))
+            summary["keys"].append(key)
+        summary["drift_fraction"][day.isoformat()] = counts["drift_fraction"]
+        for product in PRODUCTS:
+            summary["traffic_rows"][product] += counts["traffic"][product]
+            summary["labelled_rows"][product] += counts["labelled"][product]
+        for kind, count in counts["bad_rows"].items():
+            summary["bad_rows"][kind] += count
+        if progress is not None:
+            progress(
+                f"{day.isoformat()}: traffic {len(traffic)} (new product {counts['traffic_new']}), "
+                f"labelled {len(labelled)} (bad {sum(counts['bad_rows'].values())})"
+            )
+    return summary
+
+
+def heldout_sets(seed: int, n_per_slice: int = 60) -> dict[str, list[dict[str, Any]]]:
+    """Fixed labelled eval sets per product, from a seed stream the daily partitions never use.
+
+    Written as ``heldout/<product>.jsonl``; ids ``heldout-<product>-NNNN``.
+    """
+    if n_per_slice < 0:
+        raise ValueError(f"n_per_slice must be >= 0, got {n_per_slice}")
+    return {
+        product: [
+            make_ticket(
+                random.Random(f"tuneloop-tickets-heldout|{seed}|{product}|{index}"),
+                product,
+                f"heldout-{product}-{index:04d}",
+                HELDOUT_LABELLED_AT,
+            )
+            for index in range(n_per_slice)
+        ]
+        for product in PRODUCTS
+    }
+
+
+def write_ticket_files(
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    n_train: int = 400,
+    n_eval: int = 120,
+    drifted_share: float = 0.5,
+    bad_rows: int = 0,
+) -> dict[str, Any]:
+    """Plain labelled files for the file-level CLI path (``tuneloop validate``/``train``/``evaluate``).
+
+    Writes ``train.jsonl`` (``n_train`` rows) and ``eval.jsonl`` (``n_eval`` rows), each with
+    ``drifted_share`` of rows about the new product and the rest split over the original ones,
+    from seed streams of their own. With ``bad_rows`` > 0 also ``bad.jsonl``: that many
+    defective lines cycling through BAD_ROW_KINDS; its ``duplicate_id`` lines copy lines of
+    ``train.jsonl``, so validate the two files together to see them. Returns what was written.
+    """
+    if min(n_train, n_eval, bad_rows) < 0:
+        raise ValueError("n_train, n_eval and bad_rows must be >= 0")
+    if not 0.0 <= drifted_share <= 1.0:
+        raise ValueError(f"drifted_share must be within [0, 1], got {drifted_share}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, Any] = {"seed": seed, "out": str(out), "files": {}, "products": {}}
+
+    def rows(split: str, n: int) -> list[dict[str, Any]]:
+        order_rng = random.Random(f"tuneloop-tickets-files|{seed}|{split}|order")
+        return [
+            make_ticket(
+                random.Random(f"tuneloop-tickets-files|{seed}|{split}|{index}"),
+                product,
+                f"tkt-{split}-{index:05d}",
+                HELDOUT_LABELLED_AT + timedelta(minutes=index),
+            )
+            for index, product in enumerate(_assign_products(order_rng, n, drifted_share))
+        ]
+
+    train = rows("train", n_train)
+    for name, records in (("train", train), ("eval", rows("eval", n_eval))):
+        (out / f"{name}.jsonl").write_bytes(_jsonl([_dumps(r) for r in records]))
+        summary["files"][f"{name}.jsonl"] = len(records)
+        summary["products"][name] = {p: sum(1 for r in records if r[SLICE_FIELD] == p) for p in PRODUCTS}
+    if bad_rows:
+        bad_rng = random.Random(f"tuneloop-tickets-files|{seed}|bad")
+        sources = rows("bad", bad_rows)
+        counts = dict.fromkeys(BAD_ROW_KINDS, 0)
+        first_kind = bad_rng.randrange(len(BAD_ROW_KINDS))
+        lines = []
+        for rank, record in enumerate(sources):
+            kind = BAD_ROW_KINDS[(first_kind + rank) % len(BAD_ROW_KINDS)]
+            if kind == "duplicate_id" and not train:
+                kind = "not_json"
+            duplicate_of = _dumps(bad_rng.choice(train)) if kind == "duplicate_id" else None
+            lines.append(_corrupt(kind, bad_rng, record, duplicate_of))
+            counts[kind] += 1
+        (out / "bad.jsonl").write_bytes(_jsonl(lines))
+        summary["files"]["bad.jsonl"] = len(lines)
+        summary["bad_rows"] = counts
+    return summary

@@ -1,0 +1,64 @@
+"""``tuneloop demo-world``: write one of the shipped example worlds into a store.
+
+Each example is a generator (daily traffic and labelled partitions, held-out sets per slice,
+optional suites) plus a task config in ``examples/<name>/tuneloop.yaml``. The product never
+imports this module; the CLI reaches it only for the ``demo-world`` command.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from datetime import date
+
+    from tuneloop.demo.invoices import PutStore
+
+EXAMPLES = ("invoices", "tickets")
+
+
+def _jsonl(rows: list[dict[str, Any]]) -> bytes:
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
+
+
+def write_world(
+    example: str,
+    store: PutStore,
+    start: date,
+    days: int,
+    *,
+    seed: int = 0,
+    drift_start: date | None = None,
+    traffic_per_day: int | None = None,
+    labelled_per_day: int | None = None,
+    bad_row_rate: float = 0.0,
+    heldout_per_slice: int | None = None,
+    injection_rows: int = 48,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Generate ``example``'s world: partitions, ``heldout/<slice>.jsonl``, and (invoices) the
+    prompt-injection suite. Counts left as None take the generator's defaults."""
+    counts = {k: v for k, v in (("traffic_per_day", traffic_per_day), ("labelled_per_day", labelled_per_day)) if v is not None}
+    if example == "invoices":
+        from tuneloop.demo import invoices
+
+        summary = invoices.generate_world(store, start, days, seed=seed, drift_start=drift_start, bad_row_rate=bad_row_rate, progress=progress, **counts)
+        heldout = invoices.heldout_sets(seed, heldout_per_slice or 200)
+        injection = invoices.injection_set(seed, injection_rows)
+        store.put_bytes(invoices.INJECTION_SUITE_KEY, _jsonl(injection))
+        summary["suites"] = {invoices.INJECTION_SUITE_KEY: len(injection)}
+    elif example == "tickets":
+        from tuneloop.demo import tickets
+
+        summary = tickets.generate_ticket_world(store, start, days, seed=seed, drift_start=drift_start, bad_row_rate=bad_row_rate, progress=progress, **counts)
+        heldout = tickets.heldout_sets(seed, heldout_per_slice or 60)
+        summary["suites"] = {}
+    else:
+        raise ValueError(f"unknown example {example!r}; choose one of {', '.join(EXAMPLES)}")
+    for name, rows in heldout.items():
+        store.put_bytes(f"heldout/{name}.jsonl", _jsonl(rows))
+    summary["heldout"] = {name: len(rows) for name, rows in heldout.items()}
+    summary["example"] = example
+    return summary
