@@ -573,6 +573,10 @@ def cmd_gate(args: argparse.Namespace) -> int:
         raise CliError(str(err)) from None
     except ValueError as err:  # a parameter out of range
         raise CliError(str(err)) from None
+    summary_file = Path(args.candidate).with_name("summary.json")
+    if summary_file.is_file():  # the candidate's eval suites, held to gate.suite_bars as the DAG's gate does
+        summary = json.loads(summary_file.read_text(encoding="utf-8"))
+        decision = gate.apply_suite_bars(decision, {k: summary.get(k) for k in ("injection", "consistency", "latency")}, cfg.suite_bars.model_dump())
     payload = decision.to_json()
     if args.report:
         Path(args.report).write_text(gate.render_report_markdown(decision), encoding="utf-8")

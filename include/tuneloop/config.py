@@ -153,7 +153,7 @@ class JudgeSettings(_Section):
     pairwise: bool = Field(False, description="also judge answer vs reference in both orders and keep the mean (position bias)")
     timeout_s: float = Field(60.0, gt=0)
     max_concurrency: int = Field(4, ge=1, le=64, description="judge requests in flight")
-    cache_dir: str | None = Field(None, description="verdict cache; null: <work_dir>/judge-cache")
+    cache_dir: str | None = Field(None, description="verdict cache; null: .tuneloop/judge-cache under the working directory")
 
     @field_validator("endpoint")
     @classmethod
@@ -227,6 +227,14 @@ class EvalSettings(_Section):
     request_timeout_s: float = Field(600.0, gt=0, description="timeout of one vLLM eval request (it may queue behind the batch)")
 
 
+class SuiteBars(_Section):
+    """Bars on the eval suites the gate enforces (null: reported only)."""
+
+    max_injection_successes: int | None = Field(None, ge=0, description="e.g. 0: reject a candidate that follows any injected instruction")
+    min_consistency: float | None = Field(None, ge=0, le=1, description="e.g. 0.9: share of prompts giving one answer across samples")
+    max_latency_p95_s: float | None = Field(None, gt=0, description="p95 seconds per request, one at a time (vLLM backend)")
+
+
 class GateSettings(_Section):
     """The promote/reject rule (see gate.py)."""
 
@@ -241,6 +249,7 @@ class GateSettings(_Section):
     require_approval: bool = Field(False, description="a human approves (Airflow HITL) before a promoted candidate is deployed")
     approval_timeout_hours: float | None = Field(72.0, gt=0, description="no answer by then: rejected; null waits forever")
     report_link_hours: float = Field(24.0, ge=0, le=168, description="presigned HTTPS links to an S3 report last this long; 0: none")
+    suite_bars: SuiteBars = Field(default_factory=lambda: SuiteBars(), description="bars the candidate's eval suites must meet; null bars are reported, not enforced")
 
 
 class DriftSettings(_Section):

@@ -84,6 +84,8 @@ class GateDecision:
     seed: int
     ci_level: float
     n_pairs: int
+    suite_checks: list[dict[str, Any]] = field(default_factory=list)
+    """The candidate's eval suites against the bars in ``gate.suite_bars`` (see :func:`apply_suite_bars`)."""
     method: dict[str, str] = field(
         default_factory=lambda: {
             "difference": "paired, candidate - baseline, per id",
@@ -137,6 +139,45 @@ def load_scores(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 
 AUTO = "auto"
+
+
+def apply_suite_bars(decision: GateDecision, suites: Mapping[str, Any], bars: Mapping[str, float | None]) -> GateDecision:
+    """Hold the candidate's eval suites to the configured bars; a bar missed rejects.
+
+    ``bars`` (``gate.suite_bars``): ``max_injection_successes``, ``min_consistency`` (share of
+    prompts that give one answer across samples), ``max_latency_p95_s``; None leaves a suite
+    reported, not enforced. A bar set for a suite that did not run rejects too: it cannot be
+    shown to hold.
+    """
+    checks: list[dict[str, Any]] = []
+
+    def check(name: str, bar: float | None, block: Mapping[str, Any] | None, key: str, higher_is_better: bool, unit: str = "") -> None:
+        if bar is None:
+            return
+        value = None if not block or "skipped" in block else block.get(key)
+        if value is None:
+            why = (block or {}).get("skipped") or (block or {}).get("reason") or "the suite did not run"
+            checks.append({"suite": name, "bar": bar, "value": None, "passed": False, "reason": f"{name}: bar {bar:g}{unit} set, but no result ({why})"})
+            return
+        passed = value >= bar if higher_is_better else value <= bar
+        sign = ">=" if higher_is_better else "<="
+        checks.append({"suite": name, "bar": bar, "value": value, "passed": passed,
+                       "reason": f"{name}: {value:g}{unit} {'meets' if passed else 'misses'} the bar {sign} {bar:g}{unit}"})
+
+    check("injection", bars.get("max_injection_successes"), suites.get("injection"), "successes", False)
+    check("consistency", bars.get("min_consistency"), suites.get("consistency"), "consistent_rate", True)
+    check("latency", bars.get("max_latency_p95_s"), suites.get("latency"), "p95_s", False, " s")
+    if not checks:
+        return decision
+    failed = [c["reason"] for c in checks if not c["passed"]]
+    promote = decision.promote and not failed
+    if promote:
+        reasons = decision.reasons + [c["reason"] for c in checks]
+    else:
+        reasons = (decision.reasons if not decision.promote else []) + failed
+    from dataclasses import replace
+
+    return replace(decision, promote=promote, reasons=reasons, suite_checks=checks)
 
 
 def resolve_improve_slices(
@@ -496,6 +537,9 @@ def render_report_markdown(
         "",
         *slice_table_markdown(decision.slices, decision.improve_slices, decision.ci_level),
     ]
+    if decision.suite_checks:
+        lines += ["", "| suite | result | bar | |", "| --- | --- | --- | --- |"]
+        lines += [f"| {c['suite']} | {c['value'] if c['value'] is not None else 'not run'} | {c['bar']:g} | {'pass' if c['passed'] else 'FAIL'} |" for c in decision.suite_checks]
     lines += ["", "## Reasons", ""]
     lines += [f"- {reason}" for reason in decision.reasons]
     if plot or slice_plots:

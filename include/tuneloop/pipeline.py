@@ -498,7 +498,17 @@ def validate_step(loop: Loop, plan_json: dict[str, Any]) -> dict[str, Any]:
 
 
 def train_step(loop: Loop, snapshot: str) -> dict[str, Any]:
-    """Train a candidate adapter on the snapshot (ML env), register it, point ``candidate`` at it."""
+    """Train a candidate adapter on the snapshot (ML env), register it, point ``candidate`` at it.
+
+    A retry of a run that already registered its candidate trains nothing again: it returns
+    that version (and points ``candidate`` at it, if the first attempt died before)."""
+    done = loop.registry.registered_by(loop.run_id)
+    if done is not None and done.get("snapshot") == snapshot:
+        version = done["version"]
+        loop.progress(f"{version} was trained and registered by this run before a retry: not training again")
+        loop.registry.move_aliases({"candidate": version}, reason=f"trained on snapshot {snapshot[:12]}", run_id=loop.run_id)
+        train_metrics = dict((done.get("metrics") or {}).get("train") or {})
+        return {"version": version, "snapshot": snapshot, **train_metrics, "adapter_uri": f"{loop.store.uri}/adapters/{version}"}
     version = loop.registry.next_version()
     production = loop.registry.aliases().get("production")
     init_from = production if loop.settings.training.init_from == "production" and production else None
@@ -583,6 +593,7 @@ def gate_step(loop: Loop, evaluation: dict[str, Any]) -> dict[str, Any]:
         min_examples=cfg.min_examples,
         n_bootstrap=cfg.bootstrap_samples,
     )
+    decision = gate.apply_suite_bars(decision, evaluation["candidate_eval"].get("suites") or {}, cfg.suite_bars.model_dump())
     baseline_name = evaluation.get("production") or "base model"
     title = f"Gate: candidate {version} vs production {baseline_name}"
     prefix = f"reports/{version}"
@@ -818,6 +829,13 @@ def rollback_step(loop: Loop, target: str = "previous") -> dict[str, Any]:
     """Serve an earlier version again (default: the ``previous`` alias) and move the aliases.
     If verifying or the registry write fails after the swap, every endpoint is reconciled
     back to the registry's production, so servers and registry never disagree."""
+    state = loop.registry.state()
+    if state.get("run_id") == loop.run_id and str(state.get("reason", "")).startswith("rollback to"):
+        # a retry after this run moved the aliases: serve what it rolled back to, move nothing
+        version, current = state["aliases"]["production"], state["changed"]["production"]["from"]
+        loop.progress(f"this run already rolled back to {version} before a retry: reconciling the servers only")
+        reconcile_step(loop)
+        return {"version": version, "from": current, "deploy": None, "aliases": state["aliases"]}
     record = loop.registry.resolve(target)
     version = record["version"]
     current = loop.registry.aliases().get("production")

@@ -10,6 +10,10 @@ Aliases (``production``, ``previous``, ``candidate``) move together in one gener
 written with a conditional put (``put_if_absent``): two writers racing for the same
 generation cannot both win, and no reader ever sees half a move. The newest generation is
 the state; earlier generations are the full history with reasons and run ids.
+
+Writes are idempotent for a retried task: registering the version a run already registered,
+or moving the aliases where the same run already moved them, returns the record written the
+first time instead of failing (Airflow's rule: a re-run gives the same outcome).
 """
 
 from __future__ import annotations
@@ -86,8 +90,17 @@ class Registry:
         import json
 
         if not self.store.put_if_absent(self._version_key(version), json.dumps(record, indent=2).encode()):
+            existing = self.get(version)
+            same = {k: existing.get(k) for k in ("adapter_key", "snapshot", "run_id")} == {k: record[k] for k in ("adapter_key", "snapshot", "run_id")}
+            if run_id is not None and same:
+                return existing  # this run registered it before a retry: the same outcome
             raise RegistryError(f"version {version} is already registered in {self.store.uri}; versions are immutable")
         return record
+
+    def registered_by(self, run_id: str) -> dict[str, Any] | None:
+        """The version a run registered, if it did (a retried train step finds its own)."""
+        found = [record for record in self.versions() if record.get("run_id") == run_id]
+        return found[-1] if found else None
 
     def get(self, version: str) -> dict[str, Any]:
         from tuneloop.storage import StoreKeyError
@@ -137,6 +150,8 @@ class Registry:
             if version is not None:
                 self.get(version)  # must exist
         current = self.state()
+        if self._already_moved(current, changes, run_id):
+            return current
         aliases = {**current["aliases"], **changes}
         generation = int(current["generation"]) + 1
         record = {
@@ -149,6 +164,9 @@ class Registry:
         }
         body = json.dumps(record, indent=2).encode()
         if not self.store.put_if_absent(f"{self.prefix}/aliases/{generation:08d}.json", body):
+            newest = self.state()
+            if self._already_moved(newest, changes, run_id):
+                return newest
             raise RegistryConflictError(
                 f"alias generation {generation} was written by someone else while this run moved {sorted(changes)}; "
                 "re-read the registry and retry"
@@ -156,10 +174,18 @@ class Registry:
         self.store.put_bytes(f"{self.prefix}/aliases.json", body)
         return record
 
+    @staticmethod
+    def _already_moved(state: dict[str, Any], changes: dict[str, str | None], run_id: str | None) -> bool:
+        """The newest generation is this run's move with these changes (a retry after it landed)."""
+        return run_id is not None and state.get("run_id") == run_id and all(state["aliases"].get(k) == v for k, v in changes.items())
+
     def promote(self, version: str, *, reason: str, run_id: str | None = None) -> dict[str, Any]:
         """production <- version, previous <- the old production, candidate cleared."""
-        current = self.aliases()
+        state = self.state()
+        current = dict(state["aliases"])
         if current.get("production") == version:
+            if run_id is not None and state.get("run_id") == run_id:
+                return state  # this run promoted it before a retry
             raise RegistryError(f"{version} is already production")
         return self.move_aliases(
             {"production": version, "previous": current.get("production"), "candidate": None},

@@ -663,7 +663,12 @@ class S3Store(Store):
         except StorageError as err:
             cause = err.__cause__
             if _error_code(cause) == "PreconditionFailed" or _status(cause) == 412:
-                return False
+                # A lost reply: botocore retried a put that had landed, and the retry found our own
+                # object. The same bytes mean the write is ours; anything else is another writer's.
+                try:
+                    return self.get_bytes(key) == data
+                except StorageError:
+                    return False
             raise self._translate_missing(err, key) from cause
         return True
 

@@ -16,6 +16,7 @@ from tuneloop.gate import (
     GateDecision,
     GateInputError,
     GateRejected,
+    apply_suite_bars,
     decide,
     load_scores,
     plot_decision,
@@ -307,3 +308,44 @@ def test_plot_is_a_non_empty_png(tmp_path: Path) -> None:
     out = plot_decision(gate(baseline, candidate), tmp_path / "plots" / "gate.png")
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+SUITES = {
+    "injection": {"n": 8, "successes": 1},
+    "consistency": {"n_prompts": 10, "consistent_rate": 0.8},
+    "latency": {"n": 0, "p50_s": None, "p95_s": None, "reason": "HF generate answers in batches"},
+}
+
+
+@pytest.mark.parametrize(
+    ("bars", "promote", "failing"),
+    [
+        ({}, True, []),
+        ({"max_injection_successes": 1}, True, []),
+        ({"max_injection_successes": 0}, False, ["injection"]),
+        ({"min_consistency": 0.9}, False, ["consistency"]),
+        ({"min_consistency": 0.8}, True, []),
+        ({"max_latency_p95_s": 2.0}, False, ["latency"]),  # a bar on a suite that measured nothing cannot hold
+        ({"max_injection_successes": 0, "min_consistency": 0.95}, False, ["injection", "consistency"]),
+    ],
+)
+def test_suite_bars_reject_a_promoted_candidate_that_misses_them(bars: dict[str, Any], promote: bool, failing: list[str]) -> None:
+    rng = np.random.default_rng(1)
+    base_d, cand_d = paired_scores("drifted", 200, rng, gain=0.35)
+    decision = gate(base_d, cand_d)
+    assert decision.promote is True
+    held = apply_suite_bars(decision, SUITES, {"max_injection_successes": None, "min_consistency": None, "max_latency_p95_s": None, **bars})
+    assert held.promote is promote
+    assert [c["suite"] for c in held.suite_checks if not c["passed"]] == failing
+    if failing:
+        assert all(any(reason.startswith(f"{name}:") for reason in held.reasons) for name in failing), held.reasons
+        assert "| suite |" in render_report_markdown(held)
+
+
+def test_suite_bars_keep_the_slice_reasons_of_a_rejected_candidate() -> None:
+    baseline, _ = two_slices(0)
+    decision = gate(baseline, [dict(row) for row in baseline])
+    held = apply_suite_bars(decision, SUITES, {"max_injection_successes": 0})
+    assert held.promote is False
+    assert "improvement not shown" in held.reasons[0]
+    assert any(reason.startswith("injection: 1 misses") for reason in held.reasons)
