@@ -9,7 +9,7 @@ export GX_ANALYTICS_ENABLED := false
 export VLLM_NO_USAGE_STATS := 1
 export DO_NOT_TRACK := 1
 
-.PHONY: help setup test lint demo airflow serve serve-stop bench bench-setup clean
+.PHONY: help setup test lint demo airflow serve serve-stop bench bench-setup docs clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -24,7 +24,7 @@ lint: setup ## ruff + mypy
 	$(VENV)/bin/ruff check include dags plugins tests bench
 	$(VENV)/bin/mypy
 
-demo: setup ## run the loop's steps end to end on the embedded defaults (tiny model, local store, CPU)
+demo: setup ## run the whole loop on the invoice example (examples/invoices: tiny model, local store, CPU, real vLLM + Airflow)
 	@bash scripts/demo.sh
 
 airflow: setup ## Airflow 3 standalone with the tuneloop DAGs: UI on http://localhost:8080 (admin/admin)
@@ -40,6 +40,9 @@ serve-stop: ## stop the vLLM server started by `make serve`
 
 bench-setup: ## build .venv-bench (Evidently, the reference library bench/drift_speed.py compares with)
 	@bash scripts/setup.sh bench
+
+docs: ## build the documentation site into site/ (MkDocs Material, strict: any warning fails; own env .venv-docs)
+	@bash scripts/docs.sh
 
 clean: ## remove the local store, models, adapters and eval outputs (keeps the environments)
 	rm -rf .tuneloop

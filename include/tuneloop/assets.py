@@ -2,7 +2,7 @@
 
 Plain strings so this package never imports Airflow; the DAG files turn them into
 ``airflow.sdk.Asset`` objects. An external system records a drift event by posting to the
-Airflow REST API with ``DRIFT_ASSET_URI`` (see the README).
+Airflow REST API with ``DRIFT_ASSET_URI`` (see docs/airflow.md).
 """
 
 from __future__ import annotations

@@ -886,7 +886,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("config", parents=[common], help="print the effective settings (secrets masked)")
-    p.add_argument("--table", action="store_true", help="print every key with its default and meaning as a Markdown table (the README's)")
+    p.add_argument("--table", action="store_true", help="print every key with its default and meaning as a Markdown table (docs/configuration.md's)")
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser(

@@ -644,7 +644,7 @@ def _anchor_paths(settings: Settings, home: Path) -> Settings:
 
 
 def settings_table() -> str:
-    """Every settings key as a Markdown table: key, default, what it does (the README's table)."""
+    """Every settings key as a Markdown table: key, default, what it does (the table in docs/configuration.md)."""
     import json
 
     defaults = Settings().model_dump(mode="json")

@@ -116,7 +116,7 @@ def open_task_loop(
 
 @dataclass(frozen=True)
 class VllmConnection:
-    """The parts of an Airflow connection that name the vLLM servers (see the README)."""
+    """The parts of an Airflow connection that name the vLLM servers (see docs/serving.md)."""
 
     host: str | None = None
     port: int | None = None
@@ -650,9 +650,12 @@ def improve_slices_for(loop: Loop, evaluation: Mapping[str, Any], present: set[s
     ``gate.improve_slices``, where ``auto`` means the slices of the latest drift check that
     asked for a refresh, else the slices of the candidate's training data."""
     from tuneloop import gate
-    from tuneloop.storage import read_snapshot_manifest
+    from tuneloop.storage import StoreKeyError, read_snapshot_manifest
 
-    manifest = read_snapshot_manifest(loop.store, "snapshots", evaluation["snapshot"])
+    try:
+        manifest = read_snapshot_manifest(loop.store, "snapshots", evaluation["snapshot"])
+    except StoreKeyError:
+        manifest = {}  # a snapshot trained on outside the store: nothing says what it covered
     counts = manifest.get("slices") or manifest.get("domains") or {}
     trained_on = set(counts.get("train", {}))
     if evaluation.get("production") is None:
@@ -730,8 +733,20 @@ def _latest_candidate_scores(loop: Loop, version: str) -> str | None:
     return keys[-1] if keys else None
 
 
+def fleet(loop: Loop, action: str) -> Any:
+    """The lease that makes this the only deploy on the loop's vLLM fleet (see fleet_lock)."""
+    from tuneloop.fleet_lock import fleet_lock
+
+    return fleet_lock(loop.store, loop.settings.vllm.endpoints, owner=loop.run_id, action=action, say=loop.progress)
+
+
 def deploy_step(loop: Loop, version: str, *, scores_key: str | None = None) -> dict[str, Any]:
     """Hot-swap ``version`` into every vLLM endpoint (validated, staged, verified, rolled back on failure)."""
+    with fleet(loop, f"deploy {version}"):
+        return _deploy(loop, version, scores_key=scores_key)
+
+
+def _deploy(loop: Loop, version: str, *, scores_key: str | None = None) -> dict[str, Any]:
     from tuneloop.deploy import deploy_adapter
 
     settings = loop.settings
@@ -792,6 +807,11 @@ def reconcile_step(loop: Loop) -> dict[str, Any]:
     """Make every vLLM endpoint serve exactly the registry's production version (or no adapter
     when there is none yet). Run after a vLLM restart, before a deploy, and after any failure
     between a deploy and the registry write, so servers and registry agree again."""
+    with fleet(loop, "reconcile"):
+        return _reconcile(loop)
+
+
+def _reconcile(loop: Loop) -> dict[str, Any]:
     from tuneloop.deploy import reconcile
 
     settings = loop.settings
@@ -829,6 +849,11 @@ def rollback_step(loop: Loop, target: str = "previous") -> dict[str, Any]:
     """Serve an earlier version again (default: the ``previous`` alias) and move the aliases.
     If verifying or the registry write fails after the swap, every endpoint is reconciled
     back to the registry's production, so servers and registry never disagree."""
+    with fleet(loop, f"rollback to {target}"):
+        return _rollback(loop, target)
+
+
+def _rollback(loop: Loop, target: str) -> dict[str, Any]:
     state = loop.registry.state()
     if state.get("run_id") == loop.run_id and str(state.get("reason", "")).startswith("rollback to"):
         # a retry after this run moved the aliases: serve what it rolled back to, move nothing

@@ -95,6 +95,7 @@ def test_evaluate_through_vllm_reports_every_suite_and_unloads_the_adapter(serve
         **os.environ,
         "HF_HUB_OFFLINE": "1",
         "TUNELOOP_HOME": str(served.root),
+        "TUNELOOP_CONFIG": str(REPO / "examples/invoices/tuneloop.yaml"),
         "TUNELOOP__MODEL__BASE_MODEL": str(served.base),
         "TUNELOOP__VLLM__ENDPOINTS": f"[{served.url}]",
         "TUNELOOP__VLLM__ADAPTER_DIR": str(served.root / "served-adapters"),

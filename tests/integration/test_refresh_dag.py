@@ -38,6 +38,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, airflow_db: str, s3_server: 
     port = free_port()
     env = {
         "TUNELOOP_HOME": str(root),
+        "TUNELOOP_CONFIG": str(ROOT / "examples/invoices/tuneloop.yaml"),
         "HF_HUB_OFFLINE": "1",
         "GX_ANALYTICS_ENABLED": "false",
         "TUNELOOP__STORE__URI": f"s3://{bucket}/tl",
@@ -62,7 +63,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, airflow_db: str, s3_server: 
             patch.setenv(name, value)
         full_env = dict(os.environ)
         _run(str(TUNELOOP), "build-model", "--preset", "tiny", "--out", str(root / "model"), "-q", env=full_env)
-        _run(str(TUNELOOP), "demo-world", "--days", "8", "--labelled-per-day", "60", "--traffic-per-day", "80", "--heldout-per-domain", "16", "--injection-rows", "8", "--bad-row-rate", "0.02", "-q", env=full_env)
+        _run(str(TUNELOOP), "demo-world", "--days", "8", "--labelled-per-day", "60", "--traffic-per-day", "80", "--heldout-per-slice", "16", "--injection-rows", "8", "--bad-row-rate", "0.02", "-q", env=full_env)
         serve = ["bash", "scripts/serve.sh"]
         server_args = ["--port", str(port), "--model", str(root / "model"), "--run-dir", str(root / "vllm")]
         _run(*serve, "start", *server_args, env=full_env, timeout=400)

@@ -19,6 +19,7 @@ import pytest
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 TUNELOOP = Path(sys.executable).parent / "tuneloop"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +29,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         **os.environ,
         "HF_HUB_OFFLINE": "1",
         "TUNELOOP_HOME": str(root),
+        "TUNELOOP_CONFIG": str(ROOT / "examples/invoices/tuneloop.yaml"),
         "TUNELOOP__MODEL__BASE_MODEL": str(root / "tiny-model"),
         "TUNELOOP__TRAINING__BATCH_SIZE": "8",
         "TUNELOOP__EVAL__MAX_NEW_TOKENS": "64",
@@ -43,7 +45,7 @@ def tuneloop(workspace: dict[str, Any], *args: str) -> dict[str, Any]:
 
 def test_steps_in_sequence(workspace: dict[str, Any]) -> None:
     root = workspace["root"]
-    world = tuneloop(workspace, "demo-world", "--days", "6", "--labelled-per-day", "40", "--traffic-per-day", "60", "--heldout-per-domain", "12", "--bad-row-rate", "0.05")
+    world = tuneloop(workspace, "demo-world", "--days", "6", "--labelled-per-day", "40", "--traffic-per-day", "60", "--heldout-per-slice", "12", "--bad-row-rate", "0.05")
     assert world["heldout"] == {"original": 12, "drifted": 12}
     assert (root / ".tuneloop/store/labelled/dt=2026-01-06/part-00000.jsonl").is_file()
 

@@ -125,16 +125,16 @@ def test_bad_vllm_connection_fails_naming_it(conn: dict[str, Any], message: str)
     assert "tuneloop_vllm connection" in str(caught.value)
 
 
-def test_readme_configuration_table_is_current() -> None:
+def test_docs_configuration_table_is_current() -> None:
     from pathlib import Path
 
     from tuneloop.config import settings_table
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    page = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text(encoding="utf-8")
     start, end = "<!-- settings-table:start -->\n", "\n<!-- settings-table:end -->"
-    assert start in readme and end in readme, "README.md lost its settings table markers"
-    table = readme.split(start, 1)[1].split(end, 1)[0]
+    assert start in page and end in page, "docs/configuration.md lost its settings table markers"
+    table = page.split(start, 1)[1].split(end, 1)[0]
     assert table == settings_table(), (
-        "README's configuration table is stale: replace the lines between the settings-table markers "
+        "docs/configuration.md's table is stale: replace the lines between the settings-table markers "
         "with the output of `.venv/bin/tuneloop config --table`"
     )

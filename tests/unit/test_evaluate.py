@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from tuneloop.config import EvalSettings  # noqa: E402
+from tuneloop.config import EvalSettings, load_settings  # noqa: E402
 from tuneloop.demo.basemodel import build_demo_model  # noqa: E402
 from tuneloop.demo.invoices import heldout_sets  # noqa: E402
 from tuneloop.evaluate import (  # noqa: E402
@@ -18,15 +18,24 @@ from tuneloop.evaluate import (  # noqa: E402
     evaluate_adapter,
     evaluate_records,
     generate_hf,
+    read_examples,
 )
+from tuneloop.tasks import TaskSpec  # noqa: E402
+
+from pathlib import Path  # noqa: E402
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
-    from pathlib import Path
 
 pytestmark = pytest.mark.ml
 
-ROW_KEYS = {"id", "slice", "score", "exact_match", "valid_json", "schema_ok"}
+ROOT = Path(__file__).resolve().parents[2]
+ROW_KEYS = {"id", "slice", "score", "exact_match", "valid_json", "schema_ok", "field_correct", "grounded"}
+SPEC = TaskSpec(load_settings(str(ROOT / "examples/invoices/tuneloop.yaml")).task)
+
+
+def score(records: list[dict[str, Any]], answers: list[str]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    return evaluate_records(SPEC, read_examples(SPEC, records), answers)
 
 
 @pytest.fixture(scope="session")
@@ -41,21 +50,24 @@ def records() -> list[dict[str, Any]]:
 
 
 def test_perfect_predictions_score_one(records: list[dict[str, Any]]) -> None:
-    rows, summary = evaluate_records(records, [record["completion"] for record in records])
+    rows, summary = score(records, [record["completion"] for record in records])
     assert [row["id"] for row in rows] == [record["id"] for record in records]
     assert all(set(row) == ROW_KEYS for row in rows)
     assert all(row["score"] == 1.0 and row["exact_match"] and row["schema_ok"] for row in rows)
-    assert summary["n"] == 6
+    assert summary["n"] == 6 and summary["metric"] == "json"
     assert set(summary["slices"]) == {"original", "drifted"}
     for stats in [*summary["slices"].values(), summary["overall"]]:
-        assert stats["field_accuracy"] == stats["exact_match"] == stats["valid_json"] == 1.0
+        assert stats["score"] == stats["exact_match"] == stats["valid_json"] == 1.0
+        assert set(stats["field_accuracy"].values()) == {1.0}
     assert summary["slices"]["original"]["n"] == 3
 
 
 def test_empty_predictions_score_zero(records: list[dict[str, Any]]) -> None:
-    rows, summary = evaluate_records(records, [""] * len(records))
+    rows, summary = score(records, [""] * len(records))
     assert all(row["score"] == 0.0 and not row["valid_json"] for row in rows)
-    assert summary["overall"] == {"n": 6, "field_accuracy": 0.0, "exact_match": 0.0, "valid_json": 0.0, "schema_ok": 0.0}
+    overall = summary["overall"]
+    assert (overall["n"], overall["score"], overall["exact_match"], overall["valid_json"], overall["schema_ok"]) == (6, 0.0, 0.0, 0.0, 0.0)
+    assert overall["hallucination_rate"] is None, "no answer strings: nothing to ground"
 
 
 def test_partial_answers_are_scored_per_slice(records: list[dict[str, Any]]) -> None:
@@ -66,38 +78,40 @@ def test_partial_answers_are_scored_per_slice(records: list[dict[str, Any]]) -> 
         return json.dumps(fields)
 
     answers = [r["completion"] if r["domain"] == "original" else damage(r["completion"]) for r in records]
-    rows, summary = evaluate_records(records, answers)
+    rows, summary = score(records, answers)
     assert {row["slice"] for row in rows} == {"original", "drifted"}
-    assert summary["slices"]["original"]["field_accuracy"] == 1.0
-    assert summary["slices"]["drifted"]["field_accuracy"] == pytest.approx(5 / 6)
+    assert summary["slices"]["original"]["score"] == 1.0
+    assert summary["slices"]["drifted"]["score"] == pytest.approx(5 / 6)
     assert summary["slices"]["drifted"]["exact_match"] == 0.0
-    assert summary["overall"]["field_accuracy"] == pytest.approx((1.0 + 5 / 6) / 2)
+    assert summary["slices"]["drifted"]["field_accuracy"]["total"] == 0.0
+    assert summary["overall"]["score"] == pytest.approx((1.0 + 5 / 6) / 2)
 
 
 def test_mismatched_or_bad_input_is_refused(records: list[dict[str, Any]]) -> None:
     with pytest.raises(EvaluationError, match="2 completions for 6 records"):
-        evaluate_records(records, ["", ""])
+        score(records, ["", ""])
     with pytest.raises(EvaluationError, match="no records"):
-        evaluate_records([], [])
-    with pytest.raises(EvaluationError, match="lack a prompt or gold completion"):
-        evaluate_records([{"id": "x", "prompt": "p"}], ["{}"])
+        score([], [])
+    with pytest.raises(EvaluationError, match=r"do not fit task.format=prompt_completion: \['x: missing_field:completion'\]"):
+        score([{"id": "x", "prompt": "p"}], ["{}"])
 
 
 def test_evaluate_adapter_writes_scores_and_summary(tiny_model: Path, records: list[dict[str, Any]], tmp_path: Path) -> None:
     gold = {record["prompt"]: record["completion"] for record in records}
-    seen: list[Sequence[str]] = []
+    seen: list[Sequence[Any]] = []
 
-    def oracle(prompts: Sequence[str]) -> list[str]:
+    def oracle(prompts: Sequence[Any]) -> list[str]:
         seen.append(prompts)
-        return [gold[prompt] for prompt in prompts]
+        return [gold[prompt[-1]["content"]] for prompt in prompts]  # the conversation's user turn
 
-    summary = evaluate_adapter(tiny_model, None, records, tmp_path, EvalSettings(), backend="oracle", generate=oracle)
+    summary = evaluate_adapter(tiny_model, None, records, tmp_path, EvalSettings(), SPEC, backend="oracle", generate=oracle)
     assert len(seen) == 1 and len(seen[0]) == 6
     lines = [json.loads(line) for line in (tmp_path / "scores.jsonl").read_text().splitlines()]
     assert [line["id"] for line in lines] == [record["id"] for record in records]
     assert all(set(line) == ROW_KEYS and line["score"] == 1.0 for line in lines)
     on_disk = json.loads((tmp_path / "summary.json").read_text())
-    assert on_disk["overall"]["field_accuracy"] == summary["overall"]["field_accuracy"] == 1.0
+    assert on_disk["overall"]["score"] == summary["overall"]["score"] == 1.0
+    assert on_disk["provenance"]["task"]["metric"] == "json"
     assert on_disk["throughput"]["backend"] == "oracle"
     assert on_disk["throughput"]["generated_tokens"] > 0
     assert on_disk["provenance"]["base_model"] == str(tiny_model)
@@ -107,7 +121,7 @@ def test_evaluate_adapter_writes_scores_and_summary(tiny_model: Path, records: l
 
 def test_a_non_hf_backend_needs_a_generate_callable(tiny_model: Path, records: list[dict[str, Any]], tmp_path: Path) -> None:
     with pytest.raises(EvaluationError, match="needs a generate callable"):
-        evaluate_adapter(tiny_model, None, records, tmp_path, EvalSettings(), backend="vllm")
+        evaluate_adapter(tiny_model, None, records, tmp_path, EvalSettings(), SPEC, backend="vllm")
 
 
 def test_generate_hf_batches_with_left_padding(tiny_model: Path, records: list[dict[str, Any]]) -> None:
@@ -127,8 +141,8 @@ def test_hf_backend_end_to_end_with_an_adapter(tiny_model: Path, records: list[d
 
     adapter = tmp_path / "adapter"
     train_lora(tiny_model, records, adapter, TrainingSettings(max_steps=2, batch_size=4, max_seq_len=512), progress=lambda _: None)
-    summary = evaluate_adapter(tiny_model, adapter, records, tmp_path / "eval", EvalSettings(max_new_tokens=8), progress=lambda _: None)
+    summary = evaluate_adapter(tiny_model, adapter, records, tmp_path / "eval", EvalSettings(max_new_tokens=8), SPEC, progress=lambda _: None)
     assert summary["n"] == 6 and summary["backend"] == "hf"
-    assert 0.0 <= summary["overall"]["field_accuracy"] <= 1.0
+    assert 0.0 <= summary["overall"]["score"] <= 1.0
     assert summary["throughput"]["examples_per_second"] > 0
     assert len(summary["provenance"]["adapter_hash"]) == 64

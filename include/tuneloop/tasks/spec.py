@@ -114,9 +114,11 @@ class TaskSpec:
         if not isinstance(record, Mapping):
             raise TaskRowError("not_an_object", "a row must be a JSON object")
         raw_id = self.row_id(record)
-        if raw_id is None:
+        if raw_id is None and not labelled:
+            raw_id = ""  # a traffic row (drift) needs no id
+        elif raw_id is None:
             raise TaskRowError(f"missing_field:{self.settings.id_field}", f"the row has no {self.settings.id_field!r}")
-        if not isinstance(raw_id, str | int) or isinstance(raw_id, bool) or not str(raw_id).strip():
+        elif not isinstance(raw_id, str | int) or isinstance(raw_id, bool) or not str(raw_id).strip():
             raise TaskRowError(f"bad_type_or_empty:{self.settings.id_field}", "the id must be a non-empty string or an integer")
         slice_name = self.slice_of(record)
         if self.settings.format == "prompt_completion":
