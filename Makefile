@@ -9,7 +9,7 @@ export GX_ANALYTICS_ENABLED := false
 export VLLM_NO_USAGE_STATS := 1
 export DO_NOT_TRACK := 1
 
-.PHONY: help setup test lint demo airflow serve serve-stop bench bench-setup docs clean
+.PHONY: help setup test test-fast lint demo airflow serve serve-stop bench bench-setup docs clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -19,6 +19,9 @@ setup: ## build .venv (Airflow, GX, boto3) and .venv-ml (vLLM CPU, torch, peft) 
 
 test: setup ## run the whole test suite (both environments)
 	@bash scripts/run_tests.sh
+
+test-fast: setup ## the unit tests of the orchestration env: no Airflow run, no vLLM, no training (under two minutes)
+	@.venv/bin/python -m pytest -m "unit and not ml and not slow" tests/unit -q
 
 lint: setup ## ruff + mypy
 	$(VENV)/bin/ruff check include dags plugins tests bench

@@ -61,6 +61,10 @@ def _progress(args: argparse.Namespace) -> Callable[[str], None]:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
+    if getattr(args, "job", None):
+        from tuneloop.config import settings_from_job
+
+        return settings_from_job(args.job)  # exactly what the parent resolved: no config or env re-read
     return load_settings(args.config)
 
 
@@ -872,6 +876,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", metavar="FILE", help="YAML settings file (default: $TUNELOOP_CONFIG, else embedded defaults)")
+    common.add_argument("--job", metavar="FILE", help=argparse.SUPPRESS)  # resolved settings from a parent process (runner.py)
     common.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
     common.add_argument("-q", "--quiet", action="store_true", help="no progress output on stderr")
     common.add_argument("-v", "--verbose", action="store_true", help="debug logging")

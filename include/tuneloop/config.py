@@ -682,3 +682,41 @@ def _yaml_comments(text: str) -> dict[str, str]:
             found[name] = comment
     return found
 
+
+
+# --- the typed job across the ML process boundary -------------------------------------------
+
+JOB_KIND = "tuneloop.ml_job"
+
+
+def _reveal(value: Any) -> Any:
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    if isinstance(value, dict):
+        return {k: _reveal(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_reveal(v) for v in value]
+    return value
+
+
+def settings_job(settings: Settings) -> dict[str, Any]:
+    """The resolved settings as a job document for a child process: the child runs with exactly
+    these (the parent already applied the config file, the Airflow Variable and connection and
+    the environment). Secrets are in clear: write it to a private file, never to a command line."""
+    return {"kind": JOB_KIND, "settings": _reveal(settings.model_dump(mode="python"))}
+
+
+def settings_from_job(path: str | os.PathLike[str]) -> Settings:
+    """The settings a parent handed over with :func:`settings_job` (``--job FILE``)."""
+    import json
+
+    try:
+        job = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot read the job file {path}: {err}") from None
+    if not isinstance(job, dict) or job.get("kind") != JOB_KIND:
+        raise ConfigError(f"{path} is not a tuneloop job file (kind {JOB_KIND!r})")
+    try:
+        return Settings.model_validate(job["settings"])
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, {}, f"job file {path}")) from None

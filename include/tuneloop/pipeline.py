@@ -157,7 +157,7 @@ def apply_vllm_connection(settings: Settings, connection: VllmConnection) -> Set
 def _run_ml(loop: Loop, args: list[str]) -> dict[str, Any]:
     from tuneloop.runner import run_ml_step
 
-    return run_ml_step(args, config=loop.config_path, on_line=loop.progress)
+    return run_ml_step(args, settings=loop.settings, on_line=loop.progress)
 
 
 def _parse_day(value: str | date | None) -> date | None:

@@ -4,6 +4,11 @@ The orchestration env (Airflow, GX) and the ML env (torch, transformers, peft, v
 different libraries, so ML steps run as ``<ml python> -m tuneloop.cli <step> --json``: the
 same CLI a user runs by hand and the same entry point the GPU/Kubernetes trainer image uses.
 Progress lines stream into the caller's log as they happen; the JSON result comes back.
+
+The parent hands over its resolved settings as a job file (``--job``, mode 0600, deleted
+afterwards): the child never works its settings out again from ``$TUNELOOP_CONFIG`` and the
+environment, so what an Airflow task resolved (the Variable, the ``tuneloop_vllm`` connection's
+endpoints and API key) is what the ML step uses, and no secret is on a command line.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
+
+    from tuneloop.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -53,16 +60,41 @@ def ml_python() -> Path:
 def run_ml_step(
     args: Sequence[str],
     *,
+    settings: Settings | None = None,
     config: str | None = None,
     env: Mapping[str, str] | None = None,
     on_line: Callable[[str], None] | None = None,
     timeout_s: float | None = None,
 ) -> dict[str, Any]:
-    """Run ``tuneloop <args> --json`` in the ML env; return its JSON result."""
+    """Run ``tuneloop <args> --json`` in the ML env; return its JSON result. With ``settings``
+    the child runs on exactly those (a job file); else on ``config`` and the environment."""
     python = ml_python()
     command = [str(python), "-m", "tuneloop.cli", *args, "--json"]
-    if config:
+    job_dir = None
+    if settings is not None:
+        import tempfile
+
+        from tuneloop.config import settings_job
+
+        job_dir = tempfile.mkdtemp(prefix="tuneloop-job-")  # 0700: the job holds secrets
+        job_file = Path(job_dir) / "job.json"
+        job_file.write_text(json.dumps(settings_job(settings), default=str), encoding="utf-8")
+        job_file.chmod(0o600)
+        command += ["--job", str(job_file)]
+    elif config:
         command += ["--config", config]
+    try:
+        return _run(command, args, env=env, on_line=on_line, timeout_s=timeout_s)
+    finally:
+        if job_dir is not None:
+            import shutil
+
+            shutil.rmtree(job_dir, ignore_errors=True)
+
+
+def _run(
+    command: list[str], args: Sequence[str], *, env: Mapping[str, str] | None, on_line: Callable[[str], None] | None, timeout_s: float | None
+) -> dict[str, Any]:
     child_env = {**os.environ, **(env or {}), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     log.info("running ML step: %s", " ".join(command))
     emit = on_line or (lambda line: log.info("%s", line))

@@ -10,6 +10,8 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from pathlib import Path  # noqa: E402
+
 from tuneloop.config import EvalSettings, load_settings  # noqa: E402
 from tuneloop.demo.basemodel import build_demo_model  # noqa: E402
 from tuneloop.demo.invoices import heldout_sets  # noqa: E402
@@ -21,8 +23,6 @@ from tuneloop.evaluate import (  # noqa: E402
     read_examples,
 )
 from tuneloop.tasks import TaskSpec  # noqa: E402
-
-from pathlib import Path  # noqa: E402
 
 if TYPE_CHECKING:
     from collections.abc import Sequence

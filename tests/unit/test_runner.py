@@ -44,3 +44,28 @@ def test_every_progress_line_arrives_whole_and_the_result_parses(fake_ml_python:
 def test_a_failed_step_raises_with_its_last_lines(fake_ml_python: Path) -> None:
     with pytest.raises(StepFailedError, match=r"exit code 3:\n(.|\n)*train step 1999/2000"):
         run_ml_step(["train", "--code", "3"], on_line=lambda _: None)
+
+
+def test_the_ml_child_runs_on_the_parents_resolved_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What an Airflow task resolved (here: the tuneloop_vllm connection's endpoints and API key,
+    applied by open_task_loop) reaches the ML process, whose own environment names a config
+    file that does not exist on this worker: the child re-reads neither."""
+    import json
+    import tempfile
+
+    from tuneloop.config import load_settings
+    from tuneloop.pipeline import VllmConnection, apply_vllm_connection
+
+    settings = apply_vllm_connection(
+        load_settings(None, env={}),
+        VllmConnection(password="sk-from-connection", extra={"endpoints": ["http://vllm-a:8000", "http://vllm-b:8000"]}),
+    )
+    monkeypatch.setenv("TUNELOOP_ML_PYTHON", sys.executable)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    lines: list[str] = []
+    result = run_ml_step(["config"], settings=settings, env={"TUNELOOP_CONFIG": str(tmp_path / "missing.yaml")}, on_line=lines.append)
+    assert result["vllm"]["endpoints"] == ["http://vllm-a:8000", "http://vllm-b:8000"]
+    assert result["vllm"]["api_key"] == "**********", "the key arrived (and is masked when printed)"
+    assert not any("sk-from-connection" in line for line in lines)
+    assert not list(tmp_path.glob("tuneloop-job-*")), "the job file (it holds the key) is removed"
+    assert json.dumps(result).count("sk-from-connection") == 0

@@ -1,0 +1,94 @@
+"""Every key tuneloop reads or writes in the store, in one place.
+
+::
+
+    labelled/dt=YYYY-MM-DD/*.jsonl         labelled rows, one partition per day (your data)
+    traffic/dt=YYYY-MM-DD/*.jsonl          production requests, one partition per day (your logs)
+    heldout/<name>.jsonl                   fixed held-out eval sets (the golden sets)
+    suites/injection.jsonl                 a prompt-injection set (eval.injection_set)
+    snapshots/<sha256>/...                 content-addressed dataset snapshots; snapshots/LATEST
+    quality/<run>/...                      quarantine + GX result of a batch that failed the gate
+    adapters/<version>/...                 LoRA adapters (safetensors + provenance)
+    evals/<version>/<run>/<role>/...       per-example scores and summaries (candidate, production)
+    reports/<version>/gate.*               the gate's decision (json, md, html, png per slice)
+    registry/...                           versions and aliases (registry.py)
+    drift/checks/<day>__<run>.json         every drift check; drift/history.png
+    drift/performance/<day>__<run>/...     production scored on fresh labelled rows
+    runs/<run>.json                        one summary per refresh run
+    locks/fleet-<hash>.json                the lease of the deploy swapping a vLLM fleet
+"""
+
+from __future__ import annotations
+
+LABELLED = "labelled"
+TRAFFIC = "traffic"
+HELDOUT = "heldout"
+SNAPSHOTS = "snapshots"
+LATEST_SNAPSHOT = f"{SNAPSHOTS}/LATEST"
+DRIFT_CHECKS = "drift/checks"
+DRIFT_HISTORY_PLOT = "drift/history.png"
+REGISTRY = "registry"
+
+
+def partition(prefix: str, day: str) -> str:
+    """``labelled/dt=2026-03-01/``: one day's partition of a date-partitioned prefix."""
+    return f"{prefix}/dt={day}/"
+
+
+def heldout_set(name: str) -> str:
+    return f"{HELDOUT}/{name}.jsonl"
+
+
+def snapshot_file(snapshot: str, split: str) -> str:
+    """``snapshots/<hash>/<split>.jsonl`` (split: train, eval, quarantine)."""
+    return f"{SNAPSHOTS}/{snapshot}/{split}.jsonl"
+
+
+def adapter(version: str) -> str:
+    return f"adapters/{version}"
+
+
+def adapter_provenance(version: str) -> str:
+    return f"{adapter(version)}/provenance.json"
+
+
+def evaluation(version: str, run_key: str, role: str) -> str:
+    """Where one evaluation of a refresh run writes: ``evals/<version>/<run>/<role>``."""
+    return f"evals/{version}/{run_key}/{role}"
+
+
+def candidate_scores_suffix() -> str:
+    return "/candidate/scores.jsonl"
+
+
+def report(version: str) -> str:
+    """``reports/<version>``: the gate's report files for a candidate."""
+    return f"reports/{version}"
+
+
+def gate_decision(version: str) -> str:
+    return f"{report(version)}/gate.json"
+
+
+def gate_markdown(version: str) -> str:
+    return f"{report(version)}/gate.md"
+
+
+def drift_check(day: str, run_key: str) -> str:
+    return f"{DRIFT_CHECKS}/{day}__{run_key}.json"
+
+
+def performance_check(day: str, run_key: str) -> str:
+    return f"drift/performance/{day}__{run_key}"
+
+
+def run_summary(run_key: str) -> str:
+    return f"runs/{run_key}.json"
+
+
+def quality_failure(run_key: str) -> str:
+    return f"quality/{run_key}"
+
+
+def fleet_lock(digest: str) -> str:
+    return f"locks/fleet-{digest}.json"
