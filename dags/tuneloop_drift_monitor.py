@@ -36,7 +36,7 @@ def _loop() -> Any:
 
     from airflow.sdk import Variable, get_current_context
 
-    from tuneloop.pipeline import open_task_loop
+    from tuneloop.steps.loop import open_task_loop
 
     return open_task_loop(
         get_current_context()["run_id"],
@@ -61,7 +61,7 @@ def _loop() -> Any:
 def tuneloop_drift_monitor() -> None:
     @task
     def check_drift(params: dict[str, Any] | None = None) -> dict[str, Any]:
-        from tuneloop.pipeline import check_drift as run_check
+        from tuneloop.steps.monitor import check_drift as run_check
 
         return run_check(_loop(), as_of=(params or {}).get("as_of"))
 

@@ -20,7 +20,7 @@ failed verify or registry write, the servers serve what the registry says again.
 The vLLM endpoints and API key come from the config, or from the `tuneloop_vllm`
 connection when it exists (host, or extra `{"endpoints": [...]}`; password = API key).
 
-Logic lives in `include/tuneloop/pipeline.py`; this file is wiring.
+Logic lives in `include/tuneloop/steps/`; this file is wiring.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def _loop() -> Any:
 
     from airflow.sdk import Variable, get_current_context
 
-    from tuneloop.pipeline import open_task_loop
+    from tuneloop.steps.loop import open_task_loop
 
     return open_task_loop(
         get_current_context()["run_id"],
@@ -163,8 +163,8 @@ def tuneloop_refresh() -> None:
 
     @task
     def pull(params: dict[str, Any] | None = None) -> dict[str, Any]:
-        from tuneloop.pipeline import pull_step
         from tuneloop.pull import NoNewDataError
+        from tuneloop.steps.intake import pull_step
 
         params = params or {}
         try:
@@ -175,8 +175,8 @@ def tuneloop_refresh() -> None:
 
     @task(outlets=[SNAPSHOT])
     def validate(plan: dict[str, Any], outlet_events: Any = None) -> dict[str, Any]:
-        from tuneloop.pipeline import validate_step
         from tuneloop.quality import DataQualityError
+        from tuneloop.steps.intake import validate_step
 
         try:
             result = validate_step(_loop(), plan)
@@ -189,7 +189,7 @@ def tuneloop_refresh() -> None:
 
     @task(pool="gpu", outlets=[ADAPTER], execution_timeout=timedelta(hours=12))
     def train(snapshot: dict[str, Any], outlet_events: Any = None) -> dict[str, Any]:
-        from tuneloop.pipeline import train_step
+        from tuneloop.steps.train import train_step
 
         result = train_step(_loop(), snapshot["snapshot"])
         if outlet_events is not None:
@@ -219,14 +219,14 @@ def tuneloop_refresh() -> None:
 
     @task(execution_timeout=timedelta(hours=6))
     def evaluate(candidate: dict[str, Any]) -> dict[str, Any]:
-        from tuneloop.pipeline import evaluate_step
+        from tuneloop.steps.evaluate import evaluate_step
 
         return evaluate_step(_loop(), candidate)
 
     @task(outlets=[EVAL_REPORT])
     def gate(evaluation: dict[str, Any], outlet_events: Any = None) -> dict[str, Any]:
         from tuneloop.notify import gate_reject_message, notify_task_event
-        from tuneloop.pipeline import gate_step
+        from tuneloop.steps.gate import gate_step
 
         loop = _loop()
         decision = gate_step(loop, evaluation)
@@ -254,7 +254,7 @@ def tuneloop_refresh() -> None:
     def deploy(decision: dict[str, Any]) -> dict[str, Any]:
         from tuneloop.deploy import DeployError
         from tuneloop.notify import deploy_rollback_message, notify_task_event
-        from tuneloop.pipeline import deploy_step
+        from tuneloop.steps.serve import deploy_step
 
         loop = _loop()
         try:
@@ -266,14 +266,14 @@ def tuneloop_refresh() -> None:
 
     @task
     def verify(deployed: dict[str, Any]) -> dict[str, Any]:
-        from tuneloop.pipeline import verify_step
+        from tuneloop.steps.serve import verify_step
 
         return verify_step(_loop(), deployed["version"])
 
     @task(outlets=[PRODUCTION])
     def record(verified: dict[str, Any], decision: dict[str, Any], outlet_events: Any = None) -> dict[str, Any]:
         from tuneloop.notify import deploy_message, notify_task_event
-        from tuneloop.pipeline import record_step
+        from tuneloop.steps.serve import record_step
 
         loop = _loop()
         gate_summary = {k: decision[k] for k in ("promote", "reasons", "slices", "report_key") if k in decision}
@@ -288,7 +288,7 @@ def tuneloop_refresh() -> None:
     def reconcile_before() -> dict[str, Any]:
         """Every vLLM endpoint serves the registry's production before the swap (a restarted
         server has forgotten it), so a failed deploy restores what really served."""
-        from tuneloop.pipeline import reconcile_step
+        from tuneloop.steps.serve import reconcile_step
 
         return reconcile_step(_loop())
 
@@ -297,7 +297,7 @@ def tuneloop_refresh() -> None:
         """Runs whatever happened to deploy, verify and record: a failure after the swap (the
         verify, the registry write) puts the registry's production back on every endpoint.
         As a teardown it does not decide the run's state: a failed `record` still fails the run."""
-        from tuneloop.pipeline import reconcile_step
+        from tuneloop.steps.serve import reconcile_step
 
         return reconcile_step(_loop())
 

@@ -54,7 +54,8 @@ def tuneloop_rollback() -> None:
 
         from tuneloop.deploy import DeployError
         from tuneloop.notify import deploy_rollback_message, notify_task_event, rollback_message
-        from tuneloop.pipeline import open_task_loop, rollback_step
+        from tuneloop.steps.loop import open_task_loop
+        from tuneloop.steps.serve import rollback_step
 
         loop = open_task_loop(
             get_current_context()["run_id"],

@@ -390,9 +390,10 @@ def _write_result_file(path: str | None, result: dict[str, Any]) -> None:
 
 
 def _train_and_register(args: argparse.Namespace) -> int:
-    """``tuneloop train --register``: :func:`tuneloop.pipeline.train_step` in this process."""
-    from tuneloop.pipeline import open_loop, train_step
+    """``tuneloop train --register``: :func:`tuneloop.steps.train.train_step` in this process."""
     from tuneloop.pull import latest_snapshot
+    from tuneloop.steps.loop import open_loop
+    from tuneloop.steps.train import train_step
 
     given = {"--version": args.version, "--out": args.out, "--max-steps": args.max_steps, "--epochs": args.epochs,
              "--limit": args.limit, "--init-from": args.init_from, "--no-upload": args.no_upload or None}
@@ -796,7 +797,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from tuneloop.pipeline import open_loop, rollback_step
+    from tuneloop.steps.loop import open_loop
+    from tuneloop.steps.serve import rollback_step
 
     loop = open_loop(args.config, progress=_progress(args))
     result = rollback_step(loop, args.version)
@@ -805,7 +807,8 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
-    from tuneloop.pipeline import open_loop, reconcile_step
+    from tuneloop.steps.loop import open_loop
+    from tuneloop.steps.serve import reconcile_step
 
     loop = open_loop(args.config, progress=_progress(args))
     result = reconcile_step(loop)
@@ -822,7 +825,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
 def cmd_adapter_check(args: argparse.Namespace) -> int:
     from tuneloop.deploy import AdapterValidationError, check_lora_name, validate_adapter
-    from tuneloop.pipeline import base_model_ref
+    from tuneloop.steps.loop import base_model_ref
 
     settings = _settings(args)
     base_model = args.base_model or base_model_ref(settings)
@@ -860,7 +863,8 @@ def cmd_adapter_check(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    from tuneloop.pipeline import deploy_step, open_loop, verify_step
+    from tuneloop.steps.loop import open_loop
+    from tuneloop.steps.serve import deploy_step, verify_step
 
     loop = open_loop(args.config, progress=_progress(args))
     version = loop.registry.resolve(args.version)["version"]

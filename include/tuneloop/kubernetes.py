@@ -3,7 +3,7 @@
 With ``training_runner: kubernetes`` the refresh DAG's ``train`` task starts one pod per run
 instead of running the ML env on the worker. The pod runs the trainer image
 (``docker/trainer.Dockerfile``) with ``tuneloop train --register``: the same
-:func:`tuneloop.pipeline.train_step` as the local runner (next version from the registry, warm
+:func:`tuneloop.steps.train.train_step` as the local runner (next version from the registry, warm
 start, training, registration, ``candidate`` alias), so ``evaluate`` receives the same dict. The
 result goes to ``/airflow/xcom/return.json``, which the operator's XCom sidecar hands back.
 

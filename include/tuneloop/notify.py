@@ -105,7 +105,7 @@ def _links(links: Mapping[str, str | Sequence[str] | None] | None) -> tuple[tupl
 
 
 def drift_message(check: Mapping[str, Any], *, links: Mapping[str, Any] | None = None) -> Notification:
-    """The drift monitor recorded a drift event (``pipeline.check_drift``'s result, emit=True)."""
+    """The drift monitor recorded a drift event (``steps: check_drift``'s result, emit=True)."""
     performance = check.get("performance") or {}
     facts = [
         f"decision: {_clip(check.get('decision', ''))}",
@@ -145,7 +145,7 @@ def drift_links(loop: Any) -> dict[str, list[str]]:
 
 
 def gate_reject_message(decision: Mapping[str, Any], *, links: Mapping[str, Any] | None = None) -> Notification:
-    """The eval gate rejected a candidate (``pipeline.gate_step``'s result, promote=False)."""
+    """The eval gate rejected a candidate (``steps: gate_step``'s result, promote=False)."""
     version, baseline = decision.get("version", "?"), decision.get("baseline", "production")
     reasons = list(decision.get("reasons") or [])
     facts = [f"decision: REJECT {version} (compared with {baseline})"]
@@ -197,7 +197,7 @@ def review_links(loop: Any, review: Mapping[str, Any]) -> dict[str, list[str]]:
 
 
 def deploy_message(recorded: Mapping[str, Any], *, endpoints: Sequence[str], links: Mapping[str, Any] | None = None) -> Notification:
-    """A candidate was hot-swapped, verified and recorded as production (``pipeline.record_step``)."""
+    """A candidate was hot-swapped, verified and recorded as production (``steps: record_step``)."""
     version = recorded.get("version", "?")
     aliases = recorded.get("aliases") or {}
     gate = recorded.get("gate") or {}
@@ -218,7 +218,7 @@ def deploy_message(recorded: Mapping[str, Any], *, endpoints: Sequence[str], lin
 
 
 def rollback_message(result: Mapping[str, Any], *, requested: str, reason: str | None = None, links: Mapping[str, Any] | None = None) -> Notification:
-    """A manual rollback served an earlier version again (``pipeline.rollback_step``)."""
+    """A manual rollback served an earlier version again (``steps: rollback_step``)."""
     version, previous = result.get("version", "?"), result.get("from") or "none"
     endpoints = [str(ep.get("endpoint")) + f" ({ep.get('status')})" for ep in (result.get("deploy") or {}).get("endpoints") or []]
     facts = [

@@ -130,8 +130,8 @@ def load_view(store: Store, *, source: str = "") -> LoopView:
     A version whose gate result is unreadable keeps its row (with the problem named); a
     registry or drift history that cannot be read at all raises.
     """
-    from tuneloop.pipeline import drift_history, plot_drift_history
     from tuneloop.registry import Registry
+    from tuneloop.steps.monitor import drift_history, plot_drift_history
     from tuneloop.storage import StorageError, StoreKeyError
 
     registry = Registry(store)

@@ -97,7 +97,6 @@ def api(airflow_db: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[h
 @pytest.fixture
 def loop_world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     """A local store whose production is v1, and stand-ins that train v2 to beat it."""
-    from tuneloop import pipeline
     from tuneloop.registry import Registry
     from tuneloop.storage import LocalStore
 
@@ -125,13 +124,13 @@ def loop_world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any
 
         return step
 
-    monkeypatch.setattr(pipeline, "pull_step", stand_in("pull", lambda loop, **_: {"partitions": []}))
-    monkeypatch.setattr(pipeline, "validate_step", stand_in("validate", lambda loop, plan: {"snapshot": "0" * 64, "counts": {}}))
-    monkeypatch.setattr(pipeline, "train_step", stand_in("train", functools.partial(stand_ins.train_step, move_candidate=True)))
-    monkeypatch.setattr(pipeline, "evaluate_step", stand_in("evaluate", stand_ins.evaluate_step(gain=1 / 6)))
-    monkeypatch.setattr(pipeline, "reconcile_step", stand_in("reconcile", lambda loop: {"production": loop.registry.aliases()["production"]}))
-    monkeypatch.setattr(pipeline, "deploy_step", stand_in("deploy", lambda loop, version, **_: {"version": version}))
-    monkeypatch.setattr(pipeline, "verify_step", stand_in("verify", lambda loop, version: {"version": version}))
+    monkeypatch.setattr("tuneloop.steps.intake.pull_step", stand_in("pull", lambda loop, **_: {"partitions": []}))
+    monkeypatch.setattr("tuneloop.steps.intake.validate_step", stand_in("validate", lambda loop, plan: {"snapshot": "0" * 64, "counts": {}}))
+    monkeypatch.setattr("tuneloop.steps.train.train_step", stand_in("train", functools.partial(stand_ins.train_step, move_candidate=True)))
+    monkeypatch.setattr("tuneloop.steps.evaluate.evaluate_step", stand_in("evaluate", stand_ins.evaluate_step(gain=1 / 6)))
+    monkeypatch.setattr("tuneloop.steps.serve.reconcile_step", stand_in("reconcile", lambda loop: {"production": loop.registry.aliases()["production"]}))
+    monkeypatch.setattr("tuneloop.steps.serve.deploy_step", stand_in("deploy", lambda loop, version, **_: {"version": version}))
+    monkeypatch.setattr("tuneloop.steps.serve.verify_step", stand_in("verify", lambda loop, version: {"version": version}))
     return {"store": store, "registry": registry, "calls": calls, "dir": store_dir}
 
 

@@ -211,7 +211,6 @@ def _states(run: Any) -> dict[str, str]:
 
 def _refresh_stand_ins(monkeypatch: pytest.MonkeyPatch, *, gain: float, deploy: Callable[..., dict[str, Any]] | None = None) -> Any:
     """Production v1 in a local store; stand-ins for the ML and vLLM steps (gate and record are real)."""
-    from tuneloop import pipeline
     from tuneloop.config import load_settings
     from tuneloop.registry import Registry
     from tuneloop.storage import open_store_from_settings
@@ -220,13 +219,13 @@ def _refresh_stand_ins(monkeypatch: pytest.MonkeyPatch, *, gain: float, deploy: 
     registry.register("v1", adapter_key="adapters/v1", snapshot=None, base_model="demo")
     registry.move_aliases({"production": "v1"}, reason="test setup")
 
-    monkeypatch.setattr(pipeline, "pull_step", lambda loop, **_: {"partitions": []})
-    monkeypatch.setattr(pipeline, "validate_step", lambda loop, plan: {"snapshot": "0" * 64, "counts": {}})
-    monkeypatch.setattr(pipeline, "train_step", stand_ins.train_step)
-    monkeypatch.setattr(pipeline, "evaluate_step", stand_ins.evaluate_step(gain))
-    monkeypatch.setattr(pipeline, "reconcile_step", lambda loop: {"production": loop.registry.aliases()["production"]})
-    monkeypatch.setattr(pipeline, "deploy_step", deploy or (lambda loop, version, **_: {"version": version}))
-    monkeypatch.setattr(pipeline, "verify_step", lambda loop, version: {"version": version})
+    monkeypatch.setattr("tuneloop.steps.intake.pull_step", lambda loop, **_: {"partitions": []})
+    monkeypatch.setattr("tuneloop.steps.intake.validate_step", lambda loop, plan: {"snapshot": "0" * 64, "counts": {}})
+    monkeypatch.setattr("tuneloop.steps.train.train_step", stand_ins.train_step)
+    monkeypatch.setattr("tuneloop.steps.evaluate.evaluate_step", stand_ins.evaluate_step(gain))
+    monkeypatch.setattr("tuneloop.steps.serve.reconcile_step", lambda loop: {"production": loop.registry.aliases()["production"]})
+    monkeypatch.setattr("tuneloop.steps.serve.deploy_step", deploy or (lambda loop, version, **_: {"version": version}))
+    monkeypatch.setattr("tuneloop.steps.serve.verify_step", lambda loop, version: {"version": version})
     return registry
 
 
@@ -297,13 +296,12 @@ def test_deploy_event_reaches_slack_and_email_naming_version_and_servers(notify_
 
 
 def test_manual_rollback_reaches_slack_and_email(notify_env: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    from tuneloop import pipeline
 
     registry = _refresh_stand_ins(monkeypatch, gain=0.0)
     registry.register("v2", adapter_key="adapters/v2", snapshot=None, base_model="demo")
     registry.promote("v2", reason="test setup")
     swapped: list[str] = []
-    monkeypatch.setattr(pipeline, "deploy_step", lambda loop, version, **_: swapped.append(version) or {"version": version, "endpoints": [{"endpoint": "http://vllm-a:8000", "status": "deployed"}]})
+    monkeypatch.setattr("tuneloop.steps.serve.deploy_step", lambda loop, version, **_: swapped.append(version) or {"version": version, "endpoints": [{"endpoint": "http://vllm-a:8000", "status": "deployed"}]})
 
     run = _dag("tuneloop_rollback").test(logical_date=datetime(2026, 5, 4, tzinfo=UTC), run_conf={"version": "previous"})
     assert str(run.state).endswith("success"), _states(run)

@@ -4,7 +4,7 @@ Airflow API server.
 One throwaway Airflow API server for the module (SQLite in a temporary AIRFLOW_HOME, simple
 auth manager with admin/admin, the project's plugins folder), showing a store populated as a
 demo run leaves it, by the package's own functions: a demo world, dataset snapshots, drift
-checks (``pipeline.check_drift``), two adapter versions with the real gate step and alias
+checks (``steps: check_drift``), two adapter versions with the real gate step and alias
 moves (training and scoring, which need the ML env, are replaced by their outputs). Chromium
 signs in, opens the view through the UI's navigation item (the external view, an iframe) and
 directly at ``/tuneloop-ui/``, checks the registry rows and that both plots decoded, and saves
@@ -36,7 +36,7 @@ from processes import free_port, stop_process_tree
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-    from tuneloop.pipeline import Loop
+    from tuneloop.steps.loop import Loop
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -86,7 +86,9 @@ def _snapshot(loop: Loop, since: date | None, until: date) -> str:
 def _refresh(loop: Loop, version: str, snapshot: str, baseline: dict[str, float], candidate: dict[str, float], *, day: str, seed: int) -> None:
     """What tuneloop_refresh records for one candidate, training and scoring replaced by their
     outputs: register + candidate alias (train step), the real gate step, the record step."""
-    from tuneloop.pipeline import base_model_ref, gate_step, record_step
+    from tuneloop.steps.gate import gate_step
+    from tuneloop.steps.loop import base_model_ref
+    from tuneloop.steps.serve import record_step
 
     loop.run_id = f"scheduled__{day}T00:00:00+00:00"
     production = loop.registry.aliases().get("production")
@@ -115,7 +117,8 @@ def build_demo_like_store(root: Path) -> Path:
     promoted over the base model; 21 days in which drifted documents ramp up; a drift check
     every third day; v2 trained on the new data and promoted over v1."""
     from tuneloop.demo.invoices import generate_world
-    from tuneloop.pipeline import check_drift, open_loop
+    from tuneloop.steps.loop import open_loop
+    from tuneloop.steps.monitor import check_drift
 
     config = root / "tuneloop.yaml"
     store = root / "store"

@@ -425,7 +425,8 @@ def test_registry_write_failing_after_a_rollback_swap_reconciles_the_servers(
     dropped (as after a vLLM restart) and `reconcile` brings production back."""
     import yaml
 
-    from tuneloop.pipeline import open_loop, reconcile_step, rollback_step
+    from tuneloop.steps.loop import open_loop
+    from tuneloop.steps.serve import reconcile_step, rollback_step
     from tuneloop.storage import StorageError
 
     served = stable_v1

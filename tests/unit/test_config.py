@@ -92,7 +92,7 @@ def test_relative_paths_anchor_to_tuneloop_home(tmp_path: Path) -> None:
 
 
 def test_vllm_connection_extra_endpoints_and_password_replace_the_config() -> None:
-    from tuneloop.pipeline import VllmConnection, apply_vllm_connection
+    from tuneloop.steps.loop import VllmConnection, apply_vllm_connection
 
     settings = load_settings(env={})
     conn = VllmConnection(password="s3cret", extra={"endpoints": "http://a:8000, http://b:8000/"})
@@ -104,7 +104,7 @@ def test_vllm_connection_extra_endpoints_and_password_replace_the_config() -> No
 
 
 def test_vllm_connection_host_port_schema() -> None:
-    from tuneloop.pipeline import VllmConnection, apply_vllm_connection
+    from tuneloop.steps.loop import VllmConnection, apply_vllm_connection
 
     updated = apply_vllm_connection(load_settings(env={}), VllmConnection(host="vllm.svc", port=8000, schema="https"))
     assert updated.vllm.endpoints == ["https://vllm.svc:8000"] and updated.vllm.api_key is None
@@ -118,7 +118,7 @@ def test_vllm_connection_host_port_schema() -> None:
     ],
 )
 def test_bad_vllm_connection_fails_naming_it(conn: dict[str, Any], message: str) -> None:
-    from tuneloop.pipeline import VllmConnection, apply_vllm_connection
+    from tuneloop.steps.loop import VllmConnection, apply_vllm_connection
 
     with pytest.raises(ConfigError, match=message) as caught:
         apply_vllm_connection(load_settings(env={}), VllmConnection(**conn))

@@ -1,5 +1,5 @@
 """The drift monitor's policy: K consecutive drifted checks, a cooldown after a refresh, and a
-stored history with its plot. Runs ``pipeline.check_drift`` on a small demo world in a local
+stored history with its plot. Runs ``steps.monitor.check_drift`` on a small demo world in a local
 store (no Airflow, no ML env)."""
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from tuneloop import pipeline
 from tuneloop.demo.invoices import generate_world
-from tuneloop.pipeline import Loop, check_drift, drift_history, open_loop, pull_step, validate_step
+from tuneloop.steps.intake import pull_step, validate_step
+from tuneloop.steps.loop import Loop, open_loop
+from tuneloop.steps.monitor import check_drift, drift_history
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -141,7 +142,7 @@ def test_a_fall_in_production_s_score_on_fresh_labels_requests_a_refresh(
     promoted_with_scores(loop, until=day(-1), score=0.8)
     calls: list[list[str]] = []
     monkeypatch.setattr(
-        pipeline, "_run_ml", fake_evaluate(loop, calls, {"original": 0.8, "drifted": 0.1})
+        "tuneloop.steps.loop.Loop.run_ml", fake_evaluate(loop, calls, {"original": 0.8, "drifted": 0.1})
     )
     check = check_drift(loop, as_of=day(9))
     performance = check["performance"]
@@ -163,7 +164,7 @@ def test_an_unchanged_score_is_not_performance_drift_and_too_few_rows_wait(
     promoted_with_scores(loop, until=day(-1), score=0.8)
     calls: list[list[str]] = []
     monkeypatch.setattr(
-        pipeline, "_run_ml", fake_evaluate(loop, calls, {"original": 0.8, "drifted": 0.8})
+        "tuneloop.steps.loop.Loop.run_ml", fake_evaluate(loop, calls, {"original": 0.8, "drifted": 0.8})
     )
     check = check_drift(loop, as_of=day(9))
     assert (

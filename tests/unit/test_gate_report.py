@@ -15,14 +15,15 @@ import numpy as np
 import pytest
 
 from tuneloop.gate import decide, render_report_markdown, slice_plot_name, write_report
-from tuneloop.pipeline import gate_step, open_loop
+from tuneloop.steps.gate import gate_step
+from tuneloop.steps.loop import open_loop
 from tuneloop.storage import LocalStore, S3Store
 
 if TYPE_CHECKING:
     from pathlib import Path
 
     from tuneloop.gate import GateDecision
-    from tuneloop.pipeline import Loop
+    from tuneloop.steps.loop import Loop
 
 pytestmark = pytest.mark.unit
 

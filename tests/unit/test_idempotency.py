@@ -8,8 +8,10 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from tuneloop.pipeline import open_loop, record_step, rollback_step, train_step
 from tuneloop.registry import Registry, RegistryConflictError, RegistryError
+from tuneloop.steps.loop import open_loop
+from tuneloop.steps.serve import record_step, rollback_step
+from tuneloop.steps.train import train_step
 from tuneloop.storage import LocalStore, S3Store
 
 if TYPE_CHECKING:
@@ -88,7 +90,7 @@ def test_train_retried_after_register_trains_nothing_again(loop: Any, monkeypatc
         calls.append(args)
         return {"final_loss": 0.5, "steps": 10, "base_model": "demo", "loss_history": [1.0, 0.5]}
 
-    monkeypatch.setattr("tuneloop.pipeline._run_ml", fake_ml)
+    monkeypatch.setattr("tuneloop.steps.loop.Loop.run_ml", fake_ml)
     first = train_step(loop, "snap123")
     # the task dies after register, before the candidate alias moved: Airflow retries it
     loop.registry.move_aliases({"candidate": None}, reason="simulated crash before the alias move", run_id="someone-else")
@@ -113,9 +115,9 @@ def test_rollback_retried_after_the_alias_move_does_not_undo_it(loop: Any, monke
     loop.registry.promote("v1", reason="bootstrap", run_id="earlier-1")
     loop.registry.promote("v2", reason="refresh", run_id="earlier-2")
     served: list[str] = []
-    monkeypatch.setattr("tuneloop.pipeline.deploy_step", lambda _loop, version, **_kw: served.append(version) or {"version": version})
-    monkeypatch.setattr("tuneloop.pipeline.verify_step", lambda _loop, version: {"version": version})
-    monkeypatch.setattr("tuneloop.pipeline.reconcile_step", lambda _loop: served.append("reconcile") or {})
+    monkeypatch.setattr("tuneloop.steps.serve.deploy_step", lambda _loop, version, **_kw: served.append(version) or {"version": version})
+    monkeypatch.setattr("tuneloop.steps.serve.verify_step", lambda _loop, version: {"version": version})
+    monkeypatch.setattr("tuneloop.steps.serve.reconcile_step", lambda _loop: served.append("reconcile") or {})
     first = rollback_step(loop)
     assert first["version"] == "v1" and loop.registry.aliases()["production"] == "v1"
     again = rollback_step(loop)  # a retry: `previous` now names v2, which would undo the rollback

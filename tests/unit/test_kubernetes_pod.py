@@ -184,7 +184,6 @@ def test_settings_at_parse_time_ignore_a_config_file_missing_on_this_machine(tmp
 def test_train_register_runs_the_dag_step_and_writes_the_xcom_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`tuneloop train --register --xcom-json PATH` is the pipeline's train_step: same input,
     same dict out, written where the operator's sidecar reads it."""
-    import tuneloop.pipeline as pipeline
 
     calls: dict[str, Any] = {}
     step_result = {"version": "v4", "snapshot": "ab" * 32, "final_loss": 0.1, "first_loss": 2.0, "device": "cuda", "adapter_uri": "s3://b/adapters/v4"}
@@ -198,8 +197,8 @@ def test_train_register_runs_the_dag_step_and_writes_the_xcom_file(tmp_path: Pat
         calls["ml_python"] = os.environ.get("TUNELOOP_ML_PYTHON")
         return step_result
 
-    monkeypatch.setattr(pipeline, "open_loop", fake_open_loop)
-    monkeypatch.setattr(pipeline, "train_step", fake_train_step)
+    monkeypatch.setattr("tuneloop.steps.loop.open_loop", fake_open_loop)
+    monkeypatch.setattr("tuneloop.steps.train.train_step", fake_train_step)
     monkeypatch.delenv("TUNELOOP_ML_PYTHON", raising=False)
     xcom = tmp_path / "airflow/xcom/return.json"
     args = cli.build_parser().parse_args(

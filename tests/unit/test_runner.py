@@ -54,7 +54,7 @@ def test_the_ml_child_runs_on_the_parents_resolved_settings(tmp_path: Path, monk
     import tempfile
 
     from tuneloop.config import load_settings
-    from tuneloop.pipeline import VllmConnection, apply_vllm_connection
+    from tuneloop.steps.loop import VllmConnection, apply_vllm_connection
 
     settings = apply_vllm_connection(
         load_settings(None, env={}),

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from tuneloop.pipeline import open_task_loop
+from tuneloop.steps.loop import open_task_loop
 
 if TYPE_CHECKING:
     from pathlib import Path

@@ -1,6 +1,6 @@
 """The tuneloop view (include/tuneloop/ui.py): the page built from a store that the package's
 own steps populated (drift checks on a small demo world, registry versions, gate results
-written by ``pipeline.gate_step``), the empty state, escaping, and store errors as a page that
+written by ``steps: gate_step``), the empty state, escaping, and store errors as a page that
 names the cause. No Airflow, no browser: the plugin and Chromium are tested in
 tests/integration/test_ui_chromium.py."""
 
@@ -21,7 +21,10 @@ import pytest
 from tuneloop import ui
 from tuneloop.config import ConfigError
 from tuneloop.demo.invoices import generate_world
-from tuneloop.pipeline import Loop, check_drift, gate_step, open_loop, record_step
+from tuneloop.steps.gate import gate_step
+from tuneloop.steps.loop import Loop, open_loop
+from tuneloop.steps.monitor import check_drift
+from tuneloop.steps.serve import record_step
 from tuneloop.storage import LocalStore, Store, write_snapshot
 
 pytestmark = pytest.mark.unit

@@ -1,0 +1,110 @@
+"""The gate step: promote or reject with paired statistics per slice (:mod:`tuneloop.gate`),
+the suites held to their bars, and the report stored beside the candidate's version."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from tuneloop.steps.loop import Loop
+
+
+def gate_step(loop: Loop, evaluation: dict[str, Any]) -> dict[str, Any]:
+    """Decide promote/reject with paired statistics; store the report next to the candidate's
+    version (``reports/<version>/``: gate.json, gate.md and gate.html, gate.png and one
+    gate-<slice>.png per slice) and log where to open it (file://, s3:// and presigned)."""
+    from tuneloop import gate
+
+    cfg = loop.settings.gate
+    version = evaluation["version"]
+    baseline = list(loop.store.iter_jsonl(evaluation["production_eval"]["scores_key"]))
+    candidate = list(loop.store.iter_jsonl(evaluation["candidate_eval"]["scores_key"]))
+    improve, why = improve_slices_for(loop, evaluation, {row["slice"] for row in candidate})
+    loop.progress(f"gate: improve slices {improve} ({why})")
+    decision = gate.decide(
+        [_score_row(r) for r in baseline],
+        [_score_row(r) for r in candidate],
+        improve_slices=improve,
+        margin=cfg.margin,
+        alpha=cfg.alpha,
+        min_examples=cfg.min_examples,
+        n_bootstrap=cfg.bootstrap_samples,
+    )
+    decision = gate.apply_suite_bars(decision, evaluation["candidate_eval"].get("suites") or {}, cfg.suite_bars.model_dump())
+    baseline_name = evaluation.get("production") or "base model"
+    title = f"Gate: candidate {version} vs production {baseline_name}"
+    prefix = f"reports/{version}"
+    import tempfile
+
+    # The report is keyed by the candidate's version, and its gate.json names the candidate's
+    # adapter and the eval outputs it was computed from. Written last, gate.json marks a
+    # complete report.
+    with tempfile.TemporaryDirectory() as tmp:
+        files = gate.write_report(decision, tmp, title=title)
+        for name in files.names():
+            loop.store.put_file(f"{prefix}/{name}", Path(tmp) / name)
+    keys: dict[str, Any] = {
+        "markdown": f"{prefix}/{files.markdown}",
+        "html": f"{prefix}/{files.html}",
+        "plot": f"{prefix}/{files.plot}",
+        "slice_plots": {name: f"{prefix}/{file}" for name, file in files.slice_plots.items()},
+    }
+    loop.store.put_json(
+        f"{prefix}/gate.json",
+        {
+            **decision.to_json(),
+            "version": version,
+            "baseline": baseline_name,
+            "run_id": loop.run_id,
+            "candidate": {"adapter_key": f"adapters/{version}", "scores_key": evaluation["candidate_eval"]["scores_key"]},
+            "production": {"version": evaluation.get("production"), "scores_key": evaluation["production_eval"]["scores_key"]},
+            "report": keys,
+        },
+    )
+    expires_s = int(cfg.report_link_hours * 3600)
+    links = {kind: loop.store.links(keys[kind], expires_s=expires_s) for kind in ("markdown", "html")}
+    verdict = "PROMOTE" if decision.promote else "REJECT"
+    loop.progress(f"gate: {verdict} {version} vs {baseline_name}")
+    for reason in decision.reasons:
+        loop.progress(f"  - {reason}")
+    loop.progress(f"gate report (Markdown, a plot per slice): {links['markdown'][0]}")
+    loop.progress(f"gate report (HTML, plots inside): {links['html'][0]}")
+    for url in links["html"][1:]:
+        loop.progress(f"gate report (HTML, presigned for {cfg.report_link_hours:g} h): {url}")
+    return {
+        "version": version,
+        "baseline": baseline_name,
+        "report_key": keys["markdown"],
+        "report": keys,
+        "report_links": links,
+        **decision.to_json(),
+    }
+
+
+def improve_slices_for(loop: Loop, evaluation: Mapping[str, Any], present: set[str]) -> tuple[list[str], str]:
+    """The slices the candidate must improve on. The first adapter (compared with the bare base
+    model) must be better on the slices it was trained on; later ones follow
+    ``gate.improve_slices``, where ``auto`` means the slices of the latest drift check that
+    asked for a refresh, else the slices of the candidate's training data."""
+    from tuneloop import gate
+    from tuneloop.steps.monitor import drift_history
+    from tuneloop.storage import StoreKeyError, read_snapshot_manifest
+
+    try:
+        manifest = read_snapshot_manifest(loop.store, "snapshots", evaluation["snapshot"])
+    except StoreKeyError:
+        manifest = {}  # a snapshot trained on outside the store: nothing says what it covered
+    counts = manifest.get("slices") or manifest.get("domains") or {}
+    trained_on = set(counts.get("train", {}))
+    if evaluation.get("production") is None:
+        return gate.resolve_improve_slices([gate.AUTO], present, trained_on=trained_on)
+    emitted = [check for check in drift_history(loop.store) if check.get("emit")]
+    evidence = emitted[-1].get("drift_slices") if emitted else None
+    return gate.resolve_improve_slices(list(loop.settings.gate.improve_slices), present, evidence=evidence, trained_on=trained_on)
+
+
+def _score_row(row: dict[str, Any]) -> dict[str, Any]:
+    return {"id": row["id"], "slice": row["slice"], "score": row["score"]}

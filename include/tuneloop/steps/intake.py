@@ -1,0 +1,55 @@
+"""The intake steps: plan which labelled partitions to pull, then check every row (row checks,
+intake checks, Great Expectations) and write the dataset snapshot; a failing batch stops here."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from tuneloop.steps.loop import parse_day
+
+if TYPE_CHECKING:
+    from tuneloop.steps.loop import Loop
+
+
+def pull_step(loop: Loop, *, since: str | None = None, until: str | None = None, force: bool = False) -> dict[str, Any]:
+    """Plan which labelled partitions to use: new ones since the last snapshot, or a range."""
+    from tuneloop.pull import NoNewDataError, plan_pull
+
+    start, end = parse_day(since), parse_day(until)
+    try:
+        plan = plan_pull(loop.store, since=start, until=end, incremental=start is None)
+    except NoNewDataError:
+        if not force:
+            raise
+        loop.progress("no new partitions since the last snapshot; force=True: using all partitions")
+        plan = plan_pull(loop.store, since=None, until=end)
+    loop.progress(f"pull: {len(plan.keys)} files from {len(plan.days)} partitions {plan.days[0]} .. {plan.days[-1]}")
+    return plan.to_json()
+
+
+def validate_step(loop: Loop, plan_json: dict[str, Any]) -> dict[str, Any]:
+    """Row checks + the Great Expectations suite; a failing batch stops the run before training."""
+    from tuneloop.intake_checks import IntakeOptions
+    from tuneloop.pull import PullPlan, check_batch, write_dataset_snapshot
+    from tuneloop.quality import DataQualityError, format_quality_failure, run_quality_gate
+
+    plan = PullPlan.from_json(plan_json)
+    data = loop.settings.data
+    spec = loop.spec
+    batch, intake = check_batch(loop.store, plan, IntakeOptions.from_settings(loop.settings), spec, eval_fraction=data.eval_fraction, progress=loop.progress)
+    report = run_quality_gate(
+        batch, max_quarantine_rate=data.max_quarantine_rate, min_accepted_rows=data.min_accepted_rows, spec=spec, pii=data.pii,
+        expectations_file=data.expectations, intake=intake, progress=loop.progress,
+    )
+    loop.progress(f"quality: {report.accepted} accepted, {report.quarantined} quarantined of {report.total}: {report.reasons}")
+    if not report.passed:
+        prefix = f"quality/{loop.run_key}"
+        loop.store.put_bytes(f"{prefix}/quarantine.jsonl", "".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in batch.quarantined).encode())
+        loop.store.put_json(f"{prefix}/gx_validation_result.json", report.validation_result)
+        loop.store.put_json(f"{prefix}/summary.json", report.summary())
+        message = format_quality_failure(report) + f"\n  artifacts: {loop.store.uri}/{prefix}/"
+        raise DataQualityError(message, report.summary())
+    result = write_dataset_snapshot(loop.store, batch, plan, spec, eval_fraction=data.eval_fraction, quality=report)
+    loop.progress(f"snapshot {result['snapshot'][:12]}: {result['counts']} slices {result['slices']}")
+    return {**result, "quality": report.summary()}

@@ -1,0 +1,168 @@
+"""What every step needs: the loop (settings, store, registry, run id, progress) and how an
+Airflow task or the CLI opens it; the ML process boundary (:meth:`Loop.run_ml`)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tuneloop.config import Settings, choose_task_config, load_settings
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+
+    from tuneloop.registry import Registry
+    from tuneloop.storage import Store
+    from tuneloop.tasks import TaskSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Loop:
+    """What every step needs: settings, the store, the registry and the run's id."""
+
+    settings: Settings
+    config_path: str | None
+    store: Store
+    registry: Registry
+    run_id: str
+    progress: Callable[[str], None]
+
+    @property
+    def spec(self) -> TaskSpec:
+        """The user's task (``settings.task``)."""
+        from tuneloop.tasks import TaskSpec
+
+        return TaskSpec(self.settings.task)
+
+    def run_ml(self, args: list[str]) -> dict[str, Any]:
+        """``tuneloop <args>`` in the ML environment, on exactly this loop's settings (a job
+        file: see :mod:`tuneloop.runner`); progress lines go to :attr:`progress`."""
+        from tuneloop.runner import run_ml_step
+
+        return run_ml_step(args, settings=self.settings, on_line=self.progress)
+
+    @property
+    def run_key(self) -> str:
+        """The run id made safe for a store key."""
+        return re.sub(r"[^A-Za-z0-9._=-]+", "_", self.run_id)[:120]
+
+
+def open_loop(
+    config_path: str | None = None,
+    *,
+    run_id: str | None = None,
+    progress: Callable[[str], None] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Loop:
+    from tuneloop.registry import Registry
+    from tuneloop.storage import open_store_from_settings
+
+    settings = load_settings(config_path, env=env)
+    store = open_store_from_settings(settings)
+    return Loop(
+        settings=settings,
+        config_path=config_path,
+        store=store,
+        registry=Registry(store),
+        run_id=run_id or datetime.now(UTC).strftime("manual__%Y-%m-%dT%H-%M-%S"),
+        progress=progress or (lambda message: log.info("%s", message)),
+    )
+
+
+def open_task_loop(
+    run_id: str,
+    *,
+    config_variable: Callable[[], str | None],
+    progress: Callable[[str], None],
+    vllm_connection: Callable[[], Any] | None = None,
+) -> Loop:
+    """The loop for one Airflow task. Config: $TUNELOOP_CONFIG, else ``config_variable()`` (the
+    DAGs pass a reader of the ``tuneloop_config`` Variable), else the embedded defaults; a path
+    that does not exist on this worker falls back to the defaults. ``vllm_connection()`` (the
+    DAGs read the ``tuneloop_vllm`` Airflow connection; None when it does not exist) may replace
+    the vLLM endpoints and API key: see :func:`apply_vllm_connection`."""
+    config, env = choose_task_config(os.environ, config_variable, progress)
+    loop = open_loop(config, run_id=run_id, progress=progress, env=env)
+    found = vllm_connection() if vllm_connection is not None else None
+    if found is not None:
+        connection = VllmConnection(
+            host=found.host, port=found.port, schema=found.schema, password=found.password, extra=found.extra_dejson
+        )
+        loop.settings = apply_vllm_connection(loop.settings, connection)
+        progress(f"vLLM endpoints from the Airflow connection: {', '.join(loop.settings.vllm.endpoints)}")
+    return loop
+
+
+@dataclass(frozen=True)
+class VllmConnection:
+    """The parts of an Airflow connection that name the vLLM servers (see docs/serving.md)."""
+
+    host: str | None = None
+    port: int | None = None
+    schema: str | None = None
+    password: str | None = None
+    extra: dict[str, Any] | None = None
+
+
+def apply_vllm_connection(settings: Settings, connection: VllmConnection) -> Settings:
+    """Settings whose vLLM endpoints and API key come from ``connection``: ``extra.endpoints``
+    (a list of URLs, or one comma-separated string) or else ``host`` (with ``port`` and
+    ``schema`` http/https); the password, when set, is the API key. Validated like the YAML."""
+    from pydantic import SecretStr, ValidationError
+
+    from tuneloop.config import ConfigError, VllmSettings
+
+    extra = connection.extra or {}
+    endpoints: Any = extra.get("endpoints")
+    if isinstance(endpoints, str):
+        endpoints = [part.strip() for part in endpoints.split(",") if part.strip()]
+    if not endpoints and connection.host:
+        host = connection.host
+        if "://" not in host:
+            host = f"{connection.schema or 'http'}://{host}"
+        endpoints = [f"{host}:{connection.port}" if connection.port else host]
+    if not endpoints:
+        raise ConfigError("the tuneloop_vllm connection names no endpoint: set its host, or extra {\"endpoints\": [...]}")
+    values = {**settings.vllm.model_dump(), "endpoints": endpoints}
+    if connection.password:
+        values["api_key"] = SecretStr(connection.password)
+    try:
+        vllm = VllmSettings.model_validate(values)
+    except ValidationError as err:
+        raise ConfigError(f"the tuneloop_vllm connection is invalid: {err.errors()[0]['msg']}") from None
+    return settings.model_copy(update={"vllm": vllm})
+
+
+def parse_day(value: str | date | None) -> date | None:
+    if value in (None, ""):
+        return None
+    return value if isinstance(value, date) else date.fromisoformat(str(value))
+
+
+def maybe_json(store: Store, key: str) -> dict[str, Any]:
+    from tuneloop.storage import StoreKeyError
+
+    try:
+        return dict(store.get_json(key))
+    except StoreKeyError:
+        return {}
+
+
+def base_model_ref(settings: Settings) -> str:
+    """The base model as vLLM and adapter configs name it: the demo dir's path, or the hub id/path."""
+    if settings.model.base_model == "demo":
+        return str(Path(settings.model.demo_model_dir).resolve())
+    return settings.model.base_model
+
+
+def latest_candidate_scores(loop: Loop, version: str) -> str | None:
+    """The newest evaluation of ``version`` as a candidate (its golden answers for rollback)."""
+    keys = [k for k in loop.store.list(f"evals/{version}/") if k.endswith("/candidate/scores.jsonl")]
+    return keys[-1] if keys else None

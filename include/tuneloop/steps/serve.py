@@ -1,0 +1,212 @@
+"""The serving steps: deploy (hot-swap into every vLLM endpoint), verify, record (the
+registry's aliases), reconcile (servers <- registry) and rollback. Every swap holds the
+fleet's lease (:mod:`tuneloop.fleet_lock`)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from tuneloop import layout
+from tuneloop.steps.loop import base_model_ref, latest_candidate_scores
+
+if TYPE_CHECKING:
+    from tuneloop.steps.loop import Loop
+
+GOLDEN_PER_SLICE = 6
+HELDOUT_PREFIX = layout.HELDOUT
+
+
+def materialize_adapter(loop: Loop, version: str) -> Path:
+    """Copy an adapter from the store to where the vLLM servers read adapters.
+
+    vLLM re-reads an in-place-loaded adapter from disk on every step, so a served directory
+    must never change: each version gets its own directory, written to a temporary name
+    and renamed into place once complete, and never touched again.
+    """
+    import shutil
+    import uuid
+
+    root = Path(loop.settings.vllm.adapter_dir).resolve()
+    target = root / version
+    if (target / "adapter_config.json").is_file():
+        return target
+    staging = root / f".{version}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        loop.store.get_dir(f"adapters/{version}", staging)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not (target / "adapter_config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def golden_prompts(loop: Loop, version: str, scores_key: str) -> list[dict[str, Any]]:
+    """Golden prompts for post-swap verification: held-out rows with the answer eval measured."""
+    from tuneloop.storage import StoreKeyError
+
+    try:
+        predictions = {str(r["id"]): r["prediction"] for r in loop.store.iter_jsonl(scores_key.replace("scores.jsonl", "predictions.jsonl"))}
+    except StoreKeyError:
+        return []
+    scores = {str(r["id"]): r for r in loop.store.iter_jsonl(scores_key)}
+    golden = []
+    for key in loop.store.list(f"{HELDOUT_PREFIX}/"):
+        if not key.endswith(".jsonl"):
+            continue
+        picked = 0
+        for record in loop.store.iter_jsonl(key):
+            record_id = str(loop.spec.row_id(record))
+            if record_id in predictions and picked < GOLDEN_PER_SLICE:
+                row = scores.get(record_id, {})
+                context = loop.spec.example(record).context
+                golden.append({"id": record_id, "prompt": context, "expected": predictions[record_id], "score": row.get("score")})
+                picked += 1
+    return golden
+
+
+def fleet(loop: Loop, action: str) -> Any:
+    """The lease that makes this the only deploy on the loop's vLLM fleet (see fleet_lock)."""
+    from tuneloop.fleet_lock import fleet_lock
+
+    return fleet_lock(loop.store, loop.settings.vllm.endpoints, owner=loop.run_id, action=action, say=loop.progress)
+
+
+def deploy_step(loop: Loop, version: str, *, scores_key: str | None = None) -> dict[str, Any]:
+    """Hot-swap ``version`` into every vLLM endpoint (validated, staged, verified, rolled back on failure)."""
+    with fleet(loop, f"deploy {version}"):
+        return _deploy(loop, version, scores_key=scores_key)
+
+
+def _deploy(loop: Loop, version: str, *, scores_key: str | None = None) -> dict[str, Any]:
+    from tuneloop.deploy import deploy_adapter
+
+    settings = loop.settings
+    adapter_dir = materialize_adapter(loop, version)
+    production = loop.registry.aliases().get("production")
+    previous_dir = materialize_adapter(loop, production) if production and production != version else None
+    scores_key = scores_key or latest_candidate_scores(loop, version)
+    golden = golden_prompts(loop, version, scores_key) if scores_key else []
+    report = deploy_adapter(
+        settings.vllm.endpoints,
+        adapter_dir,
+        served_name=settings.model.served_model_name,
+        golden=golden,
+        previous_adapter_dir=previous_dir,
+        api_key=settings.vllm.api_key.get_secret_value() if settings.vllm.api_key else None,
+        max_lora_rank=settings.vllm.max_lora_rank,
+        base_model=base_model_ref(settings),
+        scorer=loop.spec.scorer.agreement,
+        max_tokens=settings.eval.max_new_tokens,
+        timeout_s=settings.vllm.timeout_s,
+        progress=loop.progress,
+    )
+    return {"version": version, "adapter_dir": str(adapter_dir), "previous": production, **report.to_dict()}
+
+
+def verify_step(loop: Loop, version: str) -> dict[str, Any]:
+    """Check every endpoint's stable name is served from ``version``'s adapter directory."""
+    from tuneloop.vllm_client import VllmClient
+
+    settings = loop.settings
+    expected = str(materialize_adapter(loop, version))
+    served = settings.model.served_model_name
+    api_key = settings.vllm.api_key.get_secret_value() if settings.vllm.api_key else None
+    seen = {}
+    for endpoint in settings.vllm.endpoints:
+        client = VllmClient(endpoint, api_key=api_key, timeout_s=settings.vllm.timeout_s)
+        models = {m["id"]: m for m in client.models()}
+        root = models.get(served, {}).get("root")
+        seen[endpoint] = root
+        if root is None or Path(root).resolve() != Path(expected).resolve():
+            raise RuntimeError(f"{endpoint}: {served!r} is served from {root!r}, expected {expected} ({version})")
+        answer = client.chat(served, "ping", max_tokens=4)
+        seen[endpoint + "#answer"] = answer
+    loop.progress(f"verified: {served!r} answers from {version} on {len(settings.vllm.endpoints)} endpoint(s)")
+    return {"version": version, "served_from": seen}
+
+
+def record_step(loop: Loop, version: str, gate_result: dict[str, Any] | None = None, *, reason: str | None = None) -> dict[str, Any]:
+    """Move the aliases (production <- version, previous <- old production) and log the run."""
+    move = loop.registry.promote(version, reason=reason or "refresh: gate passed, deployed and verified", run_id=loop.run_id)
+    summary = {"run_id": loop.run_id, "version": version, "aliases": move["aliases"], "gate": gate_result, "at": move["at"]}
+    loop.store.put_json(f"runs/{loop.run_key}.json", summary)
+    loop.progress(f"registry: production={move['aliases']['production']} previous={move['aliases']['previous']}")
+    return summary
+
+
+def reconcile_step(loop: Loop) -> dict[str, Any]:
+    """Make every vLLM endpoint serve exactly the registry's production version (or no adapter
+    when there is none yet). Run after a vLLM restart, before a deploy, and after any failure
+    between a deploy and the registry write, so servers and registry agree again."""
+    with fleet(loop, "reconcile"):
+        return _reconcile(loop)
+
+
+def _reconcile(loop: Loop) -> dict[str, Any]:
+    from tuneloop.deploy import reconcile
+
+    settings = loop.settings
+    production = loop.registry.aliases().get("production")
+    adapter_dir = materialize_adapter(loop, production) if production else None
+    records = reconcile(
+        settings.vllm.endpoints,
+        adapter_dir,
+        served_name=settings.model.served_model_name,
+        base_model=base_model_ref(settings),
+        max_lora_rank=settings.vllm.max_lora_rank,
+        api_key=settings.vllm.api_key.get_secret_value() if settings.vllm.api_key else None,
+        timeout_s=settings.vllm.timeout_s,
+        progress=loop.progress,
+    )
+    changed = sum(r.action != "in_sync" for r in records)
+    loop.progress(
+        f"reconciled: {len(records)} endpoint(s) serve {production or 'no adapter'} as "
+        f"{settings.model.served_model_name!r} ({changed} changed)"
+    )
+    return {"production": production, "adapter_dir": str(adapter_dir) if adapter_dir else None, "endpoints": [asdict(r) for r in records]}
+
+
+def _reconcile_after(loop: Loop, err: BaseException) -> NoReturn:
+    """After a failure past the swap: put the registry's production back on every endpoint,
+    then re-raise ``err`` with what reconcile did (or why it could not)."""
+    try:
+        done = reconcile_step(loop)
+    except Exception as again:
+        raise RuntimeError(f"{err}; and reconciling the servers with the registry failed too: {again}") from err
+    raise RuntimeError(f"{err}; the servers serve the registry's production ({done['production'] or 'no adapter'}) again") from err
+
+
+def rollback_step(loop: Loop, target: str = "previous") -> dict[str, Any]:
+    """Serve an earlier version again (default: the ``previous`` alias) and move the aliases.
+    If verifying or the registry write fails after the swap, every endpoint is reconciled
+    back to the registry's production, so servers and registry never disagree."""
+    with fleet(loop, f"rollback to {target}"):
+        return _rollback(loop, target)
+
+
+def _rollback(loop: Loop, target: str) -> dict[str, Any]:
+    state = loop.registry.state()
+    if state.get("run_id") == loop.run_id and str(state.get("reason", "")).startswith("rollback to"):
+        # a retry after this run moved the aliases: serve what it rolled back to, move nothing
+        version, current = state["aliases"]["production"], state["changed"]["production"]["from"]
+        loop.progress(f"this run already rolled back to {version} before a retry: reconciling the servers only")
+        reconcile_step(loop)
+        return {"version": version, "from": current, "deploy": None, "aliases": state["aliases"]}
+    record = loop.registry.resolve(target)
+    version = record["version"]
+    current = loop.registry.aliases().get("production")
+    if version == current:
+        raise RuntimeError(f"{version} is already production; nothing to roll back to")
+    deploy = deploy_step(loop, version)
+    try:
+        verify_step(loop, version)
+        move = loop.registry.move_aliases({"production": version, "previous": current}, reason=f"rollback to {version} (requested {target!r})", run_id=loop.run_id)
+    except Exception as err:
+        _reconcile_after(loop, err)
+    loop.progress(f"rolled back: production={version} previous={current}")
+    return {"version": version, "from": current, "deploy": deploy, "aliases": move["aliases"]}

@@ -1,0 +1,47 @@
+"""The train step: a candidate adapter on a snapshot, in the ML environment, registered and
+pointed at by the ``candidate`` alias. A retried run finds the version it registered."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from tuneloop.steps.loop import maybe_json
+
+if TYPE_CHECKING:
+    from tuneloop.steps.loop import Loop
+
+
+def train_step(loop: Loop, snapshot: str) -> dict[str, Any]:
+    """Train a candidate adapter on the snapshot (ML env), register it, point ``candidate`` at it.
+
+    A retry of a run that already registered its candidate trains nothing again: it returns
+    that version (and points ``candidate`` at it, if the first attempt died before)."""
+    done = loop.registry.registered_by(loop.run_id)
+    if done is not None and done.get("snapshot") == snapshot:
+        version = done["version"]
+        loop.progress(f"{version} was trained and registered by this run before a retry: not training again")
+        loop.registry.move_aliases({"candidate": version}, reason=f"trained on snapshot {snapshot[:12]}", run_id=loop.run_id)
+        train_metrics = dict((done.get("metrics") or {}).get("train") or {})
+        return {"version": version, "snapshot": snapshot, **train_metrics, "adapter_uri": f"{loop.store.uri}/adapters/{version}"}
+    version = loop.registry.next_version()
+    production = loop.registry.aliases().get("production")
+    init_from = production if loop.settings.training.init_from == "production" and production else None
+    start = f"warm start from {init_from}" if init_from else "fresh LoRA weights"
+    loop.progress(f"training candidate {version} on snapshot {snapshot[:12]} ({start})")
+    command = ["train", "--snapshot", snapshot, "--version", version]
+    result = loop.run_ml([*command, "--init-from", init_from] if init_from else command)
+    provenance = maybe_json(loop.store, f"adapters/{version}/provenance.json")
+    train_metrics = {k: result.get(k) for k in ("final_loss", "steps", "epochs", "seconds", "tokens_per_second", "device", "dtype", "trainable_params")}
+    train_metrics["first_loss"] = (result.get("loss_history") or [None])[0]
+    train_metrics["init_from"] = init_from
+    loop.registry.register(
+        version,
+        adapter_key=f"adapters/{version}",
+        snapshot=snapshot,
+        base_model=str(result.get("base_model")),
+        metrics={"train": train_metrics},
+        provenance=provenance,
+        run_id=loop.run_id,
+    )
+    loop.registry.move_aliases({"candidate": version}, reason=f"trained on snapshot {snapshot[:12]}", run_id=loop.run_id)
+    return {"version": version, "snapshot": snapshot, **train_metrics, "adapter_uri": f"{loop.store.uri}/adapters/{version}"}
