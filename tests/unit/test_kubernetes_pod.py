@@ -204,7 +204,7 @@ def test_train_register_runs_the_dag_step_and_writes_the_xcom_file(tmp_path: Pat
     args = cli.build_parser().parse_args(
         ["train", "--snapshot", "ab" * 32, "--register", "--run-id", "scheduled__2026-10-01", "--json", "--xcom-json", str(xcom)]
     )
-    assert cli.cmd_train(args) == 0
+    assert args.func(args) == 0
     assert calls["open_loop"] == (None, "scheduled__2026-10-01")
     assert calls["train_step"] == "ab" * 32
     assert calls["ml_python"] == sys.executable  # the pod's own Python trains
@@ -229,7 +229,7 @@ def test_train_register_refuses_what_it_decides_itself(argv: list[str], message:
         argv.remove(item)
     args = cli.build_parser().parse_args(argv)
     with pytest.raises(cli.CliError, match=re.escape(message)):
-        cli.cmd_train(args)
+        args.func(args)
 
 
 # --- the trainer image (no Airflow) --------------------------------------------------------

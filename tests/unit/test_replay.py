@@ -7,9 +7,9 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from tuneloop.cli import _with_replay
 from tuneloop.config import TrainingSettings
 from tuneloop.registry import Registry
+from tuneloop.steps.train import replay_mix
 from tuneloop.storage import LocalStore
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ def store(tmp_path: Path) -> LocalStore:
 def test_replay_mixes_the_production_snapshot_into_the_new_rows(store: LocalStore) -> None:
     lines: list[str] = []
     new = _rows("new", 30)
-    mixed, trained_on, n = _with_replay(store, new, "fresh", TrainingSettings(replay_fraction=0.25), lines.append)
+    mixed, trained_on, n = replay_mix(store, new, "fresh", TrainingSettings(replay_fraction=0.25), lines.append)
     assert n == 10 and len(mixed) == 40 and mixed[:30] == new
     assert all(row["id"].startswith("old-") for row in mixed[30:])
     assert trained_on == "fresh+replay-old-10"  # the adapter's provenance names what it saw
@@ -48,7 +48,7 @@ def test_replay_mixes_the_production_snapshot_into_the_new_rows(store: LocalStor
 
 def test_no_replay_when_off_or_nothing_earlier(store: LocalStore, tmp_path: Path) -> None:
     new = _rows("new", 30)
-    assert _with_replay(store, new, "fresh", TrainingSettings(), print) == (new, "fresh", 0)
-    assert _with_replay(store, new, "old", TrainingSettings(replay_fraction=0.25), print) == (new, "old", 0)
+    assert replay_mix(store, new, "fresh", TrainingSettings(), print) == (new, "fresh", 0)
+    assert replay_mix(store, new, "old", TrainingSettings(replay_fraction=0.25), print) == (new, "old", 0)
     empty = LocalStore(tmp_path / "empty")
-    assert _with_replay(empty, new, "fresh", TrainingSettings(replay_fraction=0.25), print) == (new, "fresh", 0)
+    assert replay_mix(empty, new, "fresh", TrainingSettings(replay_fraction=0.25), print) == (new, "fresh", 0)

@@ -8,7 +8,11 @@ from typing import TYPE_CHECKING, Any
 from tuneloop.steps.loop import maybe_json
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from tuneloop.config import TrainingSettings
     from tuneloop.steps.loop import Loop
+    from tuneloop.storage import Store
 
 
 def train_step(loop: Loop, snapshot: str) -> dict[str, Any]:
@@ -45,3 +49,32 @@ def train_step(loop: Loop, snapshot: str) -> dict[str, Any]:
     )
     loop.registry.move_aliases({"candidate": version}, reason=f"trained on snapshot {snapshot[:12]}", run_id=loop.run_id)
     return {"version": version, "snapshot": snapshot, **train_metrics, "adapter_uri": f"{loop.store.uri}/adapters/{version}"}
+
+
+def replay_mix(
+    store: Store, records: list[dict[str, Any]], snapshot: str, training: TrainingSettings, progress: Callable[[str], None]
+) -> tuple[list[dict[str, Any]], str, int]:
+    """(records plus replayed rows, the hash the adapter records as its data, rows replayed).
+
+    ``training.replay_fraction`` of the mix comes from the training split of the snapshot the
+    production adapter was trained on, so a warm-started candidate keeps seeing the old slices.
+    """
+    if training.replay_fraction <= 0:
+        return records, snapshot, 0
+    from tuneloop import layout
+    from tuneloop.registry import Registry, RegistryError
+    from tuneloop.train import mix_replay
+
+    registry = Registry(store)
+    production = registry.aliases().get("production")
+    try:
+        earlier_snapshot = registry.get(production)["snapshot"] if production else None
+    except RegistryError:
+        earlier_snapshot = None
+    if not earlier_snapshot or earlier_snapshot == snapshot:
+        progress(f"replay: nothing to replay (production {production or 'none'} was trained on this snapshot or none)")
+        return records, snapshot, 0
+    earlier = [row for row in store.iter_jsonl(layout.snapshot_file(earlier_snapshot, "train")) if isinstance(row, dict)]
+    mixed, n = mix_replay(records, earlier, training.replay_fraction, seed=training.seed)
+    progress(f"replay: {n} rows of production {production}'s snapshot {earlier_snapshot[:12]} ({n / len(mixed):.0%} of {len(mixed)})")
+    return [dict(row) for row in mixed], f"{snapshot}+replay-{earlier_snapshot[:12]}-{n}", n

@@ -1,0 +1,147 @@
+"""Serving commands: deploy, rollback, reconcile the vLLM fleet, and check an adapter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tuneloop.cli.common import (
+    _emit,
+    _progress,
+    _settings,
+)
+
+if TYPE_CHECKING:
+    import argparse
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from tuneloop.steps.loop import open_loop
+    from tuneloop.steps.serve import rollback_step
+
+    loop = open_loop(args.config, progress=_progress(args))
+    result = rollback_step(loop, args.version)
+    _emit(args, result, f"rolled back: production={result['version']} (was {result['from']})")
+    return 0
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    from tuneloop.steps.loop import open_loop
+    from tuneloop.steps.serve import reconcile_step
+
+    loop = open_loop(args.config, progress=_progress(args))
+    result = reconcile_step(loop)
+    changed = [e for e in result["endpoints"] if e["action"] != "in_sync"]
+    _emit(
+        args,
+        result,
+        f"{len(result['endpoints'])} endpoint(s) serve {result['production'] or 'no adapter'} as "
+        f"{loop.settings.model.served_model_name!r}; changed: "
+        + (", ".join(f"{e['endpoint']} ({e['action']})" for e in changed) or "none"),
+    )
+    return 0
+
+
+def cmd_adapter_check(args: argparse.Namespace) -> int:
+    from tuneloop.deploy import AdapterValidationError, check_lora_name, validate_adapter
+    from tuneloop.steps.loop import base_model_ref
+
+    settings = _settings(args)
+    base_model = args.base_model or base_model_ref(settings)
+    max_rank = args.max_rank or settings.vllm.max_lora_rank
+    problems: list[str] = []
+    if args.name is not None:
+        try:
+            check_lora_name(args.name)
+        except ValueError as err:
+            problems.append(str(err))
+    info = None
+    try:
+        info = validate_adapter(args.path, base_model_dir_or_id=base_model, max_lora_rank=max_rank)
+    except AdapterValidationError as err:
+        problems.extend(err.problems)
+    result: dict[str, Any] = {
+        "valid": not problems,
+        "path": str(args.path),
+        "base_model": str(base_model),
+        "max_rank": max_rank,
+        "problems": problems,
+        "adapter": info.to_dict() if info is not None else None,
+    }
+    if problems:
+        human = f"{args.path}: INVALID, {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems)
+    else:
+        assert info is not None
+        human = (
+            f"{args.path}: valid LoRA adapter, rank {info.rank}, {info.n_tensors} tensors "
+            f"({info.n_parameters:,} parameters) on {', '.join(info.target_modules)}; base model {info.base_match}"
+            + "".join(f"\n  warning: {w}" for w in info.warnings)
+        )
+    _emit(args, result, human)
+    return 0 if not problems else 1
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from tuneloop.steps.loop import open_loop
+    from tuneloop.steps.serve import deploy_step, verify_step
+
+    loop = open_loop(args.config, progress=_progress(args))
+    version = loop.registry.resolve(args.version)["version"]
+    result = deploy_step(loop, version)
+    result["verify"] = verify_step(loop, version)
+    _emit(args, result, f"{version} now answers as {loop.settings.model.served_model_name!r} on {', '.join(loop.settings.vllm.endpoints)}")
+    return 0
+
+
+def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Register this module's subcommands (each parser next to its handler)."""
+    p = sub.add_parser(
+        "deploy",
+        parents=[common],
+        help="hot-swap a registered adapter version into the vLLM servers (no registry change)",
+        description="Validates the adapter, loads it into the staging name, verifies it, then swaps the stable "
+        "served name in place; restores the previous adapter on any failure. Used by `make serve` to re-load "
+        "production after a server restart.",
+    )
+    p.add_argument("--version", default="production", help="version (v3) or alias (default: production)")
+    p.set_defaults(func=cmd_deploy)
+
+    p = sub.add_parser(
+        "rollback",
+        parents=[common],
+        help="serve an earlier version again and move the registry aliases",
+        description="Hot-swaps the chosen version into every vLLM endpoint (validated, staged, verified, restored "
+        "on failure), checks it serves, then moves production <- it and previous <- the old production. If the "
+        "check or the registry write fails, every endpoint is reconciled back to the registry's production.",
+    )
+    p.add_argument("--to", "--version", dest="version", default="previous", metavar="VERSION", help="version (v3) or alias (default: previous)")
+    p.set_defaults(func=cmd_rollback)
+
+    p = sub.add_parser(
+        "reconcile",
+        parents=[common],
+        help="make every vLLM endpoint serve exactly the registry's production version",
+        description="For each endpoint: if the stable served name already serves production's adapter, check it "
+        "answers; else load production in place (no window without the name) and check. With no production "
+        "yet, unload the stable name. Run it after a vLLM restart; the refresh DAG runs it before and after "
+        "each deploy. Every endpoint is tried; exit 1 naming each one that failed.",
+    )
+    p.set_defaults(func=cmd_reconcile)
+
+    p = sub.add_parser("adapter", help="inspect LoRA adapter directories")
+    adapter_sub = p.add_subparsers(dest="adapter_command", metavar="ACTION", required=True)
+    p = adapter_sub.add_parser(
+        "check",
+        parents=[common],
+        help="is this a LoRA adapter vLLM can serve on the base model? (nothing is sent anywhere)",
+        description="Rejects, listing every problem: a peft type other than LoRA, DoRA/bias/modules_to_save, a "
+        "base model other than the served one, a rank above the server's maximum, pickle weights (.bin), "
+        "missing or corrupt adapter_model.safetensors, tensors that do not fit the base model, links that "
+        "lead outside the adapter directory, and (with --name) a served name that could escape a path. "
+        "Exit 0 valid, 1 invalid, 2 usage.",
+    )
+    p.add_argument("path", type=Path, help="the adapter directory (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--base-model", metavar="NAME_OR_PATH", help="the served base model (default: the configured one)")
+    p.add_argument("--max-rank", type=int, metavar="N", help="the server's --max-lora-rank (default: vllm.max_lora_rank)")
+    p.add_argument("--name", help="also check a LoRA name to serve it under")
+    p.set_defaults(func=cmd_adapter_check)
