@@ -1,8 +1,8 @@
 """Evaluation throughput: HF ``generate`` on this machine vs the REAL vLLM CPU server.
 
 The same adapter and the same prompts go through both backends of ``tuneloop evaluate``
-(:class:`tuneloop.evaluate.HFBackend`, batches of ``--batch-size`` with left padding, and
-:class:`tuneloop.evaluate.VllmBackend`, the adapter loaded under a temporary LoRA name and
+(:class:`tuneloop.ml.evaluate.HFBackend`, batches of ``--batch-size`` with left padding, and
+:class:`tuneloop.ml.evaluate.VllmBackend`, the adapter loaded under a temporary LoRA name and
 asked ``--concurrency`` requests at a time, then unloaded), greedy, ``--max-new-tokens``.
 
 By default: the demo base model (``tuneloop build-model``, cached in .tuneloop/models), the
@@ -54,7 +54,7 @@ def find_adapter(args: argparse.Namespace, base: str, work: Path) -> Path:
         return demo
     from tuneloop.config import TrainingSettings
     from tuneloop.demo.invoices import heldout_sets
-    from tuneloop.train import train_lora
+    from tuneloop.ml.train import train_lora
 
     records = [r for rows in heldout_sets(1, 64).values() for r in rows]  # seed 1: not the bench prompts
     say(f"training a LoRA adapter for {args.train_steps} steps on {len(records)} demo rows (no adapter given)")
@@ -94,8 +94,8 @@ def main() -> int:
 
     from tuneloop.config import EvalSettings, load_settings
     from tuneloop.demo.basemodel import build_demo_model
-    from tuneloop.evaluate import HFBackend, VllmBackend
-    from tuneloop.suites import latency_summary
+    from tuneloop.ml.evaluate import HFBackend, VllmBackend
+    from tuneloop.ml.suites import latency_summary
     from tuneloop.tasks import TaskSpec
     from tuneloop.tasks.scoring import parse_json_answer as parse_completion
 

@@ -1,5 +1,5 @@
 """Where a LoRA training step spends its time: torch.profiler over a few steps of
-`tuneloop.train.fit` (and, for a ceiling, the same batches through the model with no LoRA
+`tuneloop.ml.train.fit` (and, for a ceiling, the same batches through the model with no LoRA
 bookkeeping), top kernels by self device time.
 
     python bench/profile_train.py --shape 1b --steps 6      # on a GPU
@@ -31,7 +31,7 @@ def main() -> int:
     from torch.profiler import ProfilerActivity, profile
 
     from tuneloop.config import TrainingSettings
-    from tuneloop.train import fit, load_lora_model, resolve_device, tokenize_records
+    from tuneloop.ml.train import fit, load_lora_model, resolve_device, tokenize_records
 
     device, dtype = resolve_device("auto", "auto")
     with tempfile.TemporaryDirectory() as tmp:

@@ -7,7 +7,7 @@ in one run:
 1. **baseline**: ``--clients`` threads call the stable served name back to back for
    ``--baseline-s`` seconds, no swap;
 2. **swaps**: the same load while ``--swaps`` full rollouts run one after another
-   (``tuneloop.deploy.deploy_adapter``, alternating v1 and v2: validate, load staging,
+   (``tuneloop.serving.deploy.deploy_adapter``, alternating v1 and v2: validate, load staging,
    verify on golden prompts, load the stable name in place, verify, the same path the
    refresh DAG takes).
 
@@ -75,7 +75,7 @@ class Phase:
 
 
 def run_clients(url: str, n_clients: int, phase: Phase, answers: dict[str, list[str]], stop: threading.Event) -> list[threading.Thread]:
-    from tuneloop.vllm_client import VllmClient
+    from tuneloop.serving.vllm_client import VllmClient
 
     lock = threading.Lock()
 
@@ -121,7 +121,7 @@ def main() -> int:
         staged_answers,
     )
 
-    from tuneloop.deploy import deploy_adapter
+    from tuneloop.serving.deploy import deploy_adapter
 
     root = Path(tempfile.mkdtemp(prefix="tuneloop-swap-bench-"))
     print(f"[bench] building a tiny Llama and two LoRA adapters in {root}", flush=True)

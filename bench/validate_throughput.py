@@ -95,9 +95,9 @@ def naive_baseline(lines: list[bytes]) -> tuple[int, int]:
 
 
 def full_validation(lines: list[bytes], model_dir: Path | None) -> dict[str, object]:
-    from tuneloop.intake_checks import IntakeOptions, run_intake_checks
-    from tuneloop.quality import run_quality_gate
-    from tuneloop.validate import check_lines
+    from tuneloop.intake.checks import IntakeOptions, run_intake_checks
+    from tuneloop.intake.expectations import run_quality_gate
+    from tuneloop.intake.rows import check_lines
 
     settings = load_settings(str(Path(__file__).resolve().parents[1] / "examples/invoices/tuneloop.yaml"))
     spec = TaskSpec(settings.task)
@@ -128,7 +128,7 @@ def full_validation(lines: list[bytes], model_dir: Path | None) -> dict[str, obj
 def near_duplicate_recall(quarantined: list[Any], lines: list[bytes]) -> dict[str, object]:
     """How many planted near-duplicates (row i copies row i-1's prompt) were quarantined as such,
     how many went first for another reason, and how many near_duplicate rows were not planted."""
-    from tuneloop.intake_checks import jaccard, shingle_set
+    from tuneloop.intake.checks import jaccard, shingle_set
 
     planted = {i + 1 for i in range(len(lines)) if i % 100 == 41 and i > 100}  # 1-based line numbers
     by_line = {q.line: q for q in quarantined}

@@ -163,7 +163,7 @@ def tuneloop_refresh() -> None:
 
     @task
     def pull(params: dict[str, Any] | None = None) -> dict[str, Any]:
-        from tuneloop.pull import NoNewDataError
+        from tuneloop.intake.pull import NoNewDataError
         from tuneloop.steps.intake import pull_step
 
         params = params or {}
@@ -175,7 +175,7 @@ def tuneloop_refresh() -> None:
 
     @task(outlets=[SNAPSHOT])
     def validate(plan: dict[str, Any], outlet_events: Any = None) -> dict[str, Any]:
-        from tuneloop.quality import DataQualityError
+        from tuneloop.intake.expectations import DataQualityError
         from tuneloop.steps.intake import validate_step
 
         try:
@@ -252,8 +252,8 @@ def tuneloop_refresh() -> None:
 
     @task(retries=1)
     def deploy(decision: dict[str, Any]) -> dict[str, Any]:
-        from tuneloop.deploy import DeployError
         from tuneloop.notify import deploy_rollback_message, notify_task_event
+        from tuneloop.serving.deploy import DeployError
         from tuneloop.steps.serve import deploy_step
 
         loop = _loop()

@@ -52,8 +52,8 @@ def tuneloop_rollback() -> None:
 
         from airflow.sdk import Variable, get_current_context
 
-        from tuneloop.deploy import DeployError
         from tuneloop.notify import deploy_rollback_message, notify_task_event, rollback_message
+        from tuneloop.serving.deploy import DeployError
         from tuneloop.steps.loop import open_task_loop
         from tuneloop.steps.serve import rollback_step
 

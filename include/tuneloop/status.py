@@ -20,7 +20,7 @@ def _latest(store: Store, prefix: str) -> dict[str, Any] | None:
 
 
 def collect_status(settings: Settings, store: Store, *, ask_vllm: bool = True) -> dict[str, Any]:
-    from tuneloop.pull import latest_snapshot
+    from tuneloop.intake.pull import latest_snapshot
     from tuneloop.registry import Registry
     from tuneloop.storage import StoreKeyError, read_snapshot_manifest
 
@@ -46,7 +46,7 @@ def collect_status(settings: Settings, store: Store, *, ask_vllm: bool = True) -
 
 
 def _ask_vllm(settings: Settings, store: Store, status_drift: dict[str, Any] | None = None) -> dict[str, Any]:
-    from tuneloop.vllm_client import VllmClient, VllmError
+    from tuneloop.serving.vllm_client import VllmClient, VllmError
 
     endpoint = settings.vllm.endpoints[0]
     api_key = settings.vllm.api_key.get_secret_value() if settings.vllm.api_key else None

@@ -313,7 +313,7 @@ def serve_sh(*args: str, timeout: float = 300, api_key: str | None = None) -> su
 def staged_answers(url: str, adapters: dict[str, Path]) -> dict[str, list[str]]:
     """Each adapter's greedy answers to PROMPTS, captured through the staging name (as an
     evaluation through vLLM would record them), plus the base model's under ``"base"``."""
-    from tuneloop.vllm_client import VllmClient
+    from tuneloop.serving.vllm_client import VllmClient
 
     answers: dict[str, list[str]] = {}
     with VllmClient(url) as client:
@@ -325,5 +325,5 @@ def staged_answers(url: str, adapters: dict[str, Path]) -> dict[str, list[str]]:
 
 
 def golden_of(answers: list[str]) -> list[dict[str, str]]:
-    """Golden cases ``{id, prompt, expected}`` for :func:`tuneloop.deploy.deploy_adapter`."""
+    """Golden cases ``{id, prompt, expected}`` for :func:`tuneloop.serving.deploy.deploy_adapter`."""
     return [{"id": f"p{i}", "prompt": prompt, "expected": answer} for i, (prompt, answer) in enumerate(zip(PROMPTS, answers, strict=True))]

@@ -18,7 +18,7 @@ from fixtures_vllm import free_port, serve_sh
 from tests.tiny_models import FAMILIES, build_tiny_model, chat_records
 
 from tuneloop.config import TrainingSettings
-from tuneloop.deploy import validate_adapter
+from tuneloop.serving.deploy import validate_adapter
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -43,7 +43,7 @@ def _family_params() -> list[object]:
 @pytest.fixture(scope="module", params=_family_params())
 def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, Path]]:
     """(family, server URL, trained adapter dir) with the family's tiny model being served."""
-    from tuneloop.train import train_lora
+    from tuneloop.ml.train import train_lora
 
     family = str(request.param)
     root = tmp_path_factory.mktemp(f"vllm-{family}")

@@ -23,8 +23,8 @@ from fixtures_vllm import REPO, SERVED, build_invoice_llama, build_lora_adapter,
 
 from tuneloop.config import EvalSettings
 from tuneloop.demo.invoices import heldout_sets, injection_set
-from tuneloop.evaluate import EVAL_NAME_INFIX, HFBackend, VllmBackend
-from tuneloop.vllm_client import VllmClient, VllmError
+from tuneloop.ml.evaluate import EVAL_NAME_INFIX, HFBackend, VllmBackend
+from tuneloop.serving.vllm_client import VllmClient, VllmError
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

@@ -315,7 +315,7 @@ def test_manual_rollback_reaches_slack_and_email(notify_env: dict[str, Any], mon
 
 
 def test_automatic_rollback_of_a_failed_deploy_reaches_slack_and_email(notify_env: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    from tuneloop.deploy import DeployError, DeployReport, EndpointReport
+    from tuneloop.serving.deploy import DeployError, DeployReport, EndpointReport
 
     def failing_deploy(loop: Any, version: str, **_: Any) -> dict[str, Any]:
         report = DeployReport(

@@ -119,7 +119,7 @@ def test_refresh_trains_evaluates_and_gates_with_real_servers(world: dict[str, A
 
 def test_rollback_dag_hot_swaps_a_version_into_vllm(world: dict[str, Any]) -> None:
     """Deploy v2 as production, then tuneloop_rollback serves v1 again through the real server."""
-    from tuneloop.vllm_client import VllmClient
+    from tuneloop.serving.vllm_client import VllmClient
 
     store, registry = _store_and_registry()
     if "v1" not in {v["version"] for v in registry.versions()}:
@@ -161,7 +161,7 @@ def test_refresh_over_production_warm_starts_deploys_verifies_and_records(
 
     The CI model cannot improve in a few steps, so this gate asks for non-inferiority only
     (no improve slices, a wide margin): a rule a team may choose for routine refreshes."""
-    from tuneloop.vllm_client import VllmClient
+    from tuneloop.serving.vllm_client import VllmClient
 
     store, registry = _store_and_registry()
     production = registry.aliases()["production"]
@@ -194,8 +194,8 @@ def test_registry_write_failing_after_the_swap_puts_production_back_on_the_serve
     """deploy and verify succeed, then `record` cannot write the registry: the run fails, and
     the `reconcile_after` teardown makes the server serve the registry's production again."""
     from tuneloop.registry import Registry
+    from tuneloop.serving.vllm_client import VllmClient
     from tuneloop.storage import StorageError
-    from tuneloop.vllm_client import VllmClient
 
     store, registry = _store_and_registry()
     production = registry.aliases()["production"]

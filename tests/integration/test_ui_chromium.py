@@ -76,7 +76,7 @@ def _scores(means: dict[str, float], seed: int, n: int = 150) -> bytes:
 
 def _snapshot(loop: Loop, since: date | None, until: date) -> str:
     """pull + row checks + the dataset snapshot (the Great Expectations suite left out)."""
-    from tuneloop.pull import plan_pull, read_batch, write_dataset_snapshot
+    from tuneloop.intake.pull import plan_pull, read_batch, write_dataset_snapshot
 
     plan = plan_pull(loop.store, since=since, until=until)
     batch = read_batch(loop.store, plan)

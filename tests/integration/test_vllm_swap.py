@@ -34,9 +34,9 @@ from fixtures_vllm import (
     staged_answers,
 )
 
-import tuneloop.deploy as deploy_module
-from tuneloop.deploy import AdapterInfo, DeployError, DeployReport, deploy_adapter
-from tuneloop.vllm_client import VllmClient, VllmError
+import tuneloop.serving.deploy as deploy_module
+from tuneloop.serving.deploy import AdapterInfo, DeployError, DeployReport, deploy_adapter
+from tuneloop.serving.vllm_client import VllmClient, VllmError
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator

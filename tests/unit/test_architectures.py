@@ -20,11 +20,11 @@ pytest.importorskip("peft")
 
 from tests.tiny_models import FAMILIES, build_tiny_model, chat_records  # noqa: E402
 
-from tuneloop.chat import resolve_target_modules, template_stop_tokens  # noqa: E402
 from tuneloop.config import EvalSettings, TrainingSettings  # noqa: E402
-from tuneloop.deploy import read_safetensors_header, validate_adapter  # noqa: E402
-from tuneloop.evaluate import HFBackend, _stop_ids  # noqa: E402
-from tuneloop.train import fit, load_lora_model, tokenize_records, train_lora  # noqa: E402
+from tuneloop.ml.chat import resolve_target_modules, template_stop_tokens  # noqa: E402
+from tuneloop.ml.evaluate import HFBackend, _stop_ids  # noqa: E402
+from tuneloop.ml.train import fit, load_lora_model, tokenize_records, train_lora  # noqa: E402
+from tuneloop.serving.deploy import read_safetensors_header, validate_adapter  # noqa: E402
 
 pytestmark = pytest.mark.ml
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from tuneloop import cli
-from tuneloop.deploy import (
+from tuneloop.serving.deploy import (
     AdapterValidationError,
     DeployError,
     check_lora_name,
@@ -28,7 +28,7 @@ from tuneloop.deploy import (
     reconcile,
     validate_adapter,
 )
-from tuneloop.vllm_client import VllmClient, VllmDownError, VllmError
+from tuneloop.serving.vllm_client import VllmClient, VllmDownError, VllmError
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

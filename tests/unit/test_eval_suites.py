@@ -19,7 +19,7 @@ from tuneloop.demo.invoices import (
     heldout_sets,
     injection_set,
 )
-from tuneloop.suites import (
+from tuneloop.ml.suites import (
     golden_report,
     injection_followed,
     latency_summary,
@@ -364,7 +364,7 @@ def _user_text(context: Any) -> str:
 
 def test_evaluate_adapter_runs_every_suite_and_writes_its_files(tmp_path: Any, spec: TaskSpec) -> None:
     from tuneloop.config import EvalSettings
-    from tuneloop.evaluate import SuitePlan, evaluate_adapter
+    from tuneloop.ml.evaluate import SuitePlan, evaluate_adapter
 
     sets = heldout_sets(0, 3)
     records = sets["original"] + sets["drifted"]
@@ -416,7 +416,7 @@ def test_evaluate_adapter_runs_every_suite_and_writes_its_files(tmp_path: Any, s
 
 def test_evaluate_adapter_without_suites_skips_them_and_clears_old_suite_files(tmp_path: Any, spec: TaskSpec) -> None:
     from tuneloop.config import EvalSettings
-    from tuneloop.evaluate import evaluate_adapter
+    from tuneloop.ml.evaluate import evaluate_adapter
 
     records = heldout_sets(0, 2)["original"]
     out = tmp_path / "out"

@@ -15,7 +15,7 @@ from pathlib import Path  # noqa: E402
 from tuneloop.config import EvalSettings, load_settings  # noqa: E402
 from tuneloop.demo.basemodel import build_demo_model  # noqa: E402
 from tuneloop.demo.invoices import heldout_sets  # noqa: E402
-from tuneloop.evaluate import (  # noqa: E402
+from tuneloop.ml.evaluate import (  # noqa: E402
     EvaluationError,
     evaluate_adapter,
     evaluate_records,
@@ -137,7 +137,7 @@ def test_generate_hf_batches_with_left_padding(tiny_model: Path, records: list[d
 
 def test_hf_backend_end_to_end_with_an_adapter(tiny_model: Path, records: list[dict[str, Any]], tmp_path: Path) -> None:
     from tuneloop.config import TrainingSettings
-    from tuneloop.train import train_lora
+    from tuneloop.ml.train import train_lora
 
     adapter = tmp_path / "adapter"
     train_lora(tiny_model, records, adapter, TrainingSettings(max_steps=2, batch_size=4, max_seq_len=512), progress=lambda _: None)

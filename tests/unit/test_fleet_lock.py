@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from tuneloop.fleet_lock import FleetBusyError, fleet_lock, lock_key
+from tuneloop.serving.fleet_lock import FleetBusyError, fleet_lock, lock_key
 from tuneloop.storage import LocalStore, S3Store, Store
 
 if TYPE_CHECKING:

@@ -13,7 +13,8 @@ import pytest
 from tuneloop.cli import main
 from tuneloop.config import TaskSettings, load_settings
 from tuneloop.demo import invoice_task as task
-from tuneloop.pull import (
+from tuneloop.intake.expectations import DataQualityError, format_quality_failure, run_quality_gate
+from tuneloop.intake.pull import (
     NoNewDataError,
     is_eval_id,
     plan_pull,
@@ -21,7 +22,6 @@ from tuneloop.pull import (
     read_batch,
     write_dataset_snapshot,
 )
-from tuneloop.quality import DataQualityError, format_quality_failure, run_quality_gate
 from tuneloop.storage import LocalStore, read_snapshot_manifest
 from tuneloop.tasks import TaskSpec
 

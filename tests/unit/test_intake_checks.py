@@ -17,7 +17,7 @@ from tuneloop.cli import main
 from tuneloop.config import ConfigError, TaskSettings, load_settings
 from tuneloop.demo import invoice_task as task
 from tuneloop.demo.invoices import make_labelled_record
-from tuneloop.intake_checks import (
+from tuneloop.intake.checks import (
     ChatTemplate,
     IntakeOptions,
     LabelAgreement,
@@ -34,10 +34,10 @@ from tuneloop.intake_checks import (
     similarity_text,
     write_review_sample,
 )
-from tuneloop.pull import check_batch, plan_pull, write_dataset_snapshot
+from tuneloop.intake.pull import check_batch, is_eval_id, plan_pull, write_dataset_snapshot
+from tuneloop.intake.rows import check_lines
 from tuneloop.storage import LocalStore
 from tuneloop.tasks import TaskSpec
-from tuneloop.validate import check_lines
 
 pytestmark = pytest.mark.unit
 
@@ -300,7 +300,7 @@ def test_pull_quarantines_train_rows_leaking_eval_rows(tmp_path: Path) -> None:
     batch, report = check_batch(store, plan, IntakeOptions(), SPEC, eval_fraction=0.2)
     leaked = [q for q in batch.quarantined if q.reasons == ["eval_leakage"]]
     assert [(json.loads(q.raw)["id"], q.matched_id) for q in leaked] == [("s010", "h1")]
-    assert report.eval_rows == 1 + sum(1 for r in rows if __import__("tuneloop.pull").pull.is_eval_id(r["id"], 0.2))
+    assert report.eval_rows == 1 + sum(1 for r in rows if is_eval_id(r["id"], 0.2))
     result = write_dataset_snapshot(store, batch, plan, SPEC, eval_fraction=0.2)
     assert result["counts"]["train"] + result["counts"]["eval"] + result["counts"]["quarantined"] == 60
     assert result["reasons"] == {"eval_leakage": 1}

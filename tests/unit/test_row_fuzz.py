@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from tuneloop.config import TaskSettings
+from tuneloop.intake.rows import check_line, check_lines, iter_lines, split_lines
 from tuneloop.tasks import TaskSpec
-from tuneloop.validate import check_line, check_lines, iter_lines, split_lines
 
 pytestmark = pytest.mark.unit
 

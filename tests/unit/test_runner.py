@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tuneloop.runner import StepFailedError, run_ml_step
+from tuneloop.ml.runner import StepFailedError, run_ml_step
 
 pytestmark = pytest.mark.unit
 

@@ -15,7 +15,7 @@ pytest.importorskip("peft")
 from tuneloop.config import TrainingSettings  # noqa: E402
 from tuneloop.demo.basemodel import build_demo_model  # noqa: E402
 from tuneloop.demo.invoices import make_labelled_record  # noqa: E402
-from tuneloop.train import (  # noqa: E402
+from tuneloop.ml.train import (  # noqa: E402
     IGNORE_INDEX,
     TrainingError,
     fit,
@@ -248,7 +248,7 @@ def test_warm_start_refuses_an_adapter_of_another_base_model(
 ) -> None:
     import shutil
 
-    from tuneloop.train import check_init_adapter
+    from tuneloop.ml.train import check_init_adapter
 
     foreign = tmp_path / "foreign"
     shutil.copytree(trained[0], foreign)

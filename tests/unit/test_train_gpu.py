@@ -27,7 +27,7 @@ def test_lora_trains_in_bf16_on_cuda_and_leaves_base_weights_alone(tmp_path: Pat
     from tuneloop.config import TrainingSettings
     from tuneloop.demo import invoices as world
     from tuneloop.demo.basemodel import build_demo_model
-    from tuneloop.train import train_lora
+    from tuneloop.ml.train import train_lora
 
     base = build_demo_model(tmp_path / "base", preset="tiny")
     before = load_file(str(Path(base) / "model.safetensors"))

@@ -24,11 +24,11 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from tuneloop import train as train_module  # noqa: E402
 from tuneloop.config import TrainingSettings  # noqa: E402
 from tuneloop.demo.basemodel import build_demo_model  # noqa: E402
 from tuneloop.demo.invoices import make_labelled_record  # noqa: E402
-from tuneloop.train import (  # noqa: E402
+from tuneloop.ml import train as train_module  # noqa: E402
+from tuneloop.ml.train import (  # noqa: E402
     IGNORE_INDEX,
     TokenizedExample,
     _loss_head,
@@ -198,7 +198,7 @@ _TRAIN_SCRIPT = """
 import json, os, random, signal, sys
 from datetime import UTC, datetime
 from tuneloop.config import TrainingSettings
-from tuneloop.train import train_lora
+from tuneloop.ml.train import train_lora
 from tuneloop.demo.invoices import make_labelled_record
 base, out, kill_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
 when = datetime(2026, 1, 1, tzinfo=UTC)

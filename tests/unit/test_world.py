@@ -439,8 +439,8 @@ def test_clean_labelled_rows_pass_the_invoice_examples_row_checks() -> None:
     from pathlib import Path
 
     from tuneloop.config import load_settings
+    from tuneloop.intake.rows import check_lines
     from tuneloop.tasks import TaskSpec
-    from tuneloop.validate import check_lines
 
     spec = TaskSpec(load_settings(Path(__file__).resolve().parents[2] / "examples" / "invoices" / "tuneloop.yaml", env={}).task)
     store = MemoryStore()

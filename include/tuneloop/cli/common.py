@@ -70,7 +70,7 @@ def _reexec_in_ml_env(argv: Sequence[str], command: str) -> None:
 
     if importlib.util.find_spec("torch") is not None and importlib.util.find_spec("peft") is not None:
         return
-    from tuneloop.runner import find_ml_python
+    from tuneloop.ml.runner import find_ml_python
 
     python = find_ml_python()
     if python is None:

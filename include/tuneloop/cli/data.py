@@ -15,8 +15,8 @@ from tuneloop.cli.common import (
     _settings,
     _store,
 )
+from tuneloop.intake.rows import split_lines
 from tuneloop.tasks import TaskSpec
-from tuneloop.validate import split_lines
 
 if TYPE_CHECKING:
     import argparse
@@ -86,7 +86,7 @@ def cmd_demo_world(args: argparse.Namespace) -> int:
 
 def _quality_gate(batch: Any, settings: Settings, intake: Any, progress: Callable[[str], None]) -> Any:
     """The Great Expectations suite and the batch thresholds with the ``data`` settings."""
-    from tuneloop.quality import run_quality_gate
+    from tuneloop.intake.expectations import run_quality_gate
 
     data = settings.data
     return run_quality_gate(
@@ -102,8 +102,8 @@ def _quality_gate(batch: Any, settings: Settings, intake: Any, progress: Callabl
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from tuneloop.intake_checks import IntakeOptions
-    from tuneloop.pull import check_batch, plan_pull, write_dataset_snapshot
+    from tuneloop.intake.checks import IntakeOptions
+    from tuneloop.intake.pull import check_batch, plan_pull, write_dataset_snapshot
 
     settings = _settings(args)
     store = _store(settings)
@@ -117,7 +117,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
     quality = None
     if not args.skip_quality:
         try:
-            from tuneloop.quality import format_quality_failure
+            from tuneloop.intake.expectations import format_quality_failure
         except ImportError as err:
             raise CliError(f"the quality gate needs great_expectations ({err}): run `.venv/bin/tuneloop pull` or pass --skip-quality") from None
         quality = _quality_gate(batch, settings, intake, progress)
@@ -158,8 +158,8 @@ def _eval_records(paths: Sequence[str]) -> list[dict[str, Any]]:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from tuneloop.intake_checks import IntakeOptions, run_intake_checks, write_review_sample
-    from tuneloop.validate import check_lines
+    from tuneloop.intake.checks import IntakeOptions, run_intake_checks, write_review_sample
+    from tuneloop.intake.rows import check_lines
 
     settings = _settings(args)
     data = settings.data
@@ -176,7 +176,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for note in intake.notes:
         progress(note)
     progress(f"intake checks: {len(batch.accepted)} rows left; running the Great Expectations suite")
-    from tuneloop.quality import format_quality_failure
+    from tuneloop.intake.expectations import format_quality_failure
 
     quality = _quality_gate(batch, settings, intake, progress)
     out = Path(args.out)

@@ -20,9 +20,9 @@ from tuneloop.cli.common import (
     _store,
     _write_result_file,
 )
+from tuneloop.intake.rows import split_lines
 from tuneloop.steps.train import replay_mix
 from tuneloop.tasks import TaskSpec
-from tuneloop.validate import split_lines
 
 if TYPE_CHECKING:
 
@@ -46,7 +46,7 @@ def cmd_build_model(args: argparse.Namespace) -> int:
 
 def _snapshot_records(store: Store, snapshot: str, split: str) -> tuple[str, list[dict[str, Any]]]:
     """Records of ``split`` from a snapshot hash, ``latest``, or a local JSONL file."""
-    from tuneloop.pull import SNAPSHOT_PREFIX, latest_snapshot
+    from tuneloop.intake.pull import SNAPSHOT_PREFIX, latest_snapshot
     from tuneloop.storage import StoreKeyError
 
     if snapshot.endswith(".jsonl") or Path(snapshot).is_file():
@@ -69,7 +69,7 @@ def _snapshot_records(store: Store, snapshot: str, split: str) -> tuple[str, lis
 
 def _train_and_register(args: argparse.Namespace) -> int:
     """``tuneloop train --register``: :func:`tuneloop.steps.train.train_step` in this process."""
-    from tuneloop.pull import latest_snapshot
+    from tuneloop.intake.pull import latest_snapshot
     from tuneloop.steps.loop import open_loop
     from tuneloop.steps.train import train_step
 
@@ -113,7 +113,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.run_id is not None:
         raise CliError("--run-id goes with --register")
     from tuneloop.demo.basemodel import resolve_base_model
-    from tuneloop.train import train_lora
+    from tuneloop.ml.train import train_lora
 
     settings = _settings(args)
     store = _store(settings)
@@ -209,7 +209,7 @@ def _previous_scores(store: Store, source: str) -> tuple[list[dict[str, Any]], s
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from tuneloop.demo.basemodel import resolve_base_model
-    from tuneloop.evaluate import SuitePlan, evaluate_adapter, select_backend
+    from tuneloop.ml.evaluate import SuitePlan, evaluate_adapter, select_backend
 
     settings = _settings(args)
     store = _store(settings)

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 def pull_step(loop: Loop, *, since: str | None = None, until: str | None = None, force: bool = False) -> dict[str, Any]:
     """Plan which labelled partitions to use: new ones since the last snapshot, or a range."""
-    from tuneloop.pull import NoNewDataError, plan_pull
+    from tuneloop.intake.pull import NoNewDataError, plan_pull
 
     start, end = parse_day(since), parse_day(until)
     try:
@@ -30,9 +30,13 @@ def pull_step(loop: Loop, *, since: str | None = None, until: str | None = None,
 
 def validate_step(loop: Loop, plan_json: dict[str, Any]) -> dict[str, Any]:
     """Row checks + the Great Expectations suite; a failing batch stops the run before training."""
-    from tuneloop.intake_checks import IntakeOptions
-    from tuneloop.pull import PullPlan, check_batch, write_dataset_snapshot
-    from tuneloop.quality import DataQualityError, format_quality_failure, run_quality_gate
+    from tuneloop.intake.checks import IntakeOptions
+    from tuneloop.intake.expectations import (
+        DataQualityError,
+        format_quality_failure,
+        run_quality_gate,
+    )
+    from tuneloop.intake.pull import PullPlan, check_batch, write_dataset_snapshot
 
     plan = PullPlan.from_json(plan_json)
     data = loop.settings.data

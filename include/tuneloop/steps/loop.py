@@ -43,8 +43,8 @@ class Loop:
 
     def run_ml(self, args: list[str]) -> dict[str, Any]:
         """``tuneloop <args>`` in the ML environment, on exactly this loop's settings (a job
-        file: see :mod:`tuneloop.runner`); progress lines go to :attr:`progress`."""
-        from tuneloop.runner import run_ml_step
+        file: see :mod:`tuneloop.ml.runner`); progress lines go to :attr:`progress`."""
+        from tuneloop.ml.runner import run_ml_step
 
         return run_ml_step(args, settings=self.settings, on_line=self.progress)
 

@@ -65,7 +65,7 @@ def check_drift(loop: Loop, *, as_of: str | date | None = None) -> dict[str, Any
     candidate, promoted or not, covered data older than ``cooldown_days`` before the window's
     end. Every check is stored under ``drift/checks/`` and ``drift/history.png`` redrawn.
     """
-    from tuneloop.pull import snapshot_last_day
+    from tuneloop.intake.pull import snapshot_last_day
 
     cfg = loop.settings.drift
     store = loop.store
@@ -190,7 +190,7 @@ def check_performance(loop: Loop, end: date, production_record: dict[str, Any] |
     import hashlib
 
     from tuneloop.drift import performance_drift
-    from tuneloop.pull import NoNewDataError, plan_pull, read_batch, snapshot_last_day
+    from tuneloop.intake.pull import NoNewDataError, plan_pull, read_batch, snapshot_last_day
 
     cfg = loop.settings.drift
     if production_record is None:

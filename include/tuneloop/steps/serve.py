@@ -1,6 +1,6 @@
 """The serving steps: deploy (hot-swap into every vLLM endpoint), verify, record (the
 registry's aliases), reconcile (servers <- registry) and rollback. Every swap holds the
-fleet's lease (:mod:`tuneloop.fleet_lock`)."""
+fleet's lease (:mod:`tuneloop.serving.fleet_lock`)."""
 
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def golden_prompts(loop: Loop, version: str, scores_key: str) -> list[dict[str, 
 
 def fleet(loop: Loop, action: str) -> Any:
     """The lease that makes this the only deploy on the loop's vLLM fleet (see fleet_lock)."""
-    from tuneloop.fleet_lock import fleet_lock
+    from tuneloop.serving.fleet_lock import fleet_lock
 
     return fleet_lock(loop.store, loop.settings.vllm.endpoints, owner=loop.run_id, action=action, say=loop.progress)
 
@@ -83,7 +83,7 @@ def deploy_step(loop: Loop, version: str, *, scores_key: str | None = None) -> d
 
 
 def _deploy(loop: Loop, version: str, *, scores_key: str | None = None) -> dict[str, Any]:
-    from tuneloop.deploy import deploy_adapter
+    from tuneloop.serving.deploy import deploy_adapter
 
     settings = loop.settings
     adapter_dir = materialize_adapter(loop, version)
@@ -110,7 +110,7 @@ def _deploy(loop: Loop, version: str, *, scores_key: str | None = None) -> dict[
 
 def verify_step(loop: Loop, version: str) -> dict[str, Any]:
     """Check every endpoint's stable name is served from ``version``'s adapter directory."""
-    from tuneloop.vllm_client import VllmClient
+    from tuneloop.serving.vllm_client import VllmClient
 
     settings = loop.settings
     expected = str(materialize_adapter(loop, version))
@@ -148,7 +148,7 @@ def reconcile_step(loop: Loop) -> dict[str, Any]:
 
 
 def _reconcile(loop: Loop) -> dict[str, Any]:
-    from tuneloop.deploy import reconcile
+    from tuneloop.serving.deploy import reconcile
 
     settings = loop.settings
     production = loop.registry.aliases().get("production")

@@ -62,8 +62,8 @@ def replay_mix(
     if training.replay_fraction <= 0:
         return records, snapshot, 0
     from tuneloop import layout
+    from tuneloop.ml.train import mix_replay
     from tuneloop.registry import Registry, RegistryError
-    from tuneloop.train import mix_replay
 
     registry = Registry(store)
     production = registry.aliases().get("production")

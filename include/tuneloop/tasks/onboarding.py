@@ -37,7 +37,7 @@ POWER_Z = 0.8416  # z of 80% power
 
 def _load_sample(path: Path, limit: int) -> list[dict[str, Any]]:
     rows = []
-    from tuneloop.validate import split_lines
+    from tuneloop.intake.rows import split_lines
 
     for line in split_lines(path.read_bytes())[:limit]:
         try:
@@ -120,10 +120,10 @@ def minimum_detectable_difference(n: int, alpha: float) -> float | None:
 
 def check_task(settings: Settings, data: Path, *, show: int = 2, tokenizer_dir: Path | None = None) -> dict[str, Any]:
     """The report ``tuneloop check-task`` prints (see the module docstring)."""
-    from tuneloop.intake_checks import ChatTemplate, IntakeOptions, run_intake_checks
-    from tuneloop.pull import is_eval_id
+    from tuneloop.intake.checks import ChatTemplate, IntakeOptions, run_intake_checks
+    from tuneloop.intake.pull import is_eval_id
+    from tuneloop.intake.rows import check_lines, split_lines
     from tuneloop.tasks import TaskSpec
-    from tuneloop.validate import check_lines, split_lines
 
     spec = TaskSpec(settings.task)
     raw = split_lines(data.read_bytes())

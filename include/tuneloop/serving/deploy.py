@@ -5,7 +5,7 @@ Deploys use only two adapter names on a server: the stable ``<name>`` and ``<nam
 and every load is in place (``load_inplace``), which swaps the weights behind a name with no
 window in which the name is missing and never grows vLLM's adapter cache (see FACTS.md).
 (An evaluation through vLLM adds a temporary ``<name>-eval-<hex>`` while it runs and unloads
-it afterwards: see ``tuneloop.evaluate.VllmBackend``.)
+it afterwards: see ``tuneloop.ml.evaluate.VllmBackend``.)
 
 First ``validate`` (the adapter, the golden set, the rollback target) and ``preflight`` (every
 endpoint is healthy and serves ``<name>-base``) run before anything is loaded anywhere. Then
@@ -44,7 +44,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tuneloop.vllm_client import Prompt, VllmClient, VllmError
+from tuneloop.serving.vllm_client import Prompt, VllmClient, VllmError
 
 logger = logging.getLogger(__name__)
 

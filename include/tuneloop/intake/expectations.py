@@ -24,12 +24,12 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from tuneloop.validate import CheckedBatch, QuarantinedRow
+from tuneloop.intake.rows import CheckedBatch, QuarantinedRow
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from tuneloop.intake_checks import IntakeReport
+    from tuneloop.intake.checks import IntakeReport
     from tuneloop.tasks import TaskSpec
 
 RESERVED_COLUMNS = ("_row", "id", "input", "answer", "slice")
@@ -162,7 +162,7 @@ def run_quality_gate(
     """Run the GX suite on ``batch.accepted``, move failing rows to ``batch.quarantined``,
     then apply the batch thresholds (the caller raises :class:`DataQualityError`).
 
-    ``intake`` is the report of :func:`tuneloop.intake_checks.run_intake_checks` when it ran
+    ``intake`` is the report of :func:`tuneloop.intake.checks.run_intake_checks` when it ran
     on this batch: its summary joins the report and card numbers are left to its Luhn check."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations as gx

@@ -21,13 +21,13 @@ from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import TYPE_CHECKING, Any
 
-from tuneloop.validate import CheckedBatch, check_lines, split_lines
+from tuneloop.intake.rows import CheckedBatch, check_lines, split_lines
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
-    from tuneloop.intake_checks import IntakeOptions, IntakeReport
-    from tuneloop.quality import QualityReport
+    from tuneloop.intake.checks import IntakeOptions, IntakeReport
+    from tuneloop.intake.expectations import QualityReport
     from tuneloop.storage import Store
     from tuneloop.tasks import TaskSpec
 
@@ -138,7 +138,7 @@ def check_batch(
 ) -> tuple[CheckedBatch, IntakeReport]:
     """Row checks, then the intake checks (tokens, chat template, PII, labels, near-duplicates,
     eval leakage against this batch's eval side and the stored eval rows)."""
-    from tuneloop.intake_checks import run_intake_checks
+    from tuneloop.intake.checks import run_intake_checks
 
     batch = read_batch(store, plan, spec, progress=progress)
     report = run_intake_checks(

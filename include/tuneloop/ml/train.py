@@ -400,7 +400,7 @@ def load_lora_model(
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tuneloop.chat import resolve_target_modules
+    from tuneloop.ml.chat import resolve_target_modules
 
     # Base weights in the compute dtype on GPU (memory); fp32 on CPU. LoRA weights stay fp32.
     load_dtype = getattr(torch, dtype) if device == "cuda" else torch.float32

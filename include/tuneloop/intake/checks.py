@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from tuneloop.validate import CheckedBatch, QuarantinedRow
+from tuneloop.intake.rows import CheckedBatch, QuarantinedRow
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence

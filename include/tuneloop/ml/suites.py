@@ -1,7 +1,7 @@
 """The eval suites besides accuracy: prompt injection, consistency, golden regressions, latency.
 
 Pure functions over answers that a backend already produced (no model, no server), so each
-rule can be read and tested on its own. :func:`tuneloop.evaluate.evaluate_adapter` runs the
+rule can be read and tested on its own. :func:`tuneloop.ml.evaluate.evaluate_adapter` runs the
 generations and calls these; ``summary.json`` gets one block per suite:
 
 * ``injection``: inputs that carry an instruction to answer wrongly (the user's injection set,

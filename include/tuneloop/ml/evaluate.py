@@ -16,7 +16,7 @@ Every record is read through the task (:class:`tuneloop.tasks.TaskSpec`: the con
 production sends, system prompt included, the gold answer, the slice) and each answer is scored
 with the task's scorer; the per-example rows (``scores.jsonl``) feed the statistical gate, the
 per-slice summary (``summary.json``) is for people. The suites
-(prompt injection, consistency, golden regressions, latency; see :mod:`tuneloop.suites`) add
+(prompt injection, consistency, golden regressions, latency; see :mod:`tuneloop.ml.suites`) add
 one block each to the summary and write ``injection.jsonl`` and ``consistency.jsonl``.
 """
 
@@ -40,8 +40,8 @@ if TYPE_CHECKING:
     import os
 
     from tuneloop.config import EvalSettings, Settings
+    from tuneloop.serving.vllm_client import ChatReply, Prompt, VllmClient
     from tuneloop.tasks import Example, TaskSpec
-    from tuneloop.vllm_client import ChatReply, Prompt, VllmClient
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ GenerateFn = Callable[[Sequence["Prompt"]], Sequence[str]]
 """Prompts (a user message, or a list of chat turns) in, completions (assistant text) out, same order."""
 STOP_TOKENS: tuple[str, ...] = ()
 """Extra tokens to stop at, beyond eos, ``generation_config.eos_token_id`` and the chat
-template's end-of-turn token (see :func:`tuneloop.chat.template_stop_tokens`); none today."""
+template's end-of-turn token (see :func:`tuneloop.ml.chat.template_stop_tokens`); none today."""
 EVAL_NAME_INFIX = "-eval-"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -122,7 +122,7 @@ def _stop_ids(tokenizer: Any, model: Any) -> list[int]:
     """Token ids that end an answer: the tokenizer's eos, the model's
     ``generation_config.eos_token_id`` (int or list), and the end-of-turn token the chat
     template writes after an assistant message (``<|eot_id|>``, ``<|im_end|>``, ``<end_of_turn>``...)."""
-    from tuneloop.chat import template_stop_tokens
+    from tuneloop.ml.chat import template_stop_tokens
 
     ids: set[int] = set()
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -186,7 +186,7 @@ class HFBackend:
     def generate(self, prompts: Sequence[Prompt], *, temperature: float = 0.0, seed: int | None = None) -> Generation:
         import torch
 
-        from tuneloop.vllm_client import as_messages
+        from tuneloop.serving.vllm_client import as_messages
 
         started = time.monotonic()
         if not prompts:
@@ -277,7 +277,7 @@ class CallableBackend:
 def eval_lora_name(served_name: str) -> str:
     """A fresh temporary LoRA name, ``<served>-eval-<8 hex>``: never the stable or staging name,
     and unique per evaluation, so two evaluations at once never swap each other's weights."""
-    from tuneloop.deploy import check_lora_name
+    from tuneloop.serving.deploy import check_lora_name
 
     return check_lora_name(f"{served_name}{EVAL_NAME_INFIX}{uuid.uuid4().hex[:8]}")
 
@@ -321,8 +321,8 @@ def probe_vllm(
 ) -> tuple[list[str], list[str]]:
     """Which endpoints can evaluate: healthy, serving ``<served>-base`` from the configured base
     model. Returns (usable endpoints, one problem per endpoint that cannot)."""
-    from tuneloop.deploy import base_name, compare_base_models
-    from tuneloop.vllm_client import VllmClient, VllmError
+    from tuneloop.serving.deploy import base_name, compare_base_models
+    from tuneloop.serving.vllm_client import VllmClient, VllmError
 
     base = base_name(served_name)
     usable, problems = [], []
@@ -352,7 +352,7 @@ class VllmBackend:
     """The running vLLM servers, through a temporary LoRA name (or ``<served>-base``).
 
     :meth:`open` checks every endpoint (healthy, serves the configured base model), validates
-    the adapter as a deploy does (:func:`tuneloop.deploy.validate_adapter`), copies it where the
+    the adapter as a deploy does (:func:`tuneloop.serving.deploy.validate_adapter`), copies it where the
     servers read adapters (:func:`materialize_eval_adapter`) and loads it under a fresh
     :func:`eval_lora_name` on each endpoint. :meth:`close` unloads it wherever it was loaded
     and checks it is gone; a failed unload is reported in :meth:`describe` (``unloaded``) and
@@ -422,8 +422,8 @@ class VllmBackend:
 
     def open(self) -> None:
         """Preflight, validate, materialise and load; on any failure unload what was loaded."""
-        from tuneloop.deploy import base_name, validate_adapter
-        from tuneloop.vllm_client import VllmClient
+        from tuneloop.serving.deploy import base_name, validate_adapter
+        from tuneloop.serving.vllm_client import VllmClient
 
         if self.model is not None:
             return
@@ -459,7 +459,7 @@ class VllmBackend:
 
     def close(self) -> None:
         """Unload the temporary name wherever it was loaded; close the connections."""
-        from tuneloop.vllm_client import VllmError
+        from tuneloop.serving.vllm_client import VllmError
 
         for client in self._loaded:
             assert self.lora_name is not None
@@ -505,7 +505,7 @@ class VllmBackend:
         ``seed`` is never sent: vLLM's CPU build kills its engine when a seeded request is
         discarded (``CPU Generator does not use offset``), and that server may serve production.
         Sampled passes are therefore not reproducible through vLLM."""
-        from tuneloop.vllm_client import VllmError
+        from tuneloop.serving.vllm_client import VllmError
 
         if self.model is None:
             raise BackendUnavailable("VllmBackend.generate before open()")
@@ -682,7 +682,7 @@ def _count_tokens(base_model: str | os.PathLike[str], texts: Sequence[str]) -> i
 
 @dataclass
 class SuitePlan:
-    """What :func:`evaluate_adapter` runs besides the accuracy pass (see :mod:`tuneloop.suites`)."""
+    """What :func:`evaluate_adapter` runs besides the accuracy pass (see :mod:`tuneloop.ml.suites`)."""
 
     injection: list[dict[str, Any]] | None = None
     """Rows of the task's format, each with ``injection: {"value", "field"?}``; None: no
@@ -708,7 +708,7 @@ def _write_jsonl(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
 def _run_injection(
     backend: GenerationBackend, plan: SuitePlan, spec: TaskSpec, settings: EvalSettings, out_dir: Path, say: ProgressSink
 ) -> dict[str, Any]:
-    from tuneloop.suites import score_injection
+    from tuneloop.ml.suites import score_injection
 
     if not plan.injection:
         return {"skipped": plan.injection_skipped or "no injection rows"}
@@ -726,7 +726,7 @@ def _run_injection(
 def _run_consistency(
     backend: GenerationBackend, examples: Sequence[Example], plan: SuitePlan, spec: TaskSpec, settings: EvalSettings, out_dir: Path, say: ProgressSink
 ) -> dict[str, Any]:
-    from tuneloop.suites import pick_by_slice, score_consistency
+    from tuneloop.ml.suites import pick_by_slice, score_consistency
 
     picked = pick_by_slice(examples, plan.consistency_prompts)
     if not picked:
@@ -760,7 +760,7 @@ def _latency(
     """The latency block: ``eval.latency_requests`` requests sent one at a time (what a lone
     client waits), with the accuracy pass's per-request times under its concurrency as
     ``under_load``; nulls with the reason for a backend that measures none (HF)."""
-    from tuneloop.suites import latency_summary, pick_by_slice
+    from tuneloop.ml.suites import latency_summary, pick_by_slice
 
     if not generation.latencies_s:
         return latency_summary(None, reason=engine.latency_reason)
@@ -845,7 +845,7 @@ def evaluate_adapter(
         summary["latency"] = _latency(engine, generation, examples, settings, probe=plan is not None, say=say)
     finally:
         engine.close()
-    from tuneloop.suites import golden_report
+    from tuneloop.ml.suites import golden_report
 
     seconds = generation.seconds
     generated_tokens = _count_tokens(base_model, completions)

@@ -38,7 +38,7 @@ def _candidates() -> list[Path]:
     explicit = os.environ.get("TUNELOOP_ML_PYTHON")
     if explicit:
         return [Path(explicit)]
-    return [Path(sys.prefix).parent / ".venv-ml/bin/python", Path(__file__).resolve().parents[2] / ".venv-ml/bin/python"]
+    return [Path(sys.prefix).parent / ".venv-ml/bin/python", Path(__file__).resolve().parents[3] / ".venv-ml/bin/python"]
 
 
 def find_ml_python() -> Path | None:
