@@ -12,24 +12,13 @@ to the registry's production version before the task fails.
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import Any
 
 from airflow.sdk import Asset, Param, dag, task
 
 from tuneloop import assets
+from tuneloop_airflow import tasks
 
 PRODUCTION = Asset(name=assets.PRODUCTION[0], uri=assets.PRODUCTION[1])
-
-
-def _vllm_connection() -> Any:
-    """The `tuneloop_vllm` connection (vLLM endpoints and API key), or None if not defined."""
-    from airflow.sdk import Connection
-    from airflow.sdk.exceptions import AirflowNotFoundException
-
-    try:
-        return Connection.get("tuneloop_vllm")
-    except AirflowNotFoundException:
-        return None
 
 
 @dag(
@@ -46,39 +35,7 @@ def _vllm_connection() -> Any:
     },
 )
 def tuneloop_rollback() -> None:
-    @task(outlets=[PRODUCTION])
-    def rollback(params: dict[str, Any] | None = None, outlet_events: Any = None) -> dict[str, Any]:
-        import logging
-
-        from airflow.sdk import Variable, get_current_context
-
-        from tuneloop.notify import deploy_rollback_message, notify_task_event, rollback_message
-        from tuneloop.serving.deploy import DeployError
-        from tuneloop.steps.loop import open_task_loop
-        from tuneloop.steps.serve import rollback_step
-
-        loop = open_task_loop(
-            get_current_context()["run_id"],
-            config_variable=lambda: Variable.get("tuneloop_config", default=None),
-            progress=logging.getLogger("airflow.task").info,
-            vllm_connection=_vllm_connection,
-        )
-        requested = (params or {}).get("version") or "previous"
-        try:
-            result = rollback_step(loop, requested)
-        except DeployError as err:  # the swap failed and restored what served before it
-            report = err.report.to_dict() if err.report is not None else {}
-            notify_task_event(lambda: loop, lambda _: deploy_rollback_message(report, version=requested))
-            raise
-        if outlet_events is not None:
-            outlet_events[PRODUCTION].extra = {"version": result["version"], "rollback_from": result["from"]}
-        context = get_current_context()
-        who = getattr(context.get("dag_run"), "triggering_user_name", None) or "unknown user"
-        reason = f"manual rollback (tuneloop_rollback run {context['run_id']}, triggered by {who})"
-        notify_task_event(lambda: loop, lambda _: rollback_message(result, requested=requested, reason=reason), context=context)
-        return result
-
-    rollback()
+    task(outlets=[PRODUCTION])(tasks.rollback)()
 
 
 tuneloop_rollback()

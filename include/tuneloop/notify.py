@@ -1,11 +1,11 @@
 """Messages on the loop's four events (drift, gate reject, deploy, rollback), sent through
 Airflow's notifiers: Slack incoming webhook and SMTP email.
 
-Building a message needs no Airflow: each ``*_message`` function turns the dict a pipeline
-step returned (the task's XCom) into a :class:`Notification` with a title, the facts a person
-acts on, and links. :func:`send_notification` hands it to the channels configured under
-``notify`` in the settings, using the providers' ``SlackWebhookNotifier`` and ``SmtpNotifier``
-(imported only when a message is sent, inside an Airflow task). Both read Airflow connections
+Building a message needs no Airflow: each ``*_message`` function turns the dict a step
+returned (the task's XCom) into a :class:`Notification` with a title, the facts a person acts
+on, and links. :func:`send_notification` hands it to the channels configured under ``notify``
+in the settings; the notifiers themselves (the providers' ``SlackWebhookNotifier`` and
+``SmtpNotifier``) come from ``tuneloop_airflow.notifiers``, outside this package. Both read Airflow connections
 (``notify.slack_webhook_conn_id``, ``notify.smtp_conn_id``) defined the usual way, e.g.
 ``AIRFLOW_CONN_TUNELOOP_SLACK``.
 
@@ -279,29 +279,6 @@ def airflow_links(context: Mapping[str, Any] | None) -> dict[str, str]:
 # --- sending ------------------------------------------------------------------------------
 
 
-def _slack_notifier(settings: NotifySettings, message: Notification) -> Any:
-    from airflow.providers.slack.notifications.slack_webhook import SlackWebhookNotifier
-
-    return SlackWebhookNotifier(
-        slack_webhook_conn_id=settings.slack_webhook_conn_id or "",  # set: see channels()
-        text=message.slack_text(),
-        timeout=settings.timeout_s,
-        unfurl_links=False,
-    )
-
-
-def _smtp_notifier(settings: NotifySettings, message: Notification) -> Any:
-    from airflow.providers.smtp.notifications.smtp import SmtpNotifier
-
-    return SmtpNotifier(
-        to=list(settings.email_to),
-        from_email=settings.email_from,
-        subject=f"{settings.subject_prefix} {message.title}".strip(),
-        html_content=message.html(),
-        smtp_conn_id=settings.smtp_conn_id,
-    )
-
-
 def channels(settings: NotifySettings) -> list[tuple[str, str]]:
     """The configured channels as ``(channel, connection id)``."""
     found = []
@@ -317,20 +294,21 @@ def send_notification(
     message: Notification | None,
     *,
     context: Mapping[str, Any] | None = None,
-    factories: Mapping[str, Callable[[NotifySettings, Notification], Any]] | None = None,
+    factories: Mapping[str, Callable[[NotifySettings, Notification], Any]],
 ) -> dict[str, str]:
     """Send ``message`` to every configured channel if its event is enabled; never raises.
 
     Returns ``{channel: "sent" | "failed: <cause>"}`` (empty when off or not subscribed).
-    ``context`` (an Airflow task context) adds a link to the task's log. ``factories``
-    replaces how a channel's notifier is built (tests without Airflow).
+    ``context`` (an Airflow task context) adds a link to the task's log. ``factories`` build a
+    channel's notifier (``tuneloop_airflow.notifiers.FACTORIES``: Airflow's Slack and SMTP
+    notifiers; tests pass their own), so this module never imports Airflow.
     """
     if message is None or message.event not in settings.events:
         return {}
     extra = [(label, url) for label, url in airflow_links(context).items() if label not in dict(message.links)]
     if extra:
         message = replace(message, links=(*message.links, *extra))
-    build = {"slack": _slack_notifier, "smtp": _smtp_notifier, **(factories or {})}
+    build = dict(factories)
     outcome: dict[str, str] = {}
     for channel, conn_id in channels(settings):
         try:
@@ -352,12 +330,13 @@ def notify_task_event(
     open_loop: Callable[[], Any],
     build: Callable[[Any], Notification | None],
     *,
-    context: Mapping[str, Any] | None = None,
+    context: Mapping[str, Any] | None,
+    factories: Mapping[str, Callable[[NotifySettings, Notification], Any]],
 ) -> dict[str, str]:
-    """For an Airflow task: open the loop (``open_loop()``, e.g. the DAG's ``_loop``), build the
-    message from it (``build(loop)``, which may read the store for links) and send it. Never
-    raises: a notification must not fail the step that succeeded. Off (no channel): returns
-    ``{}`` before building anything. ``context`` defaults to the running task's context."""
+    """Open the loop (``open_loop()``), build the message from it (``build(loop)``, which may read
+    the store for links) and send it. Never raises: a notification must not fail the step that
+    succeeded. Off (no channel): returns ``{}`` before building anything. The Airflow tasks call
+    it through ``tuneloop_airflow.notify``, which supplies the task context and the notifiers."""
     try:
         loop = open_loop()
         settings = loop.settings.notify
@@ -367,15 +346,4 @@ def notify_task_event(
     except Exception as err:
         log.warning("notify: no message sent: building it failed: %s: %s", type(err).__name__, _clip(err))
         return {"build": f"failed: {type(err).__name__}: {_clip(err)}"}
-    if context is None:
-        context = _current_context()
-    return send_notification(settings, message, context=context)
-
-
-def _current_context() -> Mapping[str, Any] | None:
-    try:
-        from airflow.sdk import get_current_context
-
-        return get_current_context()
-    except Exception:  # outside a running task: no context, no log link
-        return None
+    return send_notification(settings, message, context=context, factories=factories)

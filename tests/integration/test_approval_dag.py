@@ -295,7 +295,7 @@ def _capture_notifications(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
 
     sent: list[Any] = []
     monkeypatch.setattr(notify, "channels", lambda settings: [("slack", "captured")])
-    monkeypatch.setattr(notify, "send_notification", lambda settings, message, context=None: sent.append(message) or {"slack": "sent"})
+    monkeypatch.setattr(notify, "send_notification", lambda settings, message, context=None, **_: sent.append(message) or {"slack": "sent"})
     return sent
 
 

@@ -251,12 +251,12 @@ def test_the_task_context_adds_the_airflow_log_link() -> None:
 def test_notify_task_event_builds_nothing_when_off_and_never_raises(caplog: pytest.LogCaptureFixture) -> None:
     built: list[str] = []
     off = types.SimpleNamespace(settings=types.SimpleNamespace(notify=NotifySettings()))
-    assert notify_task_event(lambda: off, lambda loop: built.append("x") or drift_message(CHECK), context={}) == {}
+    assert notify_task_event(lambda: off, lambda loop: built.append("x") or drift_message(CHECK), context={}, factories=fake_factories([])) == {}
     assert built == []
 
     def broken_loop() -> Any:
         raise RuntimeError("store unreachable")
 
     with caplog.at_level(logging.WARNING, logger="tuneloop.notify"):
-        assert notify_task_event(broken_loop, lambda loop: drift_message(CHECK), context={}) == {"build": "failed: RuntimeError: store unreachable"}
+        assert notify_task_event(broken_loop, lambda loop: drift_message(CHECK), context={}, factories=fake_factories([])) == {"build": "failed: RuntimeError: store unreachable"}
     assert "notify: no message sent: building it failed: RuntimeError: store unreachable" in caplog.text

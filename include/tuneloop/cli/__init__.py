@@ -27,8 +27,8 @@ if TYPE_CHECKING:
 EPILOG = """\
 Your own task: tuneloop init --out my-loop.yaml, then tuneloop check-task --config my-loop.yaml --data rows.jsonl.
 The loop, step by step on a shipped example (local store, tiny CPU model):
-  export TUNELOOP_CONFIG=examples/invoices/tuneloop.yaml   # or examples/tickets/tuneloop.yaml
-  tuneloop demo-world --example invoices --days 28  # traffic + labelled data in the store
+  export TUNELOOP_CONFIG=examples/NAME/tuneloop.yaml   # NAME: a shipped example (demo-world --help)
+  tuneloop demo-world --example NAME --days 28  # traffic + labelled data in the store
   tuneloop build-model                          # tiny Llama + BPE tokenizer, cached
   tuneloop pull                                 # labelled partitions -> dataset snapshot
   tuneloop train --snapshot latest --version v1 # LoRA adapter (safetensors + provenance)

@@ -259,13 +259,14 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
         help="generate an example world (traffic logs, labelled batches, held-out sets) into the store",
         description="Write deterministic data of a shipped example into the store in date partitions: "
         "traffic/dt=YYYY-MM-DD/ (production requests) and labelled/dt=YYYY-MM-DD/ (labelled rows), plus "
-        "heldout/<slice>.jsonl (and, for invoices, the prompt-injection suite suites/injection.jsonl). Use it "
+        "heldout/<slice>.jsonl (and the example's suites, e.g. a prompt-injection set). Use it "
         "with the example's config (--config examples/NAME/tuneloop.yaml). Run it again with a later --start "
         "to roll the world forward.",
     )
-    p.add_argument("--example", choices=["invoices", "tickets"], default="invoices",
-                   help="invoices: documents -> JSON, drifting to European invoices; tickets: support chats -> one "
-                   "triage label, drifting to a new product (default invoices)")
+    from tuneloop.demo.worlds import EXAMPLES
+
+    p.add_argument("--example", choices=sorted(EXAMPLES), default=next(iter(EXAMPLES)),
+                   help="; ".join(f"{name}: {about}" for name, about in EXAMPLES.items()) + f" (default {next(iter(EXAMPLES))})")
     p.add_argument("--start", type=_parse_date, default=date(2026, 1, 1), help="first day (default 2026-01-01)")
     p.add_argument("--days", type=int, default=28, help="number of days to write (default 28)")
     p.add_argument("--drift-start", type=_parse_date, default=None, help="day the drifted domain starts appearing")

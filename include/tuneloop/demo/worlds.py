@@ -16,7 +16,10 @@ if TYPE_CHECKING:
 
     from tuneloop.demo.invoices import PutStore
 
-EXAMPLES = ("invoices", "tickets")
+EXAMPLES = {
+    "invoices": "documents -> one JSON object, drifting to European invoices",
+    "tickets": "support chats -> one triage label, drifting to a new product",
+}
 
 
 def _jsonl(rows: list[dict[str, Any]]) -> bytes:

@@ -80,6 +80,7 @@ def gate_step(loop: Loop, evaluation: dict[str, Any]) -> dict[str, Any]:
         "report_key": keys["markdown"],
         "report": keys,
         "report_links": links,
+        "scores_key": evaluation["candidate_eval"]["scores_key"],  # deploy verifies against these answers
         **decision.to_json(),
     }
 

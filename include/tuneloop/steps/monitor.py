@@ -299,3 +299,22 @@ def plot_drift_history(history: list[dict[str, Any]]) -> bytes:
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
     return buffer.getvalue()
+
+
+def drift_event_extra(check: dict[str, Any]) -> dict[str, Any]:
+    """What the drift asset event carries (bounded): the test, the decision, the top terms,
+    the performance check, and the slices where drift was found (the gate's ``auto``)."""
+    report = check["report"]
+    return {
+        "source": "tuneloop_drift_monitor",
+        "as_of": check["as_of"],
+        "p_value": check["p_value"],
+        "statistic": check["statistic"],
+        "method": check["method"],
+        "n_reference": check["n_reference"],
+        "n_current": check["n_current"],
+        "decision": check["decision"],
+        "top_terms": report.get("top_terms", [])[:5],
+        "performance": {k: check["performance"].get(k) for k in ("checked", "drift", "delta", "p_value", "reason")},
+        "drift_slices": check.get("drift_slices", []),
+    }

@@ -1,0 +1,76 @@
+"""The Airflow-facing side of tuneloop, beside the plain package (which never imports Airflow).
+
+What a DAG task needs beyond a ``tuneloop.steps`` function: the loop opened from the
+``tuneloop_config`` Variable and the ``tuneloop_vllm`` connection (:func:`task_loop`), domain
+errors that no retry can fix turned into Airflow failures without retry (:func:`no_retry_on`),
+notifications with the task's context (:func:`notify`), the task bodies the DAG files wire
+(:mod:`tuneloop_airflow.tasks`) and the human-approval operator (:mod:`tuneloop_airflow.approval`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+    from tuneloop.notify import Notification
+    from tuneloop.steps.loop import Loop
+
+CONFIG_VARIABLE = "tuneloop_config"
+VLLM_CONNECTION = "tuneloop_vllm"
+log = logging.getLogger("airflow.task")
+
+
+def vllm_connection() -> Any:
+    """The ``tuneloop_vllm`` connection (vLLM endpoints and API key), or None if not defined."""
+    from airflow.sdk import Connection
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    try:
+        return Connection.get(VLLM_CONNECTION)
+    except AirflowNotFoundException:
+        return None
+
+
+def task_loop() -> Loop:
+    """The loop for the running task: config from ``$TUNELOOP_CONFIG``, else the
+    ``tuneloop_config`` Variable, else the embedded defaults; vLLM endpoints and key from the
+    ``tuneloop_vllm`` connection when it exists; progress into the task log."""
+    from airflow.sdk import Variable, get_current_context
+
+    from tuneloop.steps.loop import open_task_loop
+
+    return open_task_loop(
+        get_current_context()["run_id"],
+        config_variable=lambda: Variable.get(CONFIG_VARIABLE, default=None),
+        progress=log.info,
+        vllm_connection=vllm_connection,
+    )
+
+
+@contextlib.contextmanager
+def no_retry_on(*errors: type[BaseException]) -> Iterator[None]:
+    """Fail the task without retries on ``errors`` (bad data, no new data: a retry gives the
+    same answer); the message keeps the numbers the error carries."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    try:
+        yield
+    except errors as err:
+        raise AirflowFailException(str(err)) from err
+
+
+def notify(build: Callable[[Loop], Notification | None], *, loop: Loop | None = None, context: Any = None) -> dict[str, str]:
+    """Send the message ``build(loop)`` to the configured channels; never raises."""
+    from airflow.sdk import get_current_context
+
+    from tuneloop.notify import notify_task_event
+    from tuneloop_airflow.notifiers import FACTORIES
+
+    if context is None:
+        with contextlib.suppress(Exception):
+            context = get_current_context()
+    return notify_task_event((lambda: loop) if loop is not None else task_loop, build, context=context, factories=FACTORIES)
