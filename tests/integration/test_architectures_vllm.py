@@ -18,7 +18,7 @@ from fixtures_vllm import free_port, serve_sh
 from tests.tiny_models import FAMILIES, build_tiny_model, chat_records
 
 from tuneloop.config import TrainingSettings
-from tuneloop.serving.deploy import validate_adapter
+from tuneloop.serving.adapters import validate_adapter
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

@@ -35,7 +35,8 @@ from fixtures_vllm import (
 )
 
 import tuneloop.serving.deploy as deploy_module
-from tuneloop.serving.deploy import AdapterInfo, DeployError, DeployReport, deploy_adapter
+from tuneloop.serving.adapters import AdapterInfo
+from tuneloop.serving.deploy import DeployError, DeployReport, deploy_adapter
 from tuneloop.serving.vllm_client import VllmClient, VllmError
 
 if TYPE_CHECKING:

@@ -24,7 +24,7 @@ from tuneloop.config import EvalSettings, TrainingSettings  # noqa: E402
 from tuneloop.ml.chat import resolve_target_modules, template_stop_tokens  # noqa: E402
 from tuneloop.ml.evaluate import HFBackend, _stop_ids  # noqa: E402
 from tuneloop.ml.train import fit, load_lora_model, tokenize_records, train_lora  # noqa: E402
-from tuneloop.serving.deploy import read_safetensors_header, validate_adapter  # noqa: E402
+from tuneloop.serving.adapters import read_safetensors_header, validate_adapter  # noqa: E402
 
 pytestmark = pytest.mark.ml
 

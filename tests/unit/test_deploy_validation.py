@@ -19,15 +19,13 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from tuneloop import cli
-from tuneloop.serving.deploy import (
+from tuneloop.serving.adapters import (
     AdapterValidationError,
-    DeployError,
     check_lora_name,
-    deploy_adapter,
     read_safetensors_header,
-    reconcile,
     validate_adapter,
 )
+from tuneloop.serving.deploy import DeployError, deploy_adapter, reconcile
 from tuneloop.serving.vllm_client import VllmClient, VllmDownError, VllmError
 
 if TYPE_CHECKING:

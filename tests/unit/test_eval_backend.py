@@ -149,7 +149,7 @@ def test_the_base_model_is_asked_under_the_base_name_with_nothing_loaded(tmp_pat
 
 
 def test_an_invalid_adapter_is_refused_before_anything_is_loaded(tmp_path: Path, stub_vllm: dict[str, Any]) -> None:
-    from tuneloop.serving.deploy import AdapterValidationError
+    from tuneloop.serving.adapters import AdapterValidationError
 
     base = _base_dir(tmp_path, "base", 128)
     stub_vllm["root"] = str(base)

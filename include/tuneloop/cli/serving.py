@@ -43,7 +43,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
 
 def cmd_adapter_check(args: argparse.Namespace) -> int:
-    from tuneloop.serving.deploy import AdapterValidationError, check_lora_name, validate_adapter
+    from tuneloop.serving.adapters import AdapterValidationError, check_lora_name, validate_adapter
     from tuneloop.steps.loop import base_model_ref
 
     settings = _settings(args)

@@ -277,7 +277,7 @@ class CallableBackend:
 def eval_lora_name(served_name: str) -> str:
     """A fresh temporary LoRA name, ``<served>-eval-<8 hex>``: never the stable or staging name,
     and unique per evaluation, so two evaluations at once never swap each other's weights."""
-    from tuneloop.serving.deploy import check_lora_name
+    from tuneloop.serving.adapters import check_lora_name
 
     return check_lora_name(f"{served_name}{EVAL_NAME_INFIX}{uuid.uuid4().hex[:8]}")
 
@@ -321,7 +321,8 @@ def probe_vllm(
 ) -> tuple[list[str], list[str]]:
     """Which endpoints can evaluate: healthy, serving ``<served>-base`` from the configured base
     model. Returns (usable endpoints, one problem per endpoint that cannot)."""
-    from tuneloop.serving.deploy import base_name, compare_base_models
+    from tuneloop.serving.adapters import compare_base_models
+    from tuneloop.serving.deploy import base_name
     from tuneloop.serving.vllm_client import VllmClient, VllmError
 
     base = base_name(served_name)
@@ -422,7 +423,8 @@ class VllmBackend:
 
     def open(self) -> None:
         """Preflight, validate, materialise and load; on any failure unload what was loaded."""
-        from tuneloop.serving.deploy import base_name, validate_adapter
+        from tuneloop.serving.adapters import validate_adapter
+        from tuneloop.serving.deploy import base_name
         from tuneloop.serving.vllm_client import VllmClient
 
         if self.model is not None:
