@@ -94,7 +94,7 @@ def main() -> int:
 
     from tuneloop.config import EvalSettings, load_settings
     from tuneloop.demo.basemodel import build_demo_model
-    from tuneloop.ml.evaluate import HFBackend, VllmBackend
+    from tuneloop.ml.backends import HFBackend, VllmBackend
     from tuneloop.ml.suites import latency_summary
     from tuneloop.tasks import TaskSpec
     from tuneloop.tasks.scoring import parse_json_answer as parse_completion

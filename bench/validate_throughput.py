@@ -128,7 +128,7 @@ def full_validation(lines: list[bytes], model_dir: Path | None) -> dict[str, obj
 def near_duplicate_recall(quarantined: list[Any], lines: list[bytes]) -> dict[str, object]:
     """How many planted near-duplicates (row i copies row i-1's prompt) were quarantined as such,
     how many went first for another reason, and how many near_duplicate rows were not planted."""
-    from tuneloop.intake.checks import jaccard, shingle_set
+    from tuneloop.intake.similarity import jaccard, shingle_set
 
     planted = {i + 1 for i in range(len(lines)) if i % 100 == 41 and i > 100}  # 1-based line numbers
     by_line = {q.line: q for q in quarantined}

@@ -12,7 +12,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from tuneloop.gate import slice_table_markdown
+from tuneloop.gate_report import slice_table_markdown
 
 if TYPE_CHECKING:
     from collections.abc import Mapping

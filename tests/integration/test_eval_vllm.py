@@ -23,7 +23,7 @@ from fixtures_vllm import REPO, SERVED, build_invoice_llama, build_lora_adapter,
 
 from tuneloop.config import EvalSettings
 from tuneloop.demo.invoices import heldout_sets, injection_set
-from tuneloop.ml.evaluate import EVAL_NAME_INFIX, HFBackend, VllmBackend
+from tuneloop.ml.backends import EVAL_NAME_INFIX, HFBackend, VllmBackend
 from tuneloop.serving.vllm_client import VllmClient, VllmError
 
 if TYPE_CHECKING:

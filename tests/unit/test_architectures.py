@@ -21,8 +21,8 @@ pytest.importorskip("peft")
 from tests.tiny_models import FAMILIES, build_tiny_model, chat_records  # noqa: E402
 
 from tuneloop.config import EvalSettings, TrainingSettings  # noqa: E402
+from tuneloop.ml.backends import HFBackend, _stop_ids  # noqa: E402
 from tuneloop.ml.chat import resolve_target_modules, template_stop_tokens  # noqa: E402
-from tuneloop.ml.evaluate import HFBackend, _stop_ids  # noqa: E402
 from tuneloop.ml.train import fit, load_lora_model, tokenize_records, train_lora  # noqa: E402
 from tuneloop.serving.adapters import read_safetensors_header, validate_adapter  # noqa: E402
 

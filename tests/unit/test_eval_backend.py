@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from tuneloop.config import Settings
-from tuneloop.ml.evaluate import (
+from tuneloop.ml.backends import (
     EVAL_NAME_INFIX,
     BackendUnavailable,
     HFBackend,

@@ -15,13 +15,8 @@ from pathlib import Path  # noqa: E402
 from tuneloop.config import EvalSettings, load_settings  # noqa: E402
 from tuneloop.demo.basemodel import build_demo_model  # noqa: E402
 from tuneloop.demo.invoices import heldout_sets  # noqa: E402
-from tuneloop.ml.evaluate import (  # noqa: E402
-    EvaluationError,
-    evaluate_adapter,
-    evaluate_records,
-    generate_hf,
-    read_examples,
-)
+from tuneloop.ml.backends import generate_hf  # noqa: E402
+from tuneloop.ml.evaluate import EvaluationError, evaluate_adapter, evaluate_records, read_examples  # noqa: E402
 from tuneloop.tasks import TaskSpec  # noqa: E402
 
 if TYPE_CHECKING:

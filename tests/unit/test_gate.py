@@ -19,11 +19,10 @@ from tuneloop.gate import (
     apply_suite_bars,
     decide,
     load_scores,
-    plot_decision,
-    render_report_markdown,
     resolve_improve_slices,
     sign_flip_p_value,
 )
+from tuneloop.gate_report import plot_decision, render_report_markdown
 
 if TYPE_CHECKING:
     from pathlib import Path

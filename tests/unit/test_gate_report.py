@@ -14,7 +14,8 @@ import httpx
 import numpy as np
 import pytest
 
-from tuneloop.gate import decide, render_report_markdown, slice_plot_name, write_report
+from tuneloop.gate import decide
+from tuneloop.gate_report import render_report_markdown, slice_plot_name, write_report
 from tuneloop.steps.gate import gate_step
 from tuneloop.steps.loop import open_loop
 from tuneloop.storage import LocalStore, S3Store

@@ -22,20 +22,22 @@ from tuneloop.intake.checks import (
     IntakeOptions,
     LabelAgreement,
     card_numbers,
-    find_leaks,
-    find_near_duplicates,
-    jaccard,
     luhn_valid,
-    pretoken_counts,
     redact_pii,
     run_intake_checks,
-    shared_prefix,
-    shingle_set,
-    similarity_text,
     write_review_sample,
 )
 from tuneloop.intake.pull import check_batch, is_eval_id, plan_pull, write_dataset_snapshot
 from tuneloop.intake.rows import check_lines
+from tuneloop.intake.similarity import (
+    find_leaks,
+    find_near_duplicates,
+    jaccard,
+    pretoken_counts,
+    shared_prefix,
+    shingle_set,
+    similarity_text,
+)
 from tuneloop.storage import LocalStore
 from tuneloop.tasks import TaskSpec
 

@@ -87,7 +87,7 @@ def cmd_drift(args: argparse.Namespace) -> int:
 
 
 def cmd_gate(args: argparse.Namespace) -> int:
-    from tuneloop import gate
+    from tuneloop import gate, gate_report
 
     settings = _settings(args)
     cfg = settings.gate
@@ -116,10 +116,10 @@ def cmd_gate(args: argparse.Namespace) -> int:
         decision = gate.apply_suite_bars(decision, {k: summary.get(k) for k in ("injection", "consistency", "latency")}, cfg.suite_bars.model_dump())
     payload = decision.to_json()
     if args.report:
-        Path(args.report).write_text(gate.render_report_markdown(decision), encoding="utf-8")
+        Path(args.report).write_text(gate_report.render_report_markdown(decision), encoding="utf-8")
         payload["report"] = args.report
     if args.plot:
-        gate.plot_decision(decision, args.plot)
+        gate_report.plot_decision(decision, args.plot)
         payload["plot"] = args.plot
     lines = [f"{'PROMOTE' if decision.promote else 'REJECT'} ({decision.n_pairs} paired examples)"]
     for name, stats in decision.slices.items():

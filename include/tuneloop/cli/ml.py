@@ -209,7 +209,8 @@ def _previous_scores(store: Store, source: str) -> tuple[list[dict[str, Any]], s
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from tuneloop.demo.basemodel import resolve_base_model
-    from tuneloop.ml.evaluate import SuitePlan, evaluate_adapter, select_backend
+    from tuneloop.ml.backends import select_backend
+    from tuneloop.ml.evaluate import SuitePlan, evaluate_adapter
 
     settings = _settings(args)
     store = _store(settings)

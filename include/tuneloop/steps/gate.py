@@ -16,7 +16,7 @@ def gate_step(loop: Loop, evaluation: dict[str, Any]) -> dict[str, Any]:
     """Decide promote/reject with paired statistics; store the report next to the candidate's
     version (``reports/<version>/``: gate.json, gate.md and gate.html, gate.png and one
     gate-<slice>.png per slice) and log where to open it (file://, s3:// and presigned)."""
-    from tuneloop import gate
+    from tuneloop import gate, gate_report
 
     cfg = loop.settings.gate
     version = evaluation["version"]
@@ -43,7 +43,7 @@ def gate_step(loop: Loop, evaluation: dict[str, Any]) -> dict[str, Any]:
     # adapter and the eval outputs it was computed from. Written last, gate.json marks a
     # complete report.
     with tempfile.TemporaryDirectory() as tmp:
-        files = gate.write_report(decision, tmp, title=title)
+        files = gate_report.write_report(decision, tmp, title=title)
         for name in files.names():
             loop.store.put_file(f"{prefix}/{name}", Path(tmp) / name)
     keys: dict[str, Any] = {
