@@ -13,14 +13,13 @@ import json
 import logging
 import os
 import threading
+import time
 import tracemalloc
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from tuneloop import storage
 from tuneloop.storage import (
-    TMP_MARK,
     LocalStore,
     MissingBucketError,
     S3Store,
@@ -34,6 +33,7 @@ from tuneloop.storage import (
     read_snapshot_manifest,
     write_snapshot,
 )
+from tuneloop.storage.base import TMP_MARK
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -331,7 +331,7 @@ def test_local_failed_write_keeps_old_value_and_no_temp_file(
     def crash(*_args: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(storage.os, "replace", crash)
+    monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(StorageError, match=r"put labelled/x\.jsonl to file://.*No space left"):
         store.put_bytes("labelled/x.jsonl", b"new-but-never-visible")
     monkeypatch.undo()
@@ -354,10 +354,10 @@ def test_local_killed_writer_leaves_invisible_temp_file(
     def killed(*_args: object) -> None:
         raise Killed
 
-    monkeypatch.setattr(storage.os, "replace", killed)
-    monkeypatch.setattr(storage.os, "link", killed)
+    monkeypatch.setattr(os, "replace", killed)
+    monkeypatch.setattr(os, "link", killed)
     monkeypatch.setattr(
-        storage.os, "unlink", lambda *_args: None
+        os, "unlink", lambda *_args: None
     )  # no cleanup: the process is gone
     for write in (
         lambda: store.put_bytes("labelled/dt=2026-01-03/part-00000.jsonl", b"half"),
@@ -527,7 +527,7 @@ def test_s3_retries_throttling_then_succeeds(
     from botocore.stub import Stubber
 
     sleeps: list[float] = []
-    monkeypatch.setattr(storage.time, "sleep", sleeps.append)
+    monkeypatch.setattr(time, "sleep", sleeps.append)
     store = _s3_store(s3_bucket, s3_server, max_attempts=5)
     with Stubber(store._client) as stub:
         for _ in range(4):
@@ -615,7 +615,7 @@ def test_s3_botocore_retries_count_against_the_same_budget(
 def test_s3_connection_errors_are_retried(monkeypatch: pytest.MonkeyPatch) -> None:
     from botocore.exceptions import EndpointConnectionError
 
-    monkeypatch.setattr(storage.time, "sleep", lambda _s: None)
+    monkeypatch.setattr(time, "sleep", lambda _s: None)
 
     class FlakyClient:
         calls = 0
