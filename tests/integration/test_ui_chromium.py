@@ -79,8 +79,8 @@ def _snapshot(loop: Loop, since: date | None, until: date) -> str:
     from tuneloop.intake.pull import plan_pull, read_batch, write_dataset_snapshot
 
     plan = plan_pull(loop.store, since=since, until=until)
-    batch = read_batch(loop.store, plan)
-    return str(write_dataset_snapshot(loop.store, batch, plan, eval_fraction=loop.settings.data.eval_fraction)["snapshot"])
+    batch = read_batch(loop.store, plan, loop.spec)
+    return str(write_dataset_snapshot(loop.store, batch, plan, loop.spec, eval_fraction=loop.settings.data.eval_fraction)["snapshot"])
 
 
 def _refresh(loop: Loop, version: str, snapshot: str, baseline: dict[str, float], candidate: dict[str, float], *, day: str, seed: int) -> None:
@@ -123,7 +123,7 @@ def build_demo_like_store(root: Path) -> Path:
     config = root / "tuneloop.yaml"
     store = root / "store"
     # performance checks score production in the ML env: left out here
-    config.write_text(f"store:\n  uri: {store}\ndrift:\n  performance: false\n")
+    config.write_text(f"store:\n  uri: {store}\ndrift:\n  performance: false\ntask:\n  slice_field: domain\ngate:\n  improve_slices: [drifted]\n")
     loop = open_loop(str(config), run_id="ui-demo", progress=lambda message: None)
     generate_world(loop.store, WORLD_START, 42, traffic_per_day=60, labelled_per_day=36, bad_row_rate=0.02)
     first = _snapshot(loop, None, DRIFT_START - timedelta(days=1))
