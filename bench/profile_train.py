@@ -31,7 +31,9 @@ def main() -> int:
     from torch.profiler import ProfilerActivity, profile
 
     from tuneloop.config import TrainingSettings
-    from tuneloop.ml.train import fit, load_lora_model, resolve_device, tokenize_records
+    from tuneloop.ml.model import load_lora_model, resolve_device
+    from tuneloop.ml.train import fit
+    from tuneloop.ml.training_data import tokenize_records
 
     device, dtype = resolve_device("auto", "auto")
     with tempfile.TemporaryDirectory() as tmp:

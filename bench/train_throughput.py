@@ -82,7 +82,9 @@ def run_tuneloop(base: Path, data: list[dict[str, Any]], held_out: list[dict[str
     """``train_dtype`` trains; the eval loss is measured in ``dtype``, as the baseline's."""
     import torch
 
-    from tuneloop.ml.train import eval_loss, fit, load_lora_model, tokenize_records
+    from tuneloop.ml.model import load_lora_model
+    from tuneloop.ml.train import eval_loss, fit
+    from tuneloop.ml.training_data import tokenize_records
 
     torch.manual_seed(settings.seed)  # the same initial LoRA matrices as the baseline's
     model, tokenizer = load_lora_model(base, settings, device, dtype)
@@ -101,7 +103,9 @@ def run_hf_trainer(base: Path, data: list[dict[str, Any]], held_out: list[dict[s
     import torch
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    from tuneloop.ml.train import eval_loss, load_lora_model, tokenize_records
+    from tuneloop.ml.model import load_lora_model
+    from tuneloop.ml.train import eval_loss
+    from tuneloop.ml.training_data import tokenize_records
 
     torch.manual_seed(settings.seed)
     # HF's mixed-precision recipe: float32 weights, bf16 autocast (bf16=True). With the base
@@ -170,7 +174,7 @@ def main() -> int:
     import torch
 
     from tuneloop.config import TrainingSettings
-    from tuneloop.ml.train import resolve_device
+    from tuneloop.ml.model import resolve_device
 
     device, _ = resolve_device("auto", "auto")
     dtype = "bfloat16" if device == "cuda" else "float32"  # tuneloop's base weights; both eval losses are measured in it

@@ -23,7 +23,9 @@ from tests.tiny_models import FAMILIES, build_tiny_model, chat_records  # noqa: 
 from tuneloop.config import EvalSettings, TrainingSettings  # noqa: E402
 from tuneloop.ml.backends import HFBackend, _stop_ids  # noqa: E402
 from tuneloop.ml.chat import resolve_target_modules, template_stop_tokens  # noqa: E402
-from tuneloop.ml.train import fit, load_lora_model, tokenize_records, train_lora  # noqa: E402
+from tuneloop.ml.model import load_lora_model  # noqa: E402
+from tuneloop.ml.train import fit, train_lora  # noqa: E402
+from tuneloop.ml.training_data import tokenize_records  # noqa: E402
 from tuneloop.serving.adapters import read_safetensors_header, validate_adapter  # noqa: E402
 
 pytestmark = pytest.mark.ml

@@ -15,15 +15,9 @@ pytest.importorskip("peft")
 from tuneloop.config import TrainingSettings  # noqa: E402
 from tuneloop.demo.basemodel import build_demo_model  # noqa: E402
 from tuneloop.demo.invoices import make_labelled_record  # noqa: E402
-from tuneloop.ml.train import (  # noqa: E402
-    IGNORE_INDEX,
-    TrainingError,
-    fit,
-    load_lora_model,
-    resolve_device,
-    tokenize_records,
-    train_lora,
-)
+from tuneloop.ml.model import load_lora_model, resolve_device  # noqa: E402
+from tuneloop.ml.train import fit, train_lora  # noqa: E402
+from tuneloop.ml.training_data import IGNORE_INDEX, TrainingError, tokenize_records  # noqa: E402
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -248,7 +242,7 @@ def test_warm_start_refuses_an_adapter_of_another_base_model(
 ) -> None:
     import shutil
 
-    from tuneloop.ml.train import check_init_adapter
+    from tuneloop.ml.model import check_init_adapter
 
     foreign = tmp_path / "foreign"
     shutil.copytree(trained[0], foreign)

@@ -28,21 +28,19 @@ from tuneloop.config import TrainingSettings  # noqa: E402
 from tuneloop.demo.basemodel import build_demo_model  # noqa: E402
 from tuneloop.demo.invoices import make_labelled_record  # noqa: E402
 from tuneloop.ml import train as train_module  # noqa: E402
-from tuneloop.ml.train import (  # noqa: E402
+from tuneloop.ml.checkpoint import checkpoint_path  # noqa: E402
+from tuneloop.ml.model import load_lora_model  # noqa: E402
+from tuneloop.ml.train import _loss_head, loss_sum, train_lora  # noqa: E402
+from tuneloop.ml.training_data import (  # noqa: E402
     IGNORE_INDEX,
     TokenizedExample,
-    _loss_head,
-    checkpoint_path,
     collate,
     collate_packed,
-    load_lora_model,
-    loss_sum,
     micro_batch_stream,
     mix_replay,
     pack_rows,
     split_validation,
     tokenize_records,
-    train_lora,
 )
 
 pytestmark = pytest.mark.ml

@@ -304,7 +304,7 @@ def probe_vllm(
     """Which endpoints can evaluate: healthy, serving ``<served>-base`` from the configured base
     model. Returns (usable endpoints, one problem per endpoint that cannot)."""
     from tuneloop.serving.adapters import compare_base_models
-    from tuneloop.serving.deploy import base_name
+    from tuneloop.serving.verify import base_name
     from tuneloop.serving.vllm_client import VllmClient, VllmError
 
     base = base_name(served_name)
@@ -335,7 +335,7 @@ class VllmBackend:
     """The running vLLM servers, through a temporary LoRA name (or ``<served>-base``).
 
     :meth:`open` checks every endpoint (healthy, serves the configured base model), validates
-    the adapter as a deploy does (:func:`tuneloop.serving.deploy.validate_adapter`), copies it where the
+    the adapter as a deploy does (:func:`tuneloop.serving.adapters.validate_adapter`), copies it where the
     servers read adapters (:func:`materialize_eval_adapter`) and loads it under a fresh
     :func:`eval_lora_name` on each endpoint. :meth:`close` unloads it wherever it was loaded
     and checks it is gone; a failed unload is reported in :meth:`describe` (``unloaded``) and
@@ -406,7 +406,7 @@ class VllmBackend:
     def open(self) -> None:
         """Preflight, validate, materialise and load; on any failure unload what was loaded."""
         from tuneloop.serving.adapters import validate_adapter
-        from tuneloop.serving.deploy import base_name
+        from tuneloop.serving.verify import base_name
         from tuneloop.serving.vllm_client import VllmClient
 
         if self.model is not None:

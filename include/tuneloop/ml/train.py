@@ -11,42 +11,62 @@ next to ``provenance.json`` and ``train_metrics.json``.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import logging
 import math
 import os
-import random
-import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tuneloop.ml.checkpoint import (
+    Checkpointer,
+    _all_reduce_gradients,
+    _all_reduce_sum,
+    _fingerprint,
+    checkpoint_path,
+    distributed_world,
+    init_distributed,
+)
+from tuneloop.ml.model import (
+    _fast_kernels,
+    check_base_model,
+    check_init_adapter,
+    load_lora_model,
+    resolve_device,
+)
+from tuneloop.ml.training_data import (
+    IGNORE_INDEX,
+    TokenizedExample,
+    TrainingError,
+    collate,
+    collate_packed,
+    default_spec,
+    micro_batch_stream,
+    read_examples,
+    records_digest,
+    split_validation,
+    tokenize_records,
+)
 from tuneloop.progress import Progress, ProgressSink
 from tuneloop.provenance import collect_provenance
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Mapping, Sequence
+    from collections.abc import Mapping, Sequence
 
     from tuneloop.config import TrainingSettings
-    from tuneloop.tasks import Example, TaskSpec
+    from tuneloop.tasks import TaskSpec
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
-GROUP_CHUNK_BATCHES = 50  # length grouping sorts rows within chunks of this many batches
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-class TrainingError(ValueError):
-    """Training cannot start or cannot go on; the message says what to fix."""
 
 
 @dataclass
+
+
 class TrainResult:
     """What one training run did; also written to ``train_metrics.json``."""
 
@@ -77,56 +97,6 @@ class TrainResult:
         return asdict(self)
 
 
-@dataclass
-class TokenizedExample:
-    input_ids: list[int]
-    labels: list[int]
-
-
-def records_digest(records: Sequence[Mapping[str, Any]]) -> str:
-    """sha256 of the records (canonical JSON), in order."""
-    digest = hashlib.sha256()
-    for record in records:
-        digest.update(json.dumps(record, sort_keys=True, ensure_ascii=False).encode())
-        digest.update(b"\n")
-    return digest.hexdigest()
-
-
-def default_spec() -> TaskSpec:
-    """The task of the embedded defaults (``prompt``/``completion`` rows)."""
-    from tuneloop.config import TaskSettings
-    from tuneloop.tasks import TaskSpec
-
-    return TaskSpec(TaskSettings())
-
-
-def read_examples(records: Sequence[Mapping[str, Any]], spec: TaskSpec) -> list[Example]:
-    """The records as training examples; fail fast when the dataset is empty or rows do not fit
-    the task (no answer to learn, wrong format)."""
-    from tuneloop.tasks import TaskRowError
-
-    if not records:
-        raise TrainingError(
-            "no training records: the dataset is empty (check the snapshot with `tuneloop pull`)"
-        )
-    examples, bad = [], []
-    for index, record in enumerate(records):
-        try:
-            examples.append(spec.example(record))
-        except TaskRowError as err:
-            row_id = record.get(spec.settings.id_field, f"row {index}") if isinstance(record, dict) else f"row {index}"
-            bad.append(f"{row_id} ({err})")
-    if bad:
-        shown = "; ".join(bad[:5]) + (f"; ... {len(bad) - 5} more" if len(bad) > 5 else "")
-        raise TrainingError(f"{len(bad)} of {len(records)} records cannot be trained on (task.format={spec.format}): {shown}")
-    return examples
-
-
-def validate_records(records: Sequence[Mapping[str, Any]], spec: TaskSpec | None = None) -> None:
-    """Fail fast when the dataset is empty or rows do not fit the task."""
-    read_examples(records, spec or default_spec())
-
-
 def validate_settings(settings: TrainingSettings) -> None:
     """Checks the pydantic model cannot express (and a guard for ``model_construct`` callers)."""
     if settings.lora_rank < 1:
@@ -139,201 +109,11 @@ def validate_settings(settings: TrainingSettings) -> None:
         raise TrainingError("batch_size and grad_accum must be >= 1")
 
 
-def check_base_model(base_model: str | os.PathLike[str]) -> None:
-    """A local base model must be a directory with config.json; say how to get one if not."""
-    text = str(base_model)
-    path = Path(text)
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise TrainingError(
-                f"base model directory {path} has no config.json: it is not a saved model "
-                "(run `tuneloop build-model` to build the demo model there)"
-            )
-        return
-    if path.exists():
-        raise TrainingError(f"base model {path} is a file; expected a model directory")
-    if _HUB_ID.match(text) and not text.startswith("."):
-        return  # a hub id: transformers resolves it (needs network or a warm local cache)
-    raise TrainingError(
-        f"base model directory {path} does not exist: run `tuneloop build-model` "
-        "(or set model.base_model to a local model directory or a hub id)"
-    )
-
-
-def _split_chat(tokenizer: Any, context: str | Sequence[Mapping[str, str]], completion: str) -> tuple[str, str]:
-    """The context text (through the generation prompt) and the supervised text after it."""
-    messages = [{"role": "user", "content": context}] if isinstance(context, str) else [dict(turn) for turn in context]
-    prompt_text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    full_text = tokenizer.apply_chat_template(
-        [*messages, {"role": "assistant", "content": completion}], tokenize=False
-    )
-    eos = tokenizer.eos_token or ""
-    if full_text.startswith(prompt_text):
-        answer = full_text[len(prompt_text) :]
-        # Train up to and including eos; whatever the template puts after it is never generated.
-        if eos and eos in answer[len(completion) :]:
-            answer = answer[: answer.index(eos, len(completion)) + len(eos)]
-    else:
-        answer = completion + eos
-    return prompt_text, answer
-
-
-def tokenize_records(
-    tokenizer: Any, records: Sequence[Mapping[str, Any] | Example], max_seq_len: int, spec: TaskSpec | None = None
-) -> tuple[list[TokenizedExample], int]:
-    """Prompt tokens get label -100; rows longer than ``max_seq_len`` are dropped, not cut.
-
-    Cutting would remove the end of the completion (or the document it copies from), which
-    teaches the model to stop early; so over-long rows are counted and left out.
-    """
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise TrainingError(
-            "the base model's tokenizer has no chat template; vLLM's /v1/chat/completions needs one "
-            "(use the demo model, an instruct model, or add a template to tokenizer_config.json)"
-        )
-    from tuneloop.tasks import Example
-
-    examples: list[TokenizedExample] = []
-    dropped = 0
-    task = spec or default_spec()
-    for record in records:
-        example = record if isinstance(record, Example) else task.example(record)
-        prompt_text, answer_text = _split_chat(tokenizer, example.context, example.target or "")
-        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-        answer_ids = tokenizer(answer_text, add_special_tokens=False)["input_ids"]
-        if len(prompt_ids) + len(answer_ids) > max_seq_len:
-            dropped += 1
-            continue
-        examples.append(
-            TokenizedExample(
-                input_ids=prompt_ids + answer_ids,
-                labels=[IGNORE_INDEX] * len(prompt_ids) + answer_ids,
-            )
-        )
-    return examples, dropped
-
-
-def collate(examples: Sequence[TokenizedExample], pad_id: int) -> dict[str, Any]:
-    """Right-pad a batch to its longest row (dynamic padding)."""
-    import torch
-
-    width = max(len(example.input_ids) for example in examples)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, example in enumerate(examples):
-        length = len(example.input_ids)
-        input_ids[row, :length] = torch.tensor(example.input_ids)
-        labels[row, :length] = torch.tensor(example.labels)
-        attention_mask[row, :length] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
-
-
-def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
-    """First-fit decreasing: indices grouped into rows of at most ``capacity`` tokens."""
-    rows: list[list[int]] = []
-    room: list[int] = []
-    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        for row, free in enumerate(room):
-            if lengths[index] <= free:
-                rows[row].append(index)
-                room[row] -= lengths[index]
-                break
-        else:
-            rows.append([index])
-            room.append(capacity - lengths[index])
-    return rows
-
-
-def collate_packed(examples: Sequence[TokenizedExample], pad_id: int, capacity: int) -> dict[str, Any]:
-    """Pack a micro-batch's examples into as few rows of ``capacity`` tokens as fit.
-
-    Each example keeps its own position ids (0, 1, ...); transformers turns restarting
-    position ids with ``attention_mask=None`` into a block-diagonal causal mask, so no token
-    attends across examples and the loss equals the unpacked batch's. A row's tail padding
-    is a segment of its own with labels -100.
-    """
-    import torch
-
-    rows = pack_rows([len(example.input_ids) for example in examples], capacity)
-    width = max(sum(len(examples[i].input_ids) for i in row) for row in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
-    for r, row in enumerate(rows):
-        at = 0
-        for index in row:
-            example = examples[index]
-            n = len(example.input_ids)
-            input_ids[r, at : at + n] = torch.tensor(example.input_ids)
-            labels[r, at : at + n] = torch.tensor(example.labels)
-            position_ids[r, at : at + n] = torch.arange(n)
-            at += n
-        position_ids[r, at:] = torch.arange(width - at)
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
-
-
-def _epoch_batches(lengths: Sequence[int], batch_size: int, rng: random.Random, *, grouped: bool = True) -> list[list[int]]:
-    """One epoch of shuffled batches; ``grouped``: of similar length (sort within chunks of 50
-    batches, shuffle the batches), which saves padding when batches are not packed."""
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    if not grouped:
-        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    chunk = batch_size * GROUP_CHUNK_BATCHES
-    batches: list[list[int]] = []
-    for start in range(0, len(order), chunk):
-        block = sorted(order[start : start + chunk], key=lambda index: lengths[index])
-        batches.extend(block[i : i + batch_size] for i in range(0, len(block), batch_size))
-    rng.shuffle(batches)
-    return batches
-
-
-def micro_batch_stream(
-    lengths: Sequence[int], batch_size: int, seed: int, skip: int = 0, *, grouped: bool = True
-) -> Iterator[list[int]]:
-    """Endless epochs of micro-batches, a pure function of ``seed``; ``skip`` drops the first
-    micro-batches (a resumed run continues the interrupted run's order). ``grouped``: see
-    ``training.batching``."""
-    rng = random.Random(seed)
-    produced = 0
-    while True:
-        for batch in _epoch_batches(lengths, batch_size, rng, grouped=grouped):
-            produced += 1
-            if produced > skip:
-                yield batch
-
-
 def _lr_factor(step: int, total: int, warmup: int) -> float:
     """Linear warmup to 1, then cosine decay to 0."""
     if step < warmup:
         return (step + 1) / warmup
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX), as torch reports it.
-
-    Without them bf16 matrix products are emulated, so ``dtype: auto`` stays at float32 there.
-    """
-    import torch
-
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
-
-
-def resolve_device(device: str, dtype: str) -> tuple[str, str]:
-    """``auto`` -> cuda + bfloat16 when a GPU is present, else cpu with bfloat16 autocast
-    where the CPU has native bf16 and float32 where it has not."""
-    import torch
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("device 'cuda' requested but torch sees no CUDA GPU; use device: auto")
-    if dtype == "auto":
-        dtype = "bfloat16" if device == "cuda" or cpu_has_native_bf16() else "float32"
-    return device, dtype
 
 
 def check_out_dir(out_dir: Path) -> None:
@@ -359,90 +139,9 @@ def _move_into_place(staging: Path, out_dir: Path) -> None:
     staging.rename(out_dir)
 
 
-def check_init_adapter(init_adapter: str | os.PathLike[str], base_model: str | os.PathLike[str]) -> dict[str, Any]:
-    """The ``adapter_config.json`` of an adapter to warm-start from, if it fits ``base_model``.
-
-    Warm-starting continues training from an existing adapter (the one in production) instead
-    of fresh LoRA matrices: the candidate keeps what production knows and needs fewer steps to
-    learn the new data. The adapter's own rank, alpha and target modules are kept.
-    """
-    path = Path(init_adapter)
-    try:
-        config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise TrainingError(f"cannot warm-start from {path}: no readable adapter_config.json ({err})") from err
-    if not (path / "adapter_model.safetensors").is_file():
-        raise TrainingError(f"cannot warm-start from {path}: no adapter_model.safetensors")
-    if str(config.get("peft_type", "")).upper() != "LORA":
-        raise TrainingError(f"cannot warm-start from {path}: peft_type {config.get('peft_type')!r} is not LORA")
-    trained_on = str(config.get("base_model_name_or_path") or "")
-    if trained_on and Path(trained_on).name != Path(str(base_model)).name:
-        raise TrainingError(
-            f"cannot warm-start from {path}: it was trained on base model {trained_on!r}, "
-            f"not {str(base_model)!r}; set training.init_from: none to train from scratch"
-        )
-    return config
-
-
-def load_lora_model(
-    base_model: str | os.PathLike[str],
-    settings: TrainingSettings,
-    device: str,
-    dtype: str,
-    *,
-    init_adapter: str | os.PathLike[str] | None = None,
-) -> tuple[Any, Any]:
-    """(peft model with trainable LoRA matrices on ``device``, tokenizer) for ``base_model``.
-
-    The LoRA matrices are fresh, or a copy of ``init_adapter``'s (see ``check_init_adapter``).
-    """
-    import torch
-    from peft import LoraConfig, PeftModel, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from tuneloop.ml.chat import resolve_target_modules
-
-    # Base weights in the compute dtype on GPU (memory); fp32 on CPU. LoRA weights stay fp32.
-    load_dtype = getattr(torch, dtype) if device == "cuda" else torch.float32
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(base_model))
-        model = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=load_dtype)
-    except OSError as err:
-        raise TrainingError(
-            f"cannot load base model {base_model!r}: {err}\n"
-            "A hub id needs network access or a copy in the local cache (HF_HUB_OFFLINE=1 forbids "
-            "downloads); for the demo model run `tuneloop build-model`."
-        ) from err
-    if init_adapter is not None:
-        check_init_adapter(init_adapter, base_model)
-        peft_model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
-        peft_model.peft_config["default"].base_model_name_or_path = str(base_model)
-        peft_model.to(device)
-        return peft_model, tokenizer
-    alpha = settings.lora_alpha
-    lora_config = LoraConfig(
-        r=settings.lora_rank,
-        lora_alpha=int(alpha) if float(alpha).is_integer() else alpha,
-        lora_dropout=settings.lora_dropout,
-        target_modules=resolve_target_modules(model, settings.target_modules),
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    try:
-        peft_model = get_peft_model(model, lora_config)
-    except ValueError as err:
-        names = sorted({name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name})
-        raise TrainingError(
-            f"target_modules {settings.target_modules} do not fit this model ({err}); "
-            f"its modules include {names[:30]}"
-        ) from err
-    # What vLLM and PeftModel.from_pretrained read to find the base model.
-    peft_model.peft_config["default"].base_model_name_or_path = str(base_model)
-    peft_model.to(device)
-    return peft_model, tokenizer
-
-
 @dataclass
+
+
 class FitStats:
     """What :func:`fit` measured (over the whole run, also when it was resumed)."""
 
@@ -529,82 +228,6 @@ def _make_batch(examples: Sequence[TokenizedExample], settings: TrainingSettings
     if settings.packing:
         return collate_packed(examples, pad_id, settings.max_seq_len)  # tokenize_records dropped longer rows
     return collate(examples, pad_id)
-
-
-def distributed_world() -> tuple[int, int]:
-    """(rank, world size) of a torchrun/accelerate launch, else (0, 1)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def init_distributed(device: str) -> bool:
-    """Join the process group when launched by torchrun/accelerate (WORLD_SIZE > 1).
-
-    Each process trains on its own share of every optimizer step's micro-batches; the LoRA
-    gradients are summed across processes before the step, so N processes with ``grad_accum``
-    A take the same steps as one process with ``grad_accum`` N x A. NCCL on GPUs, gloo on CPU.
-    """
-    import torch
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return False
-    if device == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if device == "cuda" else "gloo")
-    return True
-
-
-class Checkpointer:
-    """Training state (LoRA weights, optimizer, step, RNG, early-stopping state) in one file.
-
-    Written every ``every`` steps with write-then-rename, so a killed run leaves the previous
-    checkpoint whole. A run finds a checkpoint with its own fingerprint (same data, settings,
-    base model and start adapter) and continues from it; any other is ignored and replaced.
-    """
-
-    def __init__(self, path: Path | None, fingerprint: str, every: int, *, writer: bool = True) -> None:
-        self.path = path if every > 0 else None
-        self.fingerprint = fingerprint
-        self.every = every
-        self.writer = writer
-
-    def load(self) -> dict[str, Any] | None:
-        import torch
-
-        if self.path is None or not self.path.is_file():
-            return None
-        try:
-            state = torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - a torn or foreign file: start over, say why
-            logger.warning("ignoring unreadable checkpoint %s (%s); training from the start", self.path, err)
-            return None
-        if state.get("fingerprint") != self.fingerprint:
-            logger.warning(
-                "ignoring checkpoint %s: it belongs to another run (different data, settings, base model or "
-                "start adapter); training from the start", self.path,
-            )
-            return None
-        return state
-
-    def due(self, step: int, total: int) -> bool:
-        return self.path is not None and self.writer and step % self.every == 0 and step < total
-
-    def save(self, state: dict[str, Any]) -> None:
-        import torch
-
-        assert self.path is not None
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
-        torch.save({"fingerprint": self.fingerprint, **state}, tmp)
-        os.replace(tmp, self.path)
-
-    def remove(self) -> None:
-        if self.path is not None and self.writer:
-            self.path.unlink(missing_ok=True)
 
 
 def fit(
@@ -760,95 +383,6 @@ def fit(
         stopped_early=stopped_early,
         resumed_from_step=first_step or None,
     )
-
-
-def _fast_kernels(model: Any, device: str, *, mixed: bool) -> contextlib.ExitStack:
-    """What a step needs to keep the GPU busy; numerically the same as without.
-
-    - No cuDNN attention: for the varying shapes of packed and length-grouped batches its
-      per-call planning cost ~10 ms of CPU per layer on an H100 (torch 2.11), which left the
-      GPU idle most of the step; the flash and memory-efficient kernels have no such cost.
-    - Under autocast, peft's cast of each LoRA layer's input to the fp32 adapter dtype is
-      skipped: autocast casts it straight back to bf16 for the matmul, so the two copies of
-      every activation were pure memory traffic.
-    """
-    stack = contextlib.ExitStack()
-    if device == "cuda":
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        stack.enter_context(sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]))
-    if mixed:
-        try:
-            from peft.helpers import disable_input_dtype_casting
-        except ImportError:  # older peft: keep its casts
-            return stack
-        stack.enter_context(disable_input_dtype_casting(model))
-    return stack
-
-
-def _all_reduce_gradients(parameters: Sequence[Any]) -> None:
-    """Sum the LoRA gradients over processes (each loss is already divided by the global
-    target count, so the sum is the gradient of the whole step)."""
-    import torch
-    import torch.distributed as dist
-
-    grads = [p.grad for p in parameters if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    at = 0
-    for g in grads:
-        g.copy_(flat[at : at + g.numel()].view_as(g))
-        at += g.numel()
-
-
-def _all_reduce_sum(loss: float, tokens: int, device: str) -> tuple[float, int]:
-    import torch
-    import torch.distributed as dist
-
-    values = torch.tensor([loss, float(tokens)], dtype=torch.float64, device=device)
-    dist.all_reduce(values)
-    return float(values[0]), int(values[1])
-
-
-def split_validation(records: Sequence[Mapping[str, Any]], fraction: float) -> tuple[list[Mapping[str, Any]], list[Mapping[str, Any]]]:
-    """(train, validation): a stable share of rows by id hash, never the gate's eval split."""
-    if fraction <= 0:
-        return list(records), []
-    train: list[Mapping[str, Any]] = []
-    validation: list[Mapping[str, Any]] = []
-    for index, record in enumerate(records):
-        key = f"validation:{record.get('id', index)}".encode()
-        share = int.from_bytes(hashlib.sha256(key).digest()[:8], "big") / 2**64
-        (validation if share < fraction else train).append(record)
-    return train, validation
-
-
-def mix_replay(
-    records: Sequence[Mapping[str, Any]], earlier: Sequence[Mapping[str, Any]], fraction: float, seed: int = 0
-) -> tuple[list[Mapping[str, Any]], int]:
-    """``records`` plus a seeded sample of ``earlier`` rows making up ``fraction`` of the mix.
-
-    Replaying some of what the production adapter learnt from keeps the candidate from
-    forgetting it while it learns the new data. Rows whose id is in ``records`` are skipped.
-    """
-    if fraction <= 0 or not earlier:
-        return list(records), 0
-    ids = {record.get("id") for record in records}
-    pool = [record for record in earlier if record.get("id") not in ids]
-    want = min(len(pool), round(fraction / (1 - fraction) * len(records)))
-    sample = random.Random(seed).sample(pool, want) if want else []
-    return [*records, *sample], len(sample)
-
-
-def _fingerprint(dataset_hash: str, settings: TrainingSettings, base_model: Any, init_adapter: Any, world: int) -> str:
-    config = settings.model_dump(mode="json", exclude={"log_every", "checkpoint_every"})
-    text = json.dumps([dataset_hash, config, str(base_model), str(init_adapter), world], sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def checkpoint_path(out_dir: Path) -> Path:
-    """Where a run writing ``out_dir`` keeps its resumable state (beside it, same volume)."""
-    return out_dir.parent / f".{out_dir.name}.checkpoint.pt"
 
 
 def train_lora(

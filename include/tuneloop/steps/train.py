@@ -62,7 +62,7 @@ def replay_mix(
     if training.replay_fraction <= 0:
         return records, snapshot, 0
     from tuneloop import layout
-    from tuneloop.ml.train import mix_replay
+    from tuneloop.ml.training_data import mix_replay
     from tuneloop.registry import Registry, RegistryError
 
     registry = Registry(store)
