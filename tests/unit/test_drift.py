@@ -13,13 +13,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pytest
 
-from tuneloop.drift import (
-    DriftInputError,
-    EmbeddingUnavailableError,
-    classifier_two_sample_test,
-    detect_drift,
-    load_texts,
-)
+from tuneloop.drift import DriftInputError, classifier_two_sample_test, detect_drift, load_texts
+from tuneloop.embeddings import EmbeddingUnavailableError
 
 if TYPE_CHECKING:
     from pathlib import Path

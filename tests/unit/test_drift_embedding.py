@@ -14,13 +14,8 @@ import numpy as np
 import pytest
 
 from tuneloop.demo import invoices as world
-from tuneloop.drift import (
-    classifier_two_sample_test,
-    dense_model,
-    detect_drift,
-    embed_texts,
-    resolve_embedding_model,
-)
+from tuneloop.drift import classifier_two_sample_test, dense_model, detect_drift
+from tuneloop.embeddings import embed_texts, resolve_embedding_model
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -134,7 +129,7 @@ def test_cli_drift_with_the_embedding_method(
 
 
 def test_a_missing_encoder_is_a_clear_error(tmp_path: Path) -> None:
-    from tuneloop.drift import EmbeddingUnavailableError
+    from tuneloop.embeddings import EmbeddingUnavailableError
 
     with pytest.raises(EmbeddingUnavailableError, match="drift.embedding_model"):
         embed_texts(["x"], model=str(tmp_path / "no-such-encoder"))

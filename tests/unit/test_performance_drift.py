@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tuneloop.drift import DriftInputError, performance_drift
+from tuneloop.drift import DriftInputError
+from tuneloop.performance import performance_drift
 
 pytestmark = pytest.mark.unit
 

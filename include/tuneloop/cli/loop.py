@@ -38,6 +38,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def cmd_drift(args: argparse.Namespace) -> int:
     from tuneloop import drift
+    from tuneloop.embeddings import EmbeddingUnavailableError
 
     settings = _settings(args)
     cfg = settings.drift
@@ -56,7 +57,7 @@ def cmd_drift(args: argparse.Namespace) -> int:
             embedding_model=cfg.embedding_model,
             progress=_progress(args),
         )
-    except (drift.DriftInputError, drift.EmbeddingUnavailableError) as err:
+    except (drift.DriftInputError, EmbeddingUnavailableError) as err:
         raise CliError(str(err)) from None
     payload = {
         **report.to_json(),

@@ -189,8 +189,8 @@ def check_performance(loop: Loop, end: date, production_record: dict[str, Any] |
     """
     import hashlib
 
-    from tuneloop.drift import performance_drift
     from tuneloop.intake.pull import NoNewDataError, plan_pull, read_batch, snapshot_last_day
+    from tuneloop.performance import performance_drift
 
     cfg = loop.settings.drift
     if production_record is None:
