@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from tuneloop.cli.common import (
     CliError,
     _emit,
+    _parse_date,
     _progress,
     _settings,
     _store,
@@ -36,10 +37,31 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _monitor(args: argparse.Namespace) -> int:
+    """``tuneloop drift`` without windows: the drift monitor's step on the store, policy and all
+    (the function the DAG's check_drift task calls)."""
+    from tuneloop.steps.loop import open_loop
+    from tuneloop.steps.monitor import check_drift
+
+    loop = open_loop(args.config, progress=_progress(args))
+    check = check_drift(loop, as_of=args.as_of)
+    human = (
+        f"{'DRIFT' if check['drift'] else 'no drift'} as of {check['as_of']}: AUC {check['statistic']:.3f}, p={check['p_value']:.3g} "
+        f"({check['n_reference']} reference vs {check['n_current']} current)\n  decision: {check['decision']}"
+        + (f"\n  refresh requested; slices where drift was found: {', '.join(check['drift_slices']) or 'none named'}" if check["emit"] else "")
+    )
+    _emit(args, check, human)
+    return 0
+
+
 def cmd_drift(args: argparse.Namespace) -> int:
     from tuneloop import drift
     from tuneloop.embeddings import EmbeddingUnavailableError
 
+    if args.reference is None and args.current is None:
+        return _monitor(args)
+    if args.reference is None or args.current is None:
+        raise CliError("give both --reference and --current (two windows), or neither (the drift monitor on the store)")
     settings = _settings(args)
     cfg = settings.drift
     field: Any = args.field or cfg.field or TaskSpec(settings.task).input_text
@@ -87,9 +109,32 @@ def cmd_drift(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gate_version(args: argparse.Namespace) -> int:
+    """``tuneloop gate --version vN``: the refresh's gate step on the newest evaluation of vN in
+    the store (first-adapter rule, ``auto`` slices from the drift evidence, suite bars, the
+    report stored beside the version) — the function the DAG's gate task calls."""
+    from tuneloop.steps.evaluate import latest_evaluation
+    from tuneloop.steps.gate import gate_step
+    from tuneloop.steps.loop import open_loop
+
+    loop = open_loop(args.config, progress=_progress(args))
+    decision = gate_step(loop, latest_evaluation(loop, args.version))
+    lines = [f"{'PROMOTE' if decision['promote'] else 'REJECT'} {decision['version']} vs {decision['baseline']}"]
+    lines += [f"  - {reason}" for reason in decision["reasons"]]
+    lines.append(f"  report: {loop.store.uri}/{decision['report_key']}")
+    _emit(args, decision, "\n".join(lines))
+    return 1 if args.check and not decision["promote"] else 0
+
+
 def cmd_gate(args: argparse.Namespace) -> int:
     from tuneloop import gate, gate_report
 
+    if args.version is not None:
+        if args.baseline or args.candidate:
+            raise CliError("--version gates a stored evaluation: drop --baseline/--candidate (or drop --version to gate two files)")
+        return _gate_version(args)
+    if args.baseline is None or args.candidate is None:
+        raise CliError("give --baseline and --candidate score files, or --version to gate the store's newest evaluation of it")
     settings = _settings(args)
     cfg = settings.gate
     configured = args.improve if args.improve is not None else list(cfg.improve_slices)
@@ -159,14 +204,18 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
         "on the held-out scores gives a p-value that is calibrated under no drift. drift = "
         "p < alpha. --method embedding runs the same test on all-MiniLM-L6-v2 sentence embeddings "
         "(bundled, no download; needs torch: run it as .venv-ml/bin/tuneloop). The output names the "
-        "terms that separate the windows and the most current-like records.",
+        "terms that separate the windows and the most current-like records. Without --reference and "
+        "--current it runs the drift monitor on the store, as the Airflow DAG does: the window of traffic "
+        "against production's training data, production's score on fresh labels, and the policy "
+        "(drift.min_auc, consecutive checks, cooldown); the check is stored in drift/checks/.",
         epilog="Exit status: 0 whether or not drift is found (see 'drift' in --json); 2 when a window "
         "cannot be read or yields no text. Unusable lines are skipped and counted by reason "
         "(input.*.skipped), with a warning on stderr.",
     )
-    p.add_argument("--reference", required=True, help="JSONL records of the reference window (what the model knows)")
-    p.add_argument("--current", required=True, help="JSONL records of the current window (recent traffic)")
-    p.add_argument("--field", default=None, help="the text field of each record (default: drift.field, 'prompt')")
+    p.add_argument("--reference", default=None, help="JSONL records of the reference window (what the model knows)")
+    p.add_argument("--current", default=None, help="JSONL records of the current window (recent traffic)")
+    p.add_argument("--as-of", type=_parse_date, default=None, help="without windows: check the store's traffic window ending on this day (default: the newest)")
+    p.add_argument("--field", default=None, help="the text field of each record (default: drift.field, else the task's input)")
     p.add_argument("--alpha", type=float, default=None, help="significance level (default: drift.alpha, 0.05)")
     p.add_argument("--method", choices=["classifier", "embedding"], default=None, help="classifier (hashed n-grams, fast) or embedding (sentence encoder); default: drift.method")
     p.add_argument("--seed", type=int, default=0, help="seed of the split and classifier (reproducible)")
@@ -190,8 +239,9 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
         epilog="Exit status: 0 when decided (promote or reject; see 'promote' in --json), 1 with --check "
         "when rejected, 2 on unreadable or unpairable input.",
     )
-    p.add_argument("--baseline", required=True, help="scores of the production adapter (JSONL)")
-    p.add_argument("--candidate", required=True, help="scores of the candidate adapter (JSONL)")
+    p.add_argument("--baseline", default=None, help="scores of the production adapter (JSONL)")
+    p.add_argument("--candidate", default=None, help="scores of the candidate adapter (JSONL)")
+    p.add_argument("--version", default=None, help="instead of two files: gate the store's newest evaluation of this version, as the refresh DAG does (report stored beside it)")
     p.add_argument(
         "--improve", action="append", metavar="SLICE", default=None,
         help="a slice where the candidate must be better (repeat for several; default: gate.improve_slices)",

@@ -40,4 +40,14 @@ def evaluate_step(loop: Loop, train: dict[str, Any]) -> dict[str, Any]:
             "suites": {name: summary.get(name) for name in ("injection", "consistency", "golden", "latency")},
             "backend": summary.get("backend"),
         }
-    return {"version": version, "snapshot": snapshot, "production": production, **results}
+    evaluation = {"version": version, "snapshot": snapshot, "production": production, **results}
+    loop.store.put_json(f"evals/{version}/{loop.run_key}/evaluation.json", evaluation)  # what `tuneloop gate --version` reads
+    return evaluation
+
+
+def latest_evaluation(loop: Loop, version: str) -> dict[str, Any]:
+    """The newest evaluation of ``version`` as a candidate (what :func:`evaluate_step` returned)."""
+    keys = [k for k in loop.store.list(f"evals/{version}/") if k.endswith("/evaluation.json")]
+    if not keys:
+        raise RuntimeError(f"no evaluation of {version} in {loop.store.uri}/evals/{version}/: the refresh's evaluate step writes one")
+    return dict(loop.store.get_json(sorted(keys)[-1]))
