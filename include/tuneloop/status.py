@@ -49,7 +49,7 @@ def _ask_vllm(settings: Settings, store: Store, status_drift: dict[str, Any] | N
     from tuneloop.serving.vllm_client import VllmClient, VllmError
 
     endpoint = settings.vllm.endpoints[0]
-    api_key = settings.vllm.api_key.get_secret_value() if settings.vllm.api_key else None
+    api_key = settings.vllm.key
     client = VllmClient(endpoint, api_key=api_key, timeout_s=settings.vllm.timeout_s)
     name = settings.model.served_model_name
     try:

@@ -93,10 +93,32 @@ def _store_and_registry() -> tuple[Any, Any]:
     return store, Registry(store)
 
 
-def test_refresh_trains_evaluates_and_gates_with_real_servers(world: dict[str, Any]) -> None:
+@pytest.fixture(scope="module")
+def bootstrapped(world: dict[str, Any]) -> Any:
+    """The first refresh on the fresh world (v1 trained and gated against the bare model)."""
+    return _dag("tuneloop_refresh").test(logical_date=datetime(2026, 1, 9, tzinfo=UTC), run_conf={"force": True})
+
+
+@pytest.fixture(scope="module")
+def rolled_back(world: dict[str, Any], bootstrapped: Any) -> Any:
+    """v2 trained, deployed and promoted over v1, then tuneloop_rollback run: v1 serves again."""
+    store, registry = _store_and_registry()
+    trained = json.loads(_run(str(TUNELOOP), "train", "--snapshot", registry.get("v1")["snapshot"], "--version", "v2", "--max-steps", "4", "--json", "-q", env=dict(os.environ)))
+    registry.register("v2", adapter_key="adapters/v2", snapshot=trained["snapshot"], base_model=trained["base_model"])
+    registry.move_aliases({"production": "v1"}, reason="test setup")
+    _run(str(TUNELOOP), "deploy", "--version", "v2", "-q", env=dict(os.environ))
+    registry.promote("v2", reason="test setup")
+    from tuneloop.serving.vllm_client import VllmClient
+
+    served = {m["id"]: m for m in VllmClient(f"http://127.0.0.1:{world['port']}").models()}
+    assert Path(served["tuneloop"]["root"]).name == "v2", "the deploy of v2 did not take"
+    return _dag("tuneloop_rollback").test(run_conf={"version": "previous"})
+
+
+def test_refresh_trains_evaluates_and_gates_with_real_servers(bootstrapped: Any) -> None:
     """The tiny CI model cannot learn the task in a few steps, so the gate must refuse it:
     pull -> validate -> train -> evaluate -> gate all run for real, nothing is deployed."""
-    run = _dag("tuneloop_refresh").test(logical_date=datetime(2026, 1, 9, tzinfo=UTC), run_conf={"force": True})
+    run = bootstrapped
     states = _task_states(run)
     assert str(run.state) == "success", states
     for task_id in ("pull", "validate", "train", "evaluate", "gate", "should_deploy"):
@@ -117,22 +139,13 @@ def test_refresh_trains_evaluates_and_gates_with_real_servers(world: dict[str, A
     assert manifest["validation"]["accepted"] + manifest["validation"]["quarantined"] == manifest["counts"]["total"]
 
 
-def test_rollback_dag_hot_swaps_a_version_into_vllm(world: dict[str, Any]) -> None:
+def test_rollback_dag_hot_swaps_a_version_into_vllm(world: dict[str, Any], rolled_back: Any) -> None:
     """Deploy v2 as production, then tuneloop_rollback serves v1 again through the real server."""
     from tuneloop.serving.vllm_client import VllmClient
 
     store, registry = _store_and_registry()
-    if "v1" not in {v["version"] for v in registry.versions()}:
-        pytest.skip("needs v1 from the refresh test")
-    trained = json.loads(_run(str(TUNELOOP), "train", "--snapshot", registry.get("v1")["snapshot"], "--version", "v2", "--max-steps", "4", "--json", "-q", env=dict(os.environ)))
-    registry.register("v2", adapter_key="adapters/v2", snapshot=trained["snapshot"], base_model=trained["base_model"])
-    registry.move_aliases({"production": "v1"}, reason="test setup")
-    _run(str(TUNELOOP), "deploy", "--version", "v2", "-q", env=dict(os.environ))
-    registry.promote("v2", reason="test setup")
     client = VllmClient(f"http://127.0.0.1:{world['port']}")
-    assert Path({m["id"]: m for m in client.models()}["tuneloop"]["root"]).name == "v2"
-
-    run = _dag("tuneloop_rollback").test(run_conf={"version": "previous"})
+    run = rolled_back
     assert str(run.state) == "success", _task_states(run)
     assert registry.aliases()["production"] == "v1" and registry.aliases()["previous"] == "v2"
     assert Path({m["id"]: m for m in client.models()}["tuneloop"]["root"]).name == "v1"
@@ -154,7 +167,7 @@ def test_batch_failing_quality_thresholds_stops_before_training(
 
 
 def test_refresh_over_production_warm_starts_deploys_verifies_and_records(
-    world: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+    world: dict[str, Any], rolled_back: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With an adapter in production the refresh warm-starts from it and, past the gate, goes
     all the way: hot-swap into the real vLLM server, golden-prompt verification, registry.
@@ -165,8 +178,7 @@ def test_refresh_over_production_warm_starts_deploys_verifies_and_records(
 
     store, registry = _store_and_registry()
     production = registry.aliases()["production"]
-    if production is None:
-        pytest.skip("needs a production adapter from the rollback test")
+    assert production is not None, "the rolled_back fixture leaves a production adapter"
     monkeypatch.setenv("TUNELOOP__GATE__IMPROVE_SLICES", "[]")
     monkeypatch.setenv("TUNELOOP__GATE__MARGIN", "0.9")
     run = _dag("tuneloop_refresh").test(
@@ -189,7 +201,7 @@ def test_refresh_over_production_warm_starts_deploys_verifies_and_records(
 
 
 def test_registry_write_failing_after_the_swap_puts_production_back_on_the_server(
-    world: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+    world: dict[str, Any], rolled_back: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """deploy and verify succeed, then `record` cannot write the registry: the run fails, and
     the `reconcile_after` teardown makes the server serve the registry's production again."""
@@ -199,8 +211,7 @@ def test_registry_write_failing_after_the_swap_puts_production_back_on_the_serve
 
     store, registry = _store_and_registry()
     production = registry.aliases()["production"]
-    if production is None:
-        pytest.skip("needs a production adapter from the earlier tests")
+    assert production is not None, "the rolled_back fixture leaves a production adapter"
 
     def refuse(self: Registry, version: str, **kwargs: Any) -> Any:
         raise StorageError(f"injected: the registry write for {version} failed (503 SlowDown, retries exhausted)")

@@ -138,3 +138,11 @@ def test_docs_configuration_table_is_current() -> None:
         "docs/configuration.md's table is stale: replace the lines between the settings-table markers "
         "with the output of `.venv/bin/tuneloop config --table`"
     )
+
+
+def test_the_defaults_file_and_the_settings_model_agree() -> None:
+    """One source of defaults: the file documents the model's defaults and never differs from
+    them (a value changed in one place only would make the CLI, the DAG and the docs disagree)."""
+    from tuneloop.config import Settings
+
+    assert load_settings(None, env={}).model_dump(mode="json") == Settings().model_dump(mode="json")

@@ -75,6 +75,11 @@ class VllmSettings(_Section):
                 raise ValueError(f"endpoint {url!r} must start with http:// or https://")
         return [url.rstrip("/") for url in value]
 
+    @property
+    def key(self) -> str | None:
+        """The API key in clear, for the one request header that needs it (never log it)."""
+        return self.api_key.get_secret_value() if self.api_key else None
+
     @field_validator("max_lora_rank")
     @classmethod
     def _vllm_rank(cls, value: int) -> int:

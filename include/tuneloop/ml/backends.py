@@ -561,7 +561,7 @@ def select_backend(
     if requested == "hf":
         return HFBackend(base_model, adapter_dir, settings.eval, progress=progress, reason="requested")
     cfg = settings.vllm
-    api_key = cfg.api_key.get_secret_value() if cfg.api_key else None
+    api_key = cfg.key
     usable, problems = probe_vllm(
         cfg.endpoints, served_name=settings.model.served_model_name, base_model=base_model, api_key=api_key, timeout_s=cfg.timeout_s
     )

@@ -3,7 +3,6 @@ intake checks, Great Expectations) and write the dataset snapshot; a failing bat
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING, Any
 
 from tuneloop.steps.loop import parse_day
@@ -49,7 +48,7 @@ def validate_step(loop: Loop, plan_json: dict[str, Any]) -> dict[str, Any]:
     loop.progress(f"quality: {report.accepted} accepted, {report.quarantined} quarantined of {report.total}: {report.reasons}")
     if not report.passed:
         prefix = f"quality/{loop.run_key}"
-        loop.store.put_bytes(f"{prefix}/quarantine.jsonl", "".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in batch.quarantined).encode())
+        loop.store.put_jsonl(f"{prefix}/quarantine.jsonl", (r.to_json() for r in batch.quarantined))
         loop.store.put_json(f"{prefix}/gx_validation_result.json", report.validation_result)
         loop.store.put_json(f"{prefix}/summary.json", report.summary())
         message = format_quality_failure(report) + f"\n  artifacts: {loop.store.uri}/{prefix}/"

@@ -215,7 +215,7 @@ def check_performance(loop: Loop, end: date, production_record: dict[str, Any] |
     eval_ids = {str(r.get("id")) for r in loop.store.iter_jsonl(f"snapshots/{snapshot}/eval.jsonl") if isinstance(r, dict)}
     baseline = [r for r in loop.store.iter_jsonl(scores_key) if str(r.get("id")) in eval_ids]
     prefix = f"drift/performance/{end.isoformat()}__{loop.run_key}"
-    loop.store.put_bytes(f"{prefix}/fresh.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in fresh).encode())
+    loop.store.put_jsonl(f"{prefix}/fresh.jsonl", fresh)
     loop.progress(f"performance check: scoring {production} on {len(fresh)} labelled rows from {plan.days[0]} .. {plan.days[-1]}")
     loop.run_ml(["evaluate", "--adapter", production, "--eval", f"{prefix}/fresh.jsonl", "--upload", prefix, "--no-suites"])
     current = list(loop.store.iter_jsonl(f"{prefix}/scores.jsonl"))

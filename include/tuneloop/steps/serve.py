@@ -97,7 +97,7 @@ def _deploy(loop: Loop, version: str, *, scores_key: str | None = None) -> dict[
         served_name=settings.model.served_model_name,
         golden=golden,
         previous_adapter_dir=previous_dir,
-        api_key=settings.vllm.api_key.get_secret_value() if settings.vllm.api_key else None,
+        api_key=settings.vllm.key,
         max_lora_rank=settings.vllm.max_lora_rank,
         base_model=base_model_ref(settings),
         scorer=loop.spec.scorer.agreement,
@@ -115,7 +115,7 @@ def verify_step(loop: Loop, version: str) -> dict[str, Any]:
     settings = loop.settings
     expected = str(materialize_adapter(loop, version))
     served = settings.model.served_model_name
-    api_key = settings.vllm.api_key.get_secret_value() if settings.vllm.api_key else None
+    api_key = settings.vllm.key
     seen = {}
     for endpoint in settings.vllm.endpoints:
         client = VllmClient(endpoint, api_key=api_key, timeout_s=settings.vllm.timeout_s)
@@ -159,7 +159,7 @@ def _reconcile(loop: Loop) -> dict[str, Any]:
         served_name=settings.model.served_model_name,
         base_model=base_model_ref(settings),
         max_lora_rank=settings.vllm.max_lora_rank,
-        api_key=settings.vllm.api_key.get_secret_value() if settings.vllm.api_key else None,
+        api_key=settings.vllm.key,
         timeout_s=settings.vllm.timeout_s,
         progress=loop.progress,
     )

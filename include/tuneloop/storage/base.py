@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     import builtins
-    from collections.abc import Iterator
+    from collections.abc import Iterable, Iterator
 
 
 log = logging.getLogger(__name__)
@@ -156,6 +156,10 @@ class Store(abc.ABC):
             return json.loads(text)
         except json.JSONDecodeError as err:
             raise StorageError(f"get {key} from {self.uri}: not valid JSON: {err}") from err
+
+    def put_jsonl(self, key: str, rows: Iterable[Any]) -> None:
+        """Write ``rows`` as JSON lines (UTF-8, one object per line)."""
+        self.put_bytes(key, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8"))
 
     def iter_jsonl(self, key: str) -> Iterator[Any]:
         """Yield the records of a JSON-lines object, skipping blank lines."""
