@@ -73,8 +73,11 @@ class Registry:
         metrics: dict[str, Any] | None = None,
         provenance: dict[str, Any] | None = None,
         run_id: str | None = None,
+        adapter_hash: str | None = None,
     ) -> dict[str, Any]:
-        """Record a new adapter version; a version is written once and never changed."""
+        """Record a new adapter version; a version is written once and never changed.
+        ``adapter_hash`` (``provenance.dir_digest`` of its config and weights) pins the
+        version to its bytes: a copy that differs is refused before it is served."""
         if not VERSION_RE.match(version):
             raise RegistryError(f"version {version!r} must look like v1, v2, ...")
         record = {
@@ -86,6 +89,7 @@ class Registry:
             "metrics": metrics or {},
             "provenance": provenance or {},
             "run_id": run_id,
+            "adapter_hash": adapter_hash,
         }
         import json
 

@@ -124,3 +124,22 @@ def test_rollback_retried_after_the_alias_move_does_not_undo_it(loop: Any, monke
     assert again["version"] == "v1" and again["from"] == "v2"
     assert loop.registry.aliases() == {"production": "v1", "previous": "v2", "candidate": None}
     assert served == ["v1", "reconcile"]
+
+
+def test_a_version_is_pinned_to_its_bytes(loop: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The registry record holds the adapter's content hash; a copy in the store that differs
+    (a half-finished upload, weights written again under the same name) is never served."""
+    from tuneloop.provenance import dir_digest
+    from tuneloop.steps.serve import materialize_adapter
+
+    adapter = tmp_path / "v1"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8}')
+    (adapter / "adapter_model.safetensors").write_bytes(b"weights-v1")
+    loop.store.put_dir("adapters/v1", adapter)
+    loop.registry.register("v1", adapter_key="adapters/v1", snapshot="s", base_model="demo", run_id="r", adapter_hash=dir_digest(adapter))
+    assert (materialize_adapter(loop, "v1") / "adapter_model.safetensors").read_bytes() == b"weights-v1"
+    loop.store.put_bytes("adapters/v1/adapter_model.safetensors", b"other weights")
+    monkeypatch.setattr(loop.settings.vllm, "adapter_dir", str(tmp_path / "another-host"))
+    with pytest.raises(RuntimeError, match="does not match its registry record"):
+        materialize_adapter(loop, "v1")

@@ -127,6 +127,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         training = training.model_copy(update={"max_steps": args.max_steps})
     if args.epochs is not None:
         training = training.model_copy(update={"epochs": args.epochs})
+    if not args.no_upload:
+        from tuneloop.registry import Registry
+
+        if args.version in {record["version"] for record in Registry(store).versions()}:
+            raise CliError(
+                f"{args.version} is registered in {store.uri}: a version's weights never change; train a new version, "
+                "or pass --no-upload to keep this one local"
+            )
     base = resolve_base_model(settings)
     out_dir = Path(args.out) if args.out else _adapter_dir(settings, args.version)
     init_adapter = None if args.init_from in (None, "none") else _find_adapter(settings, store, args.init_from)
@@ -139,7 +147,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0  # under torchrun/accelerate launch, rank 0 wrote the adapter: it alone uploads and reports
     if not args.no_upload:
         store.put_dir(f"adapters/{args.version}", out_dir)
-    payload = {"version": args.version, "snapshot": dataset_hash, "base_model": str(base), **_as_dict(result), "replayed_rows": replayed}
+    from tuneloop.provenance import dir_digest
+    from tuneloop.serving.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+    payload = {
+        "version": args.version, "snapshot": dataset_hash, "base_model": str(base), **_as_dict(result), "replayed_rows": replayed,
+        "adapter_hash": dir_digest(out_dir, suffixes=(ADAPTER_CONFIG, ADAPTER_WEIGHTS)),  # the registry pins the version to these bytes
+    }
     if args.init_from not in (None, "none"):
         payload["init_from"] = args.init_from
     human = (

@@ -28,13 +28,28 @@ def materialize_adapter(loop: Loop, version: str) -> Path:
     import shutil
     import uuid
 
+    from tuneloop.provenance import dir_digest
+    from tuneloop.serving.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+    pinned = loop.registry.get(version).get("adapter_hash") if version in {r["version"] for r in loop.registry.versions()} else None
+
+    def check(directory: Path) -> None:
+        found = dir_digest(directory, suffixes=(ADAPTER_CONFIG, ADAPTER_WEIGHTS))
+        if pinned and found != pinned:
+            raise RuntimeError(
+                f"adapter {version} at {directory} does not match its registry record (sha256 {found[:12]} != pinned {pinned[:12]}): "
+                "an incomplete upload or a changed version; refusing to serve it"
+            )
+
     root = Path(loop.settings.vllm.adapter_dir).resolve()
     target = root / version
     if (target / "adapter_config.json").is_file():
+        check(target)
         return target
     staging = root / f".{version}.partial-{uuid.uuid4().hex[:8]}"
     try:
         loop.store.get_dir(f"adapters/{version}", staging)
+        check(staging)
         try:
             staging.rename(target)
         except OSError:

@@ -46,6 +46,7 @@ def train_step(loop: Loop, snapshot: str) -> dict[str, Any]:
         metrics={"train": train_metrics},
         provenance=provenance,
         run_id=loop.run_id,
+        adapter_hash=result.get("adapter_hash"),
     )
     loop.registry.move_aliases({"candidate": version}, reason=f"trained on snapshot {snapshot[:12]}", run_id=loop.run_id)
     return {"version": version, "snapshot": snapshot, **train_metrics, "adapter_uri": f"{loop.store.uri}/adapters/{version}"}
