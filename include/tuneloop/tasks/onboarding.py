@@ -71,7 +71,9 @@ def guess_task(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         distinct = Counter(a.strip() for a in answers)
         if answers and len(distinct) <= max(2, min(50, len(answers) // 5)) and all(len(a.split()) <= 4 for a in distinct):
             task["metric"] = "label"
-            task["labels"] = sorted(distinct)
+            # an answer seen once in hundreds of rows is more likely a labelling slip than a class
+            floor = max(2, round(0.002 * len(answers))) if len(answers) >= 100 else 1
+            task["labels"] = sorted(label for label, count in distinct.items() if count >= floor)
         elif answers and sum(len(a.split()) for a in answers) / len(answers) > 12:
             task["metric"] = "text"
         else:
@@ -182,6 +184,13 @@ def format_check(report: dict[str, Any]) -> str:
     ]
     for reason, entry in report["reasons"].items():
         lines.append(f"  {entry['count']:>5}  {reason}   e.g. {entry['example']}")
+    near = report["reasons"].get("near_duplicate", {}).get("count", 0)
+    if report["lines"] and near / report["lines"] > 0.05:
+        lines.append(
+            f"  hint: {near / report['lines']:.0%} of the rows are near-duplicates of an earlier one (word-shingle Jaccard >= "
+            "data.near_duplicate_jaccard). Short inputs share most of their words: if these are distinct requests, raise "
+            "data.near_duplicate_jaccard (e.g. 0.95) or set it to null"
+        )
     gold = report["gold_vs_gold"]
     if gold["skipped"]:
         lines.append(f"gold vs gold: {gold['skipped']}")
