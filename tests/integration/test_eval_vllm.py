@@ -102,7 +102,7 @@ def test_evaluate_through_vllm_reports_every_suite_and_unloads_the_adapter(serve
         "TUNELOOP__EVAL__MAX_NEW_TOKENS": str(MAX_NEW_TOKENS),
         "TUNELOOP__EVAL__CONSISTENCY_SAMPLES": "3",
         "TUNELOOP__EVAL__LATENCY_REQUESTS": "4",
-        "TUNELOOP__EVAL__BATCH_SIZE": "8",
+        "TUNELOOP__EVAL__BATCH_SIZE": "16",  # 16 requests in flight: the server that serves production must survive them
     }
     command = [
         sys.executable, "-m", "tuneloop.cli", "evaluate", "--backend", "vllm", "--adapter", str(served.adapter),
@@ -137,7 +137,7 @@ def test_evaluate_through_vllm_reports_every_suite_and_unloads_the_adapter(serve
     assert compare["regressions"] == 2 * PER_DOMAIN - exact_now and compare["improvements"] == 0
     latency = summary["latency"]
     assert latency["n"] == 4 and latency["concurrency"] == 1 and 0 < latency["p50_s"] <= latency["p95_s"]
-    assert latency["under_load"]["n"] == 2 * PER_DOMAIN and latency["under_load"]["concurrency"] == 8
+    assert latency["under_load"]["n"] == 2 * PER_DOMAIN and latency["under_load"]["concurrency"] == 16
     assert summary["throughput"]["examples_per_second"] > 0
     for name in ("scores.jsonl", "predictions.jsonl", "summary.json", "injection.jsonl", "consistency.jsonl"):
         assert (out / name).is_file(), name
@@ -146,6 +146,7 @@ def test_evaluate_through_vllm_reports_every_suite_and_unloads_the_adapter(serve
 
     assert served.eval_names() == [], "the temporary adapter is still loaded"
     with VllmClient(served.url) as client:
+        assert client.health(), "the server is not healthy after the eval suites (sampled, 16 concurrent requests)"
         assert client.adapters()[SERVED] == str(served.stable.resolve()), "the stable name was touched"
         assert client.chat_many(SERVED, ["Total: 5"], max_tokens=8) == stable_before
 
