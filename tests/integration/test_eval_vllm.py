@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 pytestmark = [pytest.mark.ml, pytest.mark.integration]
 
 MAX_NEW_TOKENS = 24
-PER_DOMAIN = 4
+PER_DOMAIN = 8  # 16 prompts: the accuracy pass sends them all at once
 
 
 @dataclass
