@@ -12,6 +12,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from tuneloop import layout
 from tuneloop.gate_report import slice_table_markdown
 
 if TYPE_CHECKING:
@@ -87,7 +88,7 @@ def approval_body(
 
 def review_key(version: str) -> str:
     """Where the answer is stored: next to the candidate's gate report."""
-    return f"reports/{version}/approval.json"
+    return f"{layout.report(version)}/approval.json"
 
 
 def record_review(

@@ -30,15 +30,6 @@ DRIFT_HISTORY_PLOT = "drift/history.png"
 REGISTRY = "registry"
 
 
-def partition(prefix: str, day: str) -> str:
-    """``labelled/dt=2026-03-01/``: one day's partition of a date-partitioned prefix."""
-    return f"{prefix}/dt={day}/"
-
-
-def heldout_set(name: str) -> str:
-    return f"{HELDOUT}/{name}.jsonl"
-
-
 def snapshot_file(snapshot: str, split: str) -> str:
     """``snapshots/<hash>/<split>.jsonl`` (split: train, eval, quarantine)."""
     return f"{SNAPSHOTS}/{snapshot}/{split}.jsonl"
@@ -52,13 +43,14 @@ def adapter_provenance(version: str) -> str:
     return f"{adapter(version)}/provenance.json"
 
 
+def evaluations(version: str) -> str:
+    """``evals/<version>/``: every evaluation of a version, one folder per refresh run."""
+    return f"evals/{version}/"
+
+
 def evaluation(version: str, run_key: str, role: str) -> str:
     """Where one evaluation of a refresh run writes: ``evals/<version>/<run>/<role>``."""
     return f"evals/{version}/{run_key}/{role}"
-
-
-def candidate_scores_suffix() -> str:
-    return "/candidate/scores.jsonl"
 
 
 def report(version: str) -> str:
@@ -68,10 +60,6 @@ def report(version: str) -> str:
 
 def gate_decision(version: str) -> str:
     return f"{report(version)}/gate.json"
-
-
-def gate_markdown(version: str) -> str:
-    return f"{report(version)}/gate.md"
 
 
 def drift_check(day: str, run_key: str) -> str:

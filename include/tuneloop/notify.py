@@ -20,6 +20,8 @@ import logging
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from tuneloop import layout
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
 
@@ -141,7 +143,7 @@ def store_links(loop: Any, key: str) -> list[str]:
 
 def drift_links(loop: Any) -> dict[str, list[str]]:
     """Where to open the drift history plot."""
-    return {"drift history plot": store_links(loop, "drift/history.png")}
+    return {"drift history plot": store_links(loop, layout.DRIFT_HISTORY_PLOT)}
 
 
 def gate_reject_message(decision: Mapping[str, Any], *, links: Mapping[str, Any] | None = None) -> Notification:

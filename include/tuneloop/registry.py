@@ -22,6 +22,8 @@ import re
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from tuneloop import layout
+
 if TYPE_CHECKING:
     from tuneloop.storage import Store
 
@@ -44,7 +46,7 @@ def _now() -> str:
 class Registry:
     """Adapter versions and their aliases, stored under ``prefix`` in a :class:`Store`."""
 
-    def __init__(self, store: Store, prefix: str = "registry") -> None:
+    def __init__(self, store: Store, prefix: str = layout.REGISTRY) -> None:
         self.store = store
         self.prefix = prefix.strip("/")
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tuneloop import layout
+
 if TYPE_CHECKING:
     from tuneloop.config import Settings
     from tuneloop.storage import Store
@@ -27,16 +29,16 @@ def collect_status(settings: Settings, store: Store, *, ask_vllm: bool = True) -
     registry = Registry(store)
     aliases = registry.aliases()
     status: dict[str, Any] = {"store": store.uri, "aliases": aliases, "versions": [v["version"] for v in registry.versions()]}
-    status["drift"] = _latest(store, "drift/checks/")
+    status["drift"] = _latest(store, f"{layout.DRIFT_CHECKS}/")
     snapshot = latest_snapshot(store)
     if snapshot:
-        manifest = read_snapshot_manifest(store, "snapshots", snapshot)
+        manifest = read_snapshot_manifest(store, layout.SNAPSHOTS, snapshot)
         status["snapshot"] = {"hash": snapshot, **{k: manifest.get(k) for k in ("partitions", "counts", "reasons", "slices")}}
     newest = status["versions"][-1] if status["versions"] else None
     if newest:
         status["newest_version"] = registry.get(newest)
         try:
-            status["gate"] = store.get_json(f"reports/{newest}/gate.json")
+            status["gate"] = store.get_json(layout.gate_decision(newest))
             status["gate_report"] = f"{store.uri}/reports/{newest}/gate.md"
         except StoreKeyError:
             status["gate"] = None

@@ -34,6 +34,8 @@ from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
+from tuneloop import layout
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
@@ -146,7 +148,7 @@ def load_view(store: Store, *, source: str = "") -> LoopView:
     for record in records:
         row = VersionRow(record=record, aliases=by_version.get(str(record.get("version")), []))
         try:
-            gate = store.get_json(f"reports/{row.version}/gate.json")
+            gate = store.get_json(layout.gate_decision(row.version))
             if isinstance(gate, dict) and isinstance(gate.get("slices"), dict):
                 row.gate = gate
             else:
@@ -163,7 +165,7 @@ def load_view(store: Store, *, source: str = "") -> LoopView:
     )
     if checks:
         try:
-            view.drift_png = store.get_bytes("drift/history.png")
+            view.drift_png = store.get_bytes(layout.DRIFT_HISTORY_PLOT)
         except StoreKeyError:
             view.drift_png = plot_drift_history(checks)
     gated = [(row.version, row.gate) for row in rows if row.gate is not None]

@@ -11,6 +11,7 @@ from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tuneloop import layout
 from tuneloop.config import Settings, load_settings
 
 if TYPE_CHECKING:
@@ -95,7 +96,7 @@ def _find_adapter(settings: Settings, store: Store, adapter: str) -> Path:
     adapter_dir = _adapter_dir(settings, adapter)
     if not adapter_dir.is_dir():
         try:
-            store.get_dir(f"adapters/{adapter}", adapter_dir)
+            store.get_dir(layout.adapter(adapter), adapter_dir)
         except KeyError:
             pass
     if not (adapter_dir / "adapter_config.json").is_file():

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tuneloop import layout
 from tuneloop.cli.common import (
     CliError,
     _adapter_dir,
@@ -146,7 +147,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun/accelerate launch, rank 0 wrote the adapter: it alone uploads and reports
     if not args.no_upload:
-        store.put_dir(f"adapters/{args.version}", out_dir)
+        store.put_dir(layout.adapter(args.version), out_dir)
     from tuneloop.provenance import dir_digest
     from tuneloop.serving.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 

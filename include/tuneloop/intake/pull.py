@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import TYPE_CHECKING, Any
 
+from tuneloop import layout
 from tuneloop.intake.rows import CheckedBatch, check_lines, split_lines
 
 if TYPE_CHECKING:
@@ -31,10 +32,10 @@ if TYPE_CHECKING:
     from tuneloop.storage import Store
     from tuneloop.tasks import TaskSpec
 
-LABELLED_PREFIX = "labelled"
-SNAPSHOT_PREFIX = "snapshots"
-LATEST_POINTER = f"{SNAPSHOT_PREFIX}/LATEST"
-HELDOUT_PREFIX = "heldout"
+LABELLED_PREFIX = layout.LABELLED
+SNAPSHOT_PREFIX = layout.SNAPSHOTS
+LATEST_POINTER = layout.LATEST_SNAPSHOT
+HELDOUT_PREFIX = layout.HELDOUT
 
 
 class NoNewDataError(RuntimeError):

@@ -21,6 +21,8 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from tuneloop import layout
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
 
@@ -38,7 +40,7 @@ class FleetBusyError(RuntimeError):
 
 def lock_key(endpoints: Sequence[str]) -> str:
     digest = hashlib.sha256("\n".join(sorted(e.rstrip("/") for e in endpoints)).encode()).hexdigest()[:16]
-    return f"locks/fleet-{digest}.json"
+    return layout.fleet_lock(digest)
 
 
 def _now() -> datetime:

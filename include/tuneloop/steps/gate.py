@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tuneloop import layout
+
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
@@ -36,7 +38,7 @@ def gate_step(loop: Loop, evaluation: dict[str, Any]) -> dict[str, Any]:
     decision = gate.apply_suite_bars(decision, evaluation["candidate_eval"].get("suites") or {}, cfg.suite_bars.model_dump())
     baseline_name = evaluation.get("production") or "base model"
     title = f"Gate: candidate {version} vs production {baseline_name}"
-    prefix = f"reports/{version}"
+    prefix = layout.report(version)
     import tempfile
 
     # The report is keyed by the candidate's version, and its gate.json names the candidate's
@@ -59,7 +61,7 @@ def gate_step(loop: Loop, evaluation: dict[str, Any]) -> dict[str, Any]:
             "version": version,
             "baseline": baseline_name,
             "run_id": loop.run_id,
-            "candidate": {"adapter_key": f"adapters/{version}", "scores_key": evaluation["candidate_eval"]["scores_key"]},
+            "candidate": {"adapter_key": layout.adapter(version), "scores_key": evaluation["candidate_eval"]["scores_key"]},
             "production": {"version": evaluation.get("production"), "scores_key": evaluation["production_eval"]["scores_key"]},
             "report": keys,
         },
@@ -95,7 +97,7 @@ def improve_slices_for(loop: Loop, evaluation: Mapping[str, Any], present: set[s
     from tuneloop.storage import StoreKeyError, read_snapshot_manifest
 
     try:
-        manifest = read_snapshot_manifest(loop.store, "snapshots", evaluation["snapshot"])
+        manifest = read_snapshot_manifest(loop.store, layout.SNAPSHOTS, evaluation["snapshot"])
     except StoreKeyError:
         manifest = {}  # a snapshot trained on outside the store: nothing says what it covered
     counts = manifest.get("slices") or manifest.get("domains") or {}

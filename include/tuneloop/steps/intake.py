@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from tuneloop import layout
 from tuneloop.steps.loop import parse_day
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ def validate_step(loop: Loop, plan_json: dict[str, Any]) -> dict[str, Any]:
     )
     loop.progress(f"quality: {report.accepted} accepted, {report.quarantined} quarantined of {report.total}: {report.reasons}")
     if not report.passed:
-        prefix = f"quality/{loop.run_key}"
+        prefix = layout.quality_failure(loop.run_key)
         loop.store.put_jsonl(f"{prefix}/quarantine.jsonl", (r.to_json() for r in batch.quarantined))
         loop.store.put_json(f"{prefix}/gx_validation_result.json", report.validation_result)
         loop.store.put_json(f"{prefix}/summary.json", report.summary())

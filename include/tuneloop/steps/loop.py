@@ -11,6 +11,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tuneloop import layout
 from tuneloop.config import Settings, choose_task_config, load_settings
 
 if TYPE_CHECKING:
@@ -164,5 +165,5 @@ def base_model_ref(settings: Settings) -> str:
 
 def latest_candidate_scores(loop: Loop, version: str) -> str | None:
     """The newest evaluation of ``version`` as a candidate (its golden answers for rollback)."""
-    keys = [k for k in loop.store.list(f"evals/{version}/") if k.endswith("/candidate/scores.jsonl")]
+    keys = [k for k in loop.store.list(layout.evaluations(version)) if k.endswith("/candidate/scores.jsonl")]
     return keys[-1] if keys else None

@@ -86,7 +86,7 @@ def check_drift(loop: Loop, *, as_of: str | date | None = None) -> dict[str, Any
     reference_source: str
     if record is not None:
         snapshot = record.get("snapshot")
-        reference_rows = _rows(store, [f"snapshots/{snapshot}/train.jsonl"])
+        reference_rows = _rows(store, [layout.snapshot_file(str(snapshot), "train")])
         reference_source = f"training data of production {production} (snapshot {str(snapshot)[:12]})"
     else:
         # the first reference_days of traffic, never overlapping the current window
@@ -171,7 +171,7 @@ def check_drift(loop: Loop, *, as_of: str | date | None = None) -> dict[str, Any
         "decision": reason,
         "report": report,
     }
-    store.put_json(f"drift/checks/{end.isoformat()}__{loop.run_key}.json", check)
+    store.put_json(layout.drift_check(end.isoformat(), loop.run_key), check)
     _plot_drift_history([*history, check], store)
     loop.progress(f"drift decision: {reason}")
     return check
@@ -212,9 +212,9 @@ def check_performance(loop: Loop, end: date, production_record: dict[str, Any] |
     if len(fresh) < cfg.performance_min_rows:
         return {"checked": False, "reason": f"{len(fresh)} fresh labelled rows after {trained_until}; drift.performance_min_rows is {cfg.performance_min_rows}"}
     fresh = sorted(fresh, key=lambda r: hashlib.sha256(str(loop.spec.row_id(r)).encode()).hexdigest())[: cfg.performance_max_rows]
-    eval_ids = {str(r.get("id")) for r in loop.store.iter_jsonl(f"snapshots/{snapshot}/eval.jsonl") if isinstance(r, dict)}
+    eval_ids = {str(r.get("id")) for r in loop.store.iter_jsonl(layout.snapshot_file(str(snapshot), "eval")) if isinstance(r, dict)}
     baseline = [r for r in loop.store.iter_jsonl(scores_key) if str(r.get("id")) in eval_ids]
-    prefix = f"drift/performance/{end.isoformat()}__{loop.run_key}"
+    prefix = layout.performance_check(end.isoformat(), loop.run_key)
     loop.store.put_jsonl(f"{prefix}/fresh.jsonl", fresh)
     loop.progress(f"performance check: scoring {production} on {len(fresh)} labelled rows from {plan.days[0]} .. {plan.days[-1]}")
     loop.run_ml(["evaluate", "--adapter", production, "--eval", f"{prefix}/fresh.jsonl", "--upload", prefix, "--no-suites"])
@@ -263,11 +263,11 @@ def _detect_drift(loop: Loop, reference: list[str], current: list[str]) -> dict[
 
 def drift_history(store: Store) -> list[dict[str, Any]]:
     """Every stored drift check, oldest first."""
-    return [store.get_json(k) for k in store.list("drift/checks/") if k.endswith(".json")]
+    return [store.get_json(k) for k in store.list(f"{layout.DRIFT_CHECKS}/") if k.endswith(".json")]
 
 
 def _plot_drift_history(history: list[dict[str, Any]], store: Store) -> None:
-    store.put_bytes("drift/history.png", plot_drift_history(history))
+    store.put_bytes(layout.DRIFT_HISTORY_PLOT, plot_drift_history(history))
 
 
 def plot_drift_history(history: list[dict[str, Any]]) -> bytes:

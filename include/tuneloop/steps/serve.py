@@ -48,7 +48,7 @@ def materialize_adapter(loop: Loop, version: str) -> Path:
         return target
     staging = root / f".{version}.partial-{uuid.uuid4().hex[:8]}"
     try:
-        loop.store.get_dir(f"adapters/{version}", staging)
+        loop.store.get_dir(layout.adapter(version), staging)
         check(staging)
         try:
             staging.rename(target)
@@ -149,7 +149,7 @@ def record_step(loop: Loop, version: str, gate_result: dict[str, Any] | None = N
     """Move the aliases (production <- version, previous <- old production) and log the run."""
     move = loop.registry.promote(version, reason=reason or "refresh: gate passed, deployed and verified", run_id=loop.run_id)
     summary = {"run_id": loop.run_id, "version": version, "aliases": move["aliases"], "gate": gate_result, "at": move["at"]}
-    loop.store.put_json(f"runs/{loop.run_key}.json", summary)
+    loop.store.put_json(layout.run_summary(loop.run_key), summary)
     loop.progress(f"registry: production={move['aliases']['production']} previous={move['aliases']['previous']}")
     return summary
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from tuneloop import layout
 from tuneloop.steps.loop import maybe_json
 
 if TYPE_CHECKING:
@@ -34,13 +35,13 @@ def train_step(loop: Loop, snapshot: str) -> dict[str, Any]:
     loop.progress(f"training candidate {version} on snapshot {snapshot[:12]} ({start})")
     command = ["train", "--snapshot", snapshot, "--version", version]
     result = loop.run_ml([*command, "--init-from", init_from] if init_from else command)
-    provenance = maybe_json(loop.store, f"adapters/{version}/provenance.json")
+    provenance = maybe_json(loop.store, layout.adapter_provenance(version))
     train_metrics = {k: result.get(k) for k in ("final_loss", "steps", "epochs", "seconds", "tokens_per_second", "device", "dtype", "trainable_params")}
     train_metrics["first_loss"] = (result.get("loss_history") or [None])[0]
     train_metrics["init_from"] = init_from
     loop.registry.register(
         version,
-        adapter_key=f"adapters/{version}",
+        adapter_key=layout.adapter(version),
         snapshot=snapshot,
         base_model=str(result.get("base_model")),
         metrics={"train": train_metrics},
