@@ -131,3 +131,17 @@ def test_retries_then_names_the_endpoint_but_never_the_key(judge: tuple[Judge, s
     assert "HTTP 401" in str(caught.value) and endpoint in str(caught.value)
     assert "sk-secret" not in str(caught.value)
     assert len(state.requests) == 4, "a 401 is not retried"
+
+
+def test_agreement_with_human_verdicts_is_reported(judge: tuple[Judge, str], tmp_path: Path) -> None:
+    _state, endpoint = judge
+    humans = tmp_path / "humans.jsonl"
+    rows = [
+        {"prompt": "What is 2+2?", "reference": "4", "answer": "4", "score": 1},
+        {"prompt": "What is 2+2?", "reference": "4", "answer": "5", "score": 0},
+        {"prompt": "What is 2+2?", "reference": "4", "answer": "four", "score": 1},  # the scripted judge says 0 here
+    ]
+    humans.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    scorer = _scorer(endpoint, tmp_path / "cache", calibration_set=str(humans))
+    block = scorer.aggregate([{"judge_parsed": True}])["judge_agreement_with_humans"]
+    assert block["n"] == 3 and block["agreement"] == pytest.approx(2 / 3) and block["mean_abs_diff"] == pytest.approx(1 / 3)

@@ -147,6 +147,9 @@ class JudgeSettings(_Section):
     timeout_s: float = Field(60.0, gt=0)
     max_concurrency: int = Field(4, ge=1, le=64, description="judge requests in flight")
     cache_dir: str | None = Field(None, description="verdict cache; null: .tuneloop/judge-cache under the working directory")
+    calibration_set: str | None = Field(
+        None, description="JSONL of human verdicts {prompt, reference, answer, score}: the judge grades them too and its agreement is reported"
+    )
 
     @field_validator("endpoint")
     @classmethod

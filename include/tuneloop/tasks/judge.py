@@ -54,6 +54,7 @@ class JudgeScorer(Scorer):
         self.cache_dir = Path(cfg.cache_dir or cache_root or ".tuneloop/judge-cache")
         self.calls = 0
         self.cache_hits = 0
+        self._calibration: dict[str, Any] | None = None
 
     def _conversation(self, example: Example | None) -> str:
         if example is None:
@@ -121,14 +122,39 @@ class JudgeScorer(Scorer):
         # Deploy verification compares a served answer with the one evaluation saw: same text.
         return 1.0 if self.normalise(answer) == self.normalise(expected) else 0.0
 
+    def calibration(self) -> dict[str, Any] | None:
+        """The judge against human verdicts (``task.judge.calibration_set``): the share of rows
+        where both fall on the same side of 0.5, and the mean absolute difference. Computed once."""
+        if not self.cfg.calibration_set:
+            return None
+        if self._calibration is None:
+            from tuneloop.tasks.spec import Example
+
+            rows = [json.loads(line) for line in Path(self.cfg.calibration_set).read_text(encoding="utf-8").splitlines() if line.strip()]
+            examples = [Example(str(i), [{"role": "user", "content": str(r["prompt"])}], str(r["reference"]), "calibration") for i, r in enumerate(rows)]
+            judged = self.score_batch([str(r["answer"]) for r in rows], [str(r["reference"]) for r in rows], examples)
+            human = [float(r["score"]) for r in rows]
+            n = len(rows)
+            self._calibration = {
+                "n": n,
+                "agreement": sum((j.score >= 0.5) == (h >= 0.5) for j, h in zip(judged, human, strict=True)) / n if n else None,
+                "mean_abs_diff": sum(abs(j.score - h) for j, h in zip(judged, human, strict=True)) / n if n else None,
+                "source": self.cfg.calibration_set,
+            }
+        return self._calibration
+
     def aggregate(self, rows: Sequence[Any]) -> dict[str, Any]:
         if not rows:
             return {}
-        return {
+        block: dict[str, Any] = {
             "judge_parsed": sum(bool(r.get("judge_parsed")) for r in rows) / len(rows),
             "judge_calls": self.calls,
             "judge_cache_hits": self.cache_hits,
         }
+        calibration = self.calibration()
+        if calibration is not None:
+            block["judge_agreement_with_humans"] = calibration
+        return block
 
 
 def _parse_verdict(text: str) -> dict[str, Any]:
