@@ -238,8 +238,8 @@ def readme_texts(site_packages: Path) -> Iterator[str]:
 
 def invoice_texts(domain: str, count: int) -> list[str]:
     """``count`` demo-world invoice prompts of ``domain``, row i from its own seeded stream."""
+    from tuneloop.demo.invoice_documents import make_document
     from tuneloop.demo.invoice_task import make_prompt
-    from tuneloop.demo.invoices import make_document
 
     return [
         make_prompt(make_document(random.Random(f"tuneloop-bench-drift|{domain}|{i}"), domain)[0])

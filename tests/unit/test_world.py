@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 
+from tuneloop.demo.invoice_documents import make_document
+from tuneloop.demo.invoice_locales import LAYOUTS
 from tuneloop.demo.invoice_task import (
     FIELDS,
     LABELLED_RECORD_KEYS,
@@ -25,11 +27,9 @@ from tuneloop.demo.invoice_task import (
 )
 from tuneloop.demo.invoices import (
     BAD_ROW_KINDS,
-    LAYOUTS,
     drift_fraction,
     generate_world,
     heldout_sets,
-    make_document,
     make_labelled_record,
     make_traffic_record,
     pretraining_corpus,

@@ -70,6 +70,8 @@ class BuildError(RuntimeError):
 
 
 @dataclass(frozen=True)
+
+
 class ModelPreset:
     """Size of the demo model and of its pre-training run."""
 
@@ -170,6 +172,8 @@ def _is_built(model_dir: Path, recipe_hash: str) -> bool:
 
 
 @contextlib.contextmanager
+
+
 def _build_lock(out_dir: Path) -> Iterator[None]:
     """Serialise concurrent builds of one directory (two Airflow tasks on one worker)."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -207,6 +207,8 @@ def schema_errors(obj: Any) -> list[str]:
 
 
 @dataclass(frozen=True)
+
+
 class ExampleScore:
     """How one predicted completion compares with the gold one."""
 
