@@ -302,11 +302,31 @@ def test_markdown_report_lists_every_slice_and_the_verdict() -> None:
     json.dumps(decision.to_json())  # the artifact is plain JSON
 
 
-def test_plot_is_a_non_empty_png(tmp_path: Path) -> None:
+def test_plot_draws_the_decision(tmp_path: Path) -> None:
+    """A real PNG of a readable size, and a picture of this decision: another decision (other
+    deltas, other intervals) gives other pixels."""
+    import struct
+    import zlib
+
     baseline, candidate = two_slices(11, drifted_gain=0.3, original_loss=0.1)
     out = plot_decision(gate(baseline, candidate), tmp_path / "plots" / "gate.png")
     data = out.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", data[16:24])
+    assert width >= 400 and height >= 250, (width, height)
+    other = plot_decision(gate(*two_slices(11, drifted_gain=0.0, original_loss=0.0)), tmp_path / "other.png").read_bytes()
+
+    def pixels(png: bytes) -> bytes:
+        chunks, at = [], 8
+        while at < len(png):
+            length = struct.unpack(">I", png[at : at + 4])[0]
+            if png[at + 4 : at + 8] == b"IDAT":
+                chunks.append(png[at + 8 : at + 8 + length])
+            at += 12 + length
+        return zlib.decompress(b"".join(chunks))
+
+    assert pixels(data) != pixels(other)
+    assert len(set(pixels(data))) > 20, "more than a blank canvas"
 
 
 SUITES = {
