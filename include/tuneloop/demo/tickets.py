@@ -424,17 +424,9 @@ def generate_ticket_world(
 
     Returns a summary: the days, clean rows per product, bad rows per kind, keys written.
     """
-    if days < 0:
-        raise ValueError(f"days must be >= 0, got {days}")
-    if traffic_per_day < 0 or labelled_per_day < 0:
-        raise ValueError("traffic_per_day and labelled_per_day must be >= 0")
-    if labelled_per_day > traffic_per_day:
-        raise ValueError(
-            f"labelled_per_day={labelled_per_day} exceeds traffic_per_day={traffic_per_day}: "
-            "labelled rows are a sample of the day's traffic"
-        )
-    if not 0.0 <= bad_row_rate < 1.0:
-        raise ValueError(f"bad_row_rate must be within [0, 1), got {bad_row_rate}")
+    from tuneloop.demo.worlds import check_world_args
+
+    check_world_args(days, traffic_per_day, labelled_per_day, bad_row_rate)
 
     summary: dict[str, Any] = {
         "seed": seed,

@@ -22,6 +22,21 @@ EXAMPLES = {
 }
 
 
+def check_world_args(days: int, traffic_per_day: int, labelled_per_day: int, bad_row_rate: float) -> None:
+    """The arguments every example's world generator takes, checked alike."""
+    if days < 0:
+        raise ValueError(f"days must be >= 0, got {days}")
+    if traffic_per_day < 0 or labelled_per_day < 0:
+        raise ValueError("traffic_per_day and labelled_per_day must be >= 0")
+    if labelled_per_day > traffic_per_day:
+        raise ValueError(
+            f"labelled_per_day={labelled_per_day} exceeds traffic_per_day={traffic_per_day}: "
+            "labelled rows are a sample of the day's traffic"
+        )
+    if not 0.0 <= bad_row_rate < 1.0:
+        raise ValueError(f"bad_row_rate must be within [0, 1), got {bad_row_rate}")
+
+
 def _jsonl(rows: list[dict[str, Any]]) -> bytes:
     return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
 

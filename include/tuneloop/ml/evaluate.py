@@ -63,17 +63,9 @@ logger = logging.getLogger(__name__)
 
 def read_examples(spec: TaskSpec, records: Sequence[Mapping[str, Any]]) -> list[Example]:
     """The records as the task reads them; raises :class:`EvaluationError` naming bad rows."""
-    from tuneloop.tasks import TaskRowError
-
     if not records:
         raise EvaluationError("no records to evaluate")
-    examples, bad = [], []
-    for index, record in enumerate(records):
-        try:
-            examples.append(spec.example(record))
-        except TaskRowError as err:
-            row_id = record.get(spec.settings.id_field, f"row {index}") if isinstance(record, dict) else f"row {index}"
-            bad.append(f"{row_id}: {err.reason}")
+    examples, bad = spec.examples(records)
     if bad:
         raise EvaluationError(f"{len(bad)} records do not fit task.format={spec.format}: {bad[:5]} (check them with `tuneloop validate`)")
     return examples

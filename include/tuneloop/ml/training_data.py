@@ -54,19 +54,11 @@ def default_spec() -> TaskSpec:
 def read_examples(records: Sequence[Mapping[str, Any]], spec: TaskSpec) -> list[Example]:
     """The records as training examples; fail fast when the dataset is empty or rows do not fit
     the task (no answer to learn, wrong format)."""
-    from tuneloop.tasks import TaskRowError
-
     if not records:
         raise TrainingError(
             "no training records: the dataset is empty (check the snapshot with `tuneloop pull`)"
         )
-    examples, bad = [], []
-    for index, record in enumerate(records):
-        try:
-            examples.append(spec.example(record))
-        except TaskRowError as err:
-            row_id = record.get(spec.settings.id_field, f"row {index}") if isinstance(record, dict) else f"row {index}"
-            bad.append(f"{row_id} ({err})")
+    examples, bad = spec.examples(records)
     if bad:
         shown = "; ".join(bad[:5]) + (f"; ... {len(bad) - 5} more" if len(bad) > 5 else "")
         raise TrainingError(f"{len(bad)} of {len(records)} records cannot be trained on (task.format={spec.format}): {shown}")

@@ -16,7 +16,7 @@ deploy verification and intake all read rows through :class:`TaskSpec`, so they 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -149,6 +149,17 @@ class TaskSpec:
         if not isinstance(value, str) or not value.strip():
             raise TaskRowError(f"bad_type_or_empty:{name}", f"{name!r} must be a non-empty string")
         return value
+
+    def examples(self, records: Sequence[Mapping[str, Any]]) -> tuple[list[Example], list[str]]:
+        """Every record that reads as an example, and ``"<id>: <reason>"`` for each that does not."""
+        examples, problems = [], []
+        for index, record in enumerate(records):
+            try:
+                examples.append(self.example(record))
+            except TaskRowError as err:
+                row_id = record.get(self.settings.id_field, f"row {index}") if isinstance(record, Mapping) else f"row {index}"
+                problems.append(f"{row_id}: {err.reason}")
+        return examples, problems
 
     def input_text(self, record: Mapping[str, Any]) -> str | None:
         """The user-visible input of a labelled or traffic row, or None when it has none."""
