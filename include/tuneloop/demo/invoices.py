@@ -37,7 +37,7 @@ from tuneloop.demo.invoice_locales import (
 from tuneloop.demo.invoice_task import DOMAINS, FIELDS, format_completion, make_prompt
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable
 
 
 BAD_ROW_KINDS: tuple[str, ...] = (
@@ -128,9 +128,6 @@ def drift_fraction(
 
 # --- the world -----------------------------------------------------------------------------
 
-
-def _jsonl(lines: Sequence[str]) -> bytes:
-    return "".join(line + "\n" for line in lines).encode("utf-8")
 
 
 def _dumps(record: dict[str, Any]) -> str:
@@ -295,37 +292,21 @@ def generate_world(
         "start": start.isoformat(),
         "days": days,
         "drift_start": drift_start.isoformat() if drift_start else None,
-        "drift_fraction": {},
-        "traffic_rows": dict.fromkeys(DOMAINS, 0),
-        "labelled_rows": dict.fromkeys(DOMAINS, 0),
-        "bad_rows": dict.fromkeys(BAD_ROW_KINDS, 0),
-        "keys": [],
     }
-    for offset in range(days):
-        day = start + timedelta(days=offset)
-        traffic, labelled, counts = _day_partitions(
-            day,
-            seed=seed,
-            drift_start=drift_start,
-            traffic_per_day=traffic_per_day,
-            labelled_per_day=labelled_per_day,
-            bad_row_rate=bad_row_rate,
-        )
-        for prefix, lines in (("traffic", traffic), ("labelled", labelled)):
-            key = f"{prefix}/dt={day.isoformat()}/part-00000.jsonl"
-            store.put_bytes(key, _jsonl(lines))
-            summary["keys"].append(key)
-        summary["drift_fraction"][day.isoformat()] = counts["drift_fraction"]
-        for domain in DOMAINS:
-            summary["traffic_rows"][domain] += counts["traffic"][domain]
-            summary["labelled_rows"][domain] += counts["labelled"][domain]
-        for kind, count in counts["bad_rows"].items():
-            summary["bad_rows"][kind] += count
+    from tuneloop.demo.worlds import write_days
+
+    def day_partitions(day: date) -> tuple[list[str], list[str], dict[str, Any]]:
+        return _day_partitions(
+            day, seed=seed, drift_start=drift_start, traffic_per_day=traffic_per_day,
+            labelled_per_day=labelled_per_day, bad_row_rate=bad_row_rate,
+        )  # fmt: skip
+
+    def say(day: date, traffic: list[str], labelled: list[str], counts: dict[str, Any]) -> None:
         if progress is not None:
-            progress(
-                f"{day.isoformat()}: traffic {len(traffic)} (drifted {counts['traffic']['drifted']}), "
-                f"labelled {len(labelled)} (bad {sum(counts['bad_rows'].values())})"
-            )
+            progress(f"{day.isoformat()}: traffic {len(traffic)} (drifted {counts['traffic']['drifted']}), "
+                     f"labelled {len(labelled)} (bad {sum(counts['bad_rows'].values())})")
+
+    write_days(store, start, days, DOMAINS, BAD_ROW_KINDS, day_partitions, summary, say)
     return summary
 
 

@@ -433,37 +433,21 @@ def generate_ticket_world(
         "start": start.isoformat(),
         "days": days,
         "drift_start": drift_start.isoformat() if drift_start else None,
-        "drift_fraction": {},
-        "traffic_rows": dict.fromkeys(PRODUCTS, 0),
-        "labelled_rows": dict.fromkeys(PRODUCTS, 0),
-        "bad_rows": dict.fromkeys(BAD_ROW_KINDS, 0),
-        "keys": [],
     }
-    for offset in range(days):
-        day = start + timedelta(days=offset)
-        traffic, labelled, counts = _day_partitions(
-            day,
-            seed=seed,
-            drift_start=drift_start,
-            traffic_per_day=traffic_per_day,
-            labelled_per_day=labelled_per_day,
-            bad_row_rate=bad_row_rate,
-        )
-        for prefix, lines in (("traffic", traffic), ("labelled", labelled)):
-            key = f"{prefix}/dt={day.isoformat()}/part-00000.jsonl"
-            store.put_bytes(key, _jsonl(lines))
-            summary["keys"].append(key)
-        summary["drift_fraction"][day.isoformat()] = counts["drift_fraction"]
-        for product in PRODUCTS:
-            summary["traffic_rows"][product] += counts["traffic"][product]
-            summary["labelled_rows"][product] += counts["labelled"][product]
-        for kind, count in counts["bad_rows"].items():
-            summary["bad_rows"][kind] += count
+    from tuneloop.demo.worlds import write_days
+
+    def day_partitions(day: date) -> tuple[list[str], list[str], dict[str, Any]]:
+        return _day_partitions(
+            day, seed=seed, drift_start=drift_start, traffic_per_day=traffic_per_day,
+            labelled_per_day=labelled_per_day, bad_row_rate=bad_row_rate,
+        )  # fmt: skip
+
+    def say(day: date, traffic: list[str], labelled: list[str], counts: dict[str, Any]) -> None:
         if progress is not None:
-            progress(
-                f"{day.isoformat()}: traffic {len(traffic)} (new product {counts['traffic_new']}), "
-                f"labelled {len(labelled)} (bad {sum(counts['bad_rows'].values())})"
-            )
+            progress(f"{day.isoformat()}: traffic {len(traffic)} (new product {counts['traffic_new']}), "
+                     f"labelled {len(labelled)} (bad {sum(counts['bad_rows'].values())})")
+
+    write_days(store, start, days, PRODUCTS, BAD_ROW_KINDS, day_partitions, summary, say)
     return summary
 
 

@@ -8,11 +8,11 @@ imports this module; the CLI reaches it only for the ``demo-world`` command.
 from __future__ import annotations
 
 import json
+from datetime import date, timedelta
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-    from datetime import date
+    from collections.abc import Callable, Sequence
 
     from tuneloop.demo.invoices import PutStore
 
@@ -35,6 +35,44 @@ def check_world_args(days: int, traffic_per_day: int, labelled_per_day: int, bad
         )
     if not 0.0 <= bad_row_rate < 1.0:
         raise ValueError(f"bad_row_rate must be within [0, 1), got {bad_row_rate}")
+
+
+def write_days(
+    store: PutStore,
+    start: date,
+    days: int,
+    slices: Sequence[str],
+    bad_row_kinds: Sequence[str],
+    day_partitions: Callable[[date], tuple[list[str], list[str], dict[str, Any]]],
+    summary: dict[str, Any],
+    progress_line: Callable[[date, list[str], list[str], dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Write ``days`` daily traffic and labelled partitions from ``start`` on (one generator's
+    ``day_partitions(day) -> (traffic lines, labelled lines, counts)``), adding the counts per
+    slice and per bad-row kind to ``summary``: the loop both example worlds share."""
+    summary.update({
+        "drift_fraction": {},
+        "traffic_rows": dict.fromkeys(slices, 0),
+        "labelled_rows": dict.fromkeys(slices, 0),
+        "bad_rows": dict.fromkeys(bad_row_kinds, 0),
+        "keys": [],
+    })  # fmt: skip
+    for offset in range(days):
+        day = start + timedelta(days=offset)
+        traffic, labelled, counts = day_partitions(day)
+        for prefix, lines in (("traffic", traffic), ("labelled", labelled)):
+            key = f"{prefix}/dt={day.isoformat()}/part-00000.jsonl"
+            store.put_bytes(key, ("\n".join(lines) + "\n").encode("utf-8") if lines else b"")
+            summary["keys"].append(key)
+        summary["drift_fraction"][day.isoformat()] = counts["drift_fraction"]
+        for name in slices:
+            summary["traffic_rows"][name] += counts["traffic"][name]
+            summary["labelled_rows"][name] += counts["labelled"][name]
+        for kind, count in counts["bad_rows"].items():
+            summary["bad_rows"][kind] += count
+        if progress_line is not None:
+            progress_line(day, traffic, labelled, counts)
+    return summary
 
 
 def _jsonl(rows: list[dict[str, Any]]) -> bytes:
