@@ -54,7 +54,7 @@ CONFIG_ENV = "TUNELOOP_CONFIG"
 HOME_ENV = "TUNELOOP_HOME"  # relative paths in settings are taken from here when set
 
 
-# --- training on Kubernetes (kubernetes.py renders the pod) ---------------------------------
+# --- all sections, and how they are loaded -------------------------------------------------
 
 
 class Settings(_Section):
