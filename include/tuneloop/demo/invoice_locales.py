@@ -464,3 +464,4 @@ _INJECTIONS = (
 )
 
 _FREEMAIL = ("gmail.com", "outlook.com", "yahoo.com", "web.de", "orange.fr", "hotmail.es")
+# fmt: on

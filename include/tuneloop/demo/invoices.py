@@ -62,7 +62,6 @@ class PutStore(Protocol):
     def put_bytes(self, key: str, data: bytes) -> None: ...
 
 
-# fmt: on
 
 
 # --- documents and records -----------------------------------------------------------------

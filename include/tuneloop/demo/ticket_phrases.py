@@ -321,3 +321,4 @@ _FOLLOW_UPS: tuple[tuple[str, tuple[str, ...]], ...] = (
         ("{first} {last}.", "It's {first} {last}.", "{first} {last}, same as always"),
     ),
 )
+# fmt: on

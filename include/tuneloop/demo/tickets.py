@@ -105,7 +105,6 @@ class PutStore(Protocol):
     def put_bytes(self, key: str, data: bytes) -> None: ...
 
 
-# fmt: on
 
 
 # --- one ticket ----------------------------------------------------------------------------
