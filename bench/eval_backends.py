@@ -2,7 +2,7 @@
 
 The same adapter and the same prompts go through both backends of ``tuneloop evaluate``
 (:class:`tuneloop.ml.evaluate.HFBackend`, batches of ``--batch-size`` with left padding, and
-:class:`tuneloop.ml.evaluate.VllmBackend`, the adapter loaded under a temporary LoRA name and
+:class:`tuneloop.ml.vllm_backend.VllmBackend`, the adapter loaded under a temporary LoRA name and
 asked ``--concurrency`` requests at a time, then unloaded), greedy, ``--max-new-tokens``.
 
 By default: the demo base model (``tuneloop build-model``, cached in .tuneloop/models), the
@@ -94,8 +94,9 @@ def main() -> int:
 
     from tuneloop.config import EvalSettings, load_settings
     from tuneloop.demo.basemodel import build_demo_model
-    from tuneloop.ml.backends import HFBackend, VllmBackend
+    from tuneloop.ml.backends import HFBackend
     from tuneloop.ml.suites import latency_summary
+    from tuneloop.ml.vllm_backend import VllmBackend
     from tuneloop.tasks import TaskSpec
     from tuneloop.tasks.scoring import parse_json_answer as parse_completion
 

@@ -23,7 +23,8 @@ from fixtures_vllm import REPO, SERVED, build_invoice_llama, build_lora_adapter,
 
 from tuneloop.config import EvalSettings
 from tuneloop.demo.invoices import heldout_sets, injection_set
-from tuneloop.ml.backends import EVAL_NAME_INFIX, HFBackend, VllmBackend
+from tuneloop.ml.backends import HFBackend
+from tuneloop.ml.vllm_backend import EVAL_NAME_INFIX, VllmBackend
 from tuneloop.serving.vllm_client import VllmClient, VllmError
 
 if TYPE_CHECKING:
@@ -103,6 +104,8 @@ def test_evaluate_through_vllm_reports_every_suite_and_unloads_the_adapter(serve
         "TUNELOOP__EVAL__CONSISTENCY_SAMPLES": "3",
         "TUNELOOP__EVAL__LATENCY_REQUESTS": "4",
         "TUNELOOP__EVAL__BATCH_SIZE": "16",  # 16 requests in flight: the server that serves production must survive them
+        "TUNELOOP__EVAL__PRODUCTION_CONCURRENCY": "16",  # the bounds on the serving fleet, lifted for this test
+        "TUNELOOP__EVAL__PRODUCTION_MAX_RPS": "null",
     }
     command = [
         sys.executable, "-m", "tuneloop.cli", "evaluate", "--backend", "vllm", "--adapter", str(served.adapter),

@@ -7,21 +7,23 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from tuneloop.config import Settings
-from tuneloop.ml.backends import (
+from tuneloop.ml.backends import BackendUnavailable, HFBackend, select_backend
+from tuneloop.ml.vllm_backend import (
     EVAL_NAME_INFIX,
-    BackendUnavailable,
-    HFBackend,
     VllmBackend,
+    eval_fleet,
     eval_lora_name,
     materialize_eval_adapter,
-    select_backend,
 )
+from tuneloop.serving.vllm_client import RequestPacer, VllmClient
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -70,6 +72,14 @@ def stub_vllm(tmp_path: Path) -> Iterator[dict[str, Any]]:
             self.end_headers()
             self.wfile.write(body)
 
+        def do_POST(self) -> None:  # a chat completion, for the pacing test
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            body = json.dumps({"choices": [{"message": {"content": "ok"}, "finish_reason": "stop"}]}).encode()
+            self.send_response(200 if self.path == "/v1/chat/completions" else 404)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
@@ -110,8 +120,64 @@ def test_auto_uses_a_server_that_serves_the_configured_base(tmp_path: Path, stub
         "auto", _settings([stub_vllm["url"]], tmp_path), base_model=base, adapter_dir=None, progress=said.append
     )
     assert isinstance(backend, VllmBackend) and backend.endpoints == [stub_vllm["url"]]
-    assert said == [f"backend auto: vLLM answers at {stub_vllm['url']}"]
+    assert said == [
+        f"backend auto: vLLM answers at {stub_vllm['url']}; the serving fleet, bounded to 4 in flight and 8 req/s "
+        "per endpoint (eval.production_*; set eval.endpoints to evaluate on servers of their own)"
+    ]
     assert backend.latency_reason is None
+    assert (backend.concurrency, backend.max_rps) == (4, 8.0)
+
+
+def test_eval_endpoints_take_the_evaluation_off_the_serving_fleet(tmp_path: Path, stub_vllm: dict[str, Any]) -> None:
+    """With eval.endpoints set, evaluation never asks the serving fleet (here a closed port) and
+    runs at the full eval.batch_size, unpaced."""
+    base = _base_dir(tmp_path, "base", 128)
+    stub_vllm["root"] = str(base)
+    serving = f"http://127.0.0.1:{_closed_port()}"
+    settings = Settings.model_validate(
+        {"vllm": {"endpoints": [serving], "adapter_dir": str(tmp_path / "served")}, "eval": {"endpoints": [stub_vllm["url"] + "/"], "batch_size": 12}}
+    )
+    said: list[str] = []
+    backend = select_backend("vllm", settings, base_model=base, adapter_dir=None, progress=said.append)
+    assert isinstance(backend, VllmBackend) and backend.endpoints == [stub_vllm["url"]]
+    assert (backend.concurrency, backend.max_rps) == (12, None)
+    assert serving not in said[0] and "evaluation endpoints (eval.endpoints), 12 in flight each" in said[0]
+    fleet = eval_fleet(Settings.model_validate({"eval": {"batch_size": 2, "production_concurrency": 6, "production_max_rps": None}}))
+    assert (fleet.serving, fleet.concurrency, fleet.max_rps) == (True, 2, None) and "no rate bound" in fleet.describe()
+    with pytest.raises(ValueError, match="must start with http"):
+        Settings.model_validate({"eval": {"endpoints": ["localhost:8000"]}})
+
+
+def test_the_pacer_spaces_request_starts_across_threads() -> None:
+    """Slots 1/rate apart whatever the threads do; a pause resets to now, never a burst."""
+    now = [100.0]
+    slept: list[float] = []
+    pacer = RequestPacer(4.0, clock=lambda: now[0], sleep=slept.append)
+    with ThreadPoolExecutor(8) as pool:
+        delays = sorted(pool.map(lambda _: pacer.wait(), range(8)))
+    assert delays == pytest.approx([0.25 * i for i in range(8)])
+    assert sorted(slept) == pytest.approx([0.25 * i for i in range(1, 8)])
+    now[0] += 10.0  # idle for a while: the next request goes at once, the one after waits again
+    assert pacer.wait() == 0.0 and pacer.wait() == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="> 0"):
+        RequestPacer(0)
+
+
+def test_a_paced_client_sends_at_most_the_rate(stub_vllm: dict[str, Any]) -> None:
+    """Real requests from 6 threads through a client paced at 40/s: starts at least 25 ms apart."""
+    starts: list[float] = []
+    client = VllmClient(stub_vllm["url"], max_rps=40.0)
+    real = client._request
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        starts.append(time.monotonic())
+        return real(*args, **kwargs)
+
+    client._request = timed  # type: ignore[method-assign]
+    with client, ThreadPoolExecutor(6) as pool:
+        list(pool.map(lambda _: client.chat_reply("tuneloop-base", "hi", max_tokens=1), range(12)))
+    gaps = [b - a for a, b in zip(sorted(starts), sorted(starts)[1:], strict=False)]
+    assert len(starts) == 12 and min(gaps) >= 0.025 * 0.95
 
 
 def test_auto_falls_back_when_the_server_serves_another_base_model(tmp_path: Path, stub_vllm: dict[str, Any]) -> None:

@@ -20,6 +20,14 @@ from pydantic import (
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
+def http_urls(value: list[str]) -> list[str]:
+    """Endpoint URLs without a trailing slash; each must be http(s)."""
+    for url in value:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"endpoint {url!r} must start with http:// or https://")
+    return [url.rstrip("/") for url in value]
+
+
 class ConfigError(ValueError):
     """A setting is missing, unknown or invalid; the message names key, value and reason."""
 
@@ -70,10 +78,7 @@ class VllmSettings(_Section):
     @field_validator("endpoints")
     @classmethod
     def _http_urls(cls, value: list[str]) -> list[str]:
-        for url in value:
-            if not url.startswith(("http://", "https://")):
-                raise ValueError(f"endpoint {url!r} must start with http:// or https://")
-        return [url.rstrip("/") for url in value]
+        return http_urls(value)
 
     @property
     def key(self) -> str | None:
@@ -221,6 +226,14 @@ class EvalSettings(_Section):
     seed: int = Field(0, description="seed of the sampled passes (reproducible consistency)")
     latency_requests: int = Field(20, ge=0, description="requests sent one at a time to measure latency (vLLM); 0: none")
     request_timeout_s: float = Field(600.0, gt=0, description="timeout of one vLLM eval request (it may queue behind the batch)")
+    endpoints: list[str] = Field(default_factory=list, description="vLLM servers for evaluation only (same base model, runtime LoRA on); empty: the serving fleet vllm.endpoints, under the bounds below")
+    production_concurrency: int = Field(4, ge=1, description="eval requests in flight per serving endpoint when eval.endpoints is empty")
+    production_max_rps: float | None = Field(8.0, gt=0, description="eval requests per second per serving endpoint when eval.endpoints is empty; null: unbounded")
+
+    @field_validator("endpoints")
+    @classmethod
+    def _http_urls(cls, value: list[str]) -> list[str]:
+        return http_urls(value)
 
 
 class SuiteBars(_Section):

@@ -37,8 +37,8 @@ from tuneloop.ml.backends import (
     Generation,
     GenerationBackend,
     HFBackend,
-    VllmBackend,
 )
+from tuneloop.ml.vllm_backend import VllmBackend
 from tuneloop.provenance import collect_provenance, dir_digest
 
 if TYPE_CHECKING:

@@ -5,7 +5,7 @@ Deploys use only two adapter names on a server: the stable ``<name>`` and ``<nam
 and every load is in place (``load_inplace``), which swaps the weights behind a name with no
 window in which the name is missing and never grows vLLM's adapter cache (see FACTS.md).
 (An evaluation through vLLM adds a temporary ``<name>-eval-<hex>`` while it runs and unloads
-it afterwards: see ``tuneloop.ml.evaluate.VllmBackend``.)
+it afterwards: see ``tuneloop.ml.vllm_backend.VllmBackend``.)
 
 First ``validate`` (the adapter, the golden set, the rollback target) and ``preflight`` (every
 endpoint is healthy and serves ``<name>-base``) run before anything is loaded anywhere. Then

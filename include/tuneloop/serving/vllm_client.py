@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -78,11 +79,39 @@ def as_messages(prompt: Prompt) -> list[dict[str, str]]:
     return [dict(message) for message in prompt]
 
 
+class RequestPacer:
+    """At most ``per_second`` request starts per second, evenly spaced, across threads.
+
+    Each :meth:`wait` takes the next free slot (``1 / per_second`` after the previous one, or
+    now if that has passed) and sleeps until it; no bursts, so a server that also serves
+    production sees a steady, bounded rate from an evaluation."""
+
+    def __init__(self, per_second: float, *, clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
+        if not per_second > 0:
+            raise ValueError(f"requests per second must be > 0, got {per_second}")
+        self.interval = 1.0 / per_second
+        self._clock, self._sleep = clock, sleep
+        self._next = -float("inf")
+        self._lock = threading.Lock()
+
+    def wait(self) -> float:
+        """Sleep until this request's slot; return the seconds slept."""
+        with self._lock:
+            now = self._clock()
+            slot = max(now, self._next)
+            self._next = slot + self.interval
+        delay = slot - now
+        if delay > 0:
+            self._sleep(delay)
+        return delay
+
+
 class VllmClient:
     """One vLLM server at ``base_url`` (``http://host:port``), with optional bearer auth.
 
     Thread-safe for concurrent requests (httpx's connection pool is), which is how
     :meth:`chat_many` fans prompts out. Use as a context manager or call :meth:`close`.
+    ``max_rps`` paces chat requests (:class:`RequestPacer`); None: as fast as they come.
     """
 
     def __init__(
@@ -92,9 +121,11 @@ class VllmClient:
         timeout_s: float = 60.0,
         *,
         max_connections: int = 32,
+        max_rps: float | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
+        self.pacer = RequestPacer(max_rps) if max_rps else None
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(
             base_url=self.base_url,
@@ -277,6 +308,8 @@ class VllmClient:
         }
         if seed is not None:
             body["seed"] = seed
+        if self.pacer is not None:
+            self.pacer.wait()
         started = time.perf_counter()
         reply = self._request("POST", "/v1/chat/completions", json_body=body, timeout_s=timeout_s).json()
         seconds = time.perf_counter() - started
