@@ -155,6 +155,13 @@ def reconcile() -> dict[str, Any]:
     return reconcile_step(task_loop())
 
 
+def reconcile_if_idle() -> dict[str, Any]:
+    """The same, unless a deploy holds the fleet (``tuneloop reconcile --if-idle``)."""
+    from tuneloop.steps.serve import reconcile_step
+
+    return reconcile_step(task_loop(), if_idle=True)
+
+
 # --- the rollback ----------------------------------------------------------------------
 
 

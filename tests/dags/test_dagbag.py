@@ -16,7 +16,7 @@ pytestmark = pytest.mark.dags
 ROOT = Path(__file__).resolve().parents[2]
 DAGS = ROOT / "dags"
 HEAVY = ("torch", "transformers", "peft", "vllm", "great_expectations", "pandas", "sklearn", "matplotlib")  # boto3: Airflow's amazon provider loads it itself
-EXPECTED = {"tuneloop_drift_monitor", "tuneloop_refresh", "tuneloop_rollback"}
+EXPECTED = {"tuneloop_drift_monitor", "tuneloop_reconcile", "tuneloop_refresh", "tuneloop_rollback"}
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +111,15 @@ def test_monitor_emits_drift_asset_only_behind_the_policy(dagbag: Any) -> None:
     assert [o.uri for o in emit.outlets] == ["tuneloop://loop/drift"]
     assert "drift_persists" in emit.upstream_task_ids
     assert dag.get_task("check_drift").outlets == []
+
+
+def test_reconcile_runs_every_ten_minutes_and_never_waits_for_a_deploy(dagbag: Any) -> None:
+    from tuneloop_airflow import tasks
+
+    dag = dagbag.dags["tuneloop_reconcile"]
+    assert type(dag.timetable).__name__ == "DeltaTriggerTimetable" and dag.timetable.delta.total_seconds() == 600
+    assert [t.task_id for t in dag.tasks] == ["reconcile"]
+    assert dag.get_task("reconcile").python_callable is tasks.reconcile_if_idle
 
 
 def test_rollback_is_manual_with_a_version_param(dagbag: Any) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from typing import TYPE_CHECKING
@@ -74,3 +75,28 @@ def test_an_expired_lease_or_the_same_runs_lease_is_taken_over(store: Store) -> 
     with fleet_lock(store, FLEET, owner="retried-run", action="deploy v2", wait_s=0.1) as lease:
         assert json.loads(store.get_bytes(key))["taken_at"] == lease["taken_at"]
     assert not store.exists(key)
+
+
+def test_reconcile_if_idle_steps_aside_for_a_deploy_and_names_a_dead_server(tmp_path: Path) -> None:
+    """The tuneloop_reconcile DAG's step: while a deploy holds the fleet it touches nothing (no
+    request to any server); when idle, a dead server fails it with one line naming the server."""
+    from tuneloop.serving.deploy import DeployError
+    from tuneloop.steps.loop import open_loop
+    from tuneloop.steps.serve import reconcile_step
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    config = tmp_path / "tuneloop.yaml"
+    config.write_text(f"store:\n  uri: {tmp_path / 'store'}\nvllm:\n  endpoints: ['{down}']\n  timeout_s: 2\n")
+    said: list[str] = []
+    loop = open_loop(str(config), run_id="scheduled__reconcile", progress=said.append)
+    with fleet_lock(loop.store, [down], owner="refresh-run", action="deploy v2"):
+        result = reconcile_step(loop, if_idle=True)
+    assert result["skipped"] and "deploy v2 by refresh-run" in result["skipped"] and result["endpoints"] == []
+    assert said == [f"reconcile skipped: {result['skipped']}"]
+    with pytest.raises(DeployError) as caught:
+        reconcile_step(loop, if_idle=True)
+    message = str(caught.value)
+    assert "\n" not in message and f"vLLM at {down} is down" in message and "run `tuneloop reconcile` again" in message
+    assert not loop.store.exists(lock_key([down])), "the lease is released after the failure"

@@ -30,7 +30,10 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     from tuneloop.steps.serve import reconcile_step
 
     loop = open_loop(args.config, progress=_progress(args))
-    result = reconcile_step(loop)
+    result = reconcile_step(loop, if_idle=args.if_idle)
+    if result.get("skipped"):
+        _emit(args, result, "reconcile skipped: another deploy holds the fleet (it ends in a reconcile of its own)")
+        return 0
     changed = [e for e in result["endpoints"] if e["action"] != "in_sync"]
     _emit(
         args,
@@ -124,8 +127,10 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
         description="For each endpoint: if the stable served name already serves production's adapter, check it "
         "answers; else load production in place (no window without the name) and check. With no production "
         "yet, unload the stable name. Run it after a vLLM restart; the refresh DAG runs it before and after "
-        "each deploy. Every endpoint is tried; exit 1 naming each one that failed.",
+        "each deploy, and the tuneloop_reconcile DAG every 10 minutes (--if-idle). Every endpoint is tried; "
+        "exit 1 naming each one that failed.",
     )
+    p.add_argument("--if-idle", action="store_true", help="do nothing (exit 0) while another deploy holds the fleet, instead of waiting")
     p.set_defaults(func=cmd_reconcile)
 
     p = sub.add_parser("adapter", help="inspect LoRA adapter directories")

@@ -154,12 +154,26 @@ def record_step(loop: Loop, version: str, gate_result: dict[str, Any] | None = N
     return summary
 
 
-def reconcile_step(loop: Loop) -> dict[str, Any]:
+def reconcile_step(loop: Loop, *, if_idle: bool = False) -> dict[str, Any]:
     """Make every vLLM endpoint serve exactly the registry's production version (or no adapter
     when there is none yet). Run after a vLLM restart, before a deploy, and after any failure
-    between a deploy and the registry write, so servers and registry agree again."""
-    with fleet(loop, "reconcile"):
-        return _reconcile(loop)
+    between a deploy and the registry write, so servers and registry agree again.
+
+    ``if_idle`` (the ``tuneloop_reconcile`` DAG, every few minutes): when another deploy holds
+    the fleet, do nothing and say so (that deploy ends in a reconcile of its own) instead of
+    waiting for it."""
+    from tuneloop.serving.fleet_lock import FleetBusyError, fleet_lock
+
+    if not if_idle:
+        with fleet(loop, "reconcile"):
+            return _reconcile(loop)
+    try:
+        lease = fleet_lock(loop.store, loop.settings.vllm.endpoints, owner=loop.run_id, action="reconcile", wait_s=0, say=loop.progress)
+        with lease:
+            return _reconcile(loop)
+    except FleetBusyError as busy:
+        loop.progress(f"reconcile skipped: {busy}")
+        return {"skipped": str(busy), "production": loop.registry.aliases().get("production"), "endpoints": []}
 
 
 def _reconcile(loop: Loop) -> dict[str, Any]:
