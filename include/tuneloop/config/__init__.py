@@ -32,6 +32,7 @@ from tuneloop.config.kubernetes import (
 from tuneloop.config.sections import (
     NOTIFY_EVENTS,
     VLLM_LORA_RANKS,
+    AlertSettings,
     ConfigError,
     DataSettings,
     DriftSettings,
@@ -74,6 +75,7 @@ class Settings(_Section):
     drift: DriftSettings = Field(default_factory=DriftSettings)
     data: DataSettings = Field(default_factory=DataSettings)
     notify: NotifySettings = Field(default_factory=NotifySettings)
+    alerts: AlertSettings = Field(default_factory=AlertSettings)
     kubernetes: KubernetesSettings = Field(default_factory=KubernetesSettings)
 
     @model_validator(mode="after")
@@ -311,7 +313,7 @@ def settings_from_job(path: str | os.PathLike[str]) -> Settings:
 
 
 __all__ = [
-    "CONFIG_ENV", "ENV_PREFIX", "HOME_ENV", "NOTIFY_EVENTS", "VLLM_LORA_RANKS", "ConfigError", "DataSettings", "DriftSettings",
+    "CONFIG_ENV", "ENV_PREFIX", "HOME_ENV", "NOTIFY_EVENTS", "VLLM_LORA_RANKS", "AlertSettings", "ConfigError", "DataSettings", "DriftSettings",
     "EvalSettings", "GateSettings", "JudgeSettings", "KubernetesSettings", "ModelSettings", "NotifyEvent", "NotifySettings",
     "SecretKeySettings", "Settings", "StoreSettings", "SuiteBars", "TaskSettings", "TolerationSettings", "TrainingSettings",
     "VllmSettings", "choose_task_config", "load_settings", "quantity_value", "settings_from_job", "settings_job", "settings_table",

@@ -333,3 +333,16 @@ class NotifySettings(_Section):
     @property
     def enabled(self) -> bool:
         return bool(self.events) and bool(self.slack_webhook_conn_id or self.smtp_conn_id)
+
+
+class AlertSettings(_Section):
+    """The alert webhook ``POST /tuneloop/alerts`` (see alerts.py): how fast it may be called, and
+    how long an alert that triggered a refresh is not acted on again."""
+
+    rate_limit_per_minute: float = Field(
+        30.0, gt=0, description="calls with a valid token per minute and API-server worker (token bucket); over it: 429 with Retry-After"
+    )
+    rate_limit_burst: int = Field(10, ge=1, description="calls the bucket lets through at once before the per-minute rate applies")
+    dedup_window_hours: float = Field(
+        24.0, ge=0, description="an alert (same fingerprint, else same labels) that triggered a refresh triggers none again for this long; keep it above Alertmanager's repeat_interval; 0: off"
+    )
