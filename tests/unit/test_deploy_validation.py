@@ -699,6 +699,69 @@ def test_adapter_check_human_output_lists_problems(tmp_path: Path, base: Path, c
     assert "INVALID, 2 problem(s)" in out and "use_dora is true" in out and "rank 32" in out
 
 
+
+LONG = "x" * 5000
+# Every adapter_config.json key the checker (and vLLM's PEFTHelper) reads, with values of the
+# wrong type or range: each is one finding naming the key, never a traceback.
+WRONG_CONFIG_VALUES: list[tuple[str, Any]] = [
+    *[("peft_type", v) for v in (["LORA"], {"LORA": 1}, LONG, 1, None)],
+    *[("r", v) for v in ([8], "8", 8.5, 0, -8, True, None, {"r": 8})],
+    *[("lora_alpha", v) for v in ([16], "16", {"alpha": 16}, 0, -1, True, None, float("nan"), float("inf"))],
+    *[("target_modules", v) for v in (5, {"q_proj": 1}, [1, 2], [None], [], "", "(", True)],
+    *[("rank_pattern", v) for v in ("down_proj=64", [64], 64, {"down_proj": "64"}, {"down_proj": [64]}, {"down_proj": 0}, {"down_proj": 8.5}, {"(": 8})],
+    *[("alpha_pattern", v) for v in ("down_proj=16", [16], {"down_proj": "16"}, {"down_proj": None}, {"down_proj": -1}, {"[": 16})],
+    *[("use_dora", v) for v in ("no", 1, [False])],
+    *[("use_rslora", v) for v in ("yes", 0, {})],
+    *[("lora_bias", v) for v in ("false", [True])],
+    *[("bias", v) for v in ([1], 1, True, "some")],
+    *[("modules_to_save", v) for v in ("lm_head", [1], {"lm_head": True}, 5)],
+    *[("base_model_name_or_path", v) for v in ([1], 5, {"path": "x"}, True)],
+]
+
+
+@pytest.mark.parametrize(("key", "value"), WRONG_CONFIG_VALUES, ids=[f"{k}={str(v)[:12]}" for k, v in WRONG_CONFIG_VALUES])
+def test_adapter_check_reports_a_wrong_config_value_as_a_finding(
+    tmp_path: Path, base: Path, capsys: pytest.CaptureFixture[str], key: str, value: Any
+) -> None:
+    adapter = make_adapter(tmp_path / "a", base, **{key: value})
+    code, out = adapter_check(capsys, str(adapter), "--base-model", str(base), "--max-rank", "16")
+    assert code == 1 and not out["valid"]
+    assert any(problem.startswith(key) for problem in out["problems"]), out["problems"]
+    assert all(len(problem) < 400 for problem in out["problems"])
+    assert LONG not in json.dumps(out)
+
+
+def test_a_missing_lora_alpha_is_a_finding(tmp_path: Path, base: Path) -> None:
+    adapter = make_adapter(tmp_path / "a", base)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    del config["lora_alpha"]
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    assert problems_of(adapter, base) == [
+        "lora_alpha is missing: vLLM requires it (peft writes it; set it to the alpha the adapter was trained with)"
+    ]
+
+
+@pytest.mark.parametrize(("key", "value"), [("torch_dtype", ["float16"]), ("dtype", {"a": 1}), ("task_type", 7)])
+def test_keys_nobody_reads_may_hold_anything(tmp_path: Path, base: Path, key: str, value: Any) -> None:
+    adapter = make_adapter(tmp_path / "a", base, **{key: value})
+    assert validate_adapter(adapter, base_model_dir_or_id=base, max_lora_rank=16).rank == 8
+
+
+def test_a_malformed_base_model_config_warns_instead_of_crashing(tmp_path: Path, base: Path) -> None:
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "hidden_size": [HIDDEN], "num_attention_heads": "2"}))
+    info = validate_adapter(make_adapter(tmp_path / "a", base), base_model_dir_or_id=base, max_lora_rank=16)
+    assert any("config.json is malformed (hidden_size is [128], not a positive integer)" in w for w in info.warnings), info.warnings
+
+
+def test_a_safetensors_header_with_a_list_dtype_is_corrupt(tmp_path: Path) -> None:
+    path = tmp_path / "x.safetensors"
+    header = json.dumps({"w": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}).encode()
+    path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(4))
+    with pytest.raises(ValueError, match=r"tensor 'w' has unknown dtype \['F32'\]"):
+        read_safetensors_header(path)
+
+
 # -- reconcile ------------------------------------------------------------------------------
 
 

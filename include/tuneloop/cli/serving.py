@@ -75,9 +75,10 @@ def cmd_adapter_check(args: argparse.Namespace) -> int:
         human = f"{args.path}: INVALID, {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems)
     else:
         assert info is not None
+        targets = info.target_modules if isinstance(info.target_modules, str) else ", ".join(info.target_modules)
         human = (
             f"{args.path}: valid LoRA adapter, rank {info.rank}, {info.n_tensors} tensors "
-            f"({info.n_parameters:,} parameters) on {', '.join(info.target_modules)}; base model {info.base_match}"
+            f"({info.n_parameters:,} parameters) on {targets}; base model {info.base_match}"
             + "".join(f"\n  warning: {w}" for w in info.warnings)
         )
     _emit(args, result, human)

@@ -13,10 +13,11 @@ import logging
 import math
 import os
 import re
+import reprlib
 import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping, Sequence
@@ -39,6 +40,11 @@ _LORA_TENSOR = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.[A-Za-z
 _LORA_EMBEDDING = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_embedding_A|lora_embedding_B)(?:\.[A-Za-z0-9_-]+)?$")
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
 _LORA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_SHOWN = reprlib.Repr()  # Python 3.11's Repr takes no keyword arguments
+_SHOWN.maxstring, _SHOWN.maxother, _SHOWN.maxlist, _SHOWN.maxdict, _SHOWN.maxlevel = 60, 60, 4, 3, 2
+#: At most this many bad entries of one pattern map are listed; the rest are counted.
+MAX_LISTED = 3
+_BIAS_VALUES = ("none", "all", "lora_only")
 
 
 class AdapterValidationError(ValueError):
@@ -74,6 +80,129 @@ class AdapterInfo:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class LoraFields:
+    """The adapter_config.json fields the tensor checks need, each of the right type."""
+
+    rank: int
+    alpha: float
+    target_modules: list[str] | str
+    rank_pattern: dict[str, int]
+    alpha_pattern: dict[str, float]
+
+
+def _shown(value: Any) -> str:
+    """A value from adapter_config.json for a message: its repr, clipped (a file may hold megabytes)."""
+    text = {None: "null", True: "true", False: "false"}.get(value, "") if isinstance(value, bool | None) else _SHOWN.repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _clipped(name: str) -> str:
+    """A tensor or module name from the safetensors header for a message, clipped."""
+    return name if len(name) <= 120 else name[:117] + "..."
+
+
+def _wrong(key: str, value: Any, expected: str) -> str:
+    return f"{key} is {_shown(value)}, expected {expected}"
+
+
+def _is_int(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> TypeGuard[int | float]:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _regex_problem(key: str, pattern: str, template: str = "{}") -> str | None:
+    """A problem if ``pattern`` (as peft and vLLM use it, inside ``template``) does not compile."""
+    try:
+        re.compile(template.format(pattern))
+    except (re.error, RecursionError, OverflowError) as err:
+        return f"{key} {_shown(pattern)} is not a valid regular expression ({err})"
+    return None
+
+
+def _pattern_map(key: str, value: Any, fits: Any, expected: str, problems: list[str]) -> dict[str, Any] | None:
+    """``rank_pattern``/``alpha_pattern``: an object of module-name regexes to values (null: none)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        problems.append(_wrong(key, value, f"an object mapping module name patterns to {expected}s"))
+        return None
+    bad = []
+    for pattern, entry in value.items():
+        regex_problem = _regex_problem(f"{key} key", pattern, r"(.*\.)?({})$")
+        if regex_problem is not None:
+            bad.append(regex_problem)
+        elif not fits(entry):
+            bad.append(_wrong(f"{key}[{_shown(pattern)}]", entry, f"a {expected}"))
+    problems.extend(bad[:MAX_LISTED])
+    if len(bad) > MAX_LISTED:
+        problems.append(f"{key}: {len(bad) - MAX_LISTED} more bad entries")
+    return None if bad else dict(value)
+
+
+def _flag(config: Mapping[str, Any], key: str, problems: list[str]) -> bool:
+    """A boolean feature switch (absent or null: off)."""
+    value = config.get(key)
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    problems.append(_wrong(key, value, "true or false"))
+    return False
+
+
+def read_lora_fields(config: Mapping[str, Any], problems: list[str]) -> LoraFields | None:
+    """Check every adapter_config.json key this module and vLLM's PEFTHelper read, for type and
+    value; append one problem per bad key (the key, its value clipped, what is expected).
+    Returns the fields the tensor checks need, or None when one of them is unusable."""
+    peft_type = config.get("peft_type")
+    if peft_type != "LORA":
+        problems.append(_wrong("peft_type", peft_type, "'LORA'"))
+    rank = config.get("r")
+    if not _is_int(rank) or rank <= 0:
+        problems.append(_wrong("r", rank, "a positive integer"))
+        rank = None
+    alpha = config.get("lora_alpha")
+    if "lora_alpha" not in config:
+        problems.append("lora_alpha is missing: vLLM requires it (peft writes it; set it to the alpha the adapter was trained with)")
+    elif not _is_number(alpha) or alpha <= 0:
+        problems.append(_wrong("lora_alpha", alpha, "a positive number"))
+    if not _is_number(alpha) or alpha <= 0:
+        alpha = None
+    targets = config.get("target_modules")
+    if isinstance(targets, str) and targets:
+        regex_problem = _regex_problem("target_modules", targets)
+        if regex_problem is not None:
+            problems.append(regex_problem)
+            targets = None
+    elif isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets):
+        targets = list(targets)
+    else:
+        expected = "a non-empty list of module names or a regular expression"
+        problems.append("target_modules is empty" if targets in (None, [], "") else _wrong("target_modules", targets, expected))
+        targets = None
+    rank_pattern = _pattern_map("rank_pattern", config.get("rank_pattern"), lambda v: _is_int(v) and v > 0, "positive integer", problems)
+    alpha_pattern = _pattern_map("alpha_pattern", config.get("alpha_pattern"), lambda v: _is_number(v) and v > 0, "positive number", problems)
+    if _flag(config, "use_dora", problems):
+        problems.append("use_dora is true: vLLM does not serve DoRA adapters")
+    _flag(config, "use_rslora", problems)
+    lora_bias = _flag(config, "lora_bias", problems)
+    bias = config.get("bias", "none")
+    if bias is not None and bias not in _BIAS_VALUES:
+        problems.append(_wrong("bias", bias, "one of " + ", ".join(repr(b) for b in _BIAS_VALUES)))
+    elif bias not in (None, "none") or lora_bias:
+        problems.append("the adapter trains biases (bias/lora_bias): vLLM does not support them")
+    modules_to_save = config.get("modules_to_save")
+    if modules_to_save is not None and not (isinstance(modules_to_save, list) and all(isinstance(m, str) for m in modules_to_save)):
+        problems.append(_wrong("modules_to_save", modules_to_save, "null or a list of module names"))
+    elif modules_to_save:
+        problems.append(f"modules_to_save={_shown(modules_to_save)}: vLLM does not load full module copies")
+    if rank is None or alpha is None or targets is None or rank_pattern is None or alpha_pattern is None:
+        return None
+    return LoraFields(rank, float(alpha), targets, rank_pattern, alpha_pattern)
+
+
 def read_safetensors_header(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
     """Parse and check a safetensors header by hand (8-byte little-endian length + JSON).
 
@@ -103,35 +232,35 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> dict[str, dict[str,
         if name == "__metadata__":
             continue
         if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
-            raise ValueError(f"{path.name}: tensor {name!r} lacks dtype/shape/data_offsets")
+            raise ValueError(f"{path.name}: tensor {_shown(name)} lacks dtype/shape/data_offsets")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in DTYPE_BYTES:
-            raise ValueError(f"{path.name}: tensor {name!r} has unknown dtype {dtype!r}")
+        if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
+            raise ValueError(f"{path.name}: tensor {_shown(name)} has unknown dtype {_shown(dtype)}")
         if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise ValueError(f"{path.name}: tensor {name!r} has a bad shape {shape!r}")
+            raise ValueError(f"{path.name}: tensor {_shown(name)} has a bad shape {_shown(shape)}")
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
             or not all(isinstance(o, int) for o in offsets)
             or not 0 <= offsets[0] <= offsets[1]
         ):
-            raise ValueError(f"{path.name}: tensor {name!r} has bad data_offsets {offsets!r}")
+            raise ValueError(f"{path.name}: tensor {_shown(name)} has bad data_offsets {_shown(offsets)}")
         expected = math.prod(shape) * DTYPE_BYTES[dtype]
         if offsets[1] - offsets[0] != expected:
             raise ValueError(
-                f"{path.name}: tensor {name!r} spans {offsets[1] - offsets[0]} bytes but "
+                f"{path.name}: tensor {_shown(name)} spans {offsets[1] - offsets[0]} bytes but "
                 f"{dtype} x {shape} needs {expected}"
             )
         if offsets[1] > data_bytes:
             raise ValueError(
-                f"{path.name}: tensor {name!r} ends at byte {offsets[1]} of a {data_bytes}-byte data section"
+                f"{path.name}: tensor {_shown(name)} ends at byte {offsets[1]} of a {data_bytes}-byte data section"
             )
         spans.append((offsets[0], offsets[1], name))
         tensors[name] = {"dtype": dtype, "shape": shape, "data_offsets": offsets}
     position = 0
     for begin, end, name in sorted(spans):
         if begin != position:
-            raise ValueError(f"{path.name}: tensor {name!r} starts at {begin}, expected {position} (hole or overlap)")
+            raise ValueError(f"{path.name}: tensor {_shown(name)} starts at {begin}, expected {position} (hole or overlap)")
         position = end
     if position != data_bytes:
         raise ValueError(f"{path.name}: tensors cover {position} bytes of a {data_bytes}-byte data section")
@@ -229,13 +358,24 @@ def compare_base_models(trained_on: str, served: str) -> tuple[bool, str]:
     )
 
 
+def _size(base_config: Mapping[str, Any], key: str, default: int) -> int:
+    """A positive integer size from the base model's config.json (absent or null: ``default``)."""
+    value = base_config.get(key)
+    if value is None:
+        return default
+    if not _is_int(value) or value <= 0:
+        raise ValueError(f"{key} is {_shown(value)}, not a positive integer")
+    return int(value)
+
+
 def _module_dims(base_config: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
-    """(in_features, out_features) of the Llama-family projection layers."""
-    hidden = int(base_config["hidden_size"])
-    heads = int(base_config.get("num_attention_heads") or 1)
-    kv_heads = int(base_config.get("num_key_value_heads") or heads)
-    head_dim = int(base_config.get("head_dim") or hidden // heads)
-    intermediate = int(base_config.get("intermediate_size") or 4 * hidden)
+    """(in_features, out_features) of the Llama-family projection layers; ValueError for a
+    config.json whose sizes are not positive integers."""
+    hidden = _size(base_config, "hidden_size", 0)
+    heads = _size(base_config, "num_attention_heads", 1)
+    kv_heads = _size(base_config, "num_key_value_heads", heads)
+    head_dim = _size(base_config, "head_dim", hidden // heads)
+    intermediate = _size(base_config, "intermediate_size", 4 * hidden)
     return {
         "q_proj": (hidden, heads * head_dim),
         "k_proj": (hidden, kv_heads * head_dim),
@@ -263,7 +403,7 @@ def _rank_for(module: str, rank: int, rank_pattern: Mapping[str, int]) -> int:
 
 def _check_tensors(
     tensors: Mapping[str, Mapping[str, Any]],
-    config: Mapping[str, Any],
+    fields: LoraFields,
     base_config: Mapping[str, Any] | None,
     problems: list[str],
     warnings: list[str],
@@ -272,24 +412,27 @@ def _check_tensors(
     if not tensors:
         problems.append(f"{ADAPTER_WEIGHTS} holds no tensors")
         return 0
-    target_modules = config.get("target_modules") or []
-    rank = int(config.get("r") or 0)
-    rank_pattern = config.get("rank_pattern") or {}
-    hidden = int(base_config["hidden_size"]) if base_config and "hidden_size" in base_config else 0
-    dims = _module_dims(base_config) if base_config and hidden else None
-    n_layers = int(base_config.get("num_hidden_layers") or 0) if base_config else 0
+    target_modules, rank, rank_pattern = fields.target_modules, fields.rank, fields.rank_pattern
+    dims: dict[str, tuple[int, int]] | None = None
+    hidden = n_layers = 0
+    if base_config and base_config.get("hidden_size") is not None:
+        try:
+            dims, hidden, n_layers = _module_dims(base_config), _size(base_config, "hidden_size", 0), _size(base_config, "num_hidden_layers", 0)
+        except ValueError as err:
+            dims = None
+            warnings.append(f"the base model's config.json is malformed ({err}): tensor shapes were not checked against it")
     pairs: dict[str, dict[str, list[int]]] = {}
     n_parameters = 0
     for name, entry in tensors.items():
         n_parameters += math.prod(entry["shape"])
         match = _LORA_TENSOR.match(name) or _LORA_EMBEDDING.match(name)
         if match is None:
-            problems.append(f"tensor {name} is not a LoRA A/B matrix (vLLM refuses extra weights)")
+            problems.append(f"tensor {_clipped(name)} is not a LoRA A/B matrix (vLLM refuses extra weights)")
             continue
         if entry["dtype"] not in FLOAT_DTYPES:
-            problems.append(f"tensor {name} has dtype {entry['dtype']}, expected one of {sorted(FLOAT_DTYPES)}")
+            problems.append(f"tensor {_clipped(name)} has dtype {entry['dtype']}, expected one of {sorted(FLOAT_DTYPES)}")
         if len(entry["shape"]) != 2:
-            problems.append(f"tensor {name} has shape {entry['shape']}, expected a 2-D matrix")
+            problems.append(f"tensor {_clipped(name)} has shape {_shown(entry['shape'])}, expected a 2-D matrix")
             continue
         module = match["module"].removeprefix("base_model.model.")
         kind = "A" if match["kind"].endswith("A") else "B"
@@ -297,23 +440,23 @@ def _check_tensors(
     unmatched = set(target_modules) if isinstance(target_modules, list) else set()
     for module, pair in sorted(pairs.items()):
         if set(pair) != {"A", "B"}:
-            problems.append(f"module {module} has lora_{''.join(pair)} but not lora_{'B' if 'A' in pair else 'A'}")
+            problems.append(f"module {_clipped(module)} has lora_{''.join(pair)} but not lora_{'B' if 'A' in pair else 'A'}")
             continue
         if "embed" in module:  # lora_embedding_A/B are stored transposed; leave them to vLLM
             continue
         if not _targets(module, target_modules):
-            problems.append(f"module {module} is not in target_modules {target_modules}")
+            problems.append(f"module {_clipped(module)} is not in target_modules {_shown(target_modules)}")
         unmatched = {t for t in unmatched if not (module == t or module.endswith("." + t))}
         (a_rows, a_cols), (b_rows, b_cols) = pair["A"], pair["B"]
         want_rank = _rank_for(module, rank, rank_pattern)
         if a_rows != want_rank or b_cols != want_rank:
             problems.append(
-                f"module {module}: lora_A {pair['A']} / lora_B {pair['B']} do not have rank {want_rank} "
+                f"module {_clipped(module)}: lora_A {pair['A']} / lora_B {pair['B']} do not have rank {want_rank} "
                 "from adapter_config.json"
             )
         layer = _LAYER_INDEX.search("." + module + ".")
         if layer is not None and n_layers and int(layer.group(1)) >= n_layers:
-            problems.append(f"module {module}: the base model has only {n_layers} layers")
+            problems.append(f"module {_clipped(module)}: the base model has only {n_layers} layers")
         if dims is None:
             continue
         leaf = module.rsplit(".", 1)[-1]
@@ -321,17 +464,17 @@ def _check_tensors(
             want_in, want_out = dims[leaf]
             if a_cols != want_in or b_rows != want_out:
                 problems.append(
-                    f"module {module}: LoRA maps {a_cols} -> {b_rows} features but the base model's "
+                    f"module {_clipped(module)}: LoRA maps {a_cols} -> {b_rows} features but the base model's "
                     f"{leaf} maps {want_in} -> {want_out} (hidden_size {hidden})"
                 )
         elif hidden not in (a_cols, b_rows):
             problems.append(
-                f"module {module}: LoRA maps {a_cols} -> {b_rows} features; neither side is the base "
+                f"module {_clipped(module)}: LoRA maps {a_cols} -> {b_rows} features; neither side is the base "
                 f"model's hidden_size {hidden}"
             )
     if unmatched and pairs:
-        warnings.append(f"target_modules {sorted(unmatched)} have no LoRA weights in {ADAPTER_WEIGHTS}")
-    if dims is None:
+        warnings.append(f"target_modules {_shown(sorted(unmatched))} have no LoRA weights in {ADAPTER_WEIGHTS}")
+    if dims is None and not any(w.startswith("the base model's config.json is malformed") for w in warnings):
         warnings.append("the base model's config.json is not available here: tensor shapes were not checked against it")
     return n_parameters
 
@@ -363,7 +506,7 @@ def check_lora_name(name: str) -> str:
     """A LoRA name vLLM may serve and a path may hold: letters, digits, ``._-``, no ``..``."""
     if not _LORA_NAME.fullmatch(name) or ".." in name:
         raise ValueError(
-            f"adapter name {name!r} is not allowed: use letters, digits, '.', '_' and '-' "
+            f"adapter name {_shown(name)} is not allowed: use letters, digits, '.', '_' and '-' "
             "(no '/', no '..'), at most 64 characters"
         )
     return name
@@ -407,33 +550,27 @@ def validate_adapter(
 
     rank, alpha, base_match = 0, 0.0, ""
     trained_on = ""
+    fields: LoraFields | None = None
     if config is not None:
-        if config.get("peft_type") != "LORA":
-            problems.append(f"peft_type is {config.get('peft_type')!r}, expected 'LORA'")
+        fields = read_lora_fields(config, problems)
         raw_rank = config.get("r")
-        if not isinstance(raw_rank, int) or isinstance(raw_rank, bool) or raw_rank <= 0:
-            problems.append(f"r is {raw_rank!r}, expected a positive integer")
-        else:
-            pattern = config.get("rank_pattern") or {}
-            rank = max([raw_rank, *(int(v) for v in pattern.values())]) if isinstance(pattern, dict) else raw_rank
+        if _is_int(raw_rank) and raw_rank > 0:
+            pattern = config.get("rank_pattern")
+            pattern_ranks = [v for v in pattern.values() if _is_int(v)] if isinstance(pattern, dict) else []
+            rank = max([raw_rank, *pattern_ranks])
             if rank > max_lora_rank:
                 problems.append(
                     f"rank {rank} exceeds the server's max_lora_rank {max_lora_rank} "
                     "(retrain with a smaller rank or restart vLLM with a larger --max-lora-rank)"
                 )
-        alpha = float(config.get("lora_alpha") or 0.0)
-        if not config.get("target_modules"):
-            problems.append("target_modules is empty")
-        if config.get("use_dora"):
-            problems.append("use_dora is true: vLLM does not serve DoRA adapters")
-        if config.get("bias", "none") != "none" or config.get("lora_bias"):
-            problems.append("the adapter trains biases (bias/lora_bias): vLLM does not support them")
-        if config.get("modules_to_save"):
-            problems.append(f"modules_to_save={config['modules_to_save']}: vLLM does not load full module copies")
-        trained_on = str(config.get("base_model_name_or_path") or "")
-        if not trained_on:
+        alpha = fields.alpha if fields is not None else 0.0
+        trained_on_value = config.get("base_model_name_or_path")
+        if trained_on_value is None or trained_on_value == "":
             problems.append("base_model_name_or_path is missing: cannot tell which base model it was trained on")
+        elif not isinstance(trained_on_value, str):
+            problems.append(_wrong("base_model_name_or_path", trained_on_value, "the base model's hub id or path"))
         else:
+            trained_on = trained_on_value
             same, how = compare_base_models(trained_on, served)
             if same:
                 base_match = how
@@ -461,14 +598,14 @@ def validate_adapter(
             problems.append(f"corrupt safetensors: {err}")
 
     n_parameters = 0
-    if tensors is not None and config is not None:
+    if tensors is not None and fields is not None:
         base_dir = local_model_dir(served)
         base_config = _model_config(base_dir) if base_dir is not None else None
-        n_parameters = _check_tensors(tensors, config, base_config, problems, warnings)
+        n_parameters = _check_tensors(tensors, fields, base_config, problems, warnings)
 
     if problems:
         raise AdapterValidationError(root, problems)
-    assert config is not None and tensors is not None
+    assert config is not None and fields is not None and tensors is not None
     for warning in warnings:
         logger.warning("adapter %s: %s", root, warning)
     return AdapterInfo(
@@ -476,7 +613,7 @@ def validate_adapter(
         peft_type=str(config["peft_type"]),
         rank=rank,
         lora_alpha=alpha,
-        target_modules=config["target_modules"],
+        target_modules=fields.target_modules,
         base_model=trained_on,
         base_match=base_match,
         weights_bytes=weights.stat().st_size,
