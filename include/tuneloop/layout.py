@@ -16,6 +16,7 @@
     drift/performance/<day>__<run>/...     production scored on fresh labelled rows
     runs/<run>.json                        one summary per refresh run
     locks/fleet-<hash>.json                the lease of the deploy swapping a vLLM fleet
+    alerts/dedup/<generation>.json         the alerts that triggered a refresh, kept for the webhook's de-duplication window
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ LATEST_SNAPSHOT = f"{SNAPSHOTS}/LATEST"
 DRIFT_CHECKS = "drift/checks"
 DRIFT_HISTORY_PLOT = "drift/history.png"
 REGISTRY = "registry"
+ALERT_DEDUP = "alerts/dedup"
 
 
 def snapshot_file(snapshot: str, split: str) -> str:
@@ -80,3 +82,9 @@ def quality_failure(run_key: str) -> str:
 
 def fleet_lock(digest: str) -> str:
     return f"locks/fleet-{digest}.json"
+
+
+def alert_dedup(generation: int) -> str:
+    """``alerts/dedup/<generation>.json``: one immutable state of the webhook's de-duplication;
+    the newest generation is the state, written with a conditional put."""
+    return f"{ALERT_DEDUP}/{generation:08d}.json"

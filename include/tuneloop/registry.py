@@ -18,7 +18,7 @@ first time instead of failing (Airflow's rule: a re-run gives the same outcome).
 
 from __future__ import annotations
 
-import re
+import reprlib
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from tuneloop.storage import Store
 
 ALIASES = ("production", "previous", "candidate")
-VERSION_RE = re.compile(r"^v(\d+)$")
+VERSION_RE = layout.VERSION_RE
 
 
 class RegistryError(RuntimeError):
@@ -58,7 +58,7 @@ class Registry:
     def versions(self) -> list[dict[str, Any]]:
         """All version records, oldest first."""
         keys = [k for k in self.store.list(f"{self.prefix}/versions/") if k.endswith(".json")]
-        records = [self.store.get_json(k) for k in keys]
+        records = [self._read_version(k) for k in keys]
         return sorted(records, key=lambda r: _version_number(r["version"]))
 
     def next_version(self) -> str:
@@ -111,8 +111,10 @@ class Registry:
     def get(self, version: str) -> dict[str, Any]:
         from tuneloop.storage import StoreKeyError
 
+        if not (isinstance(version, str) and VERSION_RE.match(version)):
+            raise RegistryError(f"{reprlib.repr(version)} is not a version (v1, v2, ...) nor an alias ({', '.join(ALIASES)})")
         try:
-            return dict(self.store.get_json(self._version_key(version)))
+            return self._read_version(self._version_key(version))
         except StoreKeyError:
             known = ", ".join(r["version"] for r in self.versions()) or "none"
             raise RegistryError(f"no adapter version {version!r} in {self.store.uri} (known: {known})") from None
@@ -136,14 +138,63 @@ class Registry:
         generations = self._generations()
         if not generations:
             return {"generation": 0, "aliases": dict.fromkeys(ALIASES)}
-        return dict(self.store.get_json(generations[-1]))
+        return self._read_generation(generations[-1])
 
     def aliases(self) -> dict[str, str | None]:
         return dict(self.state()["aliases"])
 
     def history(self) -> list[dict[str, Any]]:
         """Every alias move, oldest first, with its reason and run id."""
-        return [self.store.get_json(k) for k in self._generations()]
+        return [self._read_generation(k) for k in self._generations()]
+
+    # --- reading: every record is checked before a name in it becomes a key or a path ---------
+
+    def _read(self, key: str) -> Any:
+        import json
+
+        raw = self.store.get_bytes(key)
+        try:
+            return json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as err:
+            raise self._corrupt(key, f"it is not valid JSON ({type(err).__name__}: {str(err)[:120]})") from None
+
+    def _corrupt(self, key: str, why: str) -> RegistryError:
+        if key.startswith(f"{self.prefix}/aliases/"):
+            fix = (
+                "restore it from a backup or an earlier object version, or delete it so that the generation "
+                "before it is the aliases' state again (`tuneloop status` shows them)"
+            )
+        else:
+            fix = "restore it from a backup or an earlier object version (a version record is written once, never edited)"
+        return RegistryError(f"registry file {self.store.uri}/{key} is corrupt: {why}. Nothing was changed; {fix}")
+
+    def _read_version(self, key: str) -> dict[str, Any]:
+        """A version record, checked: an object whose ``version`` is a version name matching its key."""
+        record = self._read(key)
+        if not isinstance(record, dict):
+            raise self._corrupt(key, f"it holds a JSON {type(record).__name__}, not an object")
+        version = record.get("version")
+        if not (isinstance(version, str) and VERSION_RE.match(version)):
+            raise self._corrupt(key, f"its version {reprlib.repr(version)} is not a version name (v1, v2, ...)")
+        if key != self._version_key(version):
+            raise self._corrupt(key, f"it records {version}, whose record is {self._version_key(version)}")
+        return dict(record)
+
+    def _read_generation(self, key: str) -> dict[str, Any]:
+        """An alias generation, checked: its number matches its key, each alias is None or a version name."""
+        state = self._read(key)
+        if not isinstance(state, dict):
+            raise self._corrupt(key, f"it holds a JSON {type(state).__name__}, not an object")
+        generation, aliases = state.get("generation"), state.get("aliases")
+        if not isinstance(generation, int) or isinstance(generation, bool) or key != f"{self.prefix}/aliases/{generation:08d}.json":
+            raise self._corrupt(key, f"its generation {reprlib.repr(generation)} does not match its name")
+        if not isinstance(aliases, dict):
+            raise self._corrupt(key, f"its aliases are {reprlib.repr(aliases)}, not an object of alias -> version")
+        for alias in ALIASES:
+            value = aliases.get(alias)
+            if value is not None and not (isinstance(value, str) and VERSION_RE.match(value)):
+                raise self._corrupt(key, f"alias {alias} points at {reprlib.repr(value)}, which is not a version name (v1, v2, ...)")
+        return dict(state)
 
     def move_aliases(self, changes: dict[str, str | None], *, reason: str, run_id: str | None = None) -> dict[str, Any]:
         """Move several aliases in one atomic step; raises RegistryConflictError on a race."""

@@ -85,7 +85,10 @@ def _reexec_in_ml_env(argv: Sequence[str], command: str) -> None:
 
 
 def _adapter_dir(settings: Settings, version: str) -> Path:
-    return Path(settings.work_dir) / "adapters" / version
+    try:
+        return Path(settings.work_dir) / "adapters" / layout.version_name(version)
+    except ValueError as err:
+        raise CliError(f"{err}: name an adapter version or an adapter directory that exists") from None
 
 
 def _find_adapter(settings: Settings, store: Store, adapter: str) -> Path:

@@ -42,7 +42,7 @@ def materialize_adapter(loop: Loop, version: str) -> Path:
             )
 
     root = Path(loop.settings.vllm.adapter_dir).resolve()
-    target = root / version
+    target = root / layout.version_name(version)  # a corrupt registry must not name a path elsewhere
     if (target / "adapter_config.json").is_file():
         check(target)
         return target
