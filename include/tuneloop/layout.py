@@ -21,6 +21,9 @@
 
 from __future__ import annotations
 
+import re
+import reprlib
+
 LABELLED = "labelled"
 TRAFFIC = "traffic"
 HELDOUT = "heldout"
@@ -30,6 +33,17 @@ DRIFT_CHECKS = "drift/checks"
 DRIFT_HISTORY_PLOT = "drift/history.png"
 REGISTRY = "registry"
 ALERT_DEDUP = "alerts/dedup"
+#: A version name: v1, v2, ... (ASCII digits; ``\Z``, unlike ``$``, refuses a trailing newline).
+VERSION_RE = re.compile(r"^v([0-9]{1,9})\Z")
+
+
+def version_name(value: object) -> str:
+    """``value`` if it is a version name (``v1``, ``v2``...), else ValueError. A version read
+    from the registry, a report or the command line becomes a store key and a directory name
+    here: ``../../etc``, an empty string or a number must never get that far."""
+    if isinstance(value, str) and VERSION_RE.match(value):
+        return value
+    raise ValueError(f"{reprlib.repr(value)} is not a version name (v1, v2, ...)")
 
 
 def snapshot_file(snapshot: str, split: str) -> str:
@@ -38,7 +52,7 @@ def snapshot_file(snapshot: str, split: str) -> str:
 
 
 def adapter(version: str) -> str:
-    return f"adapters/{version}"
+    return f"adapters/{version_name(version)}"
 
 
 def adapter_provenance(version: str) -> str:
@@ -47,17 +61,17 @@ def adapter_provenance(version: str) -> str:
 
 def evaluations(version: str) -> str:
     """``evals/<version>/``: every evaluation of a version, one folder per refresh run."""
-    return f"evals/{version}/"
+    return f"evals/{version_name(version)}/"
 
 
 def evaluation(version: str, run_key: str, role: str) -> str:
     """Where one evaluation of a refresh run writes: ``evals/<version>/<run>/<role>``."""
-    return f"evals/{version}/{run_key}/{role}"
+    return f"evals/{version_name(version)}/{run_key}/{role}"
 
 
 def report(version: str) -> str:
     """``reports/<version>``: the gate's report files for a candidate."""
-    return f"reports/{version}"
+    return f"reports/{version_name(version)}"
 
 
 def gate_decision(version: str) -> str:
