@@ -31,6 +31,10 @@ ALIASES = ("production", "previous", "candidate")
 VERSION_RE = layout.VERSION_RE
 
 
+UNCHECKED = "<unchecked>"
+"""``promote(expect_production=...)`` default: no check (not a version name, so never a real value)."""
+
+
 class RegistryError(RuntimeError):
     """A registry operation cannot be done; the message says why and what to do."""
 
@@ -196,8 +200,13 @@ class Registry:
                 raise self._corrupt(key, f"alias {alias} points at {reprlib.repr(value)}, which is not a version name (v1, v2, ...)")
         return dict(state)
 
-    def move_aliases(self, changes: dict[str, str | None], *, reason: str, run_id: str | None = None) -> dict[str, Any]:
-        """Move several aliases in one atomic step; raises RegistryConflictError on a race."""
+    def move_aliases(
+        self, changes: dict[str, str | None], *, reason: str, run_id: str | None = None, expect: dict[str, str | None] | None = None
+    ) -> dict[str, Any]:
+        """Move several aliases in one atomic step; raises RegistryConflictError on a race.
+
+        ``expect`` (alias -> version) refuses the move unless those aliases still point where the
+        caller saw them (compare-and-swap: the generation write below makes it atomic)."""
         import json
 
         unknown = set(changes) - set(ALIASES)
@@ -209,6 +218,13 @@ class Registry:
         current = self.state()
         if self._already_moved(current, changes, run_id):
             return current
+        moved = {k: (v, current["aliases"].get(k)) for k, v in (expect or {}).items() if current["aliases"].get(k) != v}
+        if moved:
+            raise RegistryConflictError(
+                "; ".join(f"{k} moved from {was or 'none'} to {now or 'none'}" for k, (was, now) in moved.items())
+                + f" (generation {current['generation']} by run {current.get('run_id')}: {current.get('reason')}) "
+                f"since this run read it: not moving {sorted(changes)}"
+            )
         aliases = {**current["aliases"], **changes}
         generation = int(current["generation"]) + 1
         record = {
@@ -236,18 +252,23 @@ class Registry:
         """The newest generation is this run's move with these changes (a retry after it landed)."""
         return run_id is not None and state.get("run_id") == run_id and all(state["aliases"].get(k) == v for k, v in changes.items())
 
-    def promote(self, version: str, *, reason: str, run_id: str | None = None) -> dict[str, Any]:
-        """production <- version, previous <- the old production, candidate cleared."""
+    def promote(self, version: str, *, reason: str, run_id: str | None = None, expect_production: str | None = UNCHECKED) -> dict[str, Any]:
+        """production <- version, previous <- the old production, candidate cleared.
+
+        ``expect_production=vN`` (or None: no production yet) refuses unless production is still
+        what the caller deployed over: a rollback that ran meanwhile wins over this promote."""
         state = self.state()
         current = dict(state["aliases"])
         if current.get("production") == version:
             if run_id is not None and state.get("run_id") == run_id:
                 return state  # this run promoted it before a retry
             raise RegistryError(f"{version} is already production")
+        expect = None if expect_production == UNCHECKED else {"production": expect_production}
         return self.move_aliases(
             {"production": version, "previous": current.get("production"), "candidate": None},
             reason=reason,
             run_id=run_id,
+            expect=expect,
         )
 
 

@@ -130,18 +130,21 @@ def deploy(decision: dict[str, Any]) -> dict[str, Any]:
 
 
 def verify(deployed: dict[str, Any]) -> dict[str, Any]:
+    from tuneloop.registry import UNCHECKED
     from tuneloop.steps.serve import verify_step
 
-    return verify_step(task_loop(), deployed["version"])
+    # what the deploy replaced, for record's check that no rollback ran in between
+    return {**verify_step(task_loop(), deployed["version"]), "deployed_over": deployed.get("previous", UNCHECKED)}
 
 
 def record(verified: dict[str, Any], decision: dict[str, Any], outlet_events: Any = None) -> dict[str, Any]:
     from tuneloop.notify import deploy_message
+    from tuneloop.registry import UNCHECKED
     from tuneloop.steps.serve import record_step
 
     loop = task_loop()
     gate_summary: dict[str, Any] = {k: decision[k] for k in ("promote", "reasons", "slices", "report_key") if k in decision}
-    summary = record_step(loop, verified["version"], gate_summary)
+    summary = record_step(loop, verified["version"], gate_summary, deployed_over=verified.get("deployed_over", UNCHECKED))
     _extra(outlet_events, assets.PRODUCTION, {"version": verified["version"]})
     links = {"gate report": (decision.get("report_links") or {}).get("html")}
     notify(lambda _: deploy_message(summary, endpoints=loop.settings.vllm.endpoints, links=links), loop=loop)

@@ -109,6 +109,25 @@ def test_record_retried_after_the_promote_landed_succeeds(loop: Any) -> None:
     assert len(loop.registry.history()) == 1
 
 
+def test_record_after_a_rollback_that_ran_meanwhile_refuses_and_the_rollback_wins(loop: Any) -> None:
+    """The refresh deployed v3 over v2; before its record, an operator rolled back to v1. The
+    record must not promote v3 over the rollback (the teardown then reconciles to v1)."""
+    from tuneloop.registry import RegistryConflictError
+
+    for version in ("v1", "v2", "v3"):
+        _register(loop.registry, version, "earlier")
+    loop.registry.promote("v1", reason="bootstrap", run_id="earlier-1")
+    loop.registry.promote("v2", reason="refresh", run_id="earlier-2")
+    loop.registry.move_aliases({"production": "v1", "previous": "v2"}, reason="rollback: v2 misbehaves", run_id="rollback-run")
+    with pytest.raises(RegistryConflictError) as caught:
+        record_step(loop, "v3", deployed_over="v2")
+    assert "production moved from v2 to v1" in str(caught.value) and "rollback-run" in str(caught.value)
+    assert loop.registry.aliases() == {"production": "v1", "previous": "v2", "candidate": None}
+    first = record_step(loop, "v3", deployed_over="v1")  # deployed over what production is: fine
+    again = record_step(loop, "v3", deployed_over="v1")  # and its retry, after the promote landed
+    assert first["aliases"] == again["aliases"] == {"production": "v3", "previous": "v1", "candidate": None}
+
+
 def test_rollback_retried_after_the_alias_move_does_not_undo_it(loop: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     for version in ("v1", "v2"):
         _register(loop.registry, version, "earlier")

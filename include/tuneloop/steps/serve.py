@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from tuneloop import layout
+from tuneloop.registry import UNCHECKED
 from tuneloop.steps.loop import base_model_ref, latest_candidate_scores
 
 if TYPE_CHECKING:
@@ -133,21 +134,33 @@ def verify_step(loop: Loop, version: str) -> dict[str, Any]:
     api_key = settings.vllm.key
     seen = {}
     for endpoint in settings.vllm.endpoints:
-        client = VllmClient(endpoint, api_key=api_key, timeout_s=settings.vllm.timeout_s)
-        models = {m["id"]: m for m in client.models()}
-        root = models.get(served, {}).get("root")
-        seen[endpoint] = root
-        if root is None or Path(root).resolve() != Path(expected).resolve():
-            raise RuntimeError(f"{endpoint}: {served!r} is served from {root!r}, expected {expected} ({version})")
-        answer = client.chat(served, "ping", max_tokens=4)
-        seen[endpoint + "#answer"] = answer
+        with VllmClient(endpoint, api_key=api_key, timeout_s=settings.vllm.timeout_s) as client:
+            models = {m["id"]: m for m in client.models()}
+            root = models.get(served, {}).get("root")
+            seen[endpoint] = root
+            if root is None:
+                raise RuntimeError(
+                    f"{endpoint}: {served!r} is not loaded at all (the server restarted and forgot its runtime adapters?), "
+                    f"expected {version} from {expected}; reconcile puts the registry's production back"
+                )
+            if Path(root).resolve() != Path(expected).resolve():
+                raise RuntimeError(f"{endpoint}: {served!r} is served from {root}, expected {expected} ({version}): another deploy or rollback ran meanwhile?")
+            seen[endpoint + "#answer"] = client.chat(served, "ping", max_tokens=4)
     loop.progress(f"verified: {served!r} answers from {version} on {len(settings.vllm.endpoints)} endpoint(s)")
     return {"version": version, "served_from": seen}
 
 
-def record_step(loop: Loop, version: str, gate_result: dict[str, Any] | None = None, *, reason: str | None = None) -> dict[str, Any]:
-    """Move the aliases (production <- version, previous <- old production) and log the run."""
-    move = loop.registry.promote(version, reason=reason or "refresh: gate passed, deployed and verified", run_id=loop.run_id)
+def record_step(
+    loop: Loop, version: str, gate_result: dict[str, Any] | None = None, *, reason: str | None = None, deployed_over: str | None = UNCHECKED
+) -> dict[str, Any]:
+    """Move the aliases (production <- version, previous <- old production) and log the run.
+
+    ``deployed_over``: the production the deploy replaced (``deploy_step``'s ``previous``). If
+    production moved since (a rollback ran between this run's deploy and now), refuse: the
+    rollback wins, and the refresh's teardown reconcile puts its version back on the servers."""
+    move = loop.registry.promote(
+        version, reason=reason or "refresh: gate passed, deployed and verified", run_id=loop.run_id, expect_production=deployed_over
+    )
     summary = {"run_id": loop.run_id, "version": version, "aliases": move["aliases"], "gate": gate_result, "at": move["at"]}
     loop.store.put_json(layout.run_summary(loop.run_key), summary)
     loop.progress(f"registry: production={move['aliases']['production']} previous={move['aliases']['previous']}")
