@@ -432,11 +432,20 @@ def _status(err: BaseException | None) -> int | None:
     return int(status) if status is not None else None
 
 
+HINTS = {
+    "RequestTimeTooSkewed": "the clock of this machine is more than 15 minutes off S3's: sync it (NTP: chronyd, systemd-timesyncd) and retry",
+    "SignatureDoesNotMatch": "the secret key does not match the access key id: check the credentials (or the machine's clock)",
+    "InvalidAccessKeyId": "S3 does not know this access key id: check the credentials boto3 found (env, profile, role)",
+}
+"""What to do about S3 errors whose message does not say it."""
+
+
 def _describe(err: BaseException) -> str:
     client_error = _client_error(err)
     if client_error is not None:
         error = client_error.response.get("Error", {})
         status = client_error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         code = error.get("Code", "?")
-        return f"{code} (HTTP {status}): {error.get('Message', '') or client_error}"
+        hint = f"; {HINTS[code]}" if code in HINTS else ""
+        return f"{code} (HTTP {status}): {error.get('Message', '') or client_error}{hint}"
     return f"{type(err).__name__}: {err}"
