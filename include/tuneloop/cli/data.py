@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,12 +16,12 @@ from tuneloop.cli.common import (
     _settings,
     _store,
 )
-from tuneloop.intake.rows import split_lines
+from tuneloop.intake.rows import iter_lines
 from tuneloop.tasks import TaskSpec
 
 if TYPE_CHECKING:
     import argparse
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Iterator, Sequence
 
     from tuneloop.config import Settings
 
@@ -134,13 +135,14 @@ def cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
-def _raw_lines(path: Path) -> list[bytes]:
-    """Every record line of ``path`` as bytes (LF, CRLF or CR ends a line)."""
+def _raw_lines(path: Path) -> Iterator[bytes]:
+    """Every record line of ``path`` as bytes (LF, CRLF or CR ends a line), streamed."""
     try:
-        raw = path.read_bytes()
+        handle = open(path, "rb")  # closed by the with-block below
     except OSError as err:
         raise CliError(f"cannot read {path}: {err.strerror}") from err
-    return split_lines(raw)
+    with handle:
+        yield from iter_lines(handle)
 
 
 def _eval_records(paths: Sequence[str]) -> list[dict[str, Any]]:
@@ -167,10 +169,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
     options = IntakeOptions.from_settings(settings)
     if args.tokenizer_dir:
         options = IntakeOptions(**{**options.__dict__, "model_dir": Path(args.tokenizer_dir)})
-    triples = [(str(path), number, line) for path in args.input for number, line in enumerate(_raw_lines(Path(path)), 1)]
+    for path in args.input:  # fail before any work on a file that cannot be opened
+        if not os.access(path, os.R_OK) or not Path(path).is_file():
+            raise CliError(f"cannot read {path}: {'not a file' if Path(path).exists() else 'No such file or directory'}")
+    triples = ((str(path), number, line) for path in args.input for number, line in enumerate(_raw_lines(Path(path)), 1))
     eval_records = _eval_records(args.eval or [])
     spec = TaskSpec(settings.task)
-    batch = check_lines(triples, spec, progress=progress, expected=len(triples))
+    batch = check_lines(triples, spec, progress=progress)
     progress(f"row checks: {len(batch.accepted)} of {batch.total} lines pass; running the intake checks")
     intake = run_intake_checks(batch, options, spec, eval_records=eval_records, progress=progress)
     for note in intake.notes:

@@ -22,7 +22,7 @@ from datetime import date, timedelta
 from typing import TYPE_CHECKING, Any
 
 from tuneloop import layout
-from tuneloop.intake.rows import CheckedBatch, check_lines, split_lines
+from tuneloop.intake.rows import CheckedBatch, check_lines, iter_lines
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -100,9 +100,11 @@ def plan_pull(store: Store, *, since: date | None = None, until: date | None = N
 
 
 def _partition_lines(store: Store, keys: list[str]) -> Iterator[tuple[str, int, bytes]]:
+    """Every record of every file, streamed (a file is never read whole into memory)."""
     for key in keys:
-        for number, raw in enumerate(split_lines(store.get_bytes(key)), 1):
-            yield key, number, raw
+        with store.open_read(key) as handle:
+            for number, raw in enumerate(iter_lines(handle), 1):
+                yield key, number, raw
 
 
 def read_batch(store: Store, plan: PullPlan, spec: TaskSpec, *, progress: Callable[[str], None] | None = None) -> CheckedBatch:

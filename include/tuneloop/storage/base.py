@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import abc
+import contextlib
 import datetime as dt
 import json
 import logging
 import os
 import re
+import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     import builtins
@@ -125,6 +127,17 @@ class Store(abc.ABC):
         existed. Never overwrites; safe against concurrent writers."""
 
     # -- shared helpers ------------------------------------------------------------------
+    @contextlib.contextmanager
+    def open_read(self, key: str) -> Iterator[IO[bytes]]:
+        """``key`` as a binary file to read in chunks, never whole in memory. The default
+        downloads it (:meth:`get_file`: retried, ranged on S3) to a temporary file that is
+        removed afterwards; :class:`LocalStore` opens the object itself."""
+        with tempfile.TemporaryDirectory(prefix="tuneloop-read-") as scratch:
+            path = Path(scratch) / "object"
+            self.get_file(key, path)
+            with open(path, "rb") as handle:
+                yield handle
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.uri!r})"
 

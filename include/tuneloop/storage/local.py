@@ -3,6 +3,7 @@ renamed into place (hard-linked for conditional writes), so a reader never sees 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -23,7 +24,7 @@ from tuneloop.storage.base import (
 
 if TYPE_CHECKING:
     import builtins
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
 
 class LocalStore(Store):
@@ -105,6 +106,18 @@ class LocalStore(Store):
             raise StoreKeyError(f"key {key} not found in {self.uri}") from err
         except OSError as err:
             raise self._fail("get", key, err) from err
+
+    @contextlib.contextmanager
+    def open_read(self, key: str) -> Iterator[IO[bytes]]:
+        path = self._path(key)
+        try:
+            handle = open(path, "rb")  # closed by the with-block below
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as err:
+            raise StoreKeyError(f"key {key} not found in {self.uri}") from err
+        except OSError as err:
+            raise self._fail("get", key, err) from err
+        with handle:
+            yield handle
 
     def get_file(self, key: str, path: str | os.PathLike[str]) -> None:
         source_path = self._path(key)
