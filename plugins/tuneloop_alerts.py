@@ -4,20 +4,24 @@ A Prometheus Alertmanager or Grafana webhook that fires records an event on the 
 ``tuneloop://loop/drift``, which triggers ``tuneloop_refresh``. Auth is a shared bearer token
 (``$TUNELOOP_ALERT_TOKEN`` or the Variable ``tuneloop_alert_token``; none set: every call gets
 503). Payload checks, the alert filter and the event's ``extra`` live in
-``include/tuneloop/alerts.py``; this file is the HTTP wiring, and it records the event through
-Airflow's asset manager as ``POST /api/v2/assets/events`` does.
+``include/tuneloop/alerts.py``, with the rate limit, the body cap and the de-duplication (its
+state in the store, so every API-server worker sees it); this file is the HTTP wiring, and it
+records the event through Airflow's asset manager as ``POST /api/v2/assets/events`` does.
 
 Answers: 202 ``{"recorded": true, "asset_event_id": ...}``; 200 ``{"recorded": false,
-"reason": ...}`` (only resolved alerts, or none matches the filter); 400/413/422 ``{"detail"}``
-for a body we cannot read; 401 bad or missing token; 503 no token configured, a malformed
-``TUNELOOP_ALERT_MATCH``, or the asset not parsed yet.
+"reason": ...}`` (only resolved alerts, or none matches the filter), or ``{"recorded": false,
+"duplicate": true, "joined": [{"asset_event_id", "dag_run_ids", ...}]}`` (every alert already
+triggered a refresh within ``alerts.dedup_window_hours``); 400/413/422 ``{"detail"}`` for a
+body we cannot read (413 as soon as it passes 1 MiB); 401 bad or missing token; 429 with
+``Retry-After`` over ``alerts.rate_limit_*``; 503 no token configured, invalid settings, a
+malformed ``TUNELOOP_ALERT_MATCH``, the de-duplication state unreadable, or the asset not parsed yet.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airflow.plugins_manager import AirflowPlugin
 from fastapi import FastAPI, Request
@@ -26,6 +30,11 @@ from starlette.concurrency import run_in_threadpool
 
 from tuneloop import alerts
 from tuneloop.assets import DRIFT
+from tuneloop.config import ConfigError
+
+if TYPE_CHECKING:
+    from tuneloop.config import AlertSettings, Settings
+    from tuneloop.storage import Store
 
 log = logging.getLogger(__name__)
 
@@ -39,16 +48,28 @@ app = FastAPI(
 
 @app.post("/alerts", status_code=202)
 async def receive_alert(request: Request) -> JSONResponse:
-    """Record a drift event for the firing alerts of an Alertmanager or Grafana webhook."""
+    """Record a drift event for the new firing alerts of an Alertmanager or Grafana webhook."""
     refusal = await run_in_threadpool(_refuse_unauthorized, request.headers.get("authorization"))
     if refusal is not None:
         return refusal
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > alerts.MAX_BODY_BYTES:
-        return _error(413, f"body is {declared} bytes, above the limit of {alerts.MAX_BODY_BYTES}")
+    try:
+        settings = await run_in_threadpool(alerts.webhook_settings, os.environ, _config_variable)
+    except ConfigError as err:
+        return _error(503, f"tuneloop settings invalid on the API server: {err}")
+    wait_s = _rate_limiter(settings.alerts).acquire()
+    if wait_s > 0:
+        limit = settings.alerts
+        log.warning("tuneloop alert refused: over the rate limit (%g/min, burst %d)", limit.rate_limit_per_minute, limit.rate_limit_burst)
+        return _error(
+            429,
+            f"too many alert calls: at most {limit.rate_limit_per_minute:g} a minute (burst {limit.rate_limit_burst}, "
+            "settings alerts.rate_limit_per_minute / alerts.rate_limit_burst); retry after the Retry-After seconds",
+            {"Retry-After": alerts.retry_after(wait_s)},
+        )
     try:
         alert_filter = alerts.AlertFilter.from_env(os.environ)
-        notification = alerts.parse_notification(await request.body())
+        body = await alerts.read_body(request.stream(), declared_length=request.headers.get("content-length"))
+        notification = alerts.parse_notification(body)
     except alerts.AlertPayloadError as err:
         return _error(err.status_code, err.reason)
     except ValueError as err:  # a malformed filter in the server's environment
@@ -57,8 +78,65 @@ async def receive_alert(request: Request) -> JSONResponse:
     if not decision.record:
         log.info("tuneloop alert from %s not recorded: %s", notification.source, decision.reason)
         return JSONResponse({"recorded": False, "reason": decision.reason, "source": notification.source})
-    extra = alerts.drift_event_extra(notification, decision.alerts)
-    return await run_in_threadpool(_record_drift_event, extra)
+    return await run_in_threadpool(_record_new_alerts, settings, notification, decision.alerts)
+
+
+def _record_new_alerts(settings: Settings, notification: alerts.AlertNotification, firing: tuple[alerts.Alert, ...]) -> JSONResponse:
+    """Claim the alerts not seen within the de-duplication window, record one event for them,
+    and name the event (and runs) that the duplicates joined."""
+    window_s = settings.alerts.dedup_window_hours * 3600
+    try:
+        dedup = alerts.AlertDedup(_open_store(settings), window_s)
+        claimed = dedup.claim(firing, source=notification.source)
+    except Exception as err:  # the store: name the cause, and let the sender retry
+        log.exception("tuneloop alert: de-duplication state unavailable")
+        return _error(503, f"cannot check the alert against the ones already acted on: {type(err).__name__}: {err}")
+    duplicates = _joined(claimed.duplicates)
+    if not claimed.new:
+        reason = alerts.duplicate_reason(claimed.duplicates, window_s)
+        log.info("tuneloop alert from %s not recorded: %s", notification.source, reason)
+        return JSONResponse(
+            {"recorded": False, "duplicate": True, "reason": reason, "source": notification.source, "joined": duplicates}
+        )
+    status, body = _record_drift_event(alerts.drift_event_extra(notification, claimed.new))
+    if claimed.claim is not None:
+        try:
+            if body["recorded"]:
+                dedup.attach_event(claimed.claim, body["asset_event_id"])
+            else:
+                dedup.release(claimed.claim)
+        except Exception:  # the event stands; only the duplicate's answer loses its event id
+            log.exception("tuneloop alert: cannot update the de-duplication state")
+    if duplicates:
+        body["duplicates"] = duplicates
+    return JSONResponse(body, status_code=status)
+
+
+def _joined(duplicates: tuple[tuple[alerts.Alert, dict[str, Any]], ...]) -> list[dict[str, Any]]:
+    """Each earlier refresh the duplicates joined: its asset event, the runs that event started
+    (none yet while the DAG is paused or the scheduler has not picked it up) and its window."""
+    if not duplicates:
+        return []
+    from airflow.models.asset import AssetEvent
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    joined: dict[Any, dict[str, Any]] = {}
+    for alert, entry in duplicates:
+        event_id = entry.get("asset_event_id")
+        item = joined.setdefault(
+            event_id,
+            {"asset_event_id": event_id, "dag_run_ids": [], "alertnames": [], "fingerprints": [], "claimed_at": entry.get("claimed_at"), "expires_at": entry.get("expires_at")},
+        )
+        if alert.name and alert.name not in item["alertnames"]:
+            item["alertnames"].append(alert.name)
+        item["fingerprints"].append(alert.fingerprint or entry["key"])
+    event_ids = [event_id for event_id in joined if isinstance(event_id, int)]
+    if event_ids:
+        with create_session() as session:
+            for event in session.scalars(select(AssetEvent).where(AssetEvent.id.in_(event_ids))):
+                joined[event.id]["dag_run_ids"] = sorted(run.run_id for run in event.created_dagruns)
+    return list(joined.values())
 
 
 def _refuse_unauthorized(authorization: str | None) -> JSONResponse | None:
@@ -77,7 +155,7 @@ def _token_variable() -> str | None:
     return Variable.get(alerts.TOKEN_VARIABLE, default_var=None)
 
 
-def _record_drift_event(extra: dict[str, Any]) -> JSONResponse:
+def _record_drift_event(extra: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     """Record the event the way ``POST /api/v2/assets/events`` does: Airflow's asset manager
     queues every unpaused DAG scheduled on the asset, and the scheduler starts its run."""
     from airflow.assets.manager import asset_manager
@@ -89,13 +167,13 @@ def _record_drift_event(extra: dict[str, Any]) -> JSONResponse:
     with create_session() as session:
         asset = session.scalar(select(AssetModel).where(AssetModel.name == name, AssetModel.uri == uri))
         if asset is None:
-            return _error(503, f"asset {uri} is not registered yet: the DAG processor has not parsed tuneloop_refresh")
+            return 503, {"recorded": False, "detail": f"asset {uri} is not registered yet: the DAG processor has not parsed tuneloop_refresh"}
         consumers = {ref.dag_id: bool(ref.dag.is_paused) for ref in asset.scheduled_dags}
         event = asset_manager.register_asset_change(
             asset=asset, extra=extra, source_is_api=True, api_user_teams=set(), session=session
         )
         if event is None:
-            return _error(503, f"asset {uri} could not record an event")
+            return 503, {"recorded": False, "detail": f"asset {uri} could not record an event"}
         body: dict[str, Any] = {
             "recorded": True,
             "asset_event_id": event.id,
@@ -113,7 +191,30 @@ def _record_drift_event(extra: dict[str, Any]) -> JSONResponse:
         "tuneloop alert from %s recorded asset event %s on %s (%d firing: %s)",
         extra["source"], body["asset_event_id"], uri, extra["firing"], ", ".join(extra["alertnames"]),
     )
-    return JSONResponse(body, status_code=202)
+    return 202, body
+
+
+_limiter: alerts.RateLimiter | None = None
+
+
+def _rate_limiter(limits: AlertSettings) -> alerts.RateLimiter:
+    """This worker's token bucket, made anew when the settings change."""
+    global _limiter
+    if _limiter is None or (_limiter.per_minute, _limiter.burst) != (limits.rate_limit_per_minute, limits.rate_limit_burst):
+        _limiter = alerts.RateLimiter(limits.rate_limit_per_minute, limits.rate_limit_burst)
+    return _limiter
+
+
+def _open_store(settings: Settings) -> Store:
+    from tuneloop.storage import open_store_from_settings
+
+    return open_store_from_settings(settings)
+
+
+def _config_variable() -> str | None:
+    from airflow.models.variable import Variable
+
+    return Variable.get("tuneloop_config", default_var=None)
 
 
 def _error(status_code: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:

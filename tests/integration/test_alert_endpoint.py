@@ -6,7 +6,10 @@ scheduler and the DAG processor, plus a second API server on the same database s
 the token. A firing Alertmanager and a firing Grafana payload each record an event on the drift
 asset, and the scheduler starts ``tuneloop_refresh`` from them. Those runs are harmless
 (TUNELOOP_HOME and the store are empty temporary directories, so ``pull`` finds no data) and
-the test marks them failed once it has seen them. Every process is stopped at the end.
+the test marks them failed once it has seen them. The same alert sent again joins the run it
+started instead of starting another (the de-duplication state lives in that store); an endless
+chunked body gets 413 before it ends; calls over the rate limit get 429 with Retry-After.
+Every process is stopped at the end.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import json
 import os
 import secrets
 import shlex
+import socket
 import subprocess
 import sys
 import time
@@ -27,6 +31,7 @@ import psutil
 import pytest
 from processes import free_port, stop_process_tree
 
+from tuneloop.alerts import MAX_BODY_BYTES
 from tuneloop.assets import DRIFT_ASSET_URI
 
 if TYPE_CHECKING:
@@ -40,6 +45,10 @@ ENV_TOKEN = secrets.token_urlsafe(24)
 VARIABLE_TOKEN = secrets.token_urlsafe(24)
 START_TIMEOUT_S = 150
 TRIGGER_TIMEOUT_S = 90
+# The tests before the rate-limit test send ~15 calls with a valid token within seconds: a
+# burst above that, and a rate slow enough that the last test can run the bucket dry.
+RATE_LIMIT_BURST = 25
+RATE_LIMIT_PER_MINUTE = 6
 
 
 @dataclass
@@ -74,6 +83,7 @@ export AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_PORT={free_port()}
 export AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT={free_port()}
 export TUNELOOP_HOME={q(str(tuneloop_home))} TUNELOOP__STORE__URI={q(str(tuneloop_home / "store"))}
 export TUNELOOP__VLLM__ENDPOINTS="[http://127.0.0.1:{free_port()}]"
+export TUNELOOP__ALERTS__RATE_LIMIT_BURST={RATE_LIMIT_BURST} TUNELOOP__ALERTS__RATE_LIMIT_PER_MINUTE={RATE_LIMIT_PER_MINUTE}
 unset TUNELOOP_ALERT_TOKEN TUNELOOP_ALERT_MATCH TUNELOOP_ALERT_NAMES TUNELOOP_CONFIG
 printf '{{"admin": "admin"}}\\n' > "$AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"
 airflow db migrate > {out}/migrate.out 2>&1
@@ -340,6 +350,18 @@ def test_firing_alertmanager_payload_records_a_drift_event_that_triggers_a_refre
     run = _run_consuming(airflow, body["asset_event_id"])
     assert run["run_type"] == "asset_triggered" and run["triggered_by"] == "asset"
 
+    # Alertmanager re-sends the still-firing alert every repeat_interval: it joins that run.
+    events_before = len(_drift_events(airflow))
+    resent = _post(airflow.url, alertmanager_payload())
+    assert resent.status_code == 200, resent.text
+    assert resent.json()["recorded"] is False and resent.json()["duplicate"] is True
+    assert f"joined asset event {body['asset_event_id']}" in resent.json()["reason"]
+    [joined] = resent.json()["joined"]
+    assert joined["asset_event_id"] == body["asset_event_id"]
+    assert joined["dag_run_ids"] == [run["dag_run_id"]]
+    assert joined["fingerprints"] == ["a1b2c3d4e5f60718"] and joined["alertnames"] == ["TuneloopTrafficDrift"]
+    assert len(_drift_events(airflow)) == events_before
+
 
 def test_firing_grafana_payload_records_a_drift_event_that_triggers_a_refresh(airflow: LocalAirflow) -> None:
     reply = _post(airflow.url, grafana_payload())
@@ -356,6 +378,42 @@ def test_firing_grafana_payload_records_a_drift_event_that_triggers_a_refresh(ai
 
     run = _run_consuming(airflow, event_id)
     assert run["run_type"] == "asset_triggered" and run["triggered_by"] == "asset"
+
+
+def test_an_endless_chunked_body_gets_413_before_it_ends(airflow: LocalAirflow) -> None:
+    """Chunked transfer has no length to check up front: the server must stop reading at the
+    cap. The body is sent just past the cap and never terminated; a server reading it whole
+    would wait for the end and never answer."""
+    host, port = airflow.url.removeprefix("http://").split(":")
+    chunk = b" " * (64 * 1024)
+    with socket.create_connection((host, int(port)), timeout=30) as connection:
+        connection.sendall(
+            f"POST /tuneloop/alerts HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {ENV_TOKEN}\r\n"
+            "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+        )
+        for _ in range(MAX_BODY_BYTES // len(chunk) + 1):
+            connection.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            try:
+                received = connection.recv(65536)
+            except TimeoutError:
+                raise AssertionError(f"no answer within 30 s to an unfinished body past the cap; got {reply!r}") from None
+            assert received, f"connection closed without an answer; got {reply!r}"
+            reply += received
+    assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
+
+
+def test_calls_over_the_rate_limit_get_429_with_retry_after(airflow: LocalAirflow) -> None:
+    for _ in range(RATE_LIMIT_BURST + 5):
+        reply = _post(airflow.url, alertmanager_payload(status="resolved"))
+        if reply.status_code != 200:
+            break
+    assert reply.status_code == 429, reply.text
+    assert "at most 6 a minute (burst 25" in reply.json()["detail"]
+    assert 1 <= int(reply.headers["retry-after"]) <= 60 / RATE_LIMIT_PER_MINUTE
+    # The token is checked before the bucket: without it, 401 even while the bucket is empty.
+    assert _post(airflow.url, alertmanager_payload(), token="wrong").status_code == 401
 
 
 def test_tokens_never_reach_the_logs_or_a_command_line(airflow: LocalAirflow) -> None:

@@ -1,28 +1,48 @@
-"""Alert webhooks: the token check, the payloads Alertmanager and Grafana send, the filter, and
-the drift event's extra. No Airflow: the plugin's HTTP side is tested in
+"""Alert webhooks: the token check, the payloads Alertmanager and Grafana send, the filter, the
+drift event's extra, the body cap, the rate limit and the de-duplication. No Airflow: the plugin's HTTP side is tested in
 tests/integration/test_alert_endpoint.py against a running API server."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
-from typing import Any
+import threading
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from tuneloop import layout
 from tuneloop.alerts import (
+    DEDUP_KEEP_GENERATIONS,
     EXTRA_MAX_BYTES,
     MAX_BODY_BYTES,
+    Alert,
+    AlertDedup,
+    AlertDedupError,
     AlertFilter,
     AlertPayloadError,
     AuthOutcome,
+    RateLimiter,
     check_bearer,
     configured_token,
     decide,
+    dedup_key,
     drift_event_extra,
+    duplicate_reason,
     notification_from_payload,
     parse_notification,
+    read_body,
+    retry_after,
+    webhook_settings,
 )
+from tuneloop.config import ConfigError
+from tuneloop.storage import LocalStore
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+    from pathlib import Path
 
 pytestmark = pytest.mark.unit
 
@@ -280,3 +300,230 @@ def test_extra_is_bounded_for_huge_notifications() -> None:
     for detail in extra["alerts"]:
         assert len(detail["labels"]) <= 16
         assert all(len(value) <= 256 for value in detail["labels"].values())
+
+
+# --- the body cap: read incrementally -------------------------------------------------------
+
+
+class Chunks:
+    """A request body arriving in chunks, endless unless ``total`` is given; counts what was read."""
+
+    def __init__(self, size: int = 64 * 1024, total: int | None = None) -> None:
+        self.size, self.total, self.read = size, total, 0
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        while self.total is None or self.read < self.total:
+            chunk = b"x" * (self.size if self.total is None else min(self.size, self.total - self.read))
+            self.read += len(chunk)
+            yield chunk
+
+
+def test_an_endless_chunked_body_is_refused_at_the_chunk_that_passes_the_cap() -> None:
+    body = Chunks()
+    with pytest.raises(AlertPayloadError) as caught:
+        asyncio.run(read_body(body.stream()))
+    assert caught.value.status_code == 413
+    assert f"passed the limit of {MAX_BODY_BYTES} bytes" in caught.value.reason
+    assert MAX_BODY_BYTES < body.read <= MAX_BODY_BYTES + body.size  # one chunk past the cap, no further
+
+
+def test_a_declared_length_over_the_cap_is_refused_before_reading() -> None:
+    body = Chunks(total=10)
+    with pytest.raises(AlertPayloadError) as caught:
+        asyncio.run(read_body(body.stream(), declared_length=str(MAX_BODY_BYTES + 1)))
+    assert caught.value.status_code == 413 and body.read == 0
+
+
+def test_a_body_up_to_the_cap_is_read_whole() -> None:
+    assert asyncio.run(read_body(Chunks(size=1000, total=4096).stream(), limit=4096)) == b"x" * 4096
+    with pytest.raises(AlertPayloadError):
+        asyncio.run(read_body(Chunks(size=1000, total=4097).stream(), limit=4096))
+
+
+# --- the rate limit -------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_token_bucket_lets_a_burst_through_then_the_rate() -> None:
+    clock = Clock()
+    limiter = RateLimiter(per_minute=6, burst=3, clock=clock)
+    assert [limiter.acquire() for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert limiter.acquire() == pytest.approx(10.0)  # 6 a minute: the next token in 10 s
+    clock.now += 4
+    assert limiter.acquire() == pytest.approx(6.0)  # a refused call took nothing
+    clock.now += 6
+    assert limiter.acquire() == 0.0
+    assert limiter.acquire() > 0
+    clock.now += 3600  # a long quiet spell refills the burst, not more
+    assert [limiter.acquire() == 0.0 for _ in range(4)] == [True, True, True, False]
+
+
+def test_retry_after_is_whole_seconds_and_at_least_one() -> None:
+    assert [retry_after(0.01), retry_after(1.0), retry_after(9.2)] == ["1", "1", "10"]
+    with pytest.raises(ValueError, match="per_minute > 0"):
+        RateLimiter(per_minute=0, burst=1)
+
+
+@pytest.mark.parametrize(
+    ("env", "problem"),
+    [
+        ({"TUNELOOP__ALERTS__RATE_LIMIT_PER_MINUTE": "0"}, "alerts.rate_limit_per_minute = 0"),
+        ({"TUNELOOP__ALERTS__RATE_LIMIT_BURST": "0"}, "alerts.rate_limit_burst = 0"),
+        ({"TUNELOOP__ALERTS__DEDUP_WINDOW_HOURS": "-1"}, "alerts.dedup_window_hours = -1"),
+        ({"TUNELOOP__ALERTS__DEDUP_WINDOW": "4"}, "alerts.dedup_window = 4: unknown key"),
+    ],
+)
+def test_bad_alert_settings_name_the_key(env: dict[str, str], problem: str) -> None:
+    with pytest.raises(ConfigError, match=problem):
+        webhook_settings(env)
+
+
+def test_alert_settings_have_bounded_defaults_and_take_overrides() -> None:
+    defaults = webhook_settings({}).alerts
+    assert defaults.rate_limit_per_minute == 30 and defaults.rate_limit_burst == 10
+    assert defaults.dedup_window_hours == 24  # above Alertmanager's default repeat_interval (4h)
+    chosen = webhook_settings({"TUNELOOP__ALERTS__RATE_LIMIT_BURST": "2", "TUNELOOP__ALERTS__DEDUP_WINDOW_HOURS": "0"}).alerts
+    assert (chosen.rate_limit_burst, chosen.dedup_window_hours) == (2, 0)
+
+
+# --- de-duplication -------------------------------------------------------------------------
+
+T0 = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)
+DAY_S = 24 * 3600
+
+
+class WallClock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def firing(fingerprint: str | None = "a1b2c3d4e5f60718", **labels: str) -> Alert:
+    return Alert("firing", {"alertname": "TuneloopTrafficDrift", **labels}, {}, fingerprint=fingerprint)
+
+
+def test_a_resent_alert_is_a_duplicate_of_the_refresh_it_triggered(tmp_path: Path) -> None:
+    clock = WallClock()
+    dedup = AlertDedup(LocalStore(tmp_path), DAY_S, now=clock)
+    first = dedup.claim([firing()], source="alertmanager")
+    assert first.new == (firing(),) and first.duplicates == () and first.claim
+    dedup.attach_event(first.claim, 7)
+
+    clock.now += timedelta(hours=4)  # Alertmanager's default repeat_interval
+    resent = dedup.claim([firing()], source="alertmanager")
+    assert resent.new == () and resent.claim is None
+    [(alert, entry)] = resent.duplicates
+    assert alert == firing()
+    assert entry["asset_event_id"] == 7 and entry["key"] == "fingerprint:a1b2c3d4e5f60718"
+    assert entry["claimed_at"] == T0.isoformat() and entry["expires_at"] == (T0 + timedelta(days=1)).isoformat()
+    assert duplicate_reason(resent.duplicates, DAY_S) == (
+        "duplicate: 1 firing alert(s) already triggered a refresh in the last 24 h (alerts.dedup_window_hours); joined asset event 7"
+    )
+
+
+def test_the_state_is_shared_through_the_store_not_the_process(tmp_path: Path) -> None:
+    """Two API-server workers each make their own AlertDedup on the same store."""
+    clock = WallClock()
+    worker_a, worker_b = AlertDedup(LocalStore(tmp_path), DAY_S, now=clock), AlertDedup(LocalStore(tmp_path), DAY_S, now=clock)
+    assert worker_a.claim([firing()], source="grafana").new
+    assert not worker_b.claim([firing()], source="grafana").new
+    assert worker_b.claim([firing("0000000000000002")], source="grafana").new  # another alert
+    assert LocalStore(tmp_path).list(layout.ALERT_DEDUP) == [layout.alert_dedup(1), layout.alert_dedup(2)]
+
+
+def test_without_a_fingerprint_the_labels_identify_the_alert(tmp_path: Path) -> None:
+    dedup = AlertDedup(LocalStore(tmp_path), DAY_S, now=WallClock())
+    one = Alert("firing", {"alertname": "Drift", "team": "ml"}, {"summary": "first"})
+    same_labels_other_order = Alert("firing", {"team": "ml", "alertname": "Drift"}, {"summary": "resent"})
+    other = Alert("firing", {"alertname": "Drift", "team": "search"}, {})
+    assert dedup_key(one) == dedup_key(same_labels_other_order) != dedup_key(other)
+    assert dedup_key(one).startswith("labels:")
+    assert dedup.claim([one], source="alertmanager").new == (one,)
+    assert dedup.claim([same_labels_other_order], source="alertmanager").new == ()
+    assert dedup.claim([other], source="alertmanager").new == (other,)
+
+
+def test_a_call_with_seen_and_new_alerts_claims_only_the_new_ones_once(tmp_path: Path) -> None:
+    dedup = AlertDedup(LocalStore(tmp_path), DAY_S, now=WallClock())
+    dedup.claim([firing("seen")], source="alertmanager")
+    result = dedup.claim([firing("seen"), firing("new"), firing("new")], source="alertmanager")
+    assert [a.fingerprint for a in result.new] == ["new"]
+    assert [a.fingerprint for a, _ in result.duplicates] == ["seen"]
+
+
+def test_after_the_window_the_alert_triggers_again_and_expired_entries_are_dropped(tmp_path: Path) -> None:
+    clock = WallClock()
+    store = LocalStore(tmp_path)
+    dedup = AlertDedup(store, DAY_S, now=clock)
+    dedup.claim([firing("old")], source="alertmanager")
+    clock.now += timedelta(days=1, seconds=1)
+    assert dedup.claim([firing("old")], source="alertmanager").new
+    clock.now += timedelta(hours=1)
+    dedup.claim([firing("other")], source="alertmanager")
+    newest = store.list(layout.ALERT_DEDUP)[-1]
+    assert sorted(store.get_json(newest)["entries"]) == ["fingerprint:old", "fingerprint:other"]
+    clock.now += timedelta(days=2)
+    dedup.claim([firing("third")], source="alertmanager")
+    assert sorted(store.get_json(store.list(layout.ALERT_DEDUP)[-1])["entries"]) == ["fingerprint:third"]
+
+
+def test_a_released_claim_lets_the_next_resend_try_again(tmp_path: Path) -> None:
+    """The event could not be recorded (503): the alert must not be muted for a day."""
+    dedup = AlertDedup(LocalStore(tmp_path), DAY_S, now=WallClock())
+    claim = dedup.claim([firing()], source="alertmanager").claim
+    assert claim is not None
+    dedup.release(claim)
+    assert dedup.claim([firing()], source="alertmanager").new
+
+
+def test_concurrent_workers_claim_one_alert_once(tmp_path: Path) -> None:
+    results: list[int] = []
+    start = threading.Barrier(6)
+
+    def worker() -> None:
+        dedup = AlertDedup(LocalStore(tmp_path), DAY_S)
+        start.wait()
+        results.append(len(dedup.claim([firing()], source="alertmanager").new))
+
+    threads = [threading.Thread(target=worker) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(results) == [0, 0, 0, 0, 0, 1]
+
+
+def test_old_generations_are_pruned_and_entries_bounded(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    dedup = AlertDedup(store, DAY_S, now=WallClock(), max_entries=5)
+    for i in range(20):
+        dedup.claim([firing(f"fp{i:02d}")], source="alertmanager")
+    kept = store.list(layout.ALERT_DEDUP)
+    assert kept[-1] == layout.alert_dedup(20) and len(kept) <= DEDUP_KEEP_GENERATIONS
+    assert len(store.get_json(kept[-1])["entries"]) == 5
+
+
+def test_window_zero_turns_it_off_and_writes_nothing(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    dedup = AlertDedup(store, 0)
+    assert dedup.claim([firing()], source="alertmanager").new
+    assert dedup.claim([firing()], source="alertmanager").new
+    assert store.list("") == []
+
+
+def test_a_state_that_keeps_changing_underneath_is_an_error_naming_the_store(tmp_path: Path) -> None:
+    class LosingStore(LocalStore):
+        def put_if_absent(self, key: str, data: bytes) -> bool:
+            return False
+
+    with pytest.raises(AlertDedupError, match=f"state in file://{tmp_path} changed under 8 attempts"):
+        AlertDedup(LosingStore(tmp_path), DAY_S).claim([firing()], source="alertmanager")
