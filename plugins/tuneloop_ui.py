@@ -6,8 +6,10 @@ at ``/plugin/tuneloop``). The page is built by ``include/tuneloop/ui.py`` from t
 DAG tasks use: ``$TUNELOOP_UI_STORE`` when set, else the settings from ``$TUNELOOP_CONFIG`` or
 the ``tuneloop_config`` Variable (else the embedded defaults) with ``TUNELOOP__*`` overrides.
 
-Routes (all but the icon need an Airflow login: the UI's session cookie or a bearer token;
-without one a browser is sent to the login page):
+Routes (all but the icon need an Airflow login, the UI's session cookie or a bearer token,
+whose user the auth manager lets read every DAG in ``ui.VIEW_DAG_IDS``; without a login a
+browser is sent to the login page, a signed-in user without that access gets 403 naming the
+DAGs; the view offers no action, so read access is all it asks):
 
 * ``GET /tuneloop-ui/``: the page (503 with the cause named when the store cannot be read);
 * ``GET /tuneloop-ui/reports/<version>/<gate file>``: a stored gate report (html, md, png, json);
@@ -25,6 +27,9 @@ from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse,
 from starlette.concurrency import run_in_threadpool
 
 if TYPE_CHECKING:
+    from airflow.api_fastapi.auth.managers.models.base_user import BaseUser
+    from airflow.api_fastapi.auth.managers.models.batch_apis import IsAuthorizedDagRequest
+
     from tuneloop.storage import Store
 
 log = logging.getLogger(__name__)
@@ -54,7 +59,7 @@ app = FastAPI(
 @app.get("/", response_class=HTMLResponse)
 async def view(request: Request) -> Response:
     """The page: registry table, drift history plot, eval history plot."""
-    refusal = await _require_login(request)
+    refusal = await _require_read_access(request)
     if refusal is not None:
         return refusal
     from tuneloop import ui
@@ -66,7 +71,7 @@ async def view(request: Request) -> Response:
 @app.get("/reports/{version}/{name}")
 async def report(request: Request, version: str, name: str) -> Response:
     """A file of the gate report stored for ``version`` (opened from the registry table)."""
-    refusal = await _require_login(request)
+    refusal = await _require_read_access(request)
     if refusal is not None:
         return refusal
     from tuneloop import ui
@@ -99,19 +104,50 @@ def _base(request: Request) -> str:
     return str(request.scope.get("root_path") or URL_PREFIX).rstrip("/")
 
 
-async def _require_login(request: Request) -> Response | None:
-    """None for a signed-in user (Airflow's own check: bearer token, else the UI's cookie);
-    otherwise a redirect to the login page, or 401 for a client that is not a browser."""
+async def _require_read_access(request: Request) -> Response | None:
+    """None for a signed-in user whom Airflow's auth manager lets read the tuneloop DAGs.
+    Otherwise: not signed in, a redirect to the login page (401 for a client that is not a
+    browser); signed in without read access to every DAG in ``ui.VIEW_DAG_IDS``, 403."""
     from airflow.api_fastapi.app import get_auth_manager
     from airflow.api_fastapi.core_api.security import bearer_scheme, get_user
 
     try:
-        await get_user(request, None, await bearer_scheme(request))
+        user = await get_user(request, None, await bearer_scheme(request))
     except HTTPException as err:
         if "text/html" not in request.headers.get("accept", ""):
             return PlainTextResponse(f"{err.detail}: sign in to Airflow first", status_code=err.status_code)
         return RedirectResponse(get_auth_manager().get_url_login(next_url=str(request.url)))
+    denied = await run_in_threadpool(_dags_denied, user)
+    if denied:
+        from tuneloop import ui
+
+        log.warning("tuneloop view refused to %s: no read access to %s", user.get_name(), ", ".join(denied))
+        return PlainTextResponse(ui.forbidden_message(user.get_name(), denied), status_code=403, headers=_headers())
     return None
+
+
+def _dags_denied(user: BaseUser) -> list[str]:
+    """The DAGs of ``ui.VIEW_DAG_IDS`` the user may not read, asked as Airflow's own routes ask
+    (``requires_access_dag``): GET on each DAG, with the team that owns it, if any."""
+    from airflow.api_fastapi.app import get_auth_manager
+    from airflow.api_fastapi.auth.managers.models.resource_details import DagDetails
+    from airflow.models.dag import DagModel
+
+    from tuneloop import ui
+
+    teams = DagModel.get_dag_id_to_team_name_mapping(list(ui.VIEW_DAG_IDS))
+    requests: list[IsAuthorizedDagRequest] = [
+        {"method": "GET", "details": DagDetails(id=dag_id, team_name=teams.get(dag_id))} for dag_id in ui.VIEW_DAG_IDS
+    ]
+    auth_manager = get_auth_manager()
+    if auth_manager.batch_is_authorized_dag(requests, user=user):
+        return []
+    denied = [
+        dag_id
+        for dag_id, request in zip(ui.VIEW_DAG_IDS, requests, strict=True)
+        if not auth_manager.is_authorized_dag(method="GET", details=request["details"], user=user)
+    ]
+    return denied or list(ui.VIEW_DAG_IDS)
 
 
 def _open_store() -> tuple[Store, str]:

@@ -37,7 +37,7 @@ from urllib.parse import quote
 from tuneloop import layout
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import Callable, Iterable, Mapping
 
     from tuneloop.storage import Store
 
@@ -54,6 +54,10 @@ CONTENT_SECURITY_POLICY = (
     "frame-ancestors 'self'; base-uri 'none'; form-action 'none'"
 )
 ALIAS_MOVES_SHOWN = 8
+#: The DAGs whose results the page shows (registry, evaluations and gate: the refresh; drift:
+#: the monitor; alias moves: the rollback too). Airflow's read access to all of them is what
+#: lets a user see the page; the page offers no action.
+VIEW_DAG_IDS = ("tuneloop_refresh", "tuneloop_drift_monitor", "tuneloop_rollback")
 REPORT_NAME_RE = re.compile(r"^gate(-[A-Za-z0-9._-]+)?\.(html|md|json|png)$")
 _REPORT_TYPES = {
     "html": "text/html; charset=utf-8",
@@ -66,6 +70,15 @@ _ALIAS_ORDER = ("production", "previous", "candidate")
 
 class ViewNotFoundError(LookupError):
     """A report file that is not in the store, or a name the view does not serve."""
+
+
+def forbidden_message(user: str, denied: Iterable[str]) -> str:
+    """The 403 text for a signed-in user who lacks read access to some of :data:`VIEW_DAG_IDS`."""
+    return (
+        f"user {user!r} may not read the Airflow DAG(s) {', '.join(denied)}: the tuneloop view shows their "
+        "results (registry, evaluations, gate decisions, drift), so it needs read access to "
+        f"{', '.join(VIEW_DAG_IDS)}. Ask an Airflow admin to grant it."
+    )
 
 
 # --- reading the store ----------------------------------------------------------------------
@@ -566,11 +579,13 @@ __all__ = [
     "CONTENT_SECURITY_POLICY",
     "EMPTY_MESSAGE",
     "STORE_ENV",
+    "VIEW_DAG_IDS",
     "LoopView",
     "Page",
     "VersionRow",
     "ViewNotFoundError",
     "build_page",
+    "forbidden_message",
     "load_view",
     "open_view_store",
     "plot_eval_history",

@@ -2,7 +2,7 @@
 Airflow API server.
 
 One throwaway Airflow API server for the module (SQLite in a temporary AIRFLOW_HOME, simple
-auth manager with admin/admin, the project's plugins folder), showing a store populated as a
+auth manager with an admin, a viewer and a user without a role, the project's plugins folder), showing a store populated as a
 demo run leaves it, by the package's own functions: a demo world, dataset snapshots, drift
 checks (``steps: check_drift``), two adapter versions with the real gate step and alias
 moves (training and scoring, which need the ML env, are replaced by their outputs). Chromium
@@ -49,6 +49,8 @@ CHROMIUM_ARGS = [
 START_TIMEOUT_S = 150
 UI_TIMEOUT_MS = 60_000
 PREFIX = "/tuneloop-ui"
+# Simple auth manager users (password = name): a role-less user is signed in but may read nothing.
+USERS = {"admin": "admin", "viewer": "viewer", "nobody": ""}
 
 if not CHROMIUM.exists():
     pytest.skip(f"{CHROMIUM} is absent: scripts/setup.sh installs Debian's chromium", allow_module_level=True)
@@ -159,7 +161,8 @@ export AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=sqlite:///{q(str(home))}/airflow.db
 export AIRFLOW__API_AUTH__JWT_SECRET={secrets.token_hex(32)}
 export TUNELOOP_UI_STORE={q(str(store))}
 unset TUNELOOP_CONFIG
-printf '{{"admin": "admin"}}\\n' > "$AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"
+export AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS={q(",".join(f"{user}:{role}" for user, role in USERS.items()))}
+printf '%s\\n' {q(json.dumps({user: user for user in USERS}))} > "$AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"
 airflow db migrate > {q(str(home))}/migrate.out 2>&1
 exec airflow api-server -H 127.0.0.1 -p {port} -w 1 > {q(str(home))}/api-server.out 2>&1
 """
@@ -334,3 +337,23 @@ def test_without_a_login_the_view_and_reports_are_refused(airflow: LocalAirflow)
     ui_plugins = httpx.get(f"{airflow.url}/api/v2/plugins", headers={"Authorization": f"Bearer {token}"}, timeout=30).json()
     views = [v for p in ui_plugins["plugins"] if p["name"] == "tuneloop_ui" for v in p["external_views"]]
     assert views and views[0]["url_route"] == "tuneloop" and views[0]["href"] == f"{PREFIX}/"
+
+
+def test_the_view_needs_read_access_to_the_tuneloop_dags(airflow: LocalAirflow) -> None:
+    """A viewer may read the DAGs, so it sees the page (which offers no action); a signed-in
+    user whom the auth manager grants nothing gets 403 naming the DAGs, for the page and the
+    reports alike, and is not sent back to the login page it just came from."""
+    newest = _expected(airflow.store)[0][-1]
+    for user, expected in (("admin", 200), ("viewer", 200), ("nobody", 403)):
+        login = httpx.post(f"{airflow.url}/auth/token", json={"username": user, "password": user}, timeout=30)
+        assert login.status_code == 201, login.text
+        for path in (f"{PREFIX}/", f"{PREFIX}/reports/{newest}/gate.html"):
+            for accept in ("*/*", "text/html"):
+                headers = {"Authorization": f"Bearer {login.json()['access_token']}", "Accept": accept}
+                reply = httpx.get(airflow.url + path, headers=headers, timeout=60)
+                assert reply.status_code == expected, (user, path, accept, reply.text[:300])
+        if expected == 403:
+            assert reply.text.startswith(
+                "user 'nobody' may not read the Airflow DAG(s) tuneloop_refresh, tuneloop_drift_monitor, tuneloop_rollback:"
+            ), reply.text
+            assert "Ask an Airflow admin" in reply.text and reply.headers["cache-control"] == "no-store"
