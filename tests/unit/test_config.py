@@ -79,6 +79,64 @@ def test_bad_yaml_file_is_named(tmp_path: Path) -> None:
         load_settings(scalar, env={})
 
 
+# 201 bytes of nested aliases that expand to 9**6 = 531,441 values (a "billion laughs" bomb).
+BOMB = "\n".join(
+    f"{name}: &{name} [{','.join([f'*{prev}' if prev else 'x'] * 9)}]"
+    for prev, name in zip(["", "a", "b", "c", "d", "e"], "abcdef", strict=True)
+) + "\n"
+
+
+def test_a_yaml_alias_bomb_is_refused_quickly_in_a_short_message(tmp_path: Path) -> None:
+    import time
+
+    config = tmp_path / "bomb.yaml"
+    config.write_text(BOMB)
+    assert len(BOMB) == 201
+    started = time.perf_counter()
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config, env={})
+    assert time.perf_counter() - started < 2.0
+    message = str(caught.value)
+    assert len(message) < 2000, len(message)
+    assert f"config file {config}: its YAML aliases (*name) expand to more than 100,000 values" in message
+    with pytest.raises(ConfigError, match="environment variable TUNELOOP__TRAINING__TARGET_MODULES: its YAML aliases"):
+        load_settings(env={"TUNELOOP__TRAINING__TARGET_MODULES": "[" + ", ".join(line.split(": ", 1)[1] for line in BOMB.splitlines()) + "]"})
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("a: &a [*a]\n", "a YAML alias refers to a value that contains it (line 1)"),
+        ("a: " + "[" * 5000 + "]" * 5000 + "\n", "its YAML is nested too deeply to read"),
+    ],
+    ids=["recursive-alias", "too-deep"],
+)
+def test_self_referencing_and_too_deep_yaml_are_refused(tmp_path: Path, text: str, message: str) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config, env={})
+    assert str(caught.value).startswith(f"config file {config}: {message}")
+
+
+def test_aliases_of_a_sane_size_still_work(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("training: &training\n  target_modules: [q_proj, v_proj]\n  epochs: 2\n")
+    assert load_settings(config, env={}).training.target_modules == ["q_proj", "v_proj"]
+
+
+def test_values_echoed_in_errors_are_clipped(tmp_path: Path) -> None:
+    four_levels = "\n".join(BOMB.splitlines()[:4])  # 9**4 values: under the limit, so pydantic sees them
+    config = tmp_path / "c.yaml"
+    config.write_text(f"{four_levels}\ntraining:\n  lora_rank: *d\n  device: {'n' * 100_000}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config, env={})
+    message = str(caught.value)
+    assert "training.lora_rank = [[[[...], [...]," in message and "training.device = 'nnnn" in message
+    assert len(message) < 2000, len(message)
+    assert all(len(line) < 600 for line in message.splitlines())
+
+
 def test_relative_paths_anchor_to_tuneloop_home(tmp_path: Path) -> None:
     settings = load_settings(env={"TUNELOOP_HOME": str(tmp_path), "TUNELOOP__VLLM__ADAPTER_DIR": "/abs/adapters"})
     assert settings.store.uri == str(tmp_path / ".tuneloop/store")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import reprlib
 from collections.abc import Callable, Mapping
 from importlib import resources
 from pathlib import Path
@@ -53,6 +54,12 @@ from tuneloop.config.sections import (
 ENV_PREFIX = "TUNELOOP__"
 CONFIG_ENV = "TUNELOOP_CONFIG"
 HOME_ENV = "TUNELOOP_HOME"  # relative paths in settings are taken from here when set
+#: YAML whose aliases (``*name``) expand to more values than this is refused: nested anchors
+#: (a "billion laughs" bomb) turn 200 bytes into millions of values and megabytes of messages.
+MAX_YAML_VALUES = 100_000
+#: Longest value, and most errors, a settings error message shows.
+MAX_SHOWN_CHARS = 200
+MAX_ERRORS_SHOWN = 10
 
 
 # --- all sections, and how they are loaded -------------------------------------------------
@@ -117,13 +124,75 @@ def _deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, 
     return merged
 
 
+def _clip(text: str, limit: int = MAX_SHOWN_CHARS) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _shown(value: Any) -> str:
+    """A value for an error message: a bounded repr (reprlib never builds the whole of a big
+    value), clipped to a few hundred characters."""
+    return _clip(_SHOWN.repr(value))
+
+
+_SHOWN = reprlib.Repr()  # Python 3.11's Repr takes no keyword arguments
+_SHOWN.maxstring, _SHOWN.maxother, _SHOWN.maxlevel = MAX_SHOWN_CHARS, MAX_SHOWN_CHARS, 3
+
+
+def _expanded_values(node: yaml.Node, source: str) -> int:
+    """How many values ``node`` becomes once every alias is expanded; ConfigError past
+    ``MAX_YAML_VALUES`` or for an alias inside itself. Each node is counted once (memoised),
+    so the count costs the size of the file, not of the expansion."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(item: yaml.Node) -> int:
+        key = id(item)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:
+            raise ConfigError(f"{source}: a YAML alias refers to a value that contains it (line {item.start_mark.line + 1}): write the value out")
+        open_nodes.add(key)
+        if isinstance(item, yaml.SequenceNode):
+            total = 1 + sum(size(child) for child in item.value)
+        elif isinstance(item, yaml.MappingNode):
+            total = 1 + sum(size(k) + size(v) for k, v in item.value)
+        else:
+            total = 1
+        open_nodes.discard(key)
+        if total > MAX_YAML_VALUES:
+            raise ConfigError(
+                f"{source}: its YAML aliases (*name) expand to more than {MAX_YAML_VALUES:,} values "
+                "(nested anchors, a 'billion laughs' bomb?); refused: write the values out or use fewer aliases"
+            )
+        sizes[key] = total
+        return total
+
+    return size(node)
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """``yaml.safe_load`` that refuses aliases expanding past ``MAX_YAML_VALUES`` before any of
+    them is expanded. YAML errors propagate; nesting too deep for the parser is a ConfigError."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_values(node, source)
+        return loader.construct_document(node)
+    except RecursionError:
+        raise ConfigError(f"{source}: its YAML is nested too deeply to read; flatten it") from None
+    finally:
+        loader.dispose()
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml(path.read_text(encoding="utf-8"), f"config file {path}")
     except FileNotFoundError as err:
         raise ConfigError(f"config file {path} does not exist") from err
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+        raise ConfigError(_clip(f"config file {path} is not valid YAML: {err}", 1000)) from err
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -145,7 +214,7 @@ def _env_overrides(env: Mapping[str, str]) -> tuple[dict[str, Any], dict[tuple[s
         if not path:
             continue
         try:
-            value = yaml.safe_load(raw) if raw != "" else None
+            value = load_yaml(raw, f"environment variable {name}") if raw != "" else None
         except yaml.YAMLError:
             value = raw
         node = overrides
@@ -157,15 +226,19 @@ def _env_overrides(env: Mapping[str, str]) -> tuple[dict[str, Any], dict[tuple[s
 
 
 def _format_errors(err: ValidationError, sources: Mapping[tuple[str, ...], str], origin: str) -> str:
+    """One line per error (at most ``MAX_ERRORS_SHOWN``): key, value and reason, each clipped."""
+    errors = err.errors()
     lines = []
-    for item in err.errors():
+    for item in errors[:MAX_ERRORS_SHOWN]:
         loc = tuple(str(part) for part in item["loc"])
-        key = ".".join(loc) or "<root>"
-        reason = "unknown key (check the spelling)" if item["type"] == "extra_forbidden" else item["msg"]
+        key = _clip(".".join(loc) or "<root>")
+        reason = "unknown key (check the spelling)" if item["type"] == "extra_forbidden" else _clip(item["msg"], 2 * MAX_SHOWN_CHARS)
         value = item.get("input")
         source = sources.get(loc, origin)
-        shown = "" if isinstance(value, dict) else f" = {value!r}"
+        shown = "" if isinstance(value, dict) else f" = {_shown(value)}"
         lines.append(f"  {key}{shown}: {reason} [from {source}]")
+    if len(errors) > MAX_ERRORS_SHOWN:
+        lines.append(f"  ... and {len(errors) - MAX_ERRORS_SHOWN} more")
     return "invalid tuneloop settings:\n" + "\n".join(lines)
 
 
@@ -316,5 +389,5 @@ __all__ = [
     "CONFIG_ENV", "ENV_PREFIX", "HOME_ENV", "NOTIFY_EVENTS", "VLLM_LORA_RANKS", "AlertSettings", "ConfigError", "DataSettings", "DriftSettings",
     "EvalSettings", "GateSettings", "JudgeSettings", "KubernetesSettings", "ModelSettings", "NotifyEvent", "NotifySettings",
     "SecretKeySettings", "Settings", "StoreSettings", "SuiteBars", "TaskSettings", "TolerationSettings", "TrainingSettings",
-    "VllmSettings", "choose_task_config", "load_settings", "quantity_value", "settings_from_job", "settings_job", "settings_table",
+    "VllmSettings", "choose_task_config", "load_settings", "load_yaml", "quantity_value", "settings_from_job", "settings_job", "settings_table",
 ]

@@ -60,8 +60,10 @@ def load_user_expectations(path: str | None) -> list[dict[str, Any]]:
 
     import yaml
 
+    from tuneloop.config import load_yaml
+
     try:
-        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        loaded = load_yaml(Path(path).read_text(encoding="utf-8"), f"data.expectations: {path}")
     except OSError as err:
         raise ExpectationsFileError(f"data.expectations: cannot read {path}: {err.strerror}") from None
     except yaml.YAMLError as err:

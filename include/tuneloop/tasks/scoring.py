@@ -394,9 +394,9 @@ def load_json_schema(source: str | Mapping[str, Any] | None, *, base_dir: str | 
         raise ScoringError(f"task.json_schema: cannot read {path}: {err.strerror}") from None
     try:
         if path.suffix in (".yaml", ".yml"):
-            import yaml
+            from tuneloop.config import load_yaml
 
-            loaded = yaml.safe_load(text)
+            loaded = load_yaml(text, str(path))
         else:
             loaded = json.loads(text)
     except ValueError as err:
