@@ -136,9 +136,19 @@ def drift_message(check: Mapping[str, Any], *, links: Mapping[str, Any] | None =
 
 
 def store_links(loop: Any, key: str) -> list[str]:
-    """Where to open ``key`` (``Store.links``: URI, then on S3 an HTTPS link presigned for
-    ``gate.report_link_hours``)."""
-    return loop.store.links(key, expires_s=int(loop.settings.gate.report_link_hours * 3600))
+    """Where a message's reader opens ``key`` (``Store.links``: URI, then on S3 an HTTPS link
+    presigned for ``gate.report_link_hours``, 0: none). Under temporary credentials such a link
+    carries their session token: it is left out unless ``gate.report_links_with_session_token``.
+    For messages only: never log what this returns."""
+    cfg = loop.settings.gate
+    return list(loop.store.links(key, expires_s=int(cfg.report_link_hours * 3600), session_token=cfg.report_links_with_session_token))
+
+
+def gate_report_links(loop: Any, decision: Mapping[str, Any]) -> dict[str, list[str]]:
+    """Where to open a gate decision's report (``gate_step``'s ``report`` keys), for a message."""
+    report = decision.get("report") or {}
+    labels = {"html": "gate report (HTML)", "markdown": "gate report (Markdown)"}
+    return {label: store_links(loop, report[kind]) for kind, label in labels.items() if report.get(kind)}
 
 
 def drift_links(loop: Any) -> dict[str, list[str]]:

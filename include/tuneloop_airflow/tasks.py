@@ -94,14 +94,14 @@ def evaluate(candidate: dict[str, Any]) -> dict[str, Any]:
 
 
 def gate(evaluation: dict[str, Any], outlet_events: Any = None) -> dict[str, Any]:
-    from tuneloop.notify import gate_reject_message
+    from tuneloop.notify import gate_reject_message, gate_report_links
     from tuneloop.steps.gate import gate_step
 
     loop = task_loop()
     decision = gate_step(loop, evaluation)
     _extra(outlet_events, assets.EVAL_REPORT, {"version": decision["version"], "promote": decision["promote"], "report": decision["report_key"]})
     if not decision["promote"]:
-        notify(lambda _: gate_reject_message(decision), loop=loop)
+        notify(lambda lp: gate_reject_message(decision, links=gate_report_links(lp, decision)), loop=loop)
     return decision
 
 
@@ -138,7 +138,7 @@ def verify(deployed: dict[str, Any]) -> dict[str, Any]:
 
 
 def record(verified: dict[str, Any], decision: dict[str, Any], outlet_events: Any = None) -> dict[str, Any]:
-    from tuneloop.notify import deploy_message
+    from tuneloop.notify import deploy_message, store_links
     from tuneloop.registry import UNCHECKED
     from tuneloop.steps.serve import record_step
 
@@ -146,8 +146,8 @@ def record(verified: dict[str, Any], decision: dict[str, Any], outlet_events: An
     gate_summary: dict[str, Any] = {k: decision[k] for k in ("promote", "reasons", "slices", "report_key") if k in decision}
     summary = record_step(loop, verified["version"], gate_summary, deployed_over=verified.get("deployed_over", UNCHECKED))
     _extra(outlet_events, assets.PRODUCTION, {"version": verified["version"]})
-    links = {"gate report": (decision.get("report_links") or {}).get("html")}
-    notify(lambda _: deploy_message(summary, endpoints=loop.settings.vllm.endpoints, links=links), loop=loop)
+    html = (decision.get("report") or {}).get("html")  # linked presigned when sent (never logged)
+    notify(lambda lp: deploy_message(summary, endpoints=loop.settings.vllm.endpoints, links={"gate report": store_links(lp, html) if html else None}), loop=loop)
     return summary
 
 

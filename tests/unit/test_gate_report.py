@@ -1,6 +1,6 @@
 """The gate report a reviewer opens: a plot per slice linked from the Markdown, one HTML page
 with every plot inside, stored under the candidate's version, and clickable locations in the
-task log (file:// for a local store; s3:// and a presigned HTTPS URL for S3)."""
+task log (file:// for a local store, s3:// for S3: a presigned HTTPS URL only in notifications)."""
 
 from __future__ import annotations
 
@@ -135,29 +135,66 @@ def test_gate_step_stores_the_report_with_the_candidate_and_logs_file_urls(tmp_p
     assert result["report_links"]["html"] == [url for url in urls if url.endswith("gate.html")][:1]
 
 
-def test_gate_step_on_s3_logs_the_s3_uri_and_a_presigned_url_a_browser_opens(
-    tmp_path: Path, s3_server: str, s3_bucket: str
+def _s3_client(endpoint: str, *, session_token: str | None) -> Any:
+    """A client with permanent keys (no session token) or temporary ones (with a token)."""
+    import boto3
+    from botocore.config import Config
+
+    session = boto3.session.Session(aws_access_key_id="AKIATESTING", aws_secret_access_key="testing", aws_session_token=session_token)
+    return session.client("s3", endpoint_url=endpoint, region_name="us-east-1", config=Config(signature_version="s3v4", s3={"addressing_style": "path"}))
+
+
+def test_gate_step_on_s3_logs_and_returns_the_s3_uri_never_a_presigned_url(
+    tmp_path: Path, s3_server: str, s3_bucket: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     logged: list[str] = []
     loop = _loop(tmp_path, [f"  uri: s3://{s3_bucket}/tl", f"  endpoint_url: {s3_server}"], logged)
     assert isinstance(loop.store, S3Store)
-    result = gate_step(loop, _evaluation(loop))
+    with caplog.at_level("INFO"):
+        result = gate_step(loop, _evaluation(loop))
 
-    html_links = result["report_links"]["html"]
-    assert html_links[0] == f"s3://{s3_bucket}/tl/reports/v2/gate.html"
-    assert result["report_links"]["markdown"][0] == f"s3://{s3_bucket}/tl/reports/v2/gate.md"
-    assert len(html_links) == 2 and "X-Amz-Signature=" in html_links[1] and "X-Amz-Expires=86400" in html_links[1]
-    assert any(line == f"gate report (HTML, plots inside): {html_links[0]}" for line in logged)
-    assert any(line == f"gate report (HTML, presigned for 24 h): {html_links[1]}" for line in logged)
+    assert result["report_links"] == {"html": [f"s3://{s3_bucket}/tl/reports/v2/gate.html"], "markdown": [f"s3://{s3_bucket}/tl/reports/v2/gate.md"]}
+    assert f"gate report (HTML, plots inside): s3://{s3_bucket}/tl/reports/v2/gate.html" in logged
+    assert "gate report: notifications link it through HTTPS presigned for 24 h (not logged: a presigned link grants read access)" in logged
+    # Airflow logs a task's return value: neither it nor any progress line or log record holds a signature
+    for text in [*logged, json.dumps(result), caplog.text]:
+        assert "X-Amz-Signature" not in text and "X-Amz-Security-Token" not in text and "https://" not in text
 
-    # A plain GET, as a browser sends it. (moto does not check signatures, so this shows the
-    # URL's shape, the object and the inline HTML content type, not AWS's access check.)
-    reply = httpx.get(html_links[1], timeout=10)
-    assert reply.status_code == 200
-    assert reply.headers["content-type"].startswith("text/html")
-    assert reply.headers["content-disposition"] == "inline"
-    assert reply.text == loop.store.get_text("reports/v2/gate.html")
-    assert reply.text.count("data:image/png;base64,") == 4
+
+@pytest.mark.parametrize(
+    ("session_token", "settings", "presigned"),
+    [
+        (None, {}, "without a token"),
+        ("FQoGZXIvYXdzEXAMPLETOKEN", {}, None),
+        ("FQoGZXIvYXdzEXAMPLETOKEN", {"TUNELOOP__GATE__REPORT_LINKS_WITH_SESSION_TOKEN": "true"}, "with the token"),
+        (None, {"TUNELOOP__GATE__REPORT_LINK_HOURS": "0"}, None),
+    ],
+    ids=["permanent-keys", "temporary-credentials", "temporary-opted-in", "links-off"],
+)
+def test_notifications_send_a_presigned_link_only_where_the_settings_allow(
+    s3_server: str, s3_bucket: str, session_token: str | None, settings: dict[str, str], presigned: str | None
+) -> None:
+    import types
+
+    from tuneloop.config import load_settings
+    from tuneloop.notify import gate_reject_message, gate_report_links
+
+    store = S3Store(s3_bucket, "tl", endpoint_url=s3_server, client=_s3_client(s3_server, session_token=session_token))
+    store.put_text("reports/v2/gate.html", "<html>report</html>")
+    loop = types.SimpleNamespace(store=store, settings=load_settings(env=settings))
+    decision = {"version": "v2", "baseline": "v1", "reasons": [], "report": {"html": "reports/v2/gate.html", "markdown": "reports/v2/gate.md"}}
+    links = gate_report_links(loop, decision)
+    html = links["gate report (HTML)"]
+    assert html[0] == f"s3://{s3_bucket}/tl/reports/v2/gate.html"
+    if presigned is None:
+        assert html == html[:1]
+        assert dict(gate_reject_message(decision, links=links).links)["gate report (HTML)"] == html[0]
+        return
+    assert len(html) == 2 and "X-Amz-Signature=" in html[1] and "X-Amz-Expires=86400" in html[1]
+    assert ("X-Amz-Security-Token=" in html[1]) == (presigned == "with the token")
+    # a browser's GET (moto does not check signatures: this shows the URL's shape and content type)
+    reply = httpx.get(html[1], timeout=10)
+    assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/html") and reply.text == "<html>report</html>"
 
 
 def test_no_presigned_link_when_switched_off_or_without_credentials(

@@ -257,7 +257,10 @@ class GateSettings(_Section):
     bootstrap_samples: int = Field(5000, ge=100)
     require_approval: bool = Field(False, description="a human approves (Airflow HITL) before a promoted candidate is deployed")
     approval_timeout_hours: float | None = Field(72.0, gt=0, description="no answer by then: rejected; null waits forever")
-    report_link_hours: float = Field(24.0, ge=0, le=168, description="presigned HTTPS links to an S3 report last this long; 0: none")
+    report_link_hours: float = Field(24.0, ge=0, le=168, description="presigned HTTPS links to an S3 report in notifications last this long (never in logs); 0: none")
+    report_links_with_session_token: bool = Field(
+        False, description="true: notifications carry presigned links even under temporary credentials, whose session token is then in the link; false: the s3:// URI only"
+    )
     suite_bars: SuiteBars = Field(default_factory=lambda: SuiteBars(), description="bars the candidate's eval suites must meet; null bars are reported, not enforced")
 
 

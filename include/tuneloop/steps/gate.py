@@ -17,7 +17,10 @@ if TYPE_CHECKING:
 def gate_step(loop: Loop, evaluation: dict[str, Any]) -> dict[str, Any]:
     """Decide promote/reject with paired statistics; store the report next to the candidate's
     version (``reports/<version>/``: gate.json, gate.md and gate.html, gate.png and one
-    gate-<slice>.png per slice) and log where to open it (file://, s3:// and presigned)."""
+    gate-<slice>.png per slice) and log where to open it (file:// or s3://). A presigned HTTPS
+    link is never logged nor returned (the task's return value is logged too): it grants read
+    access, and under temporary credentials carries their session token. Notifications sign
+    their own (``notify.store_links``)."""
     from tuneloop import gate, gate_report
 
     cfg = loop.settings.gate
@@ -66,16 +69,18 @@ def gate_step(loop: Loop, evaluation: dict[str, Any]) -> dict[str, Any]:
             "report": keys,
         },
     )
-    expires_s = int(cfg.report_link_hours * 3600)
-    links = {kind: loop.store.links(keys[kind], expires_s=expires_s) for kind in ("markdown", "html")}
+    links = {kind: loop.store.links(keys[kind])[:1] for kind in ("markdown", "html")}
     verdict = "PROMOTE" if decision.promote else "REJECT"
     loop.progress(f"gate: {verdict} {version} vs {baseline_name}")
     for reason in decision.reasons:
         loop.progress(f"  - {reason}")
     loop.progress(f"gate report (Markdown, a plot per slice): {links['markdown'][0]}")
     loop.progress(f"gate report (HTML, plots inside): {links['html'][0]}")
-    for url in links["html"][1:]:
-        loop.progress(f"gate report (HTML, presigned for {cfg.report_link_hours:g} h): {url}")
+    if cfg.report_link_hours > 0 and links["html"][0].startswith("s3://"):
+        loop.progress(
+            f"gate report: notifications link it through HTTPS presigned for {cfg.report_link_hours:g} h "
+            "(not logged: a presigned link grants read access)"
+        )
     return {
         "version": version,
         "baseline": baseline_name,

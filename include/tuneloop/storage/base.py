@@ -141,9 +141,11 @@ class Store(abc.ABC):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.uri!r})"
 
-    def links(self, key: str, *, expires_s: int = 0) -> builtins.list[str]:
+    def links(self, key: str, *, expires_s: int = 0, session_token: bool = True) -> builtins.list[str]:
         """Where a person can open ``key``: its URI first (``file://`` or ``s3://``), then,
-        for S3 and ``expires_s > 0``, a presigned HTTPS URL a browser can open."""
+        for S3 and ``expires_s > 0``, a presigned HTTPS URL a browser can open (never logged:
+        it grants access). ``session_token=False`` leaves out a presigned URL that would carry
+        the session token of temporary credentials."""
         return [f"{self.uri}/{check_key(key)}"]
 
     def put_text(self, key: str, text: str) -> None:

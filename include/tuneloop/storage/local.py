@@ -145,7 +145,7 @@ class LocalStore(Store):
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
-    def links(self, key: str, *, expires_s: int = 0) -> builtins.list[str]:
+    def links(self, key: str, *, expires_s: int = 0, session_token: bool = True) -> builtins.list[str]:
         return [self._path(key).as_uri()]
 
     def delete(self, key: str) -> None:

@@ -357,10 +357,12 @@ class S3Store(Store):
                     keys.append(name)
         return sorted(keys)
 
-    def links(self, key: str, *, expires_s: int = 0) -> builtins.list[str]:
+    def links(self, key: str, *, expires_s: int = 0, session_token: bool = True) -> builtins.list[str]:
         """The ``s3://`` URI, then a presigned GET URL valid ``expires_s`` seconds (SigV4
         allows at most 7 days) that makes the browser show the object inline with a content
-        type from its name. Signing is local; without credentials there is no second link."""
+        type from its name. Signing is local; without credentials there is no second link.
+        Under temporary credentials (STS, an instance or pod role) the URL carries their session
+        token; ``session_token=False`` leaves such a URL out. Never log the URL."""
         from botocore.exceptions import BotoCoreError
 
         full = self._key(key)
@@ -372,13 +374,16 @@ class S3Store(Store):
         if content_type:
             params["ResponseContentType"] = content_type
         try:
-            found.append(
-                self._client.generate_presigned_url(
-                    "get_object", Params=params, ExpiresIn=min(int(expires_s), 7 * 24 * 3600)
-                )
+            url = self._client.generate_presigned_url(
+                "get_object", Params=params, ExpiresIn=min(int(expires_s), 7 * 24 * 3600)
             )
         except BotoCoreError as err:  # NoCredentialsError and friends
             log.warning("no presigned URL for %s/%s: %s", self.uri, key, err)
+            return found
+        if not session_token and carries_session_token(url):
+            log.info("no presigned URL for %s/%s: the credentials are temporary and it would carry their session token", self.uri, key)
+            return found
+        found.append(url)
         return found
 
     def list_dirs(self, prefix: str = "") -> builtins.list[str]:
@@ -390,6 +395,13 @@ class S3Store(Store):
                 if name:
                     names.add(name)
         return sorted(names)
+
+
+def carries_session_token(url: str) -> bool:
+    """Whether a presigned URL carries a session token (``X-Amz-Security-Token``, SigV4 or SigV2)."""
+    from urllib.parse import parse_qsl, urlsplit
+
+    return any(name.lower() == "x-amz-security-token" for name, _ in parse_qsl(urlsplit(url).query, keep_blank_values=True))
 
 
 def _content_type(key: str) -> str | None:
