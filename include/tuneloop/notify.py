@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import html
 import logging
+import re
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +34,60 @@ log = logging.getLogger(__name__)
 MAX_LINE = 600
 #: At most this many reasons or endpoints are listed; the rest are counted.
 MAX_ITEMS = 12
+#: A Slack incoming-webhook URL: its path is the secret that lets anyone post to the channel.
+SLACK_WEBHOOK_URL = re.compile(r"https?://hooks\.slack(?:-gov)?\.com/[^\s'\"<>|)\]}]*")
+#: The logger tuneloop hands slack_sdk's WebhookClient, and the slack_sdk loggers that could
+#: see the URL: each gets the redaction filter while tuneloop sends to Slack.
+SLACK_LOGGER = "tuneloop.notify.slack"
+SLACK_SDK_LOGGERS = ("slack_sdk", "slack_sdk.webhook.client", "slack_sdk.webhook.async_client", "slack_sdk.http_retry.builtin_handlers", "slack_sdk.proxy_env_variable_loader")
+
+
+class SecretRedactor(logging.Filter):
+    """Rewrites log records so that no Slack webhook URL, nor any URL registered with
+    :meth:`add` (a webhook on another host), is in a message, its arguments or its traceback.
+    slack_sdk logs the URL when it retries (``Going to retry the same request: POST <url>``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.secrets: set[str] = set()
+
+    def add(self, secret: str | None) -> None:
+        if secret and len(secret) >= 8:
+            self.secrets.add(secret)
+
+    def redact(self, text: str) -> str:
+        for secret in sorted(self.secrets, key=len, reverse=True):
+            text = text.replace(secret, "***")
+        return SLACK_WEBHOOK_URL.sub("https://hooks.slack.com/***", text)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a broken format string: leave it to the handler to report
+            return True
+        redacted = self.redact(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = self.redact(record.exc_text)
+        return True
+
+
+REDACTOR = SecretRedactor()
+
+
+def redact_slack_logs(*secrets: str | None) -> logging.Logger:
+    """Install :data:`REDACTOR` on tuneloop's and slack_sdk's loggers (once) and register
+    ``secrets`` (the webhook URL a connection resolved to); returns the logger to hand slack_sdk."""
+    for secret in secrets:
+        REDACTOR.add(secret)
+    for name in (SLACK_LOGGER, __name__, *SLACK_SDK_LOGGERS):
+        logger = logging.getLogger(name)
+        if REDACTOR not in logger.filters:
+            logger.addFilter(REDACTOR)
+    return logging.getLogger(SLACK_LOGGER)
 
 
 @dataclass(frozen=True)
@@ -329,7 +384,7 @@ def send_notification(
             # gate reason or an error message may hold braces.
             notifier.notify(dict(context or {}))
         except Exception as err:
-            cause = f"{type(err).__name__}: {_clip(err)}"
+            cause = f"{type(err).__name__}: {_clip(REDACTOR.redact(str(err)))}"
             log.warning("notify: %s message for event %r not sent via %s (connection %r): %s", message.title, message.event, channel, conn_id, cause)
             outcome[channel] = f"failed: {cause}"
         else:

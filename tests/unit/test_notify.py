@@ -260,3 +260,100 @@ def test_notify_task_event_builds_nothing_when_off_and_never_raises(caplog: pyte
     with caplog.at_level(logging.WARNING, logger="tuneloop.notify"):
         assert notify_task_event(broken_loop, lambda loop: drift_message(CHECK), context={}, factories=fake_factories([])) == {"build": "failed: RuntimeError: store unreachable"}
     assert "notify: no message sent: building it failed: RuntimeError: store unreachable" in caplog.text
+
+
+# -- the Slack webhook URL stays out of the logs ----------------------------------------------
+
+
+class ScriptedSlack:
+    """A Slack incoming webhook on loopback answering with ``statuses`` in turn (then 200)."""
+
+    def __init__(self, statuses: list[int]) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.statuses, self.served, self.bodies = list(statuses), [], []
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                sink.bodies.append(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                status = sink.statuses.pop(0) if sink.statuses else 200
+                sink.served.append(status)
+                reply = b"ok" if status == 200 else b"rate_limited" if status == 429 else b"internal_error"
+                self.send_response(status)
+                if status == 429:
+                    self.send_header("Retry-After", "0")
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/services/T0SECRET/B0SECRET/tokenSECRETtoken"
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class Captured(logging.Handler):
+    """Every record that reaches the root logger, as its handlers would write it (with tracebacks)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+@pytest.mark.parametrize(("statuses", "outcome"), [([429, 500], "sent"), ([500, 500, 500], "failed")], ids=["retried-then-sent", "retries-exhausted"])
+def test_the_slack_webhook_url_is_in_no_log_record_when_slack_sdk_retries(monkeypatch: pytest.MonkeyPatch, statuses: list[int], outcome: str) -> None:
+    import json
+
+    import airflow.sdk  # noqa: F401 (Airflow sets up logging on import: capture after it)
+
+    from tuneloop_airflow.notifiers import FACTORIES
+
+    slack = ScriptedSlack(statuses)
+    root, captured = logging.getLogger(), Captured()
+    level = root.level
+    root.addHandler(captured)
+    root.setLevel(logging.DEBUG)
+    try:
+        monkeypatch.setenv("AIRFLOW_CONN_TUNELOOP_SLACK", json.dumps({"conn_type": "slackwebhook", "password": slack.url}))
+        sent = send_notification(NotifySettings(slack_webhook_conn_id="tuneloop_slack"), drift_message(CHECK), factories=FACTORIES)
+    finally:
+        root.removeHandler(captured)
+        root.setLevel(level)
+        slack.close()
+    assert sent["slack"].startswith(outcome) and slack.served == [*statuses, 200][:3]
+    retries = [line for line in captured.lines if "A retry handler found" in line]
+    assert len(retries) == 2 and all(" for POST *** - HTTP Error " in line for line in retries), retries  # slack_sdk names the URL here
+    logged = "\n".join(captured.lines) + json.dumps(sent)
+    assert "SECRET" not in logged and "/services/" not in logged
+
+
+def test_slack_webhook_urls_are_redacted_from_slack_sdk_records_and_tracebacks() -> None:
+    from tuneloop.notify import redact_slack_logs
+
+    redact_slack_logs("https://chat.example.org/hooks/abcdefSECRET")
+    root, captured = logging.getLogger(), Captured()
+    root.addHandler(captured)
+    try:
+        logging.getLogger("slack_sdk.webhook.client").warning("Going to retry the same request: POST %s", "https://hooks.slack.com/services/T0/B0/SECRET")
+        try:
+            raise ValueError("Invalid URL detected: https://chat.example.org/hooks/abcdefSECRET")
+        except ValueError:
+            logging.getLogger("tuneloop.notify").exception("notify: failed")
+    finally:
+        root.removeHandler(captured)
+    text = "\n".join(captured.lines)
+    assert "Going to retry the same request: POST https://hooks.slack.com/***" in text
+    assert "ValueError: Invalid URL detected: ***" in text and "SECRET" not in text
