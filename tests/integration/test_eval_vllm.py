@@ -186,3 +186,39 @@ def test_the_adapter_is_unloaded_when_a_request_fails(served: Served) -> None:
     assert caught.value.status == 400
     assert backend.describe()["unloaded"] == {served.url: True}
     assert served.eval_names() == []
+
+
+def test_evaluate_through_vllm_needs_no_torch(served: Served, tmp_path: Path) -> None:
+    """The orchestration env (.venv: no torch, transformers or peft) evaluates through vLLM itself,
+    as an Airflow image without the ML env would: `auto` finds the server, and with no ML env to
+    go to nothing re-executes."""
+    python = REPO / ".venv" / "bin" / "python"
+    probe = subprocess.run([str(python), "-c", "import importlib.util as u; print([m for m in ('torch', 'transformers', 'peft') if u.find_spec(m)])"], capture_output=True, text=True, check=True)
+    assert probe.stdout.strip() == "[]", "the orchestration env is expected to have no torch"
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TUNELOOP_HOME": str(served.root),
+        "TUNELOOP_CONFIG": str(REPO / "examples/invoices/tuneloop.yaml"),
+        "TUNELOOP_ML_PYTHON": str(tmp_path / "no-ml-env" / "python"),  # nowhere to re-execute to
+        "TUNELOOP__MODEL__BASE_MODEL": str(served.base),
+        "TUNELOOP__VLLM__ENDPOINTS": f"[{served.url}]",
+        "TUNELOOP__VLLM__ADAPTER_DIR": str(served.root / "served-adapters"),
+        "TUNELOOP__EVAL__MAX_NEW_TOKENS": str(MAX_NEW_TOKENS),
+        "TUNELOOP__EVAL__PRODUCTION_CONCURRENCY": "3",  # the example lifts the bounds: set them again
+        "TUNELOOP__EVAL__PRODUCTION_MAX_RPS": "50",
+    }
+    command = [str(python), "-m", "tuneloop.cli", "evaluate", "--adapter", str(served.adapter), "--eval", "original", "--no-suites", "--out", str(tmp_path / "out"), "--json"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout)
+    assert summary["backend"] == "vllm" and summary["n"] == PER_DOMAIN
+    assert summary["backend_detail"]["concurrency_per_endpoint"] == 3 and summary["backend_detail"]["max_rps_per_endpoint"] == 50
+    assert "the serving fleet, bounded to 3 in flight and 50 req/s per endpoint" in result.stderr
+    assert summary["throughput"]["generated_tokens"] > 0, "vLLM's own token counts, no tokenizer needed"
+    assert "WARNING" not in result.stderr, result.stderr[-2000:]
+    assert served.eval_names() == []
+
+    env["TUNELOOP__VLLM__ENDPOINTS"] = f"[http://127.0.0.1:{free_port()}]"  # no server, and no torch for HF
+    down = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=120, check=False)
+    assert down.returncode != 0 and "does not answer /health" in down.stderr and "needs torch" in down.stderr and "make serve" in down.stderr

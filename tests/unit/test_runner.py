@@ -69,3 +69,18 @@ def test_the_ml_child_runs_on_the_parents_resolved_settings(tmp_path: Path, monk
     assert not any("sk-from-connection" in line for line in lines)
     assert not list(tmp_path.glob("tuneloop-job-*")), "the job file (it holds the key) is removed"
     assert json.dumps(result).count("sk-from-connection") == 0
+
+
+def test_without_an_ml_env_only_evaluate_runs_here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No .venv-ml (an Airflow image): `evaluate` runs in this interpreter (through vLLM it needs no
+    torch); `train` fails saying how to get the ML env."""
+    import tuneloop.ml.runner as runner
+
+    monkeypatch.setenv("TUNELOOP_ML_PYTHON", str(tmp_path / "missing" / "python"))
+    ran: list[list[str]] = []
+    monkeypatch.setattr(runner, "_run", lambda command, args, **_: ran.append(command) or {"ok": True})
+    assert run_ml_step(["evaluate", "--adapter", "v1"]) == {"ok": True}
+    assert ran[0][:4] == [sys.executable, "-m", "tuneloop.cli", "evaluate"]
+    with pytest.raises(StepFailedError, match="make setup"):
+        run_ml_step(["train", "--version", "v1"])
+    assert len(ran) == 1

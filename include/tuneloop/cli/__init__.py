@@ -58,6 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _eval_backend(args: argparse.Namespace) -> str:
+    """The backend ``evaluate`` asks for: ``--backend``, else ``eval.backend`` of its settings."""
+    if getattr(args, "backend", None):
+        return str(args.backend)
+    from tuneloop.cli.common import _settings
+
+    return _settings(args).eval.backend
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -73,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         if args.command in ML_COMMANDS:
-            _reexec_in_ml_env(argv, args.command)
+            _reexec_in_ml_env(argv, args.command, backend=_eval_backend(args) if args.command == "evaluate" else None)
         return int(args.func(args))
     except (ConfigError, CliError) as err:
         print(f"tuneloop {args.command}: error: {err}", file=sys.stderr)

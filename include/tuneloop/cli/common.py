@@ -65,15 +65,26 @@ def _parse_date(text: str) -> date:
 ML_COMMANDS = frozenset({"build-model", "train", "evaluate"})
 
 
-def _reexec_in_ml_env(argv: Sequence[str], command: str) -> None:
-    """Run an ML subcommand in .venv-ml when this interpreter lacks torch (e.g. .venv/bin/tuneloop)."""
+def has_torch() -> bool:
+    """Whether this interpreter can train and generate (torch and peft importable)."""
     import importlib.util
 
-    if importlib.util.find_spec("torch") is not None and importlib.util.find_spec("peft") is not None:
+    return importlib.util.find_spec("torch") is not None and importlib.util.find_spec("peft") is not None
+
+
+def _reexec_in_ml_env(argv: Sequence[str], command: str, *, backend: str | None = None) -> None:
+    """Run an ML subcommand in .venv-ml when this interpreter lacks torch (e.g. .venv/bin/tuneloop).
+
+    ``evaluate`` through vLLM needs no torch (it only talks to the OpenAI-compatible API), so it
+    stays here with ``backend`` ``vllm``, and with ``auto`` when there is no ML env to go to
+    (then only vLLM can answer)."""
+    if has_torch():
         return
     from tuneloop.ml.runner import find_ml_python
 
     python = find_ml_python()
+    if command == "evaluate" and (backend == "vllm" or (backend == "auto" and python is None)):
+        return
     if python is None:
         raise CliError(
             f"`{command}` needs torch, transformers and peft, which this Python ({sys.executable}) lacks: "

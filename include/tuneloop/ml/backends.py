@@ -52,6 +52,8 @@ class Generation:
     seconds: float
     latencies_s: list[float] | None = None
     """Per-request wall times (vLLM); None where prompts are answered in batches (HF)."""
+    tokens: int | None = None
+    """Generated tokens as the server counted them (vLLM's ``usage``); None: count them here."""
 
 
 class GenerationBackend(Protocol):
@@ -286,6 +288,13 @@ def select_backend(
         raise BackendUnavailable("--backend vllm: " + "; ".join(problems) + " (start it with `make serve`)")
     if not usable:
         reason = "; ".join(problems)
+        import importlib.util
+
+        if importlib.util.find_spec("torch") is None:
+            raise BackendUnavailable(
+                f"backend auto: {reason}; and HF generate, the fallback, needs torch, transformers and peft, "
+                "which this Python lacks: start vLLM (`make serve`) or run `make setup` for the ML env"
+            )
         say(f"backend auto: evaluating with HF generate because {reason}")
         return HFBackend(base_model, adapter_dir, settings.eval, progress=progress, reason=f"auto: {reason}")
     reason = f"{requested}: vLLM answers at {', '.join(usable)}" + (f" (not used: {'; '.join(problems)})" if problems else "")

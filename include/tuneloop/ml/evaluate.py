@@ -288,7 +288,7 @@ def evaluate_adapter(
     from tuneloop.ml.suites import golden_report
 
     seconds = generation.seconds
-    generated_tokens = _count_tokens(base_model, completions)
+    generated_tokens = generation.tokens if generation.tokens is not None else _count_tokens(base_model, completions)
     summary["throughput"] = {
         "backend": engine.name,
         "seconds": round(seconds, 2),

@@ -67,8 +67,11 @@ def run_ml_step(
     timeout_s: float | None = None,
 ) -> dict[str, Any]:
     """Run ``tuneloop <args> --json`` in the ML env; return its JSON result. With ``settings``
-    the child runs on exactly those (a job file); else on ``config`` and the environment."""
-    python = ml_python()
+    the child runs on exactly those (a job file); else on ``config`` and the environment.
+
+    ``evaluate`` with no ML env runs in this interpreter instead: through vLLM it needs no
+    torch (an Airflow image without the ML env evaluates against the servers)."""
+    python = find_ml_python() or (Path(sys.executable) if args and args[0] == "evaluate" else None) or ml_python()
     command = [str(python), "-m", "tuneloop.cli", *args, "--json"]
     job_dir = None
     if settings is not None:

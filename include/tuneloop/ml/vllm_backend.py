@@ -310,7 +310,9 @@ class VllmBackend:
                     tracker.update(done_count, items=(reply.completion_tokens or 0) if reply else 0)
         tracker.finish()
         finished = [reply for reply in replies if reply is not None]
-        return Generation([r.text for r in finished], time.monotonic() - started, [r.seconds for r in finished])
+        counted = [r.completion_tokens for r in finished]
+        tokens = sum(n for n in counted if n is not None) if all(n is not None for n in counted) else None
+        return Generation([r.text for r in finished], time.monotonic() - started, [r.seconds for r in finished], tokens)
 
 
 @dataclass(frozen=True)
