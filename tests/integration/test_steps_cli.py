@@ -68,6 +68,18 @@ def test_steps_in_sequence(workspace: dict[str, Any]) -> None:
     assert provenance["dataset_hash"] == snapshot["snapshot"]
     assert (root / ".tuneloop/store/adapters/v1/adapter_config.json").is_file(), "adapter copied into the store"
 
+    from tuneloop.registry import Registry
+    from tuneloop.storage import LocalStore
+
+    Registry(LocalStore(root / ".tuneloop/store")).register("v1", adapter_key="adapters/v1", snapshot=snapshot["snapshot"], base_model="demo")
+    weights = (root / ".tuneloop/store/adapters/v1/adapter_model.safetensors").read_bytes()
+    again = subprocess.run(
+        [str(TUNELOOP), "train", "--snapshot", "latest", "--version", "v1", "--max-steps", "1"],
+        capture_output=True, text=True, env=workspace["env"], cwd=root, check=False,
+    )  # fmt: skip
+    assert again.returncode == 2 and "v1 is registered" in again.stderr and "a version's weights never change" in again.stderr
+    assert (root / ".tuneloop/store/adapters/v1/adapter_model.safetensors").read_bytes() == weights, "a registered version was overwritten"
+
     base = tuneloop(workspace, "evaluate", "--adapter", "none", "--limit", "4")
     tuned = tuneloop(workspace, "evaluate", "--adapter", "v1", "--limit", "4", "--upload", "evals/v1/test")
     for summary in (base, tuned):
