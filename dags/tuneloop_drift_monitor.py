@@ -13,6 +13,7 @@ last refresh's data is older than `drift.cooldown_days`, it records an event on 
 
 from __future__ import annotations
 
+import os
 from datetime import datetime, timedelta
 
 from airflow.sdk import Asset, Param, dag, task
@@ -21,6 +22,7 @@ from tuneloop import assets
 from tuneloop_airflow import tasks
 
 DRIFT = Asset(name=assets.DRIFT[0], uri=assets.DRIFT[1])
+ML_QUEUE = {"queue": os.environ["TUNELOOP__ML_QUEUE"]} if os.environ.get("TUNELOOP__ML_QUEUE") else {}  # the performance check evaluates
 
 
 @dag(
@@ -37,7 +39,7 @@ DRIFT = Asset(name=assets.DRIFT[0], uri=assets.DRIFT[1])
     },
 )
 def tuneloop_drift_monitor() -> None:
-    check = task(tasks.check_drift)()
+    check = task(**ML_QUEUE)(tasks.check_drift)()
     task.short_circuit(tasks.drift_persists)(check) >> task(outlets=[DRIFT])(tasks.emit_drift_event)(check)
 
 

@@ -20,8 +20,9 @@ failed verify or registry write, the servers serve what the registry says again.
 The vLLM endpoints and API key come from the config, or from the `tuneloop_vllm`
 connection when it exists (host, or extra `{"endpoints": [...]}`; password = API key).
 `train` runs on a worker of the `gpu` pool, or as one Kubernetes pod per run when the
-Airflow environment sets `TUNELOOP__TRAINING_RUNNER=kubernetes` (the only setting read while
-the file is parsed: the DAG's shape never depends on a config file or a Variable).
+Airflow environment sets `TUNELOOP__TRAINING_RUNNER=kubernetes`; `TUNELOOP__ML_QUEUE=<queue>`
+sends `train` and `evaluate` to the Celery/edge workers of that queue (the only settings read
+while the file is parsed: the DAG's shape never depends on a config file or a Variable).
 
 Logic lives in `include/tuneloop/steps/`; the task bodies in `include/tuneloop_airflow/tasks.py`;
 this file is wiring.
@@ -49,6 +50,7 @@ from tuneloop_airflow.approval import HumanApproval
 
 DRIFT, SNAPSHOT, ADAPTER, EVAL_REPORT, PRODUCTION = (Asset(name=name, uri=uri) for name, uri in (assets.DRIFT, assets.SNAPSHOT, assets.ADAPTER, assets.EVAL_REPORT, assets.PRODUCTION))
 IN_A_POD = os.environ.get("TUNELOOP__TRAINING_RUNNER") == "kubernetes"  # an explicit Airflow-level choice
+ML_QUEUE = {"queue": os.environ["TUNELOOP__ML_QUEUE"]} if os.environ.get("TUNELOOP__ML_QUEUE") else {}  # Celery/edge workers with the ML env
 
 
 @dag(
@@ -75,8 +77,8 @@ def tuneloop_refresh() -> None:
 
         trained = tasks.train_in_pod(validated, settings=settings_at_parse_time())
     else:
-        trained = task(pool="gpu", outlets=[ADAPTER], execution_timeout=timedelta(hours=12))(tasks.train)(validated)
-    decision = task(outlets=[EVAL_REPORT])(tasks.gate)(task(execution_timeout=timedelta(hours=6))(tasks.evaluate)(trained))
+        trained = task(pool="gpu", outlets=[ADAPTER], execution_timeout=timedelta(hours=12), **ML_QUEUE)(tasks.train)(validated)
+    decision = task(outlets=[EVAL_REPORT])(tasks.gate)(task(execution_timeout=timedelta(hours=6), **ML_QUEUE)(tasks.evaluate)(trained))
     approve = HumanApproval(task_id="approve", subject="Deploy the gate's candidate?", defaults=HumanApproval.REJECT, ignore_downstream_trigger_rules=True)
     before = setup(task(task_id="reconcile_before")(tasks.reconcile))()
     deployed = task(retries=1)(tasks.deploy)(decision)

@@ -113,6 +113,21 @@ def test_monitor_emits_drift_asset_only_behind_the_policy(dagbag: Any) -> None:
     assert dag.get_task("check_drift").outlets == []
 
 
+def test_the_ml_tasks_go_to_the_queue_the_airflow_environment_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TUNELOOP__ML_QUEUE (read at parse time, like TUNELOOP__TRAINING_RUNNER) puts train,
+    evaluate and the drift check, the tasks that need the ML env or evaluate, on that queue."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    monkeypatch.setenv("TUNELOOP__ML_QUEUE", "ml-gpu")
+    queued = DagBag(dag_folder=str(DAGS)).dags
+    refresh, monitor = queued["tuneloop_refresh"], queued["tuneloop_drift_monitor"]
+    on_queue = {t.task_id for dag in (refresh, monitor) for t in dag.tasks if t.queue == "ml-gpu"}
+    assert on_queue == {"train", "evaluate", "check_drift"}
+    monkeypatch.delenv("TUNELOOP__ML_QUEUE")
+    plain = DagBag(dag_folder=str(DAGS)).dags["tuneloop_refresh"]
+    assert plain.get_task("train").queue == plain.get_task("gate").queue != "ml-gpu"
+
+
 def test_reconcile_runs_every_ten_minutes_and_never_waits_for_a_deploy(dagbag: Any) -> None:
     from tuneloop_airflow import tasks
 
