@@ -34,6 +34,8 @@ EXPOSE 8000
 # The served adapters arrive through POST /v1/load_lora_adapter from tuneloop's deploy step,
 # read from ADAPTER_DIR on the volume shared with Airflow (made writable for its `astro` user).
 # Prefix caching off: cached blocks can outlive an in-place adapter reload (vllm #42125).
+# The API key is VLLM_API_KEY in the environment (vLLM reads it when no --api-key is given),
+# never an argument: a command line shows in /proc/*/cmdline and `ps`.
 ENTRYPOINT ["/bin/sh", "-c", "set -e; \
     mkdir -p \"${ADAPTER_DIR:-/shared/adapters}\" && chmod a+rwx \"${ADAPTER_DIR:-/shared/adapters}\"; \
     if [ ! -f \"$BASE_MODEL/config.json\" ]; then tuneloop build-model --out \"$BASE_MODEL\"; fi; \
@@ -41,4 +43,4 @@ ENTRYPOINT ["/bin/sh", "-c", "set -e; \
     --model \"$BASE_MODEL\" --served-model-name \"${SERVED_MODEL_NAME:-tuneloop}-base\" \
     --enable-lora --max-lora-rank \"${MAX_LORA_RANK:-16}\" --max-loras \"${MAX_LORAS:-2}\" \
     --max-cpu-loras \"${MAX_CPU_LORAS:-4}\" --dtype float32 --max-model-len \"${MAX_MODEL_LEN:-512}\" \
-    --no-enable-prefix-caching --api-key \"$VLLM_API_KEY\" --host 0.0.0.0 --port 8000 $VLLM_EXTRA_ARGS"]
+    --no-enable-prefix-caching --host 0.0.0.0 --port 8000 $VLLM_EXTRA_ARGS"]

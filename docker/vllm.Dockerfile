@@ -1,7 +1,8 @@
 # vLLM OpenAI server (CUDA), the same vLLM release as the CPU build tested here (0.32.0), with runtime LoRA updating, for GPU nodes.
 # Not buildable here (no Docker engine, no GPU); locally `make serve` runs the CPU build.
-# Keep this endpoint on a private network and behind --api-key: vLLM calls runtime LoRA
-# updating a development feature.
+# Keep this endpoint on a private network and behind an API key: vLLM calls runtime LoRA
+# updating a development feature. The key is VLLM_API_KEY in the container's environment, which
+# vLLM reads when no --api-key is given: on the command line it would show in /proc/*/cmdline.
 FROM vllm/vllm-openai:v0.32.0
 
 ENV VLLM_ALLOW_RUNTIME_LORA_UPDATING=True \
@@ -13,5 +14,5 @@ VOLUME ["/adapters"]
 ENTRYPOINT ["/bin/sh", "-c", "exec python3 -m vllm.entrypoints.openai.api_server \
     --model \"$BASE_MODEL\" --served-model-name \"${SERVED_MODEL_NAME:-tuneloop-base}\" \
     --enable-lora --max-lora-rank \"${MAX_LORA_RANK:-16}\" --max-loras \"${MAX_LORAS:-4}\" \
-    --max-cpu-loras \"${MAX_CPU_LORAS:-8}\" --api-key \"$VLLM_API_KEY\" \
+    --max-cpu-loras \"${MAX_CPU_LORAS:-8}\" \
     --host 0.0.0.0 --port 8000 $VLLM_EXTRA_ARGS"]

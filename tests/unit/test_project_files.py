@@ -38,11 +38,48 @@ def test_images_are_pinned() -> None:
             assert ":" in image and not image.endswith(":latest"), f"{path.name}: {image} is not pinned"
 
 
-def test_vllm_image_enables_runtime_lora_with_api_key() -> None:
+def test_vllm_image_enables_runtime_lora() -> None:
     text = (ROOT / "docker/vllm.Dockerfile").read_text()
     assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True" in text
-    assert "--enable-lora" in text and "--api-key" in text
-    assert "--max-lora-rank" in text
+    assert "--enable-lora" in text and "--max-lora-rank" in text
+
+
+def _code(path: Path) -> str:
+    """A launcher's text without its comments: what runs, not what explains it."""
+    if path.suffix in (".yaml", ".yml"):
+        import json
+
+        return json.dumps(yaml.safe_load(path.read_text()))
+    lines = []
+    for line in path.read_text().splitlines():
+        if line.lstrip().startswith("#"):
+            continue
+        lines.append(re.split(r"\s#", line, maxsplit=1)[0])  # a trailing shell/Makefile comment
+    return "\n".join(lines)
+
+
+VLLM_LAUNCHERS = [
+    ROOT / "Dockerfile", ROOT / "Makefile", ROOT / "docker-compose.override.yml",
+    *sorted((ROOT / "docker").glob("*.Dockerfile")), *sorted((ROOT / "docker").glob("*.yaml")), *sorted((ROOT / "scripts").glob("*.sh")),
+]
+
+
+@pytest.mark.parametrize("path", VLLM_LAUNCHERS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_api_key_on_a_command_line(path: Path) -> None:
+    # vLLM reads VLLM_API_KEY from its environment when --api-key is absent
+    # (vllm/entrypoints/serve/middleware/register.py: `args.api_key or [envs.VLLM_API_KEY]`);
+    # an argument would show in /proc/<pid>/cmdline and `ps` to every user of the host.
+    assert "--api-key" not in _code(path), f"{path.name} puts --api-key on a command line: pass VLLM_API_KEY in the environment"
+
+
+def test_every_vllm_launcher_hands_the_key_through_the_environment() -> None:
+    for compose in (ROOT / "docker-compose.override.yml", ROOT / "docker/compose.gpu.yaml"):
+        service = yaml.safe_load(compose.read_text())["services"]["vllm"]
+        assert "VLLM_API_KEY" in service["environment"], compose.name
+    serve = _code(ROOT / "scripts/serve.sh")
+    assert 'env_vars+=(VLLM_API_KEY="$api_key")' in serve and 'env "${env_vars[@]}"' in serve
+    for dockerfile in sorted((ROOT / "docker").glob("vllm*.Dockerfile")):
+        assert "vllm.entrypoints.openai.api_server" in _code(dockerfile) and "VLLM_API_KEY" in dockerfile.read_text(), dockerfile.name
 
 
 def test_airflow_settings_has_gpu_pool_and_store_connection() -> None:
