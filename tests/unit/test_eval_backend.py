@@ -91,7 +91,13 @@ def stub_vllm(tmp_path: Path) -> Iterator[dict[str, Any]]:
         server.server_close()
 
 
-def test_auto_falls_back_to_hf_and_says_why_when_nothing_answers(tmp_path: Path) -> None:
+@pytest.fixture
+def torch_here(monkeypatch: pytest.MonkeyPatch) -> None:
+    """HF generate is possible (as in .venv-ml), whichever env runs the test: selection only."""
+    monkeypatch.setattr("tuneloop.ml.backends.has_torch", lambda: True)
+
+
+def test_auto_falls_back_to_hf_and_says_why_when_nothing_answers(tmp_path: Path, torch_here: None) -> None:
     url = f"http://127.0.0.1:{_closed_port()}"
     said: list[str] = []
     backend = select_backend("auto", _settings([url], tmp_path), base_model=tmp_path, adapter_dir=None, progress=said.append)
@@ -180,7 +186,15 @@ def test_a_paced_client_sends_at_most_the_rate(stub_vllm: dict[str, Any]) -> Non
     assert len(starts) == 12 and min(gaps) >= 0.025 * 0.95
 
 
-def test_auto_falls_back_when_the_server_serves_another_base_model(tmp_path: Path, stub_vllm: dict[str, Any]) -> None:
+def test_auto_with_no_server_and_no_torch_says_both(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An Airflow image without the ML env: auto can only use vLLM, and says what to do."""
+    monkeypatch.setattr("tuneloop.ml.backends.has_torch", lambda: False)
+    url = f"http://127.0.0.1:{_closed_port()}"
+    with pytest.raises(BackendUnavailable, match=f"{url} does not answer /health.*needs torch.*make serve"):
+        select_backend("auto", _settings([url], tmp_path), base_model=tmp_path, adapter_dir=None)
+
+
+def test_auto_falls_back_when_the_server_serves_another_base_model(tmp_path: Path, stub_vllm: dict[str, Any], torch_here: None) -> None:
     stub_vllm["root"] = str(_base_dir(tmp_path, "other", 256))
     base = _base_dir(tmp_path, "base", 128)
     said: list[str] = []

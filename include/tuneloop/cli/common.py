@@ -65,19 +65,14 @@ def _parse_date(text: str) -> date:
 ML_COMMANDS = frozenset({"build-model", "train", "evaluate"})
 
 
-def has_torch() -> bool:
-    """Whether this interpreter can train and generate (torch and peft importable)."""
-    import importlib.util
-
-    return importlib.util.find_spec("torch") is not None and importlib.util.find_spec("peft") is not None
-
-
 def _reexec_in_ml_env(argv: Sequence[str], command: str, *, backend: str | None = None) -> None:
     """Run an ML subcommand in .venv-ml when this interpreter lacks torch (e.g. .venv/bin/tuneloop).
 
     ``evaluate`` through vLLM needs no torch (it only talks to the OpenAI-compatible API), so it
     stays here with ``backend`` ``vllm``, and with ``auto`` when there is no ML env to go to
     (then only vLLM can answer)."""
+    from tuneloop.ml.backends import has_torch
+
     if has_torch():
         return
     from tuneloop.ml.runner import find_ml_python

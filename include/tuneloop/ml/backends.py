@@ -252,6 +252,13 @@ class CallableBackend:
         return Generation(texts, time.monotonic() - started)
 
 
+def has_torch() -> bool:
+    """Whether HF generate can run here (torch, transformers and peft importable)."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(name) is not None for name in ("torch", "transformers", "peft"))
+
+
 def select_backend(
     requested: str,
     settings: Settings,
@@ -288,9 +295,7 @@ def select_backend(
         raise BackendUnavailable("--backend vllm: " + "; ".join(problems) + " (start it with `make serve`)")
     if not usable:
         reason = "; ".join(problems)
-        import importlib.util
-
-        if importlib.util.find_spec("torch") is None:
+        if not has_torch():
             raise BackendUnavailable(
                 f"backend auto: {reason}; and HF generate, the fallback, needs torch, transformers and peft, "
                 "which this Python lacks: start vLLM (`make serve`) or run `make setup` for the ML env"
