@@ -73,6 +73,10 @@ class VllmSettings(_Section):
     api_key: SecretStr | None = None
     max_lora_rank: int = 16
     adapter_dir: str = Field(".tuneloop/served-adapters", description="where adapters are materialised for the servers to read")
+    adapter_source: Literal["path", "store"] = Field(
+        "path",
+        description="how servers get an adapter: path = vllm.adapter_dir, shared with them; store = each fetches it from the store (the tuneloop resolver, $TUNELOOP_ADAPTER_CACHE)",
+    )
     timeout_s: float = Field(60.0, gt=0)
 
     @field_validator("endpoints")

@@ -364,6 +364,8 @@ def deploy_adapter(
     max_tokens: int = 96,
     timeout_s: float = 60.0,
     progress: Progress | None = None,
+    server_path: str | None = None,
+    previous_server_path: str | None = None,
 ) -> DeployReport:
     """Validate ``adapter_dir``, then hot-swap it into the stable name on every endpoint.
 
@@ -375,6 +377,9 @@ def deploy_adapter(
     prompts exactly as staging did (which still catches a swap that did not take).
     ``previous_adapter_dir`` is what to restore on failure (None: first deploy; then the
     adapter the server lists for the stable name, if any, else the name is unloaded).
+    ``server_path`` / ``previous_server_path``: where the servers hold these adapters when it
+    is not the local directory (``vllm.adapter_source: store``: each server fetched its own
+    copy, :mod:`tuneloop.serving.store_resolver`); the local ones are what is validated.
     Returns the report on success; raises :class:`DeployError` (with ``.report``) otherwise.
     """
     say = _reporter(progress)
@@ -384,8 +389,9 @@ def deploy_adapter(
     if not 0.0 < verify_min_agreement <= 1.0:
         raise ValueError(f"verify_min_agreement must lie in (0, 1], got {verify_min_agreement}")
     started = time.perf_counter()
-    path = str(Path(adapter_dir).resolve())
-    previous = str(Path(previous_adapter_dir).resolve()) if previous_adapter_dir is not None else None
+    path = server_path or str(Path(adapter_dir).resolve())
+    previous_local = str(Path(previous_adapter_dir).resolve()) if previous_adapter_dir is not None else None
+    previous = previous_server_path or previous_local
     report = DeployReport(
         adapter_dir=str(adapter_dir),
         served_path=path,
@@ -415,13 +421,13 @@ def deploy_adapter(
             "deploy of %s has no golden prompts: verifying only that %s answers like %s on smoke prompts",
             path, served_name, staging_name(served_name),
         )
-    say(f"validate {path}")
+    say(f"validate {adapter_dir}")
     try:
-        info = validate_adapter(path, base_model_dir_or_id=base_model, max_lora_rank=max_lora_rank)
+        info = validate_adapter(adapter_dir, base_model_dir_or_id=base_model, max_lora_rank=max_lora_rank)
     except AdapterValidationError as err:
         raise fail("validate", None, str(err)) from err
     report.adapter = info.to_dict()
-    if previous is not None and not (Path(previous) / ADAPTER_CONFIG).is_file():
+    if previous_local is not None and previous_server_path is None and not (Path(previous_local) / ADAPTER_CONFIG).is_file():
         raise fail(
             "validate",
             None,
@@ -524,6 +530,7 @@ def reconcile(
     api_key: str | None = None,
     timeout_s: float = 60.0,
     progress: Progress | None = None,
+    server_path: str | None = None,
 ) -> list[ReconcileRecord]:
     """Make every endpoint's stable name serve exactly ``adapter_dir`` (None: no adapter at all).
 
@@ -537,10 +544,10 @@ def reconcile(
 
     say = _reporter(progress)
 
-    path = str(Path(adapter_dir).resolve()) if adapter_dir is not None else None
-    if path is not None:
+    path = (server_path or str(Path(adapter_dir).resolve())) if adapter_dir is not None else None
+    if adapter_dir is not None:
         try:
-            validate_adapter(path, base_model_dir_or_id=base_model, max_lora_rank=max_lora_rank)
+            validate_adapter(adapter_dir, base_model_dir_or_id=base_model, max_lora_rank=max_lora_rank)
         except AdapterValidationError as err:
             raise DeployError(f"reconcile refused {path}: {err}", step="reconcile", endpoint=None) from err
     records = [ReconcileRecord(endpoint=url.rstrip("/")) for url in endpoints]

@@ -61,6 +61,33 @@ def materialize_adapter(loop: Loop, version: str) -> Path:
     return target
 
 
+def server_path(loop: Loop, version: str) -> str | None:
+    """Where the servers load ``version`` from when it is not the local materialised directory
+    (``vllm.adapter_source: store``): each answering server fetches its own copy through the
+    tuneloop resolver, and all must hold it at the same path. None with ``path``."""
+    from tuneloop.serving.store_resolver import fetch_on_server
+    from tuneloop.serving.vllm_client import VllmClient, VllmDownError
+
+    settings = loop.settings
+    if settings.vllm.adapter_source == "path":
+        return None
+    roots: dict[str, str] = {}
+    for endpoint in settings.vllm.endpoints:
+        with VllmClient(endpoint, api_key=settings.vllm.key, timeout_s=settings.vllm.timeout_s) as client:
+            try:
+                roots[endpoint] = fetch_on_server(client, settings.model.served_model_name, version)
+            except VllmDownError:
+                continue  # the step that follows names it; the others still get the version
+    if not roots:
+        raise RuntimeError(f"no vLLM endpoint answers to fetch {version} from the store ({', '.join(settings.vllm.endpoints)})")
+    if len(set(roots.values())) > 1:
+        raise RuntimeError(
+            f"the servers keep {version} in different directories ({roots}): give every replica the same ${'TUNELOOP_ADAPTER_CACHE'}"
+        )
+    loop.progress(f"{version}: fetched from the store by {len(roots)} server(s) into {next(iter(roots.values()))}")
+    return next(iter(roots.values()))
+
+
 def golden_prompts(loop: Loop, version: str, scores_key: str) -> list[dict[str, Any]]:
     """Golden prompts for post-swap verification: held-out rows with the answer eval measured."""
     from tuneloop.storage import StoreKeyError
@@ -105,6 +132,8 @@ def _deploy(loop: Loop, version: str, *, scores_key: str | None = None) -> dict[
     adapter_dir = materialize_adapter(loop, version)
     production = loop.registry.aliases().get("production")
     previous_dir = materialize_adapter(loop, production) if production and production != version else None
+    on_servers = server_path(loop, version)
+    previous_on_servers = server_path(loop, production) if production and previous_dir is not None else None
     scores_key = scores_key or latest_candidate_scores(loop, version)
     golden = golden_prompts(loop, version, scores_key) if scores_key else []
     report = deploy_adapter(
@@ -120,6 +149,8 @@ def _deploy(loop: Loop, version: str, *, scores_key: str | None = None) -> dict[
         max_tokens=settings.eval.max_new_tokens,
         timeout_s=settings.vllm.timeout_s,
         progress=loop.progress,
+        server_path=on_servers,
+        previous_server_path=previous_on_servers,
     )
     return {"version": version, "adapter_dir": str(adapter_dir), "previous": production, **report.to_dict()}
 
@@ -129,7 +160,17 @@ def verify_step(loop: Loop, version: str) -> dict[str, Any]:
     from tuneloop.serving.vllm_client import VllmClient
 
     settings = loop.settings
-    expected = str(materialize_adapter(loop, version))
+    if settings.vllm.adapter_source == "store":  # each server's own copy, named by the pinned hash
+        pinned = loop.registry.get(version).get("adapter_hash") or "?"
+        expected = f"$TUNELOOP_ADAPTER_CACHE/{version}-{pinned[:16]}"
+
+        def serves_it(root: str) -> bool:
+            return Path(root).name == Path(expected).name
+    else:
+        expected = str(materialize_adapter(loop, version))
+
+        def serves_it(root: str) -> bool:
+            return Path(root).resolve() == Path(expected).resolve()
     served = settings.model.served_model_name
     api_key = settings.vllm.key
     seen = {}
@@ -143,7 +184,7 @@ def verify_step(loop: Loop, version: str) -> dict[str, Any]:
                     f"{endpoint}: {served!r} is not loaded at all (the server restarted and forgot its runtime adapters?), "
                     f"expected {version} from {expected}; reconcile puts the registry's production back"
                 )
-            if Path(root).resolve() != Path(expected).resolve():
+            if not serves_it(root):
                 raise RuntimeError(f"{endpoint}: {served!r} is served from {root}, expected {expected} ({version}): another deploy or rollback ran meanwhile?")
             seen[endpoint + "#answer"] = client.chat(served, "ping", max_tokens=4)
     loop.progress(f"verified: {served!r} answers from {version} on {len(settings.vllm.endpoints)} endpoint(s)")
@@ -204,6 +245,7 @@ def _reconcile(loop: Loop) -> dict[str, Any]:
         api_key=settings.vllm.key,
         timeout_s=settings.vllm.timeout_s,
         progress=loop.progress,
+        server_path=server_path(loop, production) if production else None,
     )
     changed = sum(r.action != "in_sync" for r in records)
     loop.progress(
