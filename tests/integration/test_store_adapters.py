@@ -166,3 +166,25 @@ def test_a_version_whose_bytes_do_not_match_its_pin_is_refused_and_production_st
     with pytest.raises(AdapterFetchError, match="does not match the hash"):  # the same check, off the server
         fetch_version(loop.store, "v3", tmp_path / "cache")
     shutil.rmtree(tmp_path / "cache", ignore_errors=True)
+
+
+def test_evaluation_through_vllm_loads_the_servers_own_copy(world: dict[str, Any], tmp_path: Path) -> None:
+    """With adapter_source store, `evaluate --backend vllm --adapter v2` has the server fetch v2
+    itself; the answers are v2's and the temporary name is gone afterwards."""
+    import json
+    import sys
+
+    rows = [{"id": f"p{i}", "prompt": prompt, "completion": answer} for i, (prompt, answer) in enumerate(zip(PROMPTS, world["answers"]["v2"], strict=True))]
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TUNELOOP__EVAL__MAX_NEW_TOKENS": str(MAX_TOKENS)}
+    command = [sys.executable, "-m", "tuneloop.cli", "evaluate", "--config", str(world["config"]), "--backend", "vllm", "--adapter", "v2",
+               "--eval", str(eval_file), "--no-suites", "--out", str(tmp_path / "out"), "--json"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=world["root"], timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout)
+    assert summary["backend"] == "vllm" and summary["overall"]["score"] == 1.0, summary["overall"]
+    served = Path(summary["backend_detail"]["adapter_path"])
+    assert served.parent == world["cache"].resolve() and served.name.startswith("v2-")
+    with VllmClient(world["url"]) as client:
+        assert not [name for name in client.adapters() if "-eval-" in name or "-fetch-" in name]

@@ -271,7 +271,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     base = resolve_base_model(settings)
     if Path(base).is_dir():
         base = str(Path(base).resolve())  # what the server's /v1/models and adapter configs name
-    backend = select_backend(args.backend or settings.eval.backend, settings, base_model=base, adapter_dir=adapter_dir, progress=progress)
+    registered = adapter_dir is not None and layout.VERSION_RE.match(args.adapter) and not Path(args.adapter).is_dir()
+    backend = select_backend(
+        args.backend or settings.eval.backend, settings, base_model=base, adapter_dir=adapter_dir, progress=progress,
+        version=args.adapter if registered else None,
+    )  # fmt: skip
     summary = evaluate_adapter(base, adapter_dir, records, out_dir, settings.eval, spec, backend=backend, suites=plan, progress=progress)
     if args.upload:
         for file_name in ("scores.jsonl", "predictions.jsonl", "summary.json", "injection.jsonl", "consistency.jsonl"):

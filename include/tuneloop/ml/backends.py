@@ -266,8 +266,11 @@ def select_backend(
     base_model: str | os.PathLike[str],
     adapter_dir: str | os.PathLike[str] | None,
     progress: ProgressSink | None = None,
+    version: str | None = None,
 ) -> GenerationBackend:
     """The backend for ``requested`` (``hf``, ``vllm`` or ``auto``), built from ``settings``.
+    ``version``: the registered version ``adapter_dir`` holds, which servers fetch from the
+    store themselves under ``vllm.adapter_source: store``.
 
     ``vllm`` needs every configured endpoint healthy and serving the configured base model
     (:class:`BackendUnavailable` otherwise). ``auto`` uses the endpoints that pass that check
@@ -314,6 +317,7 @@ def select_backend(
         max_tokens=settings.eval.max_new_tokens,
         concurrency=fleet.concurrency,
         max_rps=fleet.max_rps,
+        fetch_version=version if cfg.adapter_source == "store" and adapter_dir is not None else None,
         api_key=api_key,
         timeout_s=cfg.timeout_s,
         request_timeout_s=settings.eval.request_timeout_s,

@@ -137,6 +137,7 @@ class VllmBackend:
         max_tokens: int,
         concurrency: int = 32,
         max_rps: float | None = None,
+        fetch_version: str | None = None,
         api_key: str | None = None,
         timeout_s: float = 60.0,
         request_timeout_s: float = 600.0,
@@ -154,6 +155,8 @@ class VllmBackend:
         self.max_tokens = max_tokens
         self.concurrency = max(1, concurrency)
         self.max_rps = max_rps
+        self.fetch_version = fetch_version
+        """With ``vllm.adapter_source: store``: the registered version each server fetches itself."""
         self.api_key = api_key
         self.timeout_s = timeout_s
         self.request_timeout_s = request_timeout_s
@@ -201,10 +204,16 @@ class VllmBackend:
             return
         try:
             validate_adapter(self.adapter_dir, base_model_dir_or_id=self.base_model, max_lora_rank=self.max_lora_rank)
-            path = str(materialize_eval_adapter(self.adapter_dir, self.adapter_root))
+            if self.fetch_version is None:
+                path = str(materialize_eval_adapter(self.adapter_dir, self.adapter_root))
             name = eval_lora_name(self.served_name)
-            self.lora_name, self.served_path = name, path
+            self.lora_name = name
             for client in self._clients:
+                if self.fetch_version is not None:  # vllm.adapter_source: store: the server's own copy
+                    from tuneloop.serving.store_resolver import fetch_on_server
+
+                    path = fetch_on_server(client, self.served_name, self.fetch_version)
+                self.served_path = path
                 # Counted as loaded before the request: a load that timed out may still have happened.
                 self._loaded.append(client)
                 self.unloaded[client.base_url] = False
