@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
     from tuneloop.notify import Notification
-    from tuneloop.steps.loop import Loop
+    from tuneloop.steps.loop import Loop, StoreConnection
 
 CONFIG_VARIABLE = "tuneloop_config"
 VLLM_CONNECTION = "tuneloop_vllm"
@@ -35,10 +35,38 @@ def vllm_connection() -> Any:
         return None
 
 
+def store_connection(conn_id: str) -> StoreConnection | None:
+    """The AWS connection ``conn_id`` (``store.aws_conn_id``) as the store's keys, region and
+    endpoint, read through the amazon provider's hook as its own operators do (so role
+    assumption and the other connection extras work too); None if the connection does not exist."""
+    from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
+    from airflow.sdk import Connection
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    from tuneloop.steps.loop import StoreConnection
+
+    try:
+        Connection.get(conn_id)
+    except AirflowNotFoundException:
+        return None
+    hook = AwsBaseHook(aws_conn_id=conn_id, client_type="s3")
+    session = hook.get_session()
+    found = session.get_credentials()
+    frozen = found.get_frozen_credentials() if found is not None else None
+    return StoreConnection(
+        access_key_id=frozen.access_key if frozen else None,
+        secret_access_key=frozen.secret_key if frozen else None,
+        session_token=frozen.token if frozen else None,
+        region=session.region_name,
+        endpoint_url=hook.conn_config.endpoint_url,
+    )
+
+
 def task_loop() -> Loop:
     """The loop for the running task: config from ``$TUNELOOP_CONFIG``, else the
     ``tuneloop_config`` Variable, else the embedded defaults; vLLM endpoints and key from the
-    ``tuneloop_vllm`` connection when it exists; progress into the task log."""
+    ``tuneloop_vllm`` connection and an s3:// store's credentials from the AWS connection
+    ``store.aws_conn_id`` (``tuneloop_store``) when they exist; progress into the task log."""
     from airflow.sdk import Variable, get_current_context
 
     from tuneloop.steps.loop import open_task_loop
@@ -48,6 +76,7 @@ def task_loop() -> Loop:
         config_variable=lambda: Variable.get(CONFIG_VARIABLE, default=None),
         progress=log.info,
         vllm_connection=vllm_connection,
+        store_connection=store_connection,
     )
 
 

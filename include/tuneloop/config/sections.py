@@ -43,6 +43,10 @@ class StoreSettings(_Section):
     endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, moto...)")
     region: str = "us-east-1"
     max_attempts: int = Field(8, ge=1, le=30, description="retries on throttling/5xx")
+    aws_conn_id: str | None = Field(
+        "tuneloop_store",
+        description="under Airflow, the AWS connection an s3:// store uses (keys, region, extra.endpoint_url), as the amazon provider's hooks do; absent or null: boto3's default chain",
+    )
 
     @field_validator("uri")
     @classmethod

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +34,8 @@ class Loop:
     registry: Registry
     run_id: str
     progress: Callable[[str], None]
+    ml_env: dict[str, str] = field(default_factory=dict)
+    """Environment for the ML child process (the store's credentials from an Airflow connection)."""
 
     @property
     def spec(self) -> TaskSpec:
@@ -47,7 +49,7 @@ class Loop:
         file: see :mod:`tuneloop.ml.runner`); progress lines go to :attr:`progress`."""
         from tuneloop.ml.runner import run_ml_step
 
-        return run_ml_step(args, settings=self.settings, on_line=self.progress)
+        return run_ml_step(args, settings=self.settings, on_line=self.progress, env=self.ml_env or None)
 
     @property
     def run_key(self) -> str:
@@ -83,6 +85,7 @@ def open_task_loop(
     config_variable: Callable[[], str | None],
     progress: Callable[[str], None],
     vllm_connection: Callable[[], Any] | None = None,
+    store_connection: Callable[[str], StoreConnection | None] | None = None,
 ) -> Loop:
     """The loop for one Airflow task. Config: $TUNELOOP_CONFIG, else ``config_variable()`` (the
     DAGs pass a reader of the ``tuneloop_config`` Variable), else the embedded defaults; a path
@@ -91,6 +94,14 @@ def open_task_loop(
     the vLLM endpoints and API key: see :func:`apply_vllm_connection`."""
     config, env = choose_task_config(os.environ, config_variable, progress)
     loop = open_loop(config, run_id=run_id, progress=progress, env=env)
+    conn_id = loop.settings.store.aws_conn_id
+    if store_connection is not None and conn_id and loop.settings.store.uri.startswith("s3://"):
+        aws = store_connection(conn_id)
+        if aws is None:
+            progress(f"store {loop.settings.store.uri}: no Airflow connection {conn_id!r}, credentials from boto3's default chain")
+        else:
+            apply_store_connection(loop, aws)
+            progress(f"store {loop.settings.store.uri}: credentials and region from the Airflow connection {conn_id!r}")
     found = vllm_connection() if vllm_connection is not None else None
     if found is not None:
         connection = VllmConnection(
@@ -99,6 +110,34 @@ def open_task_loop(
         loop.settings = apply_vllm_connection(loop.settings, connection)
         progress(f"vLLM endpoints from the Airflow connection: {', '.join(loop.settings.vllm.endpoints)}")
     return loop
+
+
+@dataclass(frozen=True)
+class StoreConnection:
+    """What an Airflow AWS connection gives an s3:// store (read by the Airflow side)."""
+
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    session_token: str | None = None
+    region: str | None = None
+    endpoint_url: str | None = None
+
+
+def apply_store_connection(loop: Loop, aws: StoreConnection) -> None:
+    """Reopen ``loop``'s store with the connection's keys (its region and endpoint replace the
+    config's when set), and hand the same to the ML child through its environment."""
+    from tuneloop.registry import Registry
+    from tuneloop.storage import open_store_from_settings
+
+    changes = {k: v for k, v in (("region", aws.region), ("endpoint_url", aws.endpoint_url)) if v}
+    store_settings = loop.settings.store.model_copy(update=changes)
+    loop.settings = loop.settings.model_copy(update={"store": store_settings})
+    keys = {"aws_access_key_id": aws.access_key_id, "aws_secret_access_key": aws.secret_access_key, "aws_session_token": aws.session_token}
+    credentials = keys if aws.access_key_id and aws.secret_access_key else None
+    loop.store = open_store_from_settings(loop.settings, credentials=credentials)
+    loop.registry = Registry(loop.store)
+    env = {"AWS_ACCESS_KEY_ID": aws.access_key_id, "AWS_SECRET_ACCESS_KEY": aws.secret_access_key, "AWS_SESSION_TOKEN": aws.session_token}
+    loop.ml_env = {k: v for k, v in env.items() if v and credentials}
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,8 @@ from tuneloop.storage.snapshots import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from tuneloop.config import Settings, StoreSettings
 
 
@@ -43,9 +45,11 @@ def open_store(
     endpoint_url: str | None = None,
     region: str = "us-east-1",
     max_attempts: int = 8,
+    credentials: Mapping[str, str | None] | None = None,
 ) -> Store:
     """Open ``uri``: a plain path or ``file:///abs`` -> :class:`LocalStore`,
-    ``s3://bucket/optional/prefix`` -> :class:`S3Store`."""
+    ``s3://bucket/optional/prefix`` -> :class:`S3Store` (``credentials``: explicit keys instead
+    of boto3's default chain)."""
     if "://" not in uri:
         return LocalStore(Path(uri))
     parts = urlsplit(uri)
@@ -62,11 +66,12 @@ def open_store(
             endpoint_url=endpoint_url,
             region=region,
             max_attempts=max_attempts,
+            credentials=credentials,
         )
     raise ValueError(f"store URI {uri!r}: only local paths, file:// and s3:// are supported")
 
 
-def open_store_from_settings(settings: Settings | StoreSettings) -> Store:
+def open_store_from_settings(settings: Settings | StoreSettings, *, credentials: Mapping[str, str | None] | None = None) -> Store:
     """Open the store configured in ``settings.store`` (or a ``StoreSettings`` itself)."""
     store = cast("StoreSettings", getattr(settings, "store", settings))
     return open_store(
@@ -74,6 +79,7 @@ def open_store_from_settings(settings: Settings | StoreSettings) -> Store:
         endpoint_url=store.endpoint_url,
         region=store.region,
         max_attempts=store.max_attempts,
+        credentials=credentials,
     )
 
 
