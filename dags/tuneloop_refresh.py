@@ -19,8 +19,8 @@ them failed) make every vLLM endpoint serve the registry's production version: a
 failed verify or registry write, the servers serve what the registry says again.
 The vLLM endpoints and API key come from the config, or from the `tuneloop_vllm`
 connection when it exists (host, or extra `{"endpoints": [...]}`; password = API key).
-`train` runs on a worker of the `gpu` pool, or as one Kubernetes pod per run when the
-Airflow environment sets `TUNELOOP__TRAINING_RUNNER=kubernetes`; `TUNELOOP__ML_QUEUE=<queue>`
+`train` runs on a worker of the `gpu` pool, and `train` and `evaluate` as one Kubernetes pod
+each per run when the Airflow environment sets `TUNELOOP__TRAINING_RUNNER=kubernetes`; `TUNELOOP__ML_QUEUE=<queue>`
 sends `train` and `evaluate` to the Celery/edge workers of that queue (the only settings read
 while the file is parsed: the DAG's shape never depends on a config file or a Variable).
 
@@ -75,10 +75,12 @@ def tuneloop_refresh() -> None:
     if IN_A_POD:
         from tuneloop.kubernetes import settings_at_parse_time
 
-        trained = tasks.train_in_pod(validated, settings=settings_at_parse_time())
+        settings = settings_at_parse_time()
+        evaluated = tasks.evaluate_in_pod(tasks.train_in_pod(validated, settings=settings), settings=settings)
     else:
         trained = task(pool="gpu", outlets=[ADAPTER], execution_timeout=timedelta(hours=12), **ML_QUEUE)(tasks.train)(validated)
-    decision = task(outlets=[EVAL_REPORT])(tasks.gate)(task(execution_timeout=timedelta(hours=6), **ML_QUEUE)(tasks.evaluate)(trained))
+        evaluated = task(execution_timeout=timedelta(hours=6), **ML_QUEUE)(tasks.evaluate)(trained)
+    decision = task(outlets=[EVAL_REPORT])(tasks.gate)(evaluated)
     approve = HumanApproval(task_id="approve", subject="Deploy the gate's candidate?", defaults=HumanApproval.REJECT, ignore_downstream_trigger_rules=True)
     before = setup(task(task_id="reconcile_before")(tasks.reconcile))()
     deployed = task(retries=1)(tasks.deploy)(decision)

@@ -34,9 +34,13 @@ XCOM_RESULT_PATH = "/airflow/xcom/return.json"  # read by the provider's XCom si
 POD_NAME = "tuneloop-train"  # the operator adds a random suffix
 TRAINER_UID = 1000  # the non-root user of docker/trainer.Dockerfile
 WORK_VOLUME = "work"
-# Airflow renders these at run time: the snapshot `validate` wrote and the run's id.
+# Airflow renders these at run time: the snapshot `validate` wrote, the run's id, and what
+# `train` returned (the candidate version and its snapshot) for the evaluation pod.
 SNAPSHOT_TEMPLATE = "{{ ti.xcom_pull(task_ids='validate')['snapshot'] }}"
 RUN_ID_TEMPLATE = "{{ run_id }}"
+CANDIDATE_TEMPLATE = "{{ ti.xcom_pull(task_ids='train')['version'] }}"
+TRAINED_SNAPSHOT_TEMPLATE = "{{ ti.xcom_pull(task_ids='train')['snapshot'] }}"
+COMPONENTS = ("train", "evaluate")
 
 
 def settings_at_parse_time(env: Mapping[str, str] | None = None) -> Settings:
@@ -51,6 +55,32 @@ def settings_at_parse_time(env: Mapping[str, str] | None = None) -> Settings:
 def train_arguments(snapshot: str = SNAPSHOT_TEMPLATE, run_id: str = RUN_ID_TEMPLATE) -> list[str]:
     """The trainer container's arguments (its command is ``tuneloop``)."""
     return ["train", "--snapshot", snapshot, "--register", "--run-id", run_id, "--json", "--xcom-json", XCOM_RESULT_PATH]
+
+
+def evaluate_arguments(candidate: str = CANDIDATE_TEMPLATE, snapshot: str = TRAINED_SNAPSHOT_TEMPLATE, run_id: str = RUN_ID_TEMPLATE) -> list[str]:
+    """The evaluation container's arguments: the refresh's evaluate step (``evaluate --step``)."""
+    return ["evaluate", "--step", "--candidate", candidate, "--snapshot", snapshot, "--run-id", run_id, "--json", "--xcom-json", XCOM_RESULT_PATH]
+
+
+def _pod_sections(settings: Settings) -> dict[str, dict[str, Any]]:
+    """The settings a pod runs on, by section: what the train and evaluate steps read. Secrets
+    are left out (they come from Kubernetes Secrets: ``kubernetes.secret_env``), and a JSON
+    Schema file of the task travels inline, since the pod has no copy of it."""
+    from tuneloop.tasks.scoring import load_json_schema
+
+    task = settings.task.model_dump(mode="json", exclude={"judge": {"api_key"}})
+    if isinstance(settings.task.json_schema, str):
+        task["json_schema"] = load_json_schema(settings.task.json_schema)
+    k8s = settings.kubernetes
+    return {
+        "store": settings.store.model_dump(mode="json", exclude={"aws_conn_id"}),  # a pod has no Airflow connections
+        "model": {**settings.model.model_dump(mode="json"), "demo_model_dir": f"{k8s.work_mount_path}/models/demo-base"},
+        # evaluation through the servers; an adapter copied for them lands on the pod's volume
+        "vllm": {**settings.vllm.model_dump(mode="json", exclude={"api_key"}), "adapter_dir": f"{k8s.work_mount_path}/served-adapters"},
+        "training": settings.training.model_dump(mode="json"),
+        "task": task,
+        "eval": settings.eval.model_dump(mode="json"),
+    }
 
 
 def _env_value(value: Any) -> str:
@@ -70,15 +100,10 @@ def pod_environment(settings: Settings) -> dict[str, str]:
     not here: see ``kubernetes.secret_env`` / ``secret_env_from``."""
     k8s = settings.kubernetes
     env: dict[str, str] = {"TUNELOOP__WORK_DIR": k8s.work_mount_path}
-    sections = {
-        "store": settings.store.model_dump(mode="json"),
-        "model": {**settings.model.model_dump(mode="json"), "demo_model_dir": f"{k8s.work_mount_path}/models/demo-base"},
-        "vllm": {"max_lora_rank": settings.vllm.max_lora_rank},  # validates training.lora_rank
-        "training": settings.training.model_dump(mode="json"),
-    }
-    for section, values in sections.items():
+    for section, values in _pod_sections(settings).items():
         for key, value in values.items():
-            env[f"TUNELOOP__{section.upper()}__{key.upper()}"] = _env_value(value)
+            if value is not None:
+                env[f"TUNELOOP__{section.upper()}__{key.upper()}"] = _env_value(value)
     env["HF_HOME"] = f"{k8s.work_mount_path}/hf-cache"  # base model downloads survive a retry
     env["PYTHONUNBUFFERED"] = "1"
     env.update(k8s.env)
@@ -86,13 +111,16 @@ def pod_environment(settings: Settings) -> dict[str, str]:
 
 
 def pod_operator_kwargs(
-    settings: Settings, *, snapshot: str = SNAPSHOT_TEMPLATE, run_id: str = RUN_ID_TEMPLATE
+    settings: Settings, *, snapshot: str = SNAPSHOT_TEMPLATE, run_id: str = RUN_ID_TEMPLATE, component: str = "train"
 ) -> dict[str, Any]:
-    """Keyword arguments of ``KubernetesPodOperator`` for the training pod (the DAG adds the
+    """Keyword arguments of ``KubernetesPodOperator`` for the training pod, or with
+    ``component="evaluate"`` the evaluation pod (the same image and resources; the DAG adds the
     task's own: task_id, pool, outlets, timeout). Raises :class:`ConfigError` when
     ``kubernetes.namespace`` or ``kubernetes.image`` is missing."""
     from kubernetes.client import models as k8s
 
+    if component not in COMPONENTS:
+        raise ValueError(f"component {component!r}: one of {COMPONENTS}")
     cfg = settings.kubernetes
     missing = [f"kubernetes.{name}" for name in ("namespace", "image") if getattr(cfg, name) is None]
     if missing:
@@ -119,14 +147,14 @@ def pod_operator_kwargs(
     labels = {
         "app.kubernetes.io/name": "tuneloop-trainer",
         "app.kubernetes.io/part-of": "tuneloop",
-        "app.kubernetes.io/component": "train",
+        "app.kubernetes.io/component": component,
         "app.kubernetes.io/version": __version__,
         **cfg.labels,
     }
     return {
         "kubernetes_conn_id": cfg.conn_id,
         "namespace": cfg.namespace,
-        "name": POD_NAME,
+        "name": POD_NAME if component == "train" else f"tuneloop-{component}",
         "random_name_suffix": True,
         "labels": labels,
         "annotations": dict(cfg.annotations),
@@ -135,7 +163,7 @@ def pod_operator_kwargs(
         "image_pull_secrets": [k8s.V1LocalObjectReference(name=name) for name in cfg.image_pull_secrets] or None,
         "service_account_name": cfg.service_account,
         "cmds": ["tuneloop"],
-        "arguments": train_arguments(snapshot, run_id),
+        "arguments": train_arguments(snapshot, run_id) if component == "train" else evaluate_arguments(run_id=run_id),
         "env_vars": env_vars,
         "env_from": [k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=name)) for name in cfg.secret_env_from],
         "container_resources": k8s.V1ResourceRequirements(

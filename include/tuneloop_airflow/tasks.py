@@ -220,3 +220,18 @@ def train_in_pod(validated: Any, *, settings: Any) -> Any:
     )
     validated >> pod
     return pod.output
+
+
+def evaluate_in_pod(trained: Any, *, settings: Any) -> Any:
+    """``evaluate`` as one pod per run, beside ``train_in_pod``: ``tuneloop evaluate --step`` in
+    the same image (candidate and production scored, the result back through the XCom sidecar,
+    the same dict the gate reads from the local task)."""
+    from datetime import timedelta
+
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+
+    from tuneloop.kubernetes import pod_operator_kwargs
+
+    pod = KubernetesPodOperator(task_id="evaluate", execution_timeout=timedelta(hours=6), **pod_operator_kwargs(settings, component="evaluate"))
+    trained >> pod
+    return pod.output

@@ -22,7 +22,9 @@ import yaml
 from tuneloop import cli
 from tuneloop.config import ConfigError, load_settings
 from tuneloop.kubernetes import (
+    CANDIDATE_TEMPLATE,
     SNAPSHOT_TEMPLATE,
+    TRAINED_SNAPSHOT_TEMPLATE,
     XCOM_RESULT_PATH,
     pod_environment,
     pod_operator_kwargs,
@@ -70,11 +72,11 @@ def _example_settings(tmp_path: Path) -> Any:
     return load_settings(path, env={})
 
 
-def _render(settings: Any, *, context: dict[str, Any] | None = None, random_suffix: bool = True) -> Any:
+def _render(settings: Any, *, context: dict[str, Any] | None = None, random_suffix: bool = True, component: str = "train") -> Any:
     """The V1Pod the operator would create, built by the provider itself (dry run: no cluster)."""
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 
-    operator = KubernetesPodOperator(task_id="train", **pod_operator_kwargs(settings))
+    operator = KubernetesPodOperator(task_id=component, **pod_operator_kwargs(settings, component=component))
     operator.random_name_suffix = random_suffix
     return operator.build_pod_request_obj(context, dry_run=True)
 
@@ -163,7 +165,7 @@ def test_credentials_reach_the_pod_only_as_secret_references(tmp_path: Path) -> 
     plain = {var.name: var.value for var in kwargs["env_vars"] if var.value is not None}
     referenced = {var.name: var.value_from.secret_key_ref for var in kwargs["env_vars"] if var.value_from is not None}
     assert not any("vllm-key" in value for value in plain.values())
-    assert not any(re.search(r"SECRET|TOKEN|PASSWORD|API_KEY", name) for name in plain)
+    assert not any(re.search(r"SECRET|PASSWORD|API_KEY|TOKEN(?!S)", name) for name in plain)  # MAX_NEW_TOKENS is no secret
     assert (referenced["HF_TOKEN"].name, referenced["HF_TOKEN"].key) == ("huggingface", "token")
     assert kwargs["env_from"] == [k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name="tuneloop-store-credentials"))]
 
@@ -356,9 +358,13 @@ def test_refresh_dag_trains_in_a_pod_with_the_kubernetes_runner(monkeypatch: pyt
     assert [outlet.uri for outlet in train.outlets] == ["tuneloop://loop/candidate-adapter"]
     assert train.do_xcom_push and train.namespace == "ml-training"
     assert SNAPSHOT_TEMPLATE in train.arguments  # the snapshot `validate` returned, rendered at run time
-    # evaluate receives the pod's XCom (the TrainResult dict) exactly as it received the @task's return
-    (candidate,) = dag.get_task("evaluate").op_args
-    assert candidate.operator is train and candidate.key == "return_value"
+    # evaluate is a pod too, after train, reading the candidate from train's XCom; the gate
+    # receives its XCom (the evaluation dict) exactly as it received the @task's return
+    evaluate = dag.get_task("evaluate")
+    assert isinstance(evaluate, KubernetesPodOperator) and evaluate.upstream_task_ids == {"train"}
+    assert evaluate.arguments[:2] == ["evaluate", "--step"] and CANDIDATE_TEMPLATE in evaluate.arguments
+    (evaluation,) = dag.get_task("gate").op_args
+    assert evaluation.operator is evaluate and evaluation.key == "return_value"
     # ...and the candidate-adapter asset event carries the version, as with the local runner
     events: dict[str, Any] = {}
 
@@ -380,3 +386,59 @@ def test_refresh_dag_keeps_the_local_runner_by_default(monkeypatch: pytest.Monke
     dag = DagBag(dag_folder=str(ROOT / "dags/tuneloop_refresh.py")).dags["tuneloop_refresh"]
     train = dag.get_task("train")
     assert not isinstance(train, KubernetesPodOperator) and train.pool == "gpu"
+
+
+@pytest.mark.dags
+def test_rendered_evaluation_pod_runs_the_evaluate_step_on_the_task_of_the_config(tmp_path: Path, kube_connection: None) -> None:
+    """The evaluation pod: the same image, `tuneloop evaluate --step` on what train returned, and
+    the task (format, metric, its JSON Schema inline: the pod has no copy of the file), eval and
+    vLLM settings loading back to the worker's values; no secret in plain values."""
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"type": "object", "required": ["label"]}))
+    settings = _example_settings(tmp_path)
+    settings.task.metric, settings.task.json_schema, settings.task.system_prompt = "json", str(schema), "Answer in JSON."
+    settings.vllm.endpoints = ["http://vllm-0.serving:8000", "http://vllm-1.serving:8000"]
+    settings.vllm.api_key = "vllm-key-never-in-the-pod"  # type: ignore[assignment]
+    settings.eval.endpoints = ["http://vllm-eval.serving:8000"]
+    ti = SimpleNamespace(dag_id="tuneloop_refresh", task_id="evaluate", map_index=-1, try_number=1)
+    pod = _render(settings, context={"ti": ti, "run_id": "manual__x", "dag": SimpleNamespace()}, component="evaluate")
+    manifest = _manifest(pod)
+    assert re.fullmatch(r"tuneloop-evaluate-[a-z0-9]{8}", manifest["metadata"]["name"])
+    assert manifest["metadata"]["labels"]["app.kubernetes.io/component"] == "evaluate"
+    container = manifest["spec"]["containers"][0]
+    assert container["args"] == ["evaluate", "--step", "--candidate", CANDIDATE_TEMPLATE, "--snapshot", TRAINED_SNAPSHOT_TEMPLATE,
+                                 "--run-id", "{{ run_id }}", "--json", "--xcom-json", XCOM_RESULT_PATH]  # fmt: skip
+    env = {var["name"]: var["value"] for var in container["env"] if var.get("value") is not None}
+    assert not any("vllm-key" in value for value in env.values())
+    in_pod = load_settings(env=env)
+    assert in_pod.task.model_dump(exclude={"json_schema"}) == settings.task.model_dump(exclude={"json_schema"})
+    assert in_pod.task.json_schema == {"type": "object", "required": ["label"]}
+    assert in_pod.eval == settings.eval and in_pod.vllm.endpoints == settings.vllm.endpoints and in_pod.vllm.api_key is None
+    with pytest.raises(ValueError, match="component"):
+        pod_operator_kwargs(settings, component="deploy")
+
+
+@pytest.mark.unit
+def test_evaluate_step_runs_the_dag_step_and_writes_the_xcom_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tuneloop.steps.evaluate as evaluate_module
+    from tuneloop.cli import main
+
+    seen: dict[str, Any] = {}
+
+    def fake_step(loop: Any, train: dict[str, Any]) -> dict[str, Any]:
+        seen.update(train=train, run_id=loop.run_id)
+        return {"version": train["version"], "snapshot": train["snapshot"], "production": None,
+                "candidate_eval": {"adapter": "v2", "scores_key": "evals/v2/x/candidate/scores.jsonl"},
+                "production_eval": {"adapter": "none", "scores_key": "evals/v2/x/production/scores.jsonl"}}  # fmt: skip
+
+    monkeypatch.setattr(evaluate_module, "evaluate_step", fake_step)
+    monkeypatch.setattr("tuneloop.ml.backends.has_torch", lambda: True)
+    monkeypatch.setenv("TUNELOOP__STORE__URI", str(tmp_path / "store"))
+    xcom = tmp_path / "return.json"
+    argv = ["evaluate", "--step", "--candidate", "v2", "--snapshot", "ab" * 32, "--run-id", "scheduled__2026-10-01", "--json", "--xcom-json", str(xcom)]
+    assert main(argv) == 0
+    assert seen == {"train": {"version": "v2", "snapshot": "ab" * 32}, "run_id": "scheduled__2026-10-01"}
+    assert json.loads(xcom.read_text())["candidate_eval"]["scores_key"] == "evals/v2/x/candidate/scores.jsonl"
+    assert main(["evaluate", "--step", "--candidate", "v2", "--snapshot", "ab", "--limit", "3"]) == 2  # the step decides that itself
+    assert main(["evaluate", "--step", "--candidate", "../x", "--snapshot", "ab"]) != 0
+    assert main(["evaluate", "--candidate", "v2"]) == 2  # --candidate without --step

@@ -222,7 +222,37 @@ def _previous_scores(store: Store, source: str) -> tuple[list[dict[str, Any]], s
         raise CliError(f"--compare {source}: no scores.jsonl there locally, nor {key} in {store.uri}") from None
 
 
+def _evaluate_step(args: argparse.Namespace) -> int:
+    """``tuneloop evaluate --step``: :func:`tuneloop.steps.evaluate.evaluate_step` in this process."""
+    from tuneloop.steps.evaluate import evaluate_step
+    from tuneloop.steps.loop import open_loop
+
+    given = {"--adapter": None if args.adapter == "none" else args.adapter, "--eval": args.eval, "--out": args.out, "--limit": args.limit,
+             "--upload": args.upload, "--compare": args.compare, "--injection": args.injection, "--backend": args.backend,
+             "--consistency-prompts": args.consistency_prompts, "--no-suites": args.no_suites or None}
+    clashing = [flag for flag, value in given.items() if value is not None]
+    if clashing:
+        raise CliError(f"--step evaluates as the refresh does, from the settings (eval.*): drop {', '.join(clashing)}")
+    if not (args.candidate and args.snapshot):
+        raise CliError("--step needs --candidate VERSION and --snapshot HASH (what `train` returned)")
+    from tuneloop.ml.backends import has_torch
+
+    if has_torch():  # each evaluation runs as a child: in this env when it is an ML env (a pod's image)
+        os.environ.setdefault("TUNELOOP_ML_PYTHON", sys.executable)
+    loop = open_loop(args.config, run_id=args.run_id, progress=_progress(args))
+    result = evaluate_step(loop, {"version": layout.version_name(args.candidate), "snapshot": args.snapshot})
+    _write_result_file(args.xcom_json, result)
+    candidate, production = result["candidate_eval"], result["production_eval"]
+    _emit(args, result, f"evaluated {result['version']} (and {production['adapter']}) on snapshot {args.snapshot[:12]}: "
+          f"{candidate['scores_key']}")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    if args.step:
+        return _evaluate_step(args)
+    if args.candidate or args.snapshot or args.run_id or args.xcom_json:
+        raise CliError("--candidate, --snapshot, --run-id and --xcom-json go with --step")
     from tuneloop.demo.basemodel import resolve_base_model
     from tuneloop.ml.backends import select_backend
     from tuneloop.ml.evaluate import SuitePlan, evaluate_adapter
@@ -429,4 +459,11 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--consistency-prompts", type=int, default=None, metavar="N",
                    help="prompts in the consistency suite, 0 to skip (default: eval.consistency_prompts)")
     p.add_argument("--no-suites", action="store_true", help="accuracy only: no injection, consistency or golden suites")
+    p.add_argument("--step", action="store_true",
+                   help="the refresh's evaluate step (what its Airflow task or evaluation pod runs): --candidate and "
+                   "production (or the bare base model) on --snapshot's eval split and the golden sets; the gate reads the result")
+    p.add_argument("--candidate", metavar="VERSION", help="with --step: the version `train` registered")
+    p.add_argument("--snapshot", metavar="HASH", help="with --step: the dataset snapshot it was trained on")
+    p.add_argument("--run-id", default=None, help="with --step: the Airflow run id (keys of the stored evaluations)")
+    p.add_argument("--xcom-json", metavar="PATH", help="with --step: also write the JSON result to PATH (the pod operator's XCom)")
     p.set_defaults(func=cmd_evaluate)
