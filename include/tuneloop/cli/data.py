@@ -74,12 +74,16 @@ def cmd_demo_world(args: argparse.Namespace) -> int:
         heldout_per_slice=args.heldout_per_slice, injection_rows=args.injection_rows, progress=_progress(args),
     )
     summary["store"] = store.uri
+    config = Path("examples") / args.example / "tuneloop.yaml"
     human = (
         f"{args.example} world written to {store.uri}: {args.days} days from {args.start}"
         + (f", drift from {args.drift_start}" if args.drift_start else ", no drift")
         + f"\n  held-out sets: {summary['heldout']}"
         + "".join(f"\n  suite {key}: {n} rows" for key, n in summary["suites"].items())
-        + f"\n  its task config: examples/{args.example}/tuneloop.yaml"
+        # The example configs live in the source tree, apart from the product: an installed
+        # wheel has the generators but not the configs.
+        + (f"\n  its task config: {config}" if config.is_file() else
+           f"\n  its task config: {config} of a tuneloop source checkout (not in the installed package)")
     )
     _emit(args, summary, human)
     return 0
