@@ -1,4 +1,7 @@
-# Astro CLI image (`astro dev start`): Astro Runtime 3.3 = Apache Airflow 3.3.
+# Astro CLI image (`astro dev start`): Astro Runtime 3.3 = Apache Airflow 3.3. 3.3-2 is the newest
+# 3.3 patch in Astronomer's Runtime provider reference as last read (docs/deployment.md); which
+# Airflow 3.3.x it ships could not be established there, and the tests ran on 3.3.2
+# (requirements/airflow.lock): check `docker run --rm IMAGE airflow version` when you bump it.
 # Not buildable on the development machine (no Docker engine); kept in step with
 # requirements/airflow.in (requirements.txt; packages.txt stays empty: no OS packages needed).
 # docker-compose.override.yml adds MinIO (the store) and a CPU vLLM server beside Airflow.

