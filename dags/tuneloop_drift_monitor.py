@@ -14,33 +14,8 @@ last refresh's data is older than `drift.cooldown_days`, it records an event on 
 from __future__ import annotations
 
 import os
-from datetime import datetime, timedelta
 
-from airflow.sdk import Asset, Param, dag, task
+from tuneloop_airflow.dags import drift_monitor_dag
 
-from tuneloop import assets
-from tuneloop_airflow import tasks
-
-DRIFT = Asset(name=assets.DRIFT[0], uri=assets.DRIFT[1])
-ML_QUEUE = {"queue": os.environ["TUNELOOP__ML_QUEUE"]} if os.environ.get("TUNELOOP__ML_QUEUE") else {}  # the performance check evaluates
-
-
-@dag(
-    dag_id="tuneloop_drift_monitor",
-    schedule="@daily",
-    start_date=datetime(2026, 1, 1),
-    catchup=False,
-    max_active_runs=1,
-    default_args={"owner": "ml-platform", "retries": 2, "retry_delay": timedelta(minutes=1), "retry_exponential_backoff": True},
-    tags=["tuneloop", "llm", "drift", "monitoring"],
-    doc_md=__doc__,
-    params={
-        "as_of": Param(None, type=["null", "string"], format="date", description="Check the window ending on this day (YYYY-MM-DD); default: the newest traffic partition."),
-    },
-)
-def tuneloop_drift_monitor() -> None:
-    check = task(**ML_QUEUE)(tasks.check_drift)()
-    task.short_circuit(tasks.drift_persists)(check) >> task(outlets=[DRIFT])(tasks.emit_drift_event)(check)
-
-
-tuneloop_drift_monitor()
+if not os.environ.get("TUNELOOP_LOOPS_DIR"):  # a loops folder replaces the single loop (dags/tuneloop_loops.py)
+    drift_monitor_dag(doc=__doc__)

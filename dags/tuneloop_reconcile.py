@@ -11,26 +11,9 @@ nothing (that deploy ends in a reconcile of its own). The same as `tuneloop reco
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+import os
 
-from airflow.sdk import dag, task
+from tuneloop_airflow.dags import reconcile_dag
 
-from tuneloop_airflow import tasks
-
-
-@dag(
-    dag_id="tuneloop_reconcile",
-    schedule=timedelta(minutes=10),
-    start_date=datetime(2026, 1, 1),
-    catchup=False,
-    max_active_runs=1,
-    dagrun_timeout=timedelta(minutes=9),
-    default_args={"owner": "ml-platform", "retries": 1, "retry_delay": timedelta(minutes=2)},
-    tags=["tuneloop", "llm", "serving"],
-    doc_md=__doc__,
-)
-def tuneloop_reconcile() -> None:
-    task(task_id="reconcile")(tasks.reconcile_if_idle)()
-
-
-tuneloop_reconcile()
+if not os.environ.get("TUNELOOP_LOOPS_DIR"):  # a loops folder replaces the single loop (dags/tuneloop_loops.py)
+    reconcile_dag(doc=__doc__)

@@ -31,64 +31,8 @@ this file is wiring.
 from __future__ import annotations
 
 import os
-from datetime import datetime, timedelta
 
-from airflow.sdk import (
-    Asset,
-    AssetOrTimeSchedule,
-    CronTriggerTimetable,
-    Param,
-    dag,
-    setup,
-    task,
-    teardown,
-)
+from tuneloop_airflow.dags import refresh_dag
 
-from tuneloop import assets
-from tuneloop_airflow import tasks
-from tuneloop_airflow.approval import HumanApproval
-
-DRIFT, SNAPSHOT, ADAPTER, EVAL_REPORT, PRODUCTION = (Asset(name=name, uri=uri) for name, uri in (assets.DRIFT, assets.SNAPSHOT, assets.ADAPTER, assets.EVAL_REPORT, assets.PRODUCTION))
-IN_A_POD = os.environ.get("TUNELOOP__TRAINING_RUNNER") == "kubernetes"  # an explicit Airflow-level choice
-ML_QUEUE = {"queue": os.environ["TUNELOOP__ML_QUEUE"]} if os.environ.get("TUNELOOP__ML_QUEUE") else {}  # Celery/edge workers with the ML env
-
-
-@dag(
-    dag_id="tuneloop_refresh",
-    schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable("0 3 1 1,4,7,10 *", timezone="UTC"), assets=DRIFT),
-    start_date=datetime(2026, 1, 1),
-    catchup=False,
-    max_active_runs=1,
-    default_args={"owner": "ml-platform", "retries": 2, "retry_delay": timedelta(seconds=30), "retry_exponential_backoff": True, "max_retry_delay": timedelta(minutes=10)},
-    tags=["tuneloop", "llm", "lora", "refresh"],
-    doc_md=__doc__,
-    params={
-        "force": Param(False, type="boolean", description="Use all partitions when none are new since the last snapshot."),
-        "since": Param(None, type=["null", "string"], format="date", description="First labelled partition (YYYY-MM-DD); default: the day after the last snapshot."),
-        "until": Param(None, type=["null", "string"], format="date", description="Last labelled partition (YYYY-MM-DD); default: the newest."),
-        "dry_run": Param(False, type="boolean", description="Stop after the gate: train, evaluate and report, but do not deploy."),
-        "require_approval": Param(False, type="boolean", description="A human approves a promoted candidate before the deploy (Required Actions in the UI). Always asked when the config sets gate.require_approval."),
-    },
-)
-def tuneloop_refresh() -> None:
-    validated = task(outlets=[SNAPSHOT])(tasks.validate)(task(tasks.pull)())
-    if IN_A_POD:
-        from tuneloop.kubernetes import settings_at_parse_time
-
-        settings = settings_at_parse_time()
-        evaluated = tasks.evaluate_in_pod(tasks.train_in_pod(validated, settings=settings), settings=settings)
-    else:
-        trained = task(pool="gpu", outlets=[ADAPTER], execution_timeout=timedelta(hours=12), **ML_QUEUE)(tasks.train)(validated)
-        evaluated = task(execution_timeout=timedelta(hours=6), **ML_QUEUE)(tasks.evaluate)(trained)
-    decision = task(outlets=[EVAL_REPORT])(tasks.gate)(evaluated)
-    approve = HumanApproval(task_id="approve", subject="Deploy the gate's candidate?", defaults=HumanApproval.REJECT, ignore_downstream_trigger_rules=True)
-    before = setup(task(task_id="reconcile_before")(tasks.reconcile))()
-    deployed = task(retries=1)(tasks.deploy)(decision)
-    task.short_circuit(tasks.should_deploy)(decision) >> approve >> before >> deployed
-    recorded = task(outlets=[PRODUCTION])(tasks.record)(task(tasks.verify)(deployed), decision)
-    after = teardown(task(task_id="reconcile_after")(tasks.reconcile))()
-    recorded >> after
-    before >> after
-
-
-tuneloop_refresh()
+if not os.environ.get("TUNELOOP_LOOPS_DIR"):  # a loops folder replaces the single loop (dags/tuneloop_loops.py)
+    refresh_dag(doc=__doc__)

@@ -11,31 +11,9 @@ to the registry's production version before the task fails.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+import os
 
-from airflow.sdk import Asset, Param, dag, task
+from tuneloop_airflow.dags import rollback_dag
 
-from tuneloop import assets
-from tuneloop_airflow import tasks
-
-PRODUCTION = Asset(name=assets.PRODUCTION[0], uri=assets.PRODUCTION[1])
-
-
-@dag(
-    dag_id="tuneloop_rollback",
-    schedule=None,
-    start_date=datetime(2026, 1, 1),
-    catchup=False,
-    max_active_runs=1,
-    default_args={"owner": "ml-platform", "retries": 2, "retry_delay": timedelta(seconds=20), "retry_exponential_backoff": True},
-    tags=["tuneloop", "llm", "rollback"],
-    doc_md=__doc__,
-    params={
-        "version": Param("previous", type="string", pattern=r"^(v\d+|previous|production|candidate)$", description="Adapter version (v3) or alias to serve again."),
-    },
-)
-def tuneloop_rollback() -> None:
-    task(outlets=[PRODUCTION])(tasks.rollback)()
-
-
-tuneloop_rollback()
+if not os.environ.get("TUNELOOP_LOOPS_DIR"):  # a loops folder replaces the single loop (dags/tuneloop_loops.py)
+    rollback_dag(doc=__doc__)

@@ -28,8 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from tuneloop import alerts
-from tuneloop.assets import DRIFT
+from tuneloop import alerts, assets
 from tuneloop.config import ConfigError
 
 if TYPE_CHECKING:
@@ -98,7 +97,13 @@ def _record_new_alerts(settings: Settings, notification: alerts.AlertNotificatio
         return JSONResponse(
             {"recorded": False, "duplicate": True, "reason": reason, "source": notification.source, "joined": duplicates}
         )
-    status, body = _record_drift_event(alerts.drift_event_extra(notification, claimed.new))
+    try:
+        loop_id = alerts.loop_of(claimed.new, several_loops=bool(os.environ.get("TUNELOOP_LOOPS_DIR")))
+    except alerts.AlertPayloadError as err:
+        if claimed.claim is not None:
+            dedup.release(claimed.claim)
+        return _error(err.status_code, err.reason)
+    status, body = _record_drift_event(alerts.drift_event_extra(notification, claimed.new), loop_id)
     if claimed.claim is not None:
         try:
             if body["recorded"]:
@@ -155,15 +160,16 @@ def _token_variable() -> str | None:
     return Variable.get(alerts.TOKEN_VARIABLE, default_var=None)
 
 
-def _record_drift_event(extra: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+def _record_drift_event(extra: dict[str, Any], loop_id: str | None = None) -> tuple[int, dict[str, Any]]:
     """Record the event the way ``POST /api/v2/assets/events`` does: Airflow's asset manager
-    queues every unpaused DAG scheduled on the asset, and the scheduler starts its run."""
+    queues every unpaused DAG scheduled on the asset, and the scheduler starts its run. With a
+    loops folder, the asset is that loop's (``tuneloop://<id>/drift``)."""
     from airflow.assets.manager import asset_manager
     from airflow.models.asset import AssetModel
     from airflow.utils.session import create_session
     from sqlalchemy import select
 
-    name, uri = DRIFT
+    name, uri = assets.for_loop(loop_id)["DRIFT"]
     with create_session() as session:
         asset = session.scalar(select(AssetModel).where(AssetModel.name == name, AssetModel.uri == uri))
         if asset is None:

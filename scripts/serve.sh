@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Start, stop or inspect the local vLLM OpenAI server (CPU) that tuneloop hot-swaps adapters into.
 #
-#   scripts/serve.sh start  [--port P] [--model DIR] [--name NAME] [--run-dir DIR] [--timeout S]
+#   scripts/serve.sh start  [--port P] [--model DIR] [--name NAME[,NAME2...]] [--run-dir DIR] [--timeout S]
+#   (several names: one fleet for several loops, the base model listed as NAME-base for each)
 #   scripts/serve.sh stop   [--run-dir DIR]
 #   scripts/serve.sh status [--run-dir DIR]
 #
@@ -152,7 +153,7 @@ start() {
   fi
   local -a args=(
     -m vllm.entrypoints.openai.api_server
-    --model "$model" --served-model-name "$name-base"
+    --model "$model" --served-model-name ${name//,/-base }-base
     --enable-lora --max-lora-rank "$max_lora_rank" --max-loras 2 --max-cpu-loras 4
     --dtype float32 --max-model-len 512 --no-enable-prefix-caching
     --host "$host" --port "$port"

@@ -341,6 +341,30 @@ def decide(notification: AlertNotification, alert_filter: AlertFilter | None = N
     return DriftDecision(True, f"{len(matching)} firing alert(s): {names}", matching)
 
 
+LOOP_LABEL = "tuneloop_loop"
+"""The alert label naming the loop a drift alert is for, when a loops folder defines several."""
+
+
+def loop_of(alerts: Iterable[Alert], *, several_loops: bool) -> str | None:
+    """The loop the alerts are for: their ``tuneloop_loop`` label (``None``: the single loop).
+    With a loops folder every alert must carry it and all must agree (route per loop in
+    Alertmanager: ``group_by: [tuneloop_loop]``); a loop id is lower-case letters, digits, ``_``."""
+    import re
+
+    named = {alert.labels.get(LOOP_LABEL) for alert in alerts}
+    if len(named) > 1:
+        shown = ", ".join(sorted(str(name) for name in named))
+        raise AlertPayloadError(f"the alerts are for several loops ({shown}): send one notification per loop (Alertmanager: group_by: [{LOOP_LABEL}])")
+    (loop,) = named or {None}
+    if loop is None:
+        if several_loops:
+            raise AlertPayloadError(f"this Airflow runs several loops: label the alert with {LOOP_LABEL}=<loop id> (the name of its config file)")
+        return None
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_]{0,39}", loop):
+        raise AlertPayloadError(f"label {LOOP_LABEL}={loop[:60]!r} is no loop id (lower-case letters, digits, '_')")
+    return loop
+
+
 def drift_event_extra(notification: AlertNotification, alerts: Iterable[Alert], *, max_bytes: int = EXTRA_MAX_BYTES) -> dict[str, Any]:
     """The drift event's ``extra``: enough to tell which alert triggered the refresh, never
     more than ``max_bytes`` of JSON (per-alert details go first, then the longer lists)."""

@@ -14,3 +14,15 @@ EVAL_REPORT = ("tuneloop_eval_report", "tuneloop://loop/eval-report")
 PRODUCTION = ("tuneloop_production_adapter", "tuneloop://loop/production-adapter")
 
 DRIFT_ASSET_URI = DRIFT[1]
+
+
+def for_loop(loop_id: str | None) -> dict[str, tuple[str, str]]:
+    """The five assets of one loop: the constants above for the single loop (``None``), and
+    ``tuneloop_<id>_drift`` / ``tuneloop://<id>/drift``... for a loop of a loops folder."""
+    stages = {"DRIFT": DRIFT, "SNAPSHOT": SNAPSHOT, "ADAPTER": ADAPTER, "EVAL_REPORT": EVAL_REPORT, "PRODUCTION": PRODUCTION}
+    if loop_id is None:
+        return stages
+    return {
+        key: (name.replace("tuneloop_", f"tuneloop_{loop_id}_", 1), uri.replace("tuneloop://loop/", f"tuneloop://{loop_id}/", 1))
+        for key, (name, uri) in stages.items()
+    }

@@ -25,12 +25,15 @@ log = logging.getLogger("airflow.task")
 
 
 def vllm_connection() -> Any:
-    """The ``tuneloop_vllm`` connection (vLLM endpoints and API key), or None if not defined."""
+    """The vLLM connection of the running task's loop (``tuneloop_vllm``, or ``tuneloop_vllm_<id>``
+    for a loop of a loops folder: vLLM endpoints and API key), or None if not defined."""
     from airflow.sdk import Connection
     from airflow.sdk.exceptions import AirflowNotFoundException
 
+    from tuneloop_airflow.loops import CURRENT
+
     try:
-        return Connection.get(VLLM_CONNECTION)
+        return Connection.get(CURRENT.get().vllm_connection)
     except AirflowNotFoundException:
         return None
 
@@ -70,6 +73,7 @@ def task_loop() -> Loop:
     from airflow.sdk import Variable, get_current_context
 
     from tuneloop.steps.loop import open_task_loop
+    from tuneloop_airflow.loops import CURRENT
 
     return open_task_loop(
         get_current_context()["run_id"],
@@ -77,6 +81,7 @@ def task_loop() -> Loop:
         progress=log.info,
         vllm_connection=vllm_connection,
         store_connection=store_connection,
+        config_path=CURRENT.get().config,
     )
 
 

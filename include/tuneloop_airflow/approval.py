@@ -10,6 +10,7 @@ from typing import Any
 from airflow.providers.standard.operators.hitl import ApprovalOperator
 
 from tuneloop_airflow import notify, task_loop
+from tuneloop_airflow.loops import CURRENT, SINGLE, LoopRef
 
 
 class HumanApproval(ApprovalOperator):
@@ -17,7 +18,25 @@ class HumanApproval(ApprovalOperator):
     Actions) when ``gate.require_approval`` or the run's ``require_approval`` param asks for
     it; otherwise passes at once. A Reject skips the deploy and is recorded with the report."""
 
+    def __init__(self, *, loop_ref: LoopRef = SINGLE, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.loop_ref = loop_ref
+
     def execute(self, context: Any) -> Any:
+        token = CURRENT.set(self.loop_ref)
+        try:
+            return self._execute(context)
+        finally:
+            CURRENT.reset(token)
+
+    def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
+        token = CURRENT.set(self.loop_ref)
+        try:
+            return self._execute_complete(context, event)
+        finally:
+            CURRENT.reset(token)
+
+    def _execute(self, context: Any) -> Any:
         from tuneloop.approval import approval_body, approval_required, approval_subject
         from tuneloop.notify import store_links
 
@@ -40,7 +59,7 @@ class HumanApproval(ApprovalOperator):
             self.log.info("approval: answer in the Airflow UI under Required Actions")
         return super().execute(context)
 
-    def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
+    def _execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
         from tuneloop.approval import record_review
         from tuneloop.notify import approval_reject_message, review_links
 

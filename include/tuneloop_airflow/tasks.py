@@ -10,17 +10,20 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from tuneloop import assets
 from tuneloop_airflow import no_retry_on, notify, task_loop
+from tuneloop_airflow.loops import current_assets
 
 log = logging.getLogger("airflow.task")
 
 
-def _extra(outlet_events: Any, asset: tuple[str, str], extra: dict[str, Any]) -> None:
+def _extra(outlet_events: Any, stage: str, extra: dict[str, Any]) -> None:
+    """The ``extra`` of this task's asset event (``stage``: DRIFT, SNAPSHOT...), on the running
+    loop's asset (``tuneloop://loop/...``, or ``tuneloop://<id>/...`` in a loops folder)."""
     if outlet_events is not None:
         from airflow.sdk import Asset
 
-        outlet_events[Asset(name=asset[0], uri=asset[1])].extra = extra
+        name, uri = current_assets()[stage]
+        outlet_events[Asset(name=name, uri=uri)].extra = extra
 
 
 # --- the drift monitor -----------------------------------------------------------------
@@ -43,7 +46,7 @@ def emit_drift_event(check: dict[str, Any], outlet_events: Any = None) -> dict[s
     from tuneloop.steps.monitor import drift_event_extra
 
     extra = drift_event_extra(check)
-    _extra(outlet_events, assets.DRIFT, extra)
+    _extra(outlet_events, "DRIFT", extra)
     notify(lambda loop: drift_message(check, links=drift_links(loop)))
     return extra
 
@@ -66,7 +69,7 @@ def validate(plan: dict[str, Any], outlet_events: Any = None) -> dict[str, Any]:
 
     with no_retry_on(DataQualityError):
         result = validate_step(task_loop(), plan)
-    _extra(outlet_events, assets.SNAPSHOT, {"snapshot": result["snapshot"], "counts": result["counts"]})
+    _extra(outlet_events, "SNAPSHOT", {"snapshot": result["snapshot"], "counts": result["counts"]})
     return result
 
 
@@ -83,7 +86,7 @@ def train(snapshot: dict[str, Any], outlet_events: Any = None) -> dict[str, Any]
             "the refresh DAG's `train` task is a pod"
         )
     result = train_step(loop, snapshot["snapshot"])
-    _extra(outlet_events, assets.ADAPTER, {"version": result["version"], "snapshot": result["snapshot"]})
+    _extra(outlet_events, "ADAPTER", {"version": result["version"], "snapshot": result["snapshot"]})
     return result
 
 
@@ -99,7 +102,7 @@ def gate(evaluation: dict[str, Any], outlet_events: Any = None) -> dict[str, Any
 
     loop = task_loop()
     decision = gate_step(loop, evaluation)
-    _extra(outlet_events, assets.EVAL_REPORT, {"version": decision["version"], "promote": decision["promote"], "report": decision["report_key"]})
+    _extra(outlet_events, "EVAL_REPORT", {"version": decision["version"], "promote": decision["promote"], "report": decision["report_key"]})
     if not decision["promote"]:
         notify(lambda lp: gate_reject_message(decision, links=gate_report_links(lp, decision)), loop=loop)
     return decision
@@ -145,7 +148,7 @@ def record(verified: dict[str, Any], decision: dict[str, Any], outlet_events: An
     loop = task_loop()
     gate_summary: dict[str, Any] = {k: decision[k] for k in ("promote", "reasons", "slices", "report_key") if k in decision}
     summary = record_step(loop, verified["version"], gate_summary, deployed_over=verified.get("deployed_over", UNCHECKED))
-    _extra(outlet_events, assets.PRODUCTION, {"version": verified["version"]})
+    _extra(outlet_events, "PRODUCTION", {"version": verified["version"]})
     html = (decision.get("report") or {}).get("html")  # linked presigned when sent (never logged)
     notify(lambda lp: deploy_message(summary, endpoints=loop.settings.vllm.endpoints, links={"gate report": store_links(lp, html) if html else None}), loop=loop)
     return summary
@@ -183,7 +186,7 @@ def rollback(params: dict[str, Any] | None = None, outlet_events: Any = None) ->
         report = err.report.to_dict() if err.report is not None else {}
         notify(lambda _: deploy_rollback_message(report, version=requested), loop=loop)
         raise
-    _extra(outlet_events, assets.PRODUCTION, {"version": result["version"], "rollback_from": result["from"]})
+    _extra(outlet_events, "PRODUCTION", {"version": result["version"], "rollback_from": result["from"]})
     context = get_current_context()
     who = getattr(context.get("dag_run"), "triggering_user_name", None) or "unknown user"
     reason = f"manual rollback (tuneloop_rollback run {context['run_id']}, triggered by {who})"
@@ -205,7 +208,7 @@ def train_in_pod(validated: Any, *, settings: Any) -> Any:
 
     from tuneloop.kubernetes import pod_operator_kwargs
 
-    adapter = Asset(name=assets.ADAPTER[0], uri=assets.ADAPTER[1])
+    adapter = Asset(name=current_assets()["ADAPTER"][0], uri=current_assets()["ADAPTER"][1])
 
     def record_adapter_event(context: Any, result: Any) -> None:
         context["outlet_events"][adapter].extra = {"version": result["version"], "snapshot": result["snapshot"]}

@@ -527,3 +527,20 @@ def test_a_state_that_keeps_changing_underneath_is_an_error_naming_the_store(tmp
 
     with pytest.raises(AlertDedupError, match=f"state in file://{tmp_path} changed under 8 attempts"):
         AlertDedup(LosingStore(tmp_path), DAY_S).claim([firing()], source="alertmanager")
+
+
+def test_the_loop_label_routes_an_alert_to_its_loop() -> None:
+    """With a loops folder, `tuneloop_loop` names the loop whose drift asset gets the event."""
+    from tuneloop.alerts import Alert, AlertPayloadError, loop_of
+
+    def alert(**labels: str) -> Alert:
+        return Alert(status="firing", labels={"alertname": "Drift", **labels}, annotations={}, starts_at=None, fingerprint=None)
+
+    assert loop_of([alert()], several_loops=False) is None
+    assert loop_of([alert(tuneloop_loop="invoices"), alert(tuneloop_loop="invoices")], several_loops=True) == "invoices"
+    with pytest.raises(AlertPayloadError, match="label the alert with tuneloop_loop"):
+        loop_of([alert()], several_loops=True)
+    with pytest.raises(AlertPayloadError, match="several loops"):
+        loop_of([alert(tuneloop_loop="invoices"), alert(tuneloop_loop="tickets")], several_loops=True)
+    with pytest.raises(AlertPayloadError, match="no loop id"):
+        loop_of([alert(tuneloop_loop="../etc")], several_loops=True)

@@ -274,8 +274,11 @@ def test_the_store_comes_from_the_settings_or_tuneloop_ui_store(tmp_path: Path) 
 def test_the_dags_whose_read_access_the_view_asks_for_are_the_project_dags() -> None:
     """The plugin asks Airflow's auth manager for read access to these DAG ids: a renamed DAG
     would make the check ask about a DAG nobody can be granted."""
+    from tuneloop_airflow.loops import SINGLE
+
     dags_folder = Path(__file__).resolve().parents[2] / "dags"
-    dag_ids = {m for path in dags_folder.glob("*.py") for m in re.findall(r'dag_id="([^"]+)"', path.read_text())}
+    stages = {m for path in dags_folder.glob("*.py") for m in re.findall(r"^    (\w+)_dag\(doc=__doc__\)$", path.read_text(), re.M)}
+    dag_ids = {SINGLE.dag_id(stage) for stage in stages}
     assert set(ui.VIEW_DAG_IDS) <= dag_ids
     assert {"tuneloop_refresh", "tuneloop_drift_monitor", "tuneloop_rollback"} == set(ui.VIEW_DAG_IDS)
     message = ui.forbidden_message("viewer", ["tuneloop_rollback"])

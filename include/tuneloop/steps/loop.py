@@ -86,13 +86,19 @@ def open_task_loop(
     progress: Callable[[str], None],
     vllm_connection: Callable[[], Any] | None = None,
     store_connection: Callable[[str], StoreConnection | None] | None = None,
+    config_path: str | None = None,
 ) -> Loop:
     """The loop for one Airflow task. Config: $TUNELOOP_CONFIG, else ``config_variable()`` (the
     DAGs pass a reader of the ``tuneloop_config`` Variable), else the embedded defaults; a path
     that does not exist on this worker falls back to the defaults. ``vllm_connection()`` (the
     DAGs read the ``tuneloop_vllm`` Airflow connection; None when it does not exist) may replace
-    the vLLM endpoints and API key: see :func:`apply_vllm_connection`."""
-    config, env = choose_task_config(os.environ, config_variable, progress)
+    the vLLM endpoints and API key: see :func:`apply_vllm_connection`. ``config_path`` (a loop
+    of a loops folder) replaces the choice of config file."""
+    config: str | None
+    if config_path is not None:  # a loop of a loops folder: its own file, whatever $TUNELOOP_CONFIG says
+        config, env = config_path, {key: value for key, value in os.environ.items() if key != "TUNELOOP_CONFIG"}
+    else:
+        config, env = choose_task_config(os.environ, config_variable, progress)
     loop = open_loop(config, run_id=run_id, progress=progress, env=env)
     conn_id = loop.settings.store.aws_conn_id
     if store_connection is not None and conn_id and loop.settings.store.uri.startswith("s3://"):
