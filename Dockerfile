@@ -18,4 +18,14 @@ ENV PYTHONPATH="/usr/local/airflow/include:${PYTHONPATH}" \
 # the `astro` user that runs the tasks, whichever container mounts the fresh volume first.
 USER root
 RUN mkdir -p /shared/adapters /shared/models && chown -R astro:0 /shared
+# The ML environment the train and evaluate steps run in (the Airflow env has no torch):
+# CPU torch and the ml.lock versions of docker/ml-requirements.txt in a venv of its own, found
+# through TUNELOOP_ML_PYTHON. With training_runner: kubernetes the ML steps run in the trainer
+# image instead, and this layer may be dropped; evaluation through vLLM needs neither.
+COPY docker/ml-requirements.txt /opt/tuneloop-ml-requirements.txt
+RUN python -m venv /opt/tuneloop-ml \
+    && /opt/tuneloop-ml/bin/pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu \
+        -r /opt/tuneloop-ml-requirements.txt \
+    && chown -R astro:0 /opt/tuneloop-ml
+ENV TUNELOOP_ML_PYTHON=/opt/tuneloop-ml/bin/python
 USER astro

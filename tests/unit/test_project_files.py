@@ -108,6 +108,23 @@ def test_astro_requirements_pin_the_orchestration_lock() -> None:
     assert not differ, f"requirements.txt pins that are not requirements/airflow.lock's (pin, lock): {differ}"
 
 
+def test_astro_image_has_an_ml_env_at_the_tested_versions() -> None:
+    """The Astro image trains and evaluates on CPU: a venv of docker/ml-requirements.txt, every
+    pin the version of requirements/ml.lock, found through TUNELOOP_ML_PYTHON; it covers what the
+    ML side imports (the ML env of the tests has exactly these versions)."""
+    locked = _locked("ml.lock")
+    pins = [Requirement(line) for line in (ROOT / "docker/ml-requirements.txt").read_text().splitlines() if line.strip() and not line.startswith("#")]
+    differ = {r.name: (str(r.specifier), locked.get(canonicalize_name(r.name))) for r in pins if len(r.specifier) != 1 or next(iter(r.specifier)).version != locked.get(canonicalize_name(r.name))}
+    assert pins and not differ, f"docker/ml-requirements.txt pins that are not requirements/ml.lock's (pin, lock): {differ}"
+    needed = {"torch", "transformers", "peft", "safetensors", "tokenizers", "boto3", "httpx", "pydantic", "pyyaml", "numpy", "jsonschema", "sacrebleu"}
+    assert needed <= {canonicalize_name(r.name) for r in pins}
+    assert "vllm" not in " ".join(r.name for r in pins), "the vllm service serves; the image's ML env needs no vLLM"
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "COPY docker/ml-requirements.txt" in dockerfile and "-r /opt/tuneloop-ml-requirements.txt" in dockerfile
+    assert "ENV TUNELOOP_ML_PYTHON=/opt/tuneloop-ml/bin/python" in dockerfile
+    assert "download.pytorch.org/whl/cpu" in dockerfile  # torch==...+cpu lives on PyTorch's index
+
+
 def test_package_ranges_admit_the_locked_versions() -> None:
     """The wheel's dependency ranges hold the versions the tests ran with: the base and the
     airflow extra against the orchestration lock, the ml and vllm-cpu extras against the ML lock."""
