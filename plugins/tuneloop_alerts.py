@@ -28,7 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from tuneloop import alerts, assets
+from tuneloop import alert_dedup, alerts, assets
 from tuneloop.config import ConfigError
 
 if TYPE_CHECKING:
@@ -85,14 +85,14 @@ def _record_new_alerts(settings: Settings, notification: alerts.AlertNotificatio
     and name the event (and runs) that the duplicates joined."""
     window_s = settings.alerts.dedup_window_hours * 3600
     try:
-        dedup = alerts.AlertDedup(_open_store(settings), window_s)
+        dedup = alert_dedup.AlertDedup(_open_store(settings), window_s)
         claimed = dedup.claim(firing, source=notification.source)
     except Exception as err:  # the store: name the cause, and let the sender retry
         log.exception("tuneloop alert: de-duplication state unavailable")
         return _error(503, f"cannot check the alert against the ones already acted on: {type(err).__name__}: {err}")
     duplicates = _joined(claimed.duplicates)
     if not claimed.new:
-        reason = alerts.duplicate_reason(claimed.duplicates, window_s)
+        reason = alert_dedup.duplicate_reason(claimed.duplicates, window_s)
         log.info("tuneloop alert from %s not recorded: %s", notification.source, reason)
         return JSONResponse(
             {"recorded": False, "duplicate": True, "reason": reason, "source": notification.source, "joined": duplicates}

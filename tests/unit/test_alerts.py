@@ -14,13 +14,17 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from tuneloop import layout
-from tuneloop.alerts import (
+from tuneloop.alert_dedup import (
     DEDUP_KEEP_GENERATIONS,
+    AlertDedup,
+    AlertDedupError,
+    dedup_key,
+    duplicate_reason,
+)
+from tuneloop.alerts import (
     EXTRA_MAX_BYTES,
     MAX_BODY_BYTES,
     Alert,
-    AlertDedup,
-    AlertDedupError,
     AlertFilter,
     AlertPayloadError,
     AuthOutcome,
@@ -28,9 +32,7 @@ from tuneloop.alerts import (
     check_bearer,
     configured_token,
     decide,
-    dedup_key,
     drift_event_extra,
-    duplicate_reason,
     notification_from_payload,
     parse_notification,
     read_body,
