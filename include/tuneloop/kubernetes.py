@@ -124,7 +124,7 @@ def pod_operator_kwargs(
     cfg = settings.kubernetes
     missing = [f"kubernetes.{name}" for name in ("namespace", "image") if getattr(cfg, name) is None]
     if missing:
-        raise ConfigError(f"the training pod needs {' and '.join(missing)} (see docs/deployment.md, 'Training on Kubernetes')")
+        raise ConfigError(f"the training pod needs {' and '.join(missing)} (see docs/deployment.md, 'Training and evaluation on Kubernetes')")
 
     env_vars = [k8s.V1EnvVar(name=name, value=value) for name, value in pod_environment(settings).items()]
     env_vars += [
