@@ -88,7 +88,8 @@ def _reexec_in_ml_env(argv: Sequence[str], command: str, *, backend: str | None 
     if python is None:
         raise CliError(
             f"`{command}` needs torch, transformers and peft, which this Python ({sys.executable}) lacks: "
-            "run `make setup` to build .venv-ml, or point TUNELOOP_ML_PYTHON at an interpreter that has them"
+            "run `make setup` to build .venv-ml (in a checkout), or `pip install 'tuneloop[ml]'` into another venv and "
+            "point TUNELOOP_ML_PYTHON at its python"
         )
     sys.stdout.flush()
     sys.stderr.flush()

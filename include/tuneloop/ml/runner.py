@@ -51,7 +51,8 @@ def ml_python() -> Path:
     python = find_ml_python()
     if python is None:
         raise StepFailedError(
-            "no training environment found: run `make setup` (builds .venv-ml) or set TUNELOOP_ML_PYTHON "
+            "no training environment found: run `make setup` (builds .venv-ml in a checkout), or install "
+            "`tuneloop[ml]` into a venv of its own, and set TUNELOOP_ML_PYTHON "
             f"to a Python with torch, transformers and peft (looked at {', '.join(map(str, _candidates()))})"
         )
     return python
