@@ -84,3 +84,24 @@ def test_without_an_ml_env_only_evaluate_runs_here(tmp_path: Path, monkeypatch: 
     with pytest.raises(StepFailedError, match="make setup"):
         run_ml_step(["train", "--version", "v1"])
     assert len(ran) == 1
+
+
+def test_the_ml_env_is_found_although_every_venv_python_is_a_link_to_one_interpreter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """uv's venvs link bin/python to the same interpreter: the orchestration env must still re-execute
+    `train` in the ML env (only a TUNELOOP_ML_PYTHON naming this very python is refused)."""
+    import os
+
+    from tuneloop.cli.common import CliError, _reexec_in_ml_env
+
+    ml_python = tmp_path / "venv-ml" / "bin" / "python"
+    ml_python.parent.mkdir(parents=True)
+    ml_python.symlink_to(os.path.realpath(sys.executable))
+    monkeypatch.setenv("TUNELOOP_ML_PYTHON", str(ml_python))
+    monkeypatch.setattr("tuneloop.ml.backends.has_torch", lambda: False)
+    execs: list[list[str]] = []
+    monkeypatch.setattr(os, "execv", lambda path, argv: execs.append(argv))
+    _reexec_in_ml_env(["train", "--version", "v1"], "train")
+    assert execs and execs[0][0] == str(ml_python)
+    monkeypatch.setenv("TUNELOOP_ML_PYTHON", sys.executable)
+    with pytest.raises(CliError, match="names this very Python"):
+        _reexec_in_ml_env(["train", "--version", "v1"], "train")

@@ -80,7 +80,8 @@ def _reexec_in_ml_env(argv: Sequence[str], command: str, *, backend: str | None 
     python = find_ml_python()
     if command == "evaluate" and (backend == "vllm" or (backend == "auto" and python is None)):
         return
-    if python is not None and Path(python).resolve() == Path(sys.executable).resolve():
+    # venvs' pythons are symlinks to one interpreter: compare the paths, never what they resolve to
+    if python is not None and Path(os.path.abspath(python)) == Path(os.path.abspath(sys.executable)):
         raise CliError(
             f"`{command}` needs torch, transformers and peft, and TUNELOOP_ML_PYTHON names this very Python "
             f"({sys.executable}), which lacks them: point it at the ML env (`make setup` builds .venv-ml)"
