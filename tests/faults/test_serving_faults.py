@@ -21,20 +21,20 @@ import pytest
 import yaml
 from fixtures_vllm import (
     MAX_TOKENS,
-    PROMPTS,
     SERVED,
     FaultProxy,
     build_lora_adapter,
     build_tiny_llama,
     free_port,
     serve_sh,
+    serves,
+    stable_answers,
     staged_answers,
 )
 
 from tuneloop.provenance import dir_digest
 from tuneloop.serving.deploy import DeployError
 from tuneloop.serving.fleet_lock import lock_key
-from tuneloop.serving.vllm_client import VllmClient
 from tuneloop.steps.loop import Loop, open_loop
 from tuneloop.steps.serve import (
     deploy_step,
@@ -126,14 +126,6 @@ def _register(loop: Loop, fleet: Fleet, production: list[str], also: tuple[str, 
     reconcile_step(loop)
 
 
-def _serves(url: str) -> str | None:
-    with VllmClient(url) as client:
-        return client.adapters().get(SERVED)
-
-
-def _answers(url: str) -> list[str]:
-    with VllmClient(url) as client:
-        return client.chat_many(SERVED, PROMPTS, max_tokens=MAX_TOKENS)
 
 
 def _agree(loop: Loop, fleet: Fleet, tmp_path: Path, urls: list[str]) -> str:
@@ -142,8 +134,8 @@ def _agree(loop: Loop, fleet: Fleet, tmp_path: Path, urls: list[str]) -> str:
     production = loop.registry.aliases()["production"]
     assert production is not None
     for url in urls:
-        assert _serves(url) == str((tmp_path / "served" / production).resolve()), url
-        assert _answers(url) == fleet.answers[production], url
+        assert serves(url) == str((tmp_path / "served" / production).resolve()), url
+        assert stable_answers(url) == fleet.answers[production], url
     assert not loop.store.list("locks/"), "a fleet lease was left behind"
     return production
 
@@ -168,9 +160,9 @@ def test_a_server_restarted_between_load_and_verify_gets_production_back(fleet: 
     loop = _loop(fleet, tmp_path, [url])
     _register(loop, fleet, ["v1"], also=("v2",))
     deployed = deploy_step(loop, "v2")
-    assert deployed["previous"] == "v1" and _answers(url) == fleet.answers["v2"]
+    assert deployed["previous"] == "v1" and stable_answers(url) == fleet.answers["v2"]
     fleet.restart(0)
-    assert _serves(url) is None
+    assert serves(url) is None
     with pytest.raises(RuntimeError, match="is not loaded at all .*restarted.*reconcile puts the registry's production back"):
         verify_step(loop, "v2")
     assert reconcile_step(loop)["endpoints"][0]["action"] == "loaded"
@@ -200,7 +192,7 @@ def test_a_worker_killed_in_the_middle_of_a_swap_is_retried_to_the_same_end(flee
         os.killpg(worker.pid, signal.SIGKILL)
         worker.wait(30)
         armed["on"] = False
-        assert _serves(url) == str((tmp_path / "served" / "v2").resolve()), "the swap happened on the server"
+        assert serves(url) == str((tmp_path / "served" / "v2").resolve()), "the swap happened on the server"
         assert loop.store.list("locks/") == [lock_key([proxy.url])], "the killed worker's lease is still there"
         assert loop.registry.aliases()["production"] == "v1"
 
@@ -229,7 +221,7 @@ def test_a_failed_restore_leaves_the_replicas_apart_until_reconcile(fleet: Fleet
         message = str(caught.value)
         assert caught.value.endpoint == b.url and f"{a.url}: ROLLBACK FAILED" in message, message
         v1, v2 = (str((tmp_path / "served" / v).resolve()) for v in ("v1", "v2"))
-        assert (_serves(fleet.urls[0]), _serves(fleet.urls[1])) == (v2, v1), "the replicas disagree, as reported"
+        assert (serves(fleet.urls[0]), serves(fleet.urls[1])) == (v2, v1), "the replicas disagree, as reported"
         with pytest.raises(DeployError, match=f"reconcile to .*v1 failed on 1 of 2 endpoint.*{a.url}"):
             reconcile_step(loop)  # still refused: says so, and changes nothing else
         armed["on"] = False

@@ -327,3 +327,19 @@ def staged_answers(url: str, adapters: dict[str, Path]) -> dict[str, list[str]]:
 def golden_of(answers: list[str]) -> list[dict[str, str]]:
     """Golden cases ``{id, prompt, expected}`` for :func:`tuneloop.serving.deploy.deploy_adapter`."""
     return [{"id": f"p{i}", "prompt": prompt, "expected": answer} for i, (prompt, answer) in enumerate(zip(PROMPTS, answers, strict=True))]
+
+
+def serves(url: str, api_key: str | None = None) -> str | None:
+    """The directory the server's stable name (:data:`SERVED`) serves, or None."""
+    from tuneloop.serving.vllm_client import VllmClient
+
+    with VllmClient(url, api_key=api_key) as client:
+        return client.adapters().get(SERVED)
+
+
+def stable_answers(url: str) -> list[str]:
+    """The stable name's greedy answers to :data:`PROMPTS`."""
+    from tuneloop.serving.vllm_client import VllmClient
+
+    with VllmClient(url) as client:
+        return client.chat_many(SERVED, PROMPTS, max_tokens=MAX_TOKENS)

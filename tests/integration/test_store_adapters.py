@@ -26,6 +26,8 @@ from fixtures_vllm import (
     build_tiny_llama,
     free_port,
     serve_sh,
+    serves,
+    stable_answers,
     staged_answers,
 )
 
@@ -112,14 +114,6 @@ def _publish(loop: Loop, version: str, files: Path, pinned_from: Path | None = N
     )  # fmt: skip
 
 
-def _serves(url: str) -> str | None:
-    with VllmClient(url) as client:
-        return client.adapters().get(SERVED)
-
-
-def _answers(url: str) -> list[str]:
-    with VllmClient(url) as client:
-        return client.chat_many(SERVED, PROMPTS, max_tokens=MAX_TOKENS)
 
 
 def test_the_server_fetches_every_version_from_s3_and_the_swap_keeps_its_checks(world: dict[str, Any]) -> None:
@@ -130,30 +124,30 @@ def test_the_server_fetches_every_version_from_s3_and_the_swap_keeps_its_checks(
     loop.registry.promote("v1", reason="bootstrap", run_id="setup")
 
     assert reconcile_step(loop)["endpoints"][0]["action"] == "loaded"
-    v1_root = _serves(url)
+    v1_root = serves(url)
     assert v1_root is not None and Path(v1_root).parent == cache.resolve() and Path(v1_root).name.startswith("v1-")
-    assert _answers(url) == world["answers"]["v1"]
+    assert stable_answers(url) == world["answers"]["v1"]
 
     deployed = deploy_step(loop, "v2")
     verify_step(loop, "v2")
     record_step(loop, "v2", deployed_over=deployed["previous"])
-    v2_root = _serves(url)
+    v2_root = serves(url)
     assert v2_root is not None and Path(v2_root).parent == cache.resolve() and Path(v2_root).name.startswith("v2-")
-    assert _answers(url) == world["answers"]["v2"]
+    assert stable_answers(url) == world["answers"]["v2"]
     assert sorted(p.name for p in cache.iterdir()) == sorted([Path(v1_root).name, Path(v2_root).name]), "no partial directory is left"
     with VllmClient(url) as client:
         assert not [name for name in client.adapters() if "-fetch-" in name], "the fetch names are unloaded"
-    assert not (world["root"] / "worker-local" / "v2").exists() or _serves(url) != str(world["root"] / "worker-local" / "v2")
+    assert not (world["root"] / "worker-local" / "v2").exists() or serves(url) != str(world["root"] / "worker-local" / "v2")
 
     # a vLLM restart forgets its runtime adapters: reconcile fetches production again (from its cache)
     with VllmClient(url) as client:
         client.unload_adapter(SERVED)
-    assert reconcile_step(loop)["endpoints"][0]["action"] == "loaded" and _serves(url) == v2_root
+    assert reconcile_step(loop)["endpoints"][0]["action"] == "loaded" and serves(url) == v2_root
 
 
 def test_a_version_whose_bytes_do_not_match_its_pin_is_refused_and_production_stays(world: dict[str, Any], tmp_path: Path) -> None:
     loop = open_loop(str(world["config"]), run_id="store-tampered", progress=print)
-    production_root = _serves(world["url"])
+    production_root = serves(world["url"])
     _publish(loop, "v3", world["adapters"]["v2"], pinned_from=world["adapters"]["v1"])  # v2's bytes under v1's hash
     with pytest.raises(RuntimeError, match="does not match its registry record"):
         deploy_step(loop, "v3")  # the worker's own copy fails the check first: nothing reaches a server
@@ -161,7 +155,7 @@ def test_a_version_whose_bytes_do_not_match_its_pin_is_refused_and_production_st
         fetch_on_server(client, SERVED, "v3")  # and the server's resolver refuses it too
     assert "could not fetch v3 from the store" in str(caught.value) and "Its log says why" in str(caught.value)
     assert "does not match the hash its registry record pins" in world["log"].read_text(errors="replace")
-    assert _serves(world["url"]) == production_root
+    assert serves(world["url"]) == production_root
     assert not [p for p in world["cache"].iterdir() if p.name.startswith(("v3", ".v3"))], "nothing of v3 is kept"
     with pytest.raises(AdapterFetchError, match="does not match the hash"):  # the same check, off the server
         fetch_version(loop.store, "v3", tmp_path / "cache")

@@ -31,6 +31,7 @@ from fixtures_vllm import (
     golden_of,
     on_load_of,
     serve_sh,
+    serves,
     staged_answers,
 )
 
@@ -336,9 +337,6 @@ def test_down_endpoint_gives_a_clear_error_and_touches_nothing(stable_v1: Served
 # -- faults in the middle of a rollout ------------------------------------------------------
 
 
-def _serves(url: str, api_key: str | None = None) -> str | None:
-    with VllmClient(url, api_key=api_key) as client:
-        return client.adapters().get(SERVED)
 
 
 def test_timeout_in_the_middle_of_the_stable_swap_restores_the_previous_adapter(stable_v1: Served) -> None:
@@ -353,7 +351,7 @@ def test_timeout_in_the_middle_of_the_stable_swap_restores_the_previous_adapter(
     assert "did not answer POST /v1/load_lora_adapter within 4 s" in str(err)
     assert "tuneloop rolled back" in str(err)
     assert loads == ["200 held 8 s", "200"]  # the swap happened on the server, then the restore
-    assert _serves(served.url) == str(served.adapters["v1"].resolve())
+    assert serves(served.url) == str(served.adapters["v1"].resolve())
     assert served.stable_answers() == served.answers["v1"]
 
 
@@ -377,7 +375,7 @@ def second(served: Served, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 @pytest.fixture
 def both_v1(stable_v1: Served, second: str) -> tuple[Served, str]:
     served = stable_v1
-    if _serves(second, API_KEY) != str(served.adapters["v1"].resolve()):
+    if serves(second, API_KEY) != str(served.adapters["v1"].resolve()):
         served.deploy("v1", None, endpoints=[second], api_key=API_KEY)
     return served, second
 
@@ -392,7 +390,7 @@ def test_one_of_two_replicas_failing_rolls_back_both(both_v1: tuple[Served, str]
     assert f"{served.url}: tuneloop rolled back" in str(err)  # the canary, already on v2, went back
     assert err.report is not None and [ep.status for ep in err.report.endpoints] == ["rolled_back", "rolled_back"]
     v1 = str(served.adapters["v1"].resolve())
-    assert _serves(served.url) == v1 and _serves(second, API_KEY) == v1
+    assert serves(served.url) == v1 and serves(second, API_KEY) == v1
     assert served.stable_answers() == served.answers["v1"]
     with VllmClient(second, api_key=API_KEY) as client:
         assert client.chat_many(SERVED, PROMPTS, max_tokens=MAX_TOKENS) == served.answers["v1"]
@@ -411,7 +409,7 @@ def test_both_replicas_swap_and_the_key_never_shows(
         report = served.deploy("v2", "v1", endpoints=[served.url, second], api_key=API_KEY, progress=messages.append)
         assert report.ok and [ep.status for ep in report.endpoints] == ["deployed", "deployed"]
         v2 = str(served.adapters["v2"].resolve())
-        assert _serves(served.url) == v2 and _serves(second, API_KEY) == v2
+        assert serves(served.url) == v2 and serves(second, API_KEY) == v2
         seen = "\n".join(messages) + caplog.text + report.to_json()
         assert len(messages) > 10 and API_KEY not in seen
     finally:
@@ -449,7 +447,7 @@ def test_registry_write_failing_after_a_rollback_swap_reconciles_the_servers(
     assert reconcile_step(loop)["endpoints"][0]["action"] == "loaded"
     v2_dir = str((tmp_path / "served" / "v2").resolve())
     try:
-        assert _serves(served.url) == v2_dir and served.stable_answers() == served.answers["v2"]
+        assert serves(served.url) == v2_dir and served.stable_answers() == served.answers["v2"]
 
         def broken_write(*args: Any, **kwargs: Any) -> Any:
             raise StorageError("injected: the registry bucket refused the write (503 SlowDown, retries exhausted)")
@@ -462,7 +460,7 @@ def test_registry_write_failing_after_a_rollback_swap_reconciles_the_servers(
         assert "the servers serve the registry's production (v2) again" in message
         monkeypatch.undo()
         assert loop.registry.aliases()["production"] == "v2"
-        assert _serves(served.url) == v2_dir and served.stable_answers() == served.answers["v2"]
+        assert serves(served.url) == v2_dir and served.stable_answers() == served.answers["v2"]
 
         with VllmClient(served.url) as client:
             client.unload_adapter(SERVED)

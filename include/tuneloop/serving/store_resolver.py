@@ -48,9 +48,14 @@ def fetch_name(prefix: str, version: str) -> str:
     return f"{prefix}{FETCH_INFIX}{layout.version_name(version)}"
 
 
+def cached_name(version: str, pinned: str) -> str:
+    """The name of a server's directory of ``version``: the hash in it, so it never changes."""
+    return f"{layout.version_name(version)}-{pinned[:16]}"
+
+
 def cached_dir(cache: str | os.PathLike[str], version: str, pinned: str) -> Path:
-    """Where a server keeps ``version``: the hash in the name, so a directory never changes."""
-    return Path(cache).resolve() / f"{layout.version_name(version)}-{pinned[:16]}"
+    """Where a server keeps ``version`` (see :func:`cached_name`)."""
+    return Path(cache).resolve() / cached_name(version, pinned)
 
 
 def fetch_version(store: Store, version: str, cache: str | os.PathLike[str]) -> Path:

@@ -65,7 +65,7 @@ def server_path(loop: Loop, version: str) -> str | None:
     """Where the servers load ``version`` from when it is not the local materialised directory
     (``vllm.adapter_source: store``): each answering server fetches its own copy through the
     tuneloop resolver, and all must hold it at the same path. None with ``path``."""
-    from tuneloop.serving.store_resolver import fetch_on_server
+    from tuneloop.serving.store_resolver import CACHE_ENV, fetch_on_server
     from tuneloop.serving.vllm_client import VllmClient, VllmDownError
 
     settings = loop.settings
@@ -82,7 +82,7 @@ def server_path(loop: Loop, version: str) -> str | None:
         raise RuntimeError(f"no vLLM endpoint answers to fetch {version} from the store ({', '.join(settings.vllm.endpoints)})")
     if len(set(roots.values())) > 1:
         raise RuntimeError(
-            f"the servers keep {version} in different directories ({roots}): give every replica the same ${'TUNELOOP_ADAPTER_CACHE'}"
+            f"the servers keep {version} in different directories ({roots}): give every replica the same ${CACHE_ENV}"
         )
     loop.progress(f"{version}: fetched from the store by {len(roots)} server(s) into {next(iter(roots.values()))}")
     return next(iter(roots.values()))
@@ -161,8 +161,9 @@ def verify_step(loop: Loop, version: str) -> dict[str, Any]:
 
     settings = loop.settings
     if settings.vllm.adapter_source == "store":  # each server's own copy, named by the pinned hash
-        pinned = loop.registry.get(version).get("adapter_hash") or "?"
-        expected = f"$TUNELOOP_ADAPTER_CACHE/{version}-{pinned[:16]}"
+        from tuneloop.serving.store_resolver import CACHE_ENV, cached_name
+
+        expected = f"${CACHE_ENV}/{cached_name(version, loop.registry.get(version).get('adapter_hash') or '?')}"
 
         def serves_it(root: str) -> bool:
             return Path(root).name == Path(expected).name
