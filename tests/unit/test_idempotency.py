@@ -80,6 +80,7 @@ def test_s3_put_if_absent_after_a_lost_reply_is_ours_only_with_the_same_bytes(s3
 @pytest.fixture
 def loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     monkeypatch.setenv("TUNELOOP__STORE__URI", str(tmp_path / "store"))
+    monkeypatch.setenv("TUNELOOP__VLLM__ADAPTER_DIR", str(tmp_path / "served"))  # not the checkout's (make demo fills it)
     return open_loop(None, run_id="scheduled__2026-03-01", progress=lambda _m: None)
 
 
