@@ -1,19 +1,23 @@
-"""Peak memory of reading a large labelled file into intake, streamed vs read whole.
+"""Peak memory of intake on a large labelled file: chunked (what ``tuneloop pull``, ``validate``
+and the DAG run) against holding the batch in memory (what intake did before).
 
     .venv/bin/python bench/intake_memory.py --mb 256            # writes a 256 MB JSONL file in a temp dir
-    .venv/bin/python bench/intake_memory.py --mb 2048 --keep    # the 2 GB case (needs ~2 GB of disk)
+    .venv/bin/python bench/intake_memory.py --mb 2048 --skip-whole   # the 2 GB case (~2 GB of disk for the
+                                                                      # file, ~2 GB more for the spill)
 
 Each measurement runs in a fresh interpreter and reports its peak RSS (``ru_maxrss``):
 
-- ``whole``: the old read path, ``split_lines(path.read_bytes())`` then the row checks (the
-  baseline);
-- ``streamed``: ``LocalStore.open_read`` + ``iter_lines`` (1 MiB chunks) then the row checks,
-  as ``tuneloop pull`` and ``tuneloop validate`` read now;
-- ``streamed, rows dropped``: the same, keeping no accepted row: what the read itself costs.
+- ``read only``: ``LocalStore.open_read`` + ``iter_lines`` + the row check of each line, keeping
+  nothing: the floor;
+- ``chunked, all checks``: :func:`tuneloop.intake.stream.run_intake` with the intake checks
+  (tokens, PII, labels, near-duplicates, eval leakage) and the Great Expectations suite, chunks of
+  ``data.chunk_rows`` (50,000) rows;
+- ``in memory, row checks``: every accepted row held as a parsed record (the row checks alone):
+  a lower bound of the in-memory path;
+- ``in memory, all checks`` (skipped with ``--skip-whole``): the row checks, intake checks and GX
+  suite on the whole batch in memory, as intake ran before.
 
-The row checks keep every accepted record (the intake checks and the snapshot need them all),
-so ``streamed`` still grows with the accepted rows; the ratio to ``whole`` is what streaming
-the read saves. Memory only: not a pass/fail test.
+Memory only: not a pass/fail test.
 """
 
 from __future__ import annotations
@@ -29,32 +33,41 @@ import time
 from pathlib import Path
 
 CHILD = r"""
-import json, resource, sys, time
+import json, resource, sys, tempfile, time
 from pathlib import Path
 from tuneloop.config import TaskSettings
-from tuneloop.intake.rows import check_line, check_lines, iter_lines, split_lines
+from tuneloop.intake.checks import IntakeOptions, run_intake_checks
+from tuneloop.intake.expectations import QualitySuite, run_quality_gate
+from tuneloop.intake.pull import is_eval_id
+from tuneloop.intake.rows import check_line, check_lines, iter_lines
+from tuneloop.intake.stream import run_intake
 from tuneloop.storage import LocalStore
 from tuneloop.tasks import TaskSpec
 
 mode, path = sys.argv[1], Path(sys.argv[2])
 spec = TaskSpec(TaskSettings(format="prompt_completion"))
+options = IntakeOptions(max_tokens=4096)
 started = time.perf_counter()
-if mode == "whole":
-    lines = ((path.name, n, raw) for n, raw in enumerate(split_lines(path.read_bytes()), 1))
-    batch = check_lines(lines, spec)
-    total, accepted = batch.total, len(batch.accepted)
-else:
-    store = LocalStore(path.parent)
-    with store.open_read(path.name) as handle:
-        lines = ((path.name, n, raw) for n, raw in enumerate(iter_lines(handle), 1))
-        if mode == "streamed":
-            batch = check_lines(lines, spec)
-            total, accepted = batch.total, len(batch.accepted)
-        else:
-            total = accepted = 0
-            for _, _, raw in lines:
-                total += 1
-                accepted += check_line(raw, spec)[0] is not None
+store = LocalStore(path.parent)
+with store.open_read(path.name) as handle:
+    lines = ((path.name, n, raw) for n, raw in enumerate(iter_lines(handle), 1))
+    if mode == "read":
+        total = accepted = 0
+        for _, _, raw in lines:
+            total += 1
+            accepted += check_line(raw, spec)[0] is not None
+    elif mode == "rows":
+        batch = check_lines(lines, spec)
+        total, accepted = batch.total, len(batch.accepted)
+    elif mode == "whole":
+        batch = check_lines(lines, spec)
+        intake = run_intake_checks(batch, options, spec, is_eval=lambda i: is_eval_id(i, 0.2))
+        run_quality_gate(batch, max_quarantine_rate=1, min_accepted_rows=1, spec=spec, intake=intake)
+        total, accepted = batch.total, len(batch.accepted)
+    else:
+        with tempfile.TemporaryDirectory(dir=path.parent) as spill:
+            run = run_intake(lines, spec, Path(spill), options=options, is_eval=lambda i: is_eval_id(i, 0.2), quality=QualitySuite(spec=spec, intake_ran=True))
+            total, accepted = run.total, run.accepted
 seconds = time.perf_counter() - started
 print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "lines": total, "accepted": accepted, "seconds": seconds}))
 """
@@ -99,12 +112,17 @@ def main() -> None:
     size_mb = path.stat().st_size / 1024 / 1024
     print(f"file: {size_mb:.0f} MB, {rows:,} rows, written in {time.perf_counter() - started:.0f} s")
     results = {}
-    for mode in ("streamed, rows dropped", "streamed", *(() if args.skip_whole else ("whole",))):
-        results[mode] = measure(mode.split(",")[0] if mode != "streamed, rows dropped" else "drop", path)
-        r = results[mode]
-        print(f"{mode:>24}: peak RSS {r['peak_rss_mb']:7.0f} MB ({r['peak_rss_mb'] / size_mb:.2f} x the file), {r['lines']:,} lines in {r['seconds']:.0f} s")
-    if "whole" in results:
-        print(f"streamed / whole peak RSS: {results['streamed']['peak_rss_mb'] / results['whole']['peak_rss_mb']:.2f}x")
+    modes = {"read only": "read", "chunked, all checks": "chunked", "in memory, row checks": "rows"}
+    if not args.skip_whole:
+        modes["in memory, all checks"] = "whole"
+    for name, mode in modes.items():
+        results[name] = r = measure(mode, path)
+        print(f"{name:>24}: peak RSS {r['peak_rss_mb']:7.0f} MB ({r['peak_rss_mb'] / size_mb:.2f} x the file), "
+              f"{r['lines']:,} lines, {r['accepted']:,} accepted, in {r['seconds']:.0f} s", flush=True)
+    chunked = results["chunked, all checks"]["peak_rss_mb"]
+    for name in ("in memory, row checks", "in memory, all checks"):
+        if name in results:
+            print(f"chunked / {name} peak RSS: {chunked / results[name]['peak_rss_mb']:.2f}x")
     if not args.keep:
         path.unlink()
 

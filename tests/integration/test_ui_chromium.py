@@ -78,11 +78,9 @@ def _scores(means: dict[str, float], seed: int, n: int = 150) -> bytes:
 
 def _snapshot(loop: Loop, since: date | None, until: date) -> str:
     """pull + row checks + the dataset snapshot (the Great Expectations suite left out)."""
-    from tuneloop.intake.pull import plan_pull, read_batch, write_dataset_snapshot
+    from tuneloop.intake.pull import pull_snapshot
 
-    plan = plan_pull(loop.store, since=since, until=until)
-    batch = read_batch(loop.store, plan, loop.spec)
-    return str(write_dataset_snapshot(loop.store, batch, plan, loop.spec, eval_fraction=loop.settings.data.eval_fraction)["snapshot"])
+    return str(pull_snapshot(loop.store, since=since, until=until, spec=loop.spec, eval_fraction=loop.settings.data.eval_fraction)["snapshot"])
 
 
 def _refresh(loop: Loop, version: str, snapshot: str, baseline: dict[str, float], candidate: dict[str, float], *, day: str, seed: int) -> None:

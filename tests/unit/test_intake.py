@@ -13,9 +13,15 @@ import pytest
 from tuneloop.cli import main
 from tuneloop.config import TaskSettings, load_settings
 from tuneloop.demo import invoice_task as task
-from tuneloop.intake.expectations import DataQualityError, format_quality_failure, run_quality_gate
+from tuneloop.intake.expectations import (
+    DataQualityError,
+    QualitySuite,
+    format_quality_failure,
+    run_quality_gate,
+)
 from tuneloop.intake.pull import (
     NoNewDataError,
+    intake_batch,
     is_eval_id,
     plan_pull,
     pull_snapshot,
@@ -148,7 +154,7 @@ def _demo_rule_rows() -> bytes:
     )
 
 
-def test_quality_gate_quarantines_pii_and_injection_rows(store: LocalStore, spec: TaskSpec) -> None:
+def test_quality_gate_quarantines_pii_and_injection_rows(store: LocalStore, spec: TaskSpec, tmp_path: Path) -> None:
     store.put_bytes(
         "labelled/dt=2026-01-03/part-00000.jsonl",
         _line(_row(5001, prompt=task.make_prompt("Invoice INV-5001 from Acme, contact jane.doe@example.com, total $12.50 for consulting work")))
@@ -156,19 +162,19 @@ def test_quality_gate_quarantines_pii_and_injection_rows(store: LocalStore, spec
         + _demo_rule_rows(),
     )
     plan = plan_pull(store)
-    batch = read_batch(store, plan, spec)
-    report = run_quality_gate(
-        batch, max_quarantine_rate=0.5, min_accepted_rows=10, spec=spec, expectations_file=INVOICES.data.expectations
-    )
+    suite = QualitySuite(spec=spec, expectations_file=INVOICES.data.expectations)
+    run = intake_batch(store, plan, spec, tmp_path / "spill", eval_fraction=0.2, quality=suite)
+    report = suite.report(total=run.total, accepted=run.accepted, reasons=run.reasons, max_quarantine_rate=0.5, min_accepted_rows=10)
     assert report.passed
     assert report.accepted == 80 and report.accepted + report.quarantined == report.total
-    by_id = {json.loads(q.raw)["id"]: q.reasons for q in batch.quarantined if q.raw.startswith("{") and '"r5' in q.raw}
+    quarantined = list(run.iter_quarantined())
+    by_id = {json.loads(q["raw"])["id"]: q["reasons"] for q in quarantined if q["raw"].startswith("{") and '"r5' in q["raw"]}
     assert by_id["r5001"] == ["gx:values_to_not_match_regex_list:input"]
     assert by_id["r5002"] == ["gx:values_to_not_match_regex:input"]
     assert by_id["r5003"] == ["gx:values_to_be_in_set:domain"]
     assert by_id["r5004"] == ["gx:values_to_match_regex:labelled_at"]
     assert by_id["r5005"] == ["gx:value_lengths_to_be_between:input"]
-    result = write_dataset_snapshot(store, batch, plan, spec, eval_fraction=0.2, quality=report)
+    result = write_dataset_snapshot(store, run, plan, spec, eval_fraction=0.2, quality=report)
     assert store.exists(f"snapshots/{result['snapshot']}/gx_validation_result.json")
     assert read_snapshot_manifest(store, "snapshots", result["snapshot"])["validation"]["quarantined"] == report.quarantined
 

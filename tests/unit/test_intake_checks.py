@@ -27,7 +27,7 @@ from tuneloop.intake.checks import (
     run_intake_checks,
     write_review_sample,
 )
-from tuneloop.intake.pull import check_batch, is_eval_id, plan_pull, write_dataset_snapshot
+from tuneloop.intake.pull import intake_batch, is_eval_id, plan_pull, write_dataset_snapshot
 from tuneloop.intake.rows import check_lines
 from tuneloop.intake.similarity import (
     find_leaks,
@@ -38,6 +38,7 @@ from tuneloop.intake.similarity import (
     shingle_set,
     similarity_text,
 )
+from tuneloop.intake.stream import run_intake
 from tuneloop.storage import LocalStore
 from tuneloop.tasks import TaskSpec
 
@@ -157,10 +158,10 @@ def test_review_sample_shows_the_input_and_answer_as_the_task_reads_them(tmp_pat
         {"id": "m2", "messages": [{"role": "user", "content": "it crashes"}, {"role": "assistant", "content": "bug"}], "labels": ["refund"]},
         {"id": "m3", "messages": [{"role": "user", "content": "login fails"}, {"role": "assistant", "content": "bug"}]},
     ]
-    batch = _batch(rows, chat)
-    run_intake_checks(batch, IntakeOptions(near_duplicate_jaccard=None), chat)
-    assert [q.reasons for q in batch.quarantined] == [["label_disagreement"]]
-    result = write_review_sample(batch, tmp_path, 10, chat, seed=1)
+    lines = (("t.jsonl", n, json.dumps(r).encode()) for n, r in enumerate(rows, 1))
+    run = run_intake(lines, chat, tmp_path / "spill", options=IntakeOptions(near_duplicate_jaccard=None))
+    assert [q["reasons"] for q in run.iter_quarantined()] == [["label_disagreement"]]
+    result = write_review_sample(run, tmp_path, 10, chat, seed=1)
     assert (result["rows"], result["pool"]) == (3, 3)
     sample = {row["id"]: row for row in map(json.loads, (tmp_path / "review_sample.jsonl").read_text().splitlines())}
     assert sample["m1"]["prompt"] == "money back" and sample["m1"]["completion"] == "refund"  # no system prompt
@@ -299,11 +300,11 @@ def test_pull_quarantines_train_rows_leaking_eval_rows(tmp_path: Path) -> None:
     store.put_bytes("heldout/original.jsonl", (json.dumps(heldout) + "\n").encode())
     store.put_bytes("labelled/dt=2026-01-01/part-00000.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
     plan = plan_pull(store)
-    batch, report = check_batch(store, plan, IntakeOptions(), SPEC, eval_fraction=0.2)
-    leaked = [q for q in batch.quarantined if q.reasons == ["eval_leakage"]]
-    assert [(json.loads(q.raw)["id"], q.matched_id) for q in leaked] == [("s010", "h1")]
-    assert report.eval_rows == 1 + sum(1 for r in rows if is_eval_id(r["id"], 0.2))
-    result = write_dataset_snapshot(store, batch, plan, SPEC, eval_fraction=0.2)
+    run = intake_batch(store, plan, SPEC, tmp_path / "spill", eval_fraction=0.2, options=IntakeOptions())
+    leaked = [q for q in run.iter_quarantined() if q["reasons"] == ["eval_leakage"]]
+    assert [(json.loads(q["raw"])["id"], q["matched_id"]) for q in leaked] == [("s010", "h1")]
+    assert run.intake is not None and run.intake.eval_rows == 1 + sum(1 for r in rows if is_eval_id(r["id"], 0.2))
+    result = write_dataset_snapshot(store, run, plan, SPEC, eval_fraction=0.2)
     assert result["counts"]["train"] + result["counts"]["eval"] + result["counts"]["quarantined"] == 60
     assert result["reasons"] == {"eval_leakage": 1}
 

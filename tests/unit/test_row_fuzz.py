@@ -251,3 +251,22 @@ def test_split_lines_and_the_stream_agree_on_every_line_end(data: bytes, records
     assert split_lines(data) == records
     for chunk in (1, 2, 3, 1 << 20):  # a CRLF split across reads is still one line end
         assert list(iter_lines(io.BytesIO(data), chunk_bytes=chunk)) == records
+
+
+@pytest.mark.parametrize("spec_name", list(SPECS))
+def test_the_hostile_file_through_the_chunked_intake_loses_nothing(spec_name: str, tmp_path: Any) -> None:
+    """The same file through every check (row checks, intake checks, the GX suite) in chunks of
+    777 lines: nothing raises, each line is accepted or quarantined once, with a reason."""
+    from tuneloop.intake.checks import IntakeOptions
+    from tuneloop.intake.expectations import QualitySuite
+    from tuneloop.intake.stream import run_intake
+
+    spec = SPECS[spec_name]
+    data, _ = _file(spec_name, seed=1)
+    stream = (("fuzz.jsonl", number, raw) for number, raw in enumerate(iter_lines(io.BytesIO(data), chunk_bytes=65_521), 1))
+    run = run_intake(stream, spec, tmp_path, options=IntakeOptions(), quality=QualitySuite(spec=spec, intake_ran=True), chunk_rows=777)
+    accepted = list(run.iter_accepted())
+    quarantined = list(run.iter_quarantined())
+    assert run.total == len(split_lines(data)) == len(accepted) + len(quarantined)
+    assert sorted([line for _, _, line in accepted] + [q["line"] for q in quarantined]) == list(range(1, run.total + 1))
+    assert all(q["reasons"] for q in quarantined) and accepted

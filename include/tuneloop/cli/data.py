@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
 
     from tuneloop.config import Settings
+    from tuneloop.intake.expectations import QualityReport, QualitySuite
+    from tuneloop.intake.stream import IntakeRun
 
 
 
@@ -89,46 +91,56 @@ def cmd_demo_world(args: argparse.Namespace) -> int:
     return 0
 
 
-def _quality_gate(batch: Any, settings: Settings, intake: Any, progress: Callable[[str], None]) -> Any:
-    """The Great Expectations suite and the batch thresholds with the ``data`` settings."""
-    from tuneloop.intake.expectations import run_quality_gate
+def _quality_suite(settings: Settings, spec: TaskSpec, progress: Callable[[str], None]) -> QualitySuite:
+    """The Great Expectations suite with the ``data`` settings (run on each chunk by intake)."""
+    from tuneloop.intake.expectations import QualitySuite
 
     data = settings.data
-    return run_quality_gate(
-        batch,
-        max_quarantine_rate=data.max_quarantine_rate,
-        min_accepted_rows=data.min_accepted_rows,
-        spec=TaskSpec(settings.task),
-        pii=data.pii,
-        expectations_file=data.expectations,
-        intake=intake,
-        progress=progress,
+    return QualitySuite(spec=spec, pii=data.pii, expectations_file=data.expectations, intake_ran=True, progress=progress)
+
+
+def _quality_report(run: IntakeRun, settings: Settings) -> QualityReport:
+    """The suite's findings over every chunk, with the batch thresholds of ``data``."""
+    assert run.quality is not None
+    data = settings.data
+    return run.quality.report(
+        total=run.total, accepted=run.accepted, reasons=run.reasons, max_quarantine_rate=data.max_quarantine_rate,
+        min_accepted_rows=data.min_accepted_rows, intake=run.intake,
     )
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
     from tuneloop.intake.checks import IntakeOptions
-    from tuneloop.intake.pull import check_batch, plan_pull, write_dataset_snapshot
+    from tuneloop.intake.pull import intake_batch, plan_pull, spill_dir, write_dataset_snapshot
 
     settings = _settings(args)
+    data = settings.data
     store = _store(settings)
     progress = _progress(args)
     plan = plan_pull(store, since=args.since, until=args.until, incremental=args.incremental)
     progress(f"pulling {len(plan.keys)} files from {len(plan.days)} partitions ({plan.days[0]} .. {plan.days[-1]})")
     spec = TaskSpec(settings.task)
-    batch, intake = check_batch(store, plan, IntakeOptions.from_settings(settings), spec, eval_fraction=settings.data.eval_fraction, progress=progress)
-    for note in intake.notes:
-        progress(note)
-    quality = None
+    suite = None
     if not args.skip_quality:
         try:
-            from tuneloop.intake.expectations import format_quality_failure
+            suite = _quality_suite(settings, spec, progress)
         except ImportError as err:
             raise CliError(f"the quality gate needs great_expectations ({err}): run `.venv/bin/tuneloop pull` or pass --skip-quality") from None
-        quality = _quality_gate(batch, settings, intake, progress)
-        if not quality.passed:
-            raise CliError(format_quality_failure(quality) + "\n  no snapshot written")
-    result = write_dataset_snapshot(store, batch, plan, spec, eval_fraction=settings.data.eval_fraction, quality=quality)
+    with spill_dir(data.spill_dir) as workdir:
+        run = intake_batch(
+            store, plan, spec, Path(workdir), eval_fraction=data.eval_fraction, options=IntakeOptions.from_settings(settings),
+            quality=suite, chunk_rows=data.chunk_rows, progress=progress,
+        )
+        for note in run.intake.notes if run.intake else []:
+            progress(note)
+        quality = None
+        if suite is not None:
+            from tuneloop.intake.expectations import format_quality_failure
+
+            quality = _quality_report(run, settings)
+            if not quality.passed:
+                raise CliError(format_quality_failure(quality) + "\n  no snapshot written")
+        result = write_dataset_snapshot(store, run, plan, spec, eval_fraction=data.eval_fraction, quality=quality)
     counts = result["counts"]
     human = [
         f"snapshot {result['snapshot']} from {len(result['partitions'])} partitions: "
@@ -149,9 +161,8 @@ def _raw_lines(path: Path) -> Iterator[bytes]:
         yield from iter_lines(handle)
 
 
-def _eval_records(paths: Sequence[str]) -> list[dict[str, Any]]:
-    """Records of ``--eval`` JSONL files (lines that are not JSON objects are skipped)."""
-    records = []
+def _eval_records(paths: Sequence[str]) -> Iterator[dict[str, Any]]:
+    """Records of ``--eval`` JSONL files, streamed (lines that are not JSON objects are skipped)."""
     for path in paths:
         for line in _raw_lines(Path(path)):
             try:
@@ -159,13 +170,14 @@ def _eval_records(paths: Sequence[str]) -> list[dict[str, Any]]:
             except (ValueError, RecursionError):
                 continue
             if isinstance(record, dict):
-                records.append(record)
-    return records
+                yield record
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from tuneloop.intake.checks import IntakeOptions, run_intake_checks, write_review_sample
-    from tuneloop.intake.rows import check_lines
+    from tuneloop.intake.checks import IntakeOptions, write_review_sample
+    from tuneloop.intake.expectations import format_quality_failure
+    from tuneloop.intake.pull import spill_dir
+    from tuneloop.intake.stream import run_intake
 
     settings = _settings(args)
     data = settings.data
@@ -173,34 +185,39 @@ def cmd_validate(args: argparse.Namespace) -> int:
     options = IntakeOptions.from_settings(settings)
     if args.tokenizer_dir:
         options = IntakeOptions(**{**options.__dict__, "model_dir": Path(args.tokenizer_dir)})
-    for path in args.input:  # fail before any work on a file that cannot be opened
+    for path in [*args.input, *(args.eval or [])]:  # fail before any work on a file that cannot be opened
         if not os.access(path, os.R_OK) or not Path(path).is_file():
             raise CliError(f"cannot read {path}: {'not a file' if Path(path).exists() else 'No such file or directory'}")
     triples = ((str(path), number, line) for path in args.input for number, line in enumerate(_raw_lines(Path(path)), 1))
-    eval_records = _eval_records(args.eval or [])
     spec = TaskSpec(settings.task)
-    batch = check_lines(triples, spec, progress=progress)
-    progress(f"row checks: {len(batch.accepted)} of {batch.total} lines pass; running the intake checks")
-    intake = run_intake_checks(batch, options, spec, eval_records=eval_records, progress=progress)
-    for note in intake.notes:
-        progress(note)
-    progress(f"intake checks: {len(batch.accepted)} rows left; running the Great Expectations suite")
-    from tuneloop.intake.expectations import format_quality_failure
-
-    quality = _quality_gate(batch, settings, intake, progress)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "accepted.jsonl", "w", encoding="utf-8") as handle:
-        handle.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in batch.accepted)
-    with open(out / "quarantined.jsonl", "w", encoding="utf-8") as handle:
-        handle.writelines(json.dumps(row.to_json(), ensure_ascii=False) + "\n" for row in batch.quarantined)
-    (out / "validation_result.json").write_text(json.dumps(quality.validation_result, indent=2, default=str) + "\n", encoding="utf-8")
-    summary = {**quality.summary(), "out": str(out), "inputs": [str(path) for path in args.input], "eval_inputs": list(args.eval or [])}
-    if args.review_sample:
-        summary["review_sample"] = write_review_sample(batch, out, args.review_sample, spec, seed=args.review_seed)
+    with spill_dir(data.spill_dir) as workdir:
+        run = run_intake(
+            triples, spec, Path(workdir), options=options, eval_records=_eval_records(args.eval or []),
+            quality=_quality_suite(settings, spec, progress), chunk_rows=data.chunk_rows, progress=progress,
+        )
+        intake = run.intake
+        assert intake is not None
+        for note in intake.notes:
+            progress(note)
+        quality = _quality_report(run, settings)
+        written = {"accepted": 0, "quarantined": 0}
+        with open(out / "accepted.jsonl", "w", encoding="utf-8") as handle:
+            for record, _, _ in run.iter_accepted(order="input"):
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+                written["accepted"] += 1
+        with open(out / "quarantined.jsonl", "w", encoding="utf-8") as handle:
+            for row in run.iter_quarantined():
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+                written["quarantined"] += 1
+        (out / "validation_result.json").write_text(json.dumps(quality.validation_result, indent=2, default=str) + "\n", encoding="utf-8")
+        summary = {**quality.summary(), "out": str(out), "inputs": [str(path) for path in args.input], "eval_inputs": list(args.eval or [])}
+        if args.review_sample:
+            summary["review_sample"] = write_review_sample(run, out, args.review_sample, spec, seed=args.review_seed)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    if batch.total != len(batch.accepted) + len(batch.quarantined):  # the invariant the files rest on
-        raise CliError(f"internal error: {batch.total} lines but {len(batch.accepted)} + {len(batch.quarantined)} written")
+    if run.total != written["accepted"] + written["quarantined"]:  # the invariant the files rest on
+        raise CliError(f"internal error: {run.total} lines but {written['accepted']} + {written['quarantined']} written")
     human = [
         f"{'PASSED' if quality.passed else 'FAILED'}: {quality.accepted} accepted, {quality.quarantined} quarantined "
         f"of {quality.total} lines -> {out}/accepted.jsonl, {out}/quarantined.jsonl"
@@ -293,7 +310,9 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
         help="pull labelled partitions into a content-addressed dataset snapshot",
         description="Reads labelled/dt=*/ partitions in the date range, runs the row checks and the Great "
         "Expectations suite (rows quarantined with reasons; a batch over data.max_quarantine_rate fails), "
-        "splits train/eval by a stable hash of the id, and writes snapshots/<sha256>/.",
+        "splits train/eval by a stable hash of the id, and writes snapshots/<sha256>/. Memory is bounded: "
+        "data.chunk_rows rows at a time, the accepted rows spilled to data.spill_dir (local disk, about twice "
+        "their size).",
     )
     p.add_argument("--since", type=_parse_date, default=None, help="first partition to include (default: all)")
     p.add_argument("--until", type=_parse_date, default=None, help="last partition to include (default: all)")
@@ -321,7 +340,8 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
         "line verbatim with its source, line number, reasons and, for near_duplicate/eval_leakage, the "
         "matched_id), validation_result.json (GX's full result) and summary.json (with a 'checks' block: "
         "token method, label agreement per field, redaction counts). accepted + quarantined always "
-        "equals the number of input lines.",
+        "equals the number of input lines. Memory is bounded: data.chunk_rows rows at a time, spilled to "
+        "data.spill_dir.",
         epilog="Exit status: 0 when the batch passes the thresholds (data.max_quarantine_rate, "
         "data.min_accepted_rows), 1 when it fails them (files are written either way), 2 when an "
         "input cannot be read.",

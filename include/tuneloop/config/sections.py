@@ -310,6 +310,10 @@ class DataSettings(_Section):
     eval_leakage_jaccard: float | None = Field(0.8, gt=0, le=1, description="Jaccard at which a training prompt leaks an eval prompt; null: off")
     shingle_words: int = Field(3, ge=1, le=8, description="words per shingle of the similarity checks")
     expectations: str | None = Field(None, description="a Great Expectations suite file (JSON/YAML) of your own expectations, added to the built-in ones")
+    chunk_rows: int = Field(
+        50_000, ge=1, description="rows the intake holds in memory at a time; a larger batch is checked chunk by chunk, spilled to local disk"
+    )
+    spill_dir: str | None = Field(None, description="local directory for the intake's spill files (about twice the accepted rows); null: the system temp dir")
 
 NotifyEvent = Literal["drift", "gate_reject", "deploy", "rollback"]
 

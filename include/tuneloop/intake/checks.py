@@ -56,9 +56,10 @@ from tuneloop.intake.similarity import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Sequence
+    from collections.abc import Callable, Iterable, Iterator, Sequence
 
     from tuneloop.config import Settings
+    from tuneloop.intake.stream import IntakeRun
     from tuneloop.progress import ProgressSink
     from tuneloop.tasks import Example, TaskSpec
 
@@ -328,6 +329,27 @@ class IntakeReport:
     seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
+    def add(self, other: IntakeReport) -> None:
+        """Add the counts of ``other`` (the same checks run on another chunk of the batch)."""
+        self.rows_in += other.rows_in
+        for reason, n in other.quarantined.items():
+            self.quarantined[reason] = self.quarantined.get(reason, 0) + n
+        for kind, n in other.redactions.items():
+            self.redactions[kind] = self.redactions.get(kind, 0) + n
+        self.labels.rows += other.labels.rows
+        self.labels.agreeing += other.labels.agreeing
+        for name, n in other.labels.field_rows.items():
+            self.labels.field_rows[name] = self.labels.field_rows.get(name, 0) + n
+        for name, n in other.labels.field_agreeing.items():
+            self.labels.field_agreeing[name] = self.labels.field_agreeing.get(name, 0) + n
+        for name, value in other.seconds.items():
+            self.seconds[name] = self.seconds.get(name, 0.0) + value
+        self.notes += [note for note in other.notes if note not in self.notes]
+        self.token_method = self.token_method or other.token_method
+        self.template_overhead_tokens = max(self.template_overhead_tokens, other.template_overhead_tokens)
+        self.chat_template = self.chat_template or other.chat_template
+        self.chat_template_rendered_per_row = self.chat_template_rendered_per_row or other.chat_template_rendered_per_row
+
     def summary(self) -> dict[str, Any]:
         return {
             "rows_checked": self.rows_in,
@@ -541,35 +563,41 @@ def _check_chat_template(
 REVIEW_COLUMNS = ("id", "status", "reasons", "labels_agree", "source", "line", "prompt", "completion", "labels")
 
 
-def write_review_sample(batch: CheckedBatch, out_dir: Path, n: int, spec: TaskSpec, *, seed: int = 0) -> dict[str, Any]:
+def write_review_sample(run: IntakeRun, out_dir: Path, n: int, spec: TaskSpec, *, seed: int = 0) -> dict[str, Any]:
     """``n`` rows drawn (seeded) from every row that reached the label check: accepted rows and
-    rows held back for ``label_disagreement``. Writes review_sample.jsonl and review_sample.csv."""
-    pool: list[dict[str, Any]] = []
-    for record, (source, line) in zip(batch.accepted, batch.origins, strict=True):
-        pool.append({"record": record, "status": "accepted", "reasons": [], "source": source, "line": line})
-    for held in batch.quarantined:
-        if "label_disagreement" in held.reasons:
-            pool.append({"record": json.loads(held.raw), "status": "held_back", "reasons": held.reasons, "source": held.source, "line": held.line})
-    chosen = random.Random(seed).sample(range(len(pool)), min(n, len(pool)))
-    sample = []
-    for index in sorted(chosen, key=lambda i: (pool[i]["source"], pool[i]["line"])):
-        item, record = pool[index], pool[index]["record"]
+    rows held back for ``label_disagreement``. Writes review_sample.jsonl and review_sample.csv.
+    Two passes over the run's files: one counts the pool, one picks the drawn rows."""
+
+    def pool() -> Iterator[tuple[dict[str, Any], str, list[str], str, int]]:
+        for record, source, line in run.iter_accepted():
+            yield record, "accepted", [], source, line
+        for held in run.iter_quarantined():
+            if "label_disagreement" in held["reasons"]:
+                yield json.loads(held["raw"]), "held_back", held["reasons"], held["source"], held["line"]
+
+    size = sum(1 for _ in pool())
+    chosen = set(random.Random(seed).sample(range(size), min(n, size)))
+    sample: list[dict[str, Any]] = []
+    for index, (record, status, reasons, source, line) in enumerate(pool()):
+        if index not in chosen:
+            continue
         labels = record.get("labels") or []
         example = spec.example(record)
         answer = example.target or ""
         sample.append(
             {
                 "id": record.get("id"),
-                "status": item["status"],
-                "reasons": item["reasons"],
+                "status": status,
+                "reasons": reasons,
                 "labels_agree": (len({spec.scorer.normalise(a) for a in [answer, *labels]}) == 1) if labels else None,
-                "source": item["source"],
-                "line": item["line"],
+                "source": source,
+                "line": line,
                 "prompt": example.input_text,
                 "completion": answer,
                 "labels": labels,
             }
         )
+    sample.sort(key=lambda row: (row["source"], row["line"]))
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "review_sample.jsonl", "w", encoding="utf-8") as handle:
         handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in sample)
@@ -578,5 +606,4 @@ def write_review_sample(batch: CheckedBatch, out_dir: Path, n: int, spec: TaskSp
         writer.writeheader()
         for row in sample:
             writer.writerow({**row, "reasons": ";".join(row["reasons"]), "labels": json.dumps(row["labels"], ensure_ascii=False)})
-    return {"rows": len(sample), "pool": len(pool), "seed": seed, "files": [str(out_dir / "review_sample.jsonl"), str(out_dir / "review_sample.csv")]}
-
+    return {"rows": len(sample), "pool": size, "seed": seed, "files": [str(out_dir / "review_sample.jsonl"), str(out_dir / "review_sample.csv")]}

@@ -111,7 +111,7 @@ class QualityReport:
         return summary
 
 
-def _build_suite(gx: Any, *, max_prompt_chars: int, pii_patterns: list[str], user: list[dict[str, Any]], columns: set[str]) -> Any:
+def _build_suite(gx: Any, *, max_prompt_chars: int, pii_patterns: list[str], user: list[dict[str, Any]]) -> Any:
     from great_expectations.expectations.expectation_configuration import ExpectationConfiguration
 
     suite = gx.ExpectationSuite(name="tuneloop_labelled_rows")
@@ -122,11 +122,6 @@ def _build_suite(gx: Any, *, max_prompt_chars: int, pii_patterns: list[str], use
         suite.add_expectation(expect.ExpectColumnValuesToNotMatchRegexList(column="input", regex_list=pii_patterns))
     suite.add_expectation(expect.ExpectColumnValuesToNotMatchRegex(column="input", regex=INJECTION_PATTERN))
     for item in user:
-        column = item["kwargs"].get("column")
-        if column is not None and column not in columns:
-            raise ExpectationsFileError(
-                f"data.expectations: {item['type']} names column {column!r}, which no row has; columns: {sorted(columns)}"
-            )
         try:
             suite.add_expectation(ExpectationConfiguration(type=item["type"], kwargs=item["kwargs"]).to_domain_obj())
         except Exception as err:  # noqa: BLE001 - GX raises several types for an unknown or malformed expectation
@@ -166,79 +161,139 @@ def run_quality_gate(
 
     ``intake`` is the report of :func:`tuneloop.intake.checks.run_intake_checks` when it ran
     on this batch: its summary joins the report and card numbers are left to its Luhn check."""
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-    import great_expectations as gx
-    import pandas as pd
-
-    rows = batch.accepted
-    user = load_user_expectations(expectations_file)
-    frame = pd.DataFrame(_frame_columns(rows, spec))
-    context = gx.get_context(mode="ephemeral")
-    try:
-        context.variables.progress_bars = {"globally": False}  # type: ignore[assignment]
-    except Exception:  # noqa: BLE001 - cosmetic setting; older/newer GX shapes differ
-        pass
-    asset = context.data_sources.add_pandas("tuneloop").add_dataframe_asset("labelled_rows")
-    batch_definition = asset.add_batch_definition_whole_dataframe("batch")
-    pii_patterns = [] if pii != "flag" else [p for kind, p in PII_PATTERNS.items() if intake is None or kind != "card_number"]
-    suite = context.suites.add(
-        _build_suite(gx, max_prompt_chars=spec.settings.max_prompt_chars, pii_patterns=pii_patterns, user=user, columns=set(frame.columns))
-    )
-    validation = context.validation_definitions.add(gx.ValidationDefinition(name="tuneloop_intake", data=batch_definition, suite=suite))
-    if progress:
-        progress(f"Great Expectations: {len(suite.expectations)} expectations on {len(rows)} rows")
-    result = validation.run(
-        batch_parameters={"dataframe": frame},
-        result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["_row"]},
-    )
-
-    reasons_by_row: dict[int, list[str]] = {}
-    batch_failures: list[str] = []
-    expectations: list[dict[str, Any]] = []
-    for item in result.results:
-        config = item.expectation_config
-        assert config is not None, "a GX validation result without its expectation"
-        column = config.kwargs.get("column")
-        name = f"gx:{config.type.removeprefix('expect_column_')}:{column}"
-        unexpected = item.result.get("unexpected_index_list") or []
-        expectations.append({"expectation": config.type, "column": column, "success": bool(item.success), "unexpected_count": int(item.result.get("unexpected_count") or 0)})
-        for entry in unexpected:
-            row = int(entry["_row"] if isinstance(entry, dict) else entry)
-            reasons_by_row.setdefault(row, []).append(name)
-        if not item.success and not unexpected:  # a batch-level expectation (a mean, a row count...)
-            batch_failures.append(f"expectation {config.type}({column}) failed on the batch: observed {item.result.get('observed_value')!r}")
-
-    kept, kept_origins = [], []
-    for index, (record, origin) in enumerate(zip(rows, batch.origins, strict=True)):
-        if index in reasons_by_row:
-            raw = json.dumps(record, ensure_ascii=False)
-            batch.quarantined.append(QuarantinedRow(origin[0], origin[1], raw, reasons_by_row[index]))
-        else:
-            kept.append(record)
-            kept_origins.append(origin)
-    batch.accepted, batch.origins = kept, kept_origins
-
+    suite = QualitySuite(spec=spec, pii=pii, expectations_file=expectations_file, intake_ran=intake is not None, progress=progress)
+    suite.check(batch)
     counts: Counter[str] = Counter()
     for quarantined in batch.quarantined:
         counts.update(quarantined.reasons)
-    rate = len(batch.quarantined) / batch.total if batch.total else 1.0
-    failures = list(batch_failures)
-    if rate > max_quarantine_rate:
-        failures.append(f"quarantine rate {rate:.1%} ({len(batch.quarantined)}/{batch.total}) exceeds data.max_quarantine_rate {max_quarantine_rate:.1%}")
-    if len(batch.accepted) < min_accepted_rows:
-        failures.append(f"only {len(batch.accepted)} rows accepted, data.min_accepted_rows is {min_accepted_rows}")
-    report = QualityReport(
-        total=batch.total,
-        accepted=len(batch.accepted),
-        quarantined=len(batch.quarantined),
-        reasons=dict(sorted(counts.items())),
-        expectations=expectations,
-        validation_result=result.to_json_dict(),
-        passed=not failures,
-        failures=failures,
-        checks=intake.summary() if intake is not None else None,
+    return suite.report(
+        total=batch.total, accepted=len(batch.accepted), reasons=counts,
+        max_quarantine_rate=max_quarantine_rate, min_accepted_rows=min_accepted_rows, intake=intake,
     )
-    return report
+
+
+class QualitySuite:
+    """The GX suite, built once and run on each chunk of a batch (:meth:`check`); :meth:`report`
+    sums the chunks and applies the batch thresholds.
+
+    Row-level expectations give the same rows whatever the chunking. A batch-level expectation
+    (a mean, a row count) is judged per chunk: it fails the batch when it fails on any chunk,
+    and the failure names the chunk. A column of ``data.expectations`` that no row of any chunk
+    has is an error (a misspelt column would otherwise pass silently)."""
+
+    def __init__(
+        self, *, spec: TaskSpec, pii: str = "flag", expectations_file: str | None = None, intake_ran: bool = False,
+        progress: Callable[[str], None] | None = None,
+    ) -> None:
+        self.spec, self.progress = spec, progress
+        self.user = load_user_expectations(expectations_file)
+        self.user_columns = sorted({str(c) for item in self.user if (c := item["kwargs"].get("column")) is not None})
+        self.pii_patterns = [] if pii != "flag" else [p for kind, p in PII_PATTERNS.items() if not intake_ran or kind != "card_number"]
+        self.columns_seen: set[str] = set()
+        self.expectations: dict[tuple[str, Any], dict[str, Any]] = {}
+        self.results: list[dict[str, Any]] = []
+        self.batch_failures: list[str] = []
+        self.rows = 0
+        self._validation: Any = None
+        self._n_expectations = 0
+
+    def _validation_definition(self) -> Any:
+        os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+        import great_expectations as gx
+
+        context = gx.get_context(mode="ephemeral")
+        try:
+            context.variables.progress_bars = {"globally": False}  # type: ignore[assignment]
+        except Exception:  # noqa: BLE001 - cosmetic setting; older/newer GX shapes differ
+            pass
+        asset = context.data_sources.add_pandas("tuneloop").add_dataframe_asset("labelled_rows")
+        batch_definition = asset.add_batch_definition_whole_dataframe("batch")
+        suite = context.suites.add(
+            _build_suite(gx, max_prompt_chars=self.spec.settings.max_prompt_chars, pii_patterns=self.pii_patterns, user=self.user)
+        )
+        self._n_expectations = len(suite.expectations)
+        return context.validation_definitions.add(gx.ValidationDefinition(name="tuneloop_intake", data=batch_definition, suite=suite))
+
+    def check(self, batch: CheckedBatch, *, where: str = "") -> None:
+        """Run the suite on ``batch.accepted``; failing rows move to ``batch.quarantined``
+        with ``gx:<expectation>:<column>``. ``where`` names the chunk in batch-level failures."""
+        import pandas as pd
+
+        rows = batch.accepted
+        columns = _frame_columns(rows, self.spec)
+        self.columns_seen.update(columns)
+        for name in self.user_columns:  # every chunk's table has the columns the user's suite names
+            columns.setdefault(name, [None] * len(rows))
+        frame = pd.DataFrame(columns)
+        if self._validation is None:
+            self._validation = self._validation_definition()
+        if self.progress:
+            self.progress(f"Great Expectations: {self._n_expectations} expectations on {len(rows)} rows{where}")
+        result = self._validation.run(
+            batch_parameters={"dataframe": frame},
+            result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["_row"]},
+        )
+        self.results.append(result.to_json_dict())
+        self.rows += len(rows)
+        reasons_by_row: dict[int, list[str]] = {}
+        for item in result.results:
+            config = item.expectation_config
+            if config is None:
+                raise RuntimeError("a Great Expectations validation result came without its expectation")
+            column = config.kwargs.get("column")
+            name = f"gx:{config.type.removeprefix('expect_column_')}:{column}"
+            unexpected = item.result.get("unexpected_index_list") or []
+            entry = self.expectations.setdefault((config.type, column), {"expectation": config.type, "column": column, "success": True, "unexpected_count": 0})
+            entry["success"] = entry["success"] and bool(item.success)
+            entry["unexpected_count"] += int(item.result.get("unexpected_count") or 0)
+            for found in unexpected:
+                row = int(found["_row"] if isinstance(found, dict) else found)
+                reasons_by_row.setdefault(row, []).append(name)
+            if not item.success and not unexpected:  # a batch-level expectation (a mean, a row count...)
+                observed = item.result.get("observed_value")
+                observed = observed.item() if hasattr(observed, "item") else observed  # a numpy scalar reads as a number
+                self.batch_failures.append(f"expectation {config.type}({column}) failed on the batch{where}: observed {observed!r}")
+        kept, kept_origins = [], []
+        for index, (record, origin) in enumerate(zip(rows, batch.origins, strict=True)):
+            if index in reasons_by_row:
+                raw = json.dumps(record, ensure_ascii=False)
+                batch.quarantined.append(QuarantinedRow(origin[0], origin[1], raw, reasons_by_row[index]))
+            else:
+                kept.append(record)
+                kept_origins.append(origin)
+        batch.accepted, batch.origins = kept, kept_origins
+
+    def report(
+        self, *, total: int, accepted: int, reasons: Counter[str] | dict[str, int], max_quarantine_rate: float, min_accepted_rows: int,
+        intake: IntakeReport | None = None,
+    ) -> QualityReport:
+        """The batch's report: every chunk's expectations summed, then the thresholds."""
+        missing = [name for name in self.user_columns if name not in self.columns_seen and name not in RESERVED_COLUMNS]
+        if missing and self.rows:
+            named = "; ".join(f"{item['type']} names column {item['kwargs']['column']!r}" for item in self.user if item["kwargs"].get("column") in missing)
+            raise ExpectationsFileError(f"data.expectations: {named}, which no row has; columns: {sorted(self.columns_seen)}")
+        quarantined = total - accepted
+        rate = quarantined / total if total else 1.0
+        failures = list(self.batch_failures)
+        if rate > max_quarantine_rate:
+            failures.append(f"quarantine rate {rate:.1%} ({quarantined}/{total}) exceeds data.max_quarantine_rate {max_quarantine_rate:.1%}")
+        if accepted < min_accepted_rows:
+            failures.append(f"only {accepted} rows accepted, data.min_accepted_rows is {min_accepted_rows}")
+        if len(self.results) == 1:
+            validation_result = self.results[0]
+        else:
+            validation_result = {"success": all(r.get("success") for r in self.results), "chunks": self.results}
+        return QualityReport(
+            total=total,
+            accepted=accepted,
+            quarantined=quarantined,
+            reasons=dict(sorted(reasons.items())),
+            expectations=list(self.expectations.values()),
+            validation_result=validation_result,
+            passed=not failures,
+            failures=failures,
+            checks=intake.summary() if intake is not None else None,
+        )
 
 
 def format_quality_failure(report: QualityReport) -> str:

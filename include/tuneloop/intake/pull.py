@@ -7,8 +7,8 @@ The hash covers the data files only, so pulling the same partitions twice gives 
 hash. The train/eval split is a stable function of each row's id. Every input line ends up
 in exactly one of train, eval or quarantine.
 
-:func:`check_batch` adds the intake checks (``intake_checks``) to the row checks; its eval-leakage
-check compares the batch's train-side rows with its eval-side rows (the split is known before the
+:func:`intake_batch` runs every check in bounded memory (``intake/stream.py``: chunks of
+``data.chunk_rows`` rows, accepted rows spilled to local disk); its eval-leakage check compares the batch's train-side rows with its eval-side rows (the split is known before the
 snapshot, being a function of the id), the fixed held-out sets ``heldout/*.jsonl`` and the latest
 snapshot's ``eval.jsonl``.
 """
@@ -16,19 +16,23 @@ snapshot's ``eval.jsonl``.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
+import tempfile
 from dataclasses import dataclass
 from datetime import date, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tuneloop import layout
 from tuneloop.intake.rows import CheckedBatch, check_lines, iter_lines
+from tuneloop.intake.stream import DEFAULT_CHUNK_ROWS, IntakeRun, run_intake
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
-    from tuneloop.intake.checks import IntakeOptions, IntakeReport
-    from tuneloop.intake.expectations import QualityReport
+    from tuneloop.intake.checks import IntakeOptions
+    from tuneloop.intake.expectations import QualityReport, QualitySuite
     from tuneloop.storage import Store
     from tuneloop.tasks import TaskSpec
 
@@ -63,8 +67,8 @@ def is_eval_id(record_id: str, eval_fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < eval_fraction
 
 
-def _jsonl(rows: list[dict[str, Any]]) -> bytes:
-    return "".join(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n" for row in rows).encode("utf-8")
+def _jsonl_line(row: dict[str, Any]) -> bytes:
+    return (json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n").encode("utf-8")
 
 
 def snapshot_last_day(store: Store, snapshot: str | None) -> date | None:
@@ -112,92 +116,126 @@ def read_batch(store: Store, plan: PullPlan, spec: TaskSpec, *, progress: Callab
     return check_lines(_partition_lines(store, plan.keys), spec, progress=progress)
 
 
-def stored_eval_records(store: Store) -> list[dict[str, Any]]:
-    """Evaluation rows already in the store: the held-out sets and the latest snapshot's eval split."""
+def sample_accepted(store: Store, plan: PullPlan, spec: TaskSpec, n: int, *, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> tuple[int, list[dict[str, Any]]]:
+    """How many rows of the planned partitions pass the row checks, and the ``n`` of them whose
+    ids hash lowest (SHA-256: a sample stable by id), in that order; one chunk in memory at a time."""
+    from tuneloop.intake.stream import IdHashes, chunked
+
+    ids = IdHashes()
+    count = 0
+    kept: list[tuple[str, dict[str, Any]]] = []
+    for chunk in chunked(_partition_lines(store, plan.keys), chunk_rows):
+        batch = check_lines(chunk, spec, seen_ids=ids)
+        count += len(batch.accepted)
+        hashed = ((hashlib.sha256(str(spec.row_id(r)).encode()).hexdigest(), r) for r in batch.accepted)
+        kept = heapq.nsmallest(n, [*kept, *hashed], key=lambda item: item[0])
+    return count, [record for _, record in kept]
+
+
+def stored_eval_records(store: Store) -> Iterator[dict[str, Any]]:
+    """Evaluation rows already in the store, streamed: the held-out sets and the latest
+    snapshot's eval split."""
     keys = [key for key in store.list(f"{HELDOUT_PREFIX}/") if key.endswith(".jsonl")]
     latest = latest_snapshot(store)
     if latest and store.exists(f"{SNAPSHOT_PREFIX}/{latest}/eval.jsonl"):
         keys.append(f"{SNAPSHOT_PREFIX}/{latest}/eval.jsonl")
-    records: list[dict[str, Any]] = []
     for key in keys:
-        for line in store.get_text(key).splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict):
-                records.append(record)
-    return records
+        with store.open_read(key) as handle:
+            for line in iter_lines(handle):
+                try:
+                    record = json.loads(line)
+                except (ValueError, RecursionError):
+                    continue
+                if isinstance(record, dict):
+                    yield record
 
 
-def check_batch(
+def spill_dir(settings_dir: str | None) -> tempfile.TemporaryDirectory[str]:
+    """A fresh local directory for the intake's spill files (``data.spill_dir`` or the system's)."""
+    if settings_dir:
+        Path(settings_dir).mkdir(parents=True, exist_ok=True)
+    return tempfile.TemporaryDirectory(prefix="tuneloop-intake-", dir=settings_dir or None)
+
+
+def intake_batch(
     store: Store,
     plan: PullPlan,
-    options: IntakeOptions,
     spec: TaskSpec,
+    workdir: Path,
     *,
     eval_fraction: float,
+    options: IntakeOptions | None = None,
+    quality: QualitySuite | None = None,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
     progress: Callable[[str], None] | None = None,
-) -> tuple[CheckedBatch, IntakeReport]:
-    """Row checks, then the intake checks (tokens, chat template, PII, labels, near-duplicates,
-    eval leakage against this batch's eval side and the stored eval rows)."""
-    from tuneloop.intake.checks import run_intake_checks
-
-    batch = read_batch(store, plan, spec, progress=progress)
-    report = run_intake_checks(
-        batch,
-        options,
+) -> IntakeRun:
+    """Every check of the planned partitions, in bounded memory (see ``intake/stream.py``): the
+    row checks; with ``options`` the intake checks (tokens, chat template, PII, labels,
+    near-duplicates, eval leakage against this batch's eval side and the stored eval rows); with
+    ``quality`` the GX suite."""
+    return run_intake(
+        _partition_lines(store, plan.keys),
         spec,
-        eval_records=stored_eval_records(store),
+        workdir,
+        options=options,
+        eval_records=stored_eval_records(store) if options is not None else (),
         is_eval=lambda record_id: is_eval_id(record_id, eval_fraction),
+        quality=quality,
+        chunk_rows=chunk_rows,
         progress=progress,
     )
-    return batch, report
 
 
 def write_dataset_snapshot(
     store: Store,
-    batch: CheckedBatch,
+    run: IntakeRun,
     plan: PullPlan,
     spec: TaskSpec,
     *,
     eval_fraction: float,
     quality: QualityReport | None = None,
 ) -> dict[str, Any]:
-    """Split accepted rows by id hash and write the snapshot; returns its summary."""
-    from tuneloop.storage import write_snapshot
+    """Split the accepted rows by id hash and write the snapshot, streamed from the run's
+    spill files; returns its summary. Rows are sorted by id, quarantined rows by (source, line)."""
+    from tuneloop.storage import write_snapshot_files
 
-    accepted = sorted(batch.accepted, key=lambda r: str(spec.row_id(r)))
-    train = [r for r in accepted if not is_eval_id(str(spec.row_id(r)), eval_fraction)]
-    heldout = [r for r in accepted if is_eval_id(str(spec.row_id(r)), eval_fraction)]
-    quarantine = sorted((row.to_json() for row in batch.quarantined), key=lambda r: (r["source"], r["line"]))
-    if len(accepted) + len(quarantine) != batch.total:
-        raise RuntimeError(f"intake lost rows: {batch.total} lines but {len(accepted)} accepted + {len(quarantine)} quarantined")
-    files = {"train.jsonl": _jsonl(train), "eval.jsonl": _jsonl(heldout), "quarantine.jsonl": _jsonl(quarantine)}
-    counts = {"total": batch.total, "accepted": len(accepted), "train": len(train), "eval": len(heldout), "quarantined": len(quarantine)}
+    folder = run.workdir / "snapshot"
+    folder.mkdir(exist_ok=True)
+    paths = {name: folder / name for name in ("train.jsonl", "eval.jsonl", "quarantine.jsonl")}
+    slices: dict[str, dict[str, int]] = {"train": {}, "eval": {}}
+    counts = {"total": run.total, "accepted": 0, "train": 0, "eval": 0, "quarantined": 0}
+    with open(paths["train.jsonl"], "wb") as train, open(paths["eval.jsonl"], "wb") as heldout:
+        for record, _, _ in run.iter_accepted():
+            side = "eval" if is_eval_id(str(spec.row_id(record)), eval_fraction) else "train"
+            (heldout if side == "eval" else train).write(_jsonl_line(record))
+            counts[side] += 1
+            name = spec.slice_of(record)
+            slices[side][name] = slices[side].get(name, 0) + 1
+    with open(paths["quarantine.jsonl"], "wb") as out:
+        for row in run.iter_quarantined():
+            out.write(_jsonl_line(row))
+            counts["quarantined"] += 1
+    counts["accepted"] = counts["train"] + counts["eval"]
+    if counts["accepted"] + counts["quarantined"] != run.total:
+        raise RuntimeError(f"intake lost rows: {run.total} lines but {counts['accepted']} accepted + {counts['quarantined']} quarantined")
+    reasons = dict(sorted(run.reasons.items()))
     manifest: dict[str, Any] = {
         "kind": "tuneloop.dataset_snapshot",
         "partitions": [d.isoformat() for d in plan.days],
         "source_keys": plan.keys,
         "counts": counts,
-        "reasons": batch.reasons,
+        "reasons": reasons,
         "eval_fraction": eval_fraction,
         "task": spec.describe(),
-        "slices": {"train": _slice_counts(train, spec), "eval": _slice_counts(heldout, spec)},
+        "slices": {side: dict(sorted(found.items())) for side, found in slices.items()},
     }
     if quality is not None:
         manifest["validation"] = quality.summary()
-    snapshot = write_snapshot(store, SNAPSHOT_PREFIX, files, manifest)
+    snapshot = write_snapshot_files(store, SNAPSHOT_PREFIX, paths, manifest)
     if quality is not None:
         store.put_json(f"{SNAPSHOT_PREFIX}/{snapshot}/gx_validation_result.json", quality.validation_result)
     store.put_text(LATEST_POINTER, snapshot)
-    return {
-        "snapshot": snapshot,
-        "partitions": manifest["partitions"],
-        "counts": counts,
-        "reasons": batch.reasons,
-        "slices": manifest["slices"],
-    }
+    return {"snapshot": snapshot, "partitions": manifest["partitions"], "counts": counts, "reasons": reasons, "slices": manifest["slices"]}
 
 
 def pull_snapshot(
@@ -209,30 +247,21 @@ def pull_snapshot(
     eval_fraction: float = 0.2,
     incremental: bool = False,
     checks: IntakeOptions | None = None,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Plan, read, check and snapshot (the quality gate runs in the refresh DAG).
 
-    ``checks`` adds the intake checks to the row checks (see :func:`check_batch`)."""
+    ``checks`` adds the intake checks to the row checks (see :func:`intake_batch`)."""
     plan = plan_pull(store, since=since, until=until, incremental=incremental)
     if progress:
         progress(f"pulling {len(plan.keys)} files from {len(plan.days)} partitions ({plan.days[0]} .. {plan.days[-1]})")
-    if checks is not None:
-        batch, _ = check_batch(store, plan, checks, spec, eval_fraction=eval_fraction, progress=progress)
-    else:
-        batch = read_batch(store, plan, spec, progress=progress)
-    result = write_dataset_snapshot(store, batch, plan, spec, eval_fraction=eval_fraction)
+    with spill_dir(None) as workdir:
+        run = intake_batch(store, plan, spec, Path(workdir), eval_fraction=eval_fraction, options=checks, chunk_rows=chunk_rows, progress=progress)
+        result = write_dataset_snapshot(store, run, plan, spec, eval_fraction=eval_fraction)
     if progress:
         progress(f"snapshot {result['snapshot'][:12]}: {result['counts']}")
     return result
-
-
-def _slice_counts(records: list[dict[str, Any]], spec: TaskSpec) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for record in records:
-        name = spec.slice_of(record)
-        counts[name] = counts.get(name, 0) + 1
-    return dict(sorted(counts.items()))
 
 
 def latest_snapshot(store: Store) -> str | None:

@@ -15,7 +15,7 @@ import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tuneloop.progress import Progress
 from tuneloop.tasks import TaskRowError
@@ -167,15 +167,27 @@ def _check_line(raw: bytes, spec: TaskSpec) -> tuple[dict[str, Any] | None, list
     return (None, reasons) if reasons else (record, [])
 
 
+class IdSet(Protocol):
+    def __contains__(self, row_id: object, /) -> bool: ...
+    def add(self, row_id: str, /) -> None: ...
+
+
 def check_lines(
-    lines: Iterable[tuple[str, int, bytes]], spec: TaskSpec, *, progress: ProgressSink | None = None, expected: int | None = None
+    lines: Iterable[tuple[str, int, bytes]],
+    spec: TaskSpec,
+    *,
+    progress: ProgressSink | None = None,
+    expected: int | None = None,
+    seen_ids: IdSet | None = None,
 ) -> CheckedBatch:
-    """Check ``(source, line_number, raw_bytes)`` triples; later duplicates of an id are quarantined.
+    """Check ``(source, line_number, raw_bytes)`` triples; later duplicates of an id are quarantined
+    (``seen_ids`` carries the ids of earlier chunks of the same batch).
 
     With ``progress``, prints rows/s and an ETA (``expected`` lines) every 10 s on long inputs.
     """
     batch = CheckedBatch()
-    seen_ids: set[str] = set()
+    if seen_ids is None:
+        seen_ids = set()
     meter = Progress("row checks", sink=progress, enabled=progress is not None, unit="rows")
     meter.start(expected, step_name="line")
     for source, number, raw in lines:

@@ -319,14 +319,24 @@ def find_near_duplicates(texts: Sequence[str], threshold: float, k: int = 3, *, 
 
 
 def find_leaks(
-    train_texts: Sequence[str], eval_texts: Sequence[str], threshold: float, k: int = 3, *, train_scan: TextScan | None = None, prefix: str = ""
+    train_texts: Sequence[str],
+    eval_texts: Sequence[str],
+    threshold: float,
+    k: int = 3,
+    *,
+    train_scan: TextScan | None = None,
+    eval_scan: TextScan | None = None,
+    prefix: str = "",
 ) -> dict[int, int]:
-    """{train index: eval index} for training texts equal or near-equal to an evaluation text."""
+    """{train index: eval index} for training texts equal or near-equal to an evaluation text.
+    The texts are read only for candidate pairs and for texts without words when both scans
+    are given (``texts`` may then be lazy sequences over a file)."""
     if not train_texts or not eval_texts:
         return {}
     if train_scan is None or train_scan.band_keys is None or train_scan.signatures is None:
         train_scan = scan_texts(train_texts, shingle_words=k, strip_prefix=prefix)
-    eval_scan = scan_texts(eval_texts, shingle_words=k, strip_prefix=prefix)
+    if eval_scan is None or eval_scan.band_keys is None or eval_scan.signatures is None:
+        eval_scan = scan_texts(eval_texts, shingle_words=k, strip_prefix=prefix)
     assert train_scan.band_keys is not None and train_scan.signatures is not None
     assert eval_scan.band_keys is not None and eval_scan.signatures is not None
     n_eval = len(eval_texts)
@@ -334,15 +344,19 @@ def find_leaks(
     signatures = np.concatenate((eval_scan.signatures, train_scan.signatures))
     pairs = candidate_pairs(keys)
     pairs = _screen(pairs[(pairs[:, 0] < n_eval) & (pairs[:, 1] >= n_eval)], signatures, threshold)
-    texts = [*eval_texts, *train_texts]
-    shingles = ShingleCache(texts, k, prefix)
+    eval_shingles, train_shingles = ShingleCache(eval_texts, k, prefix), ShingleCache(train_texts, k, prefix)
     leaks: dict[int, int] = {}
     for eval_index, index in pairs.tolist():
         train_index = index - n_eval
-        if train_index not in leaks and jaccard(shingles[eval_index], shingles[index]) >= threshold:
+        if train_index not in leaks and jaccard(eval_shingles[eval_index], train_shingles[train_index]) >= threshold:
             leaks[train_index] = eval_index
-    exact = {text: i for i, text in enumerate(eval_texts)}  # texts without words have no shingles
-    for i, text in enumerate(train_texts):
-        if i not in leaks and text in exact:
-            leaks[i] = exact[text]
+    # Texts without words have no shingles: equal ones leak. (Equal texts with words share every
+    # band and were confirmed above at Jaccard 1.)
+    exact: dict[str, int] = {}
+    for i in np.flatnonzero(~eval_scan.band_keys.any(axis=1)).tolist():
+        exact[eval_texts[i]] = i
+    if exact:
+        for i in np.flatnonzero(~train_scan.band_keys.any(axis=1)).tolist():
+            if i not in leaks and train_texts[i] in exact:
+                leaks[i] = exact[train_texts[i]]
     return leaks

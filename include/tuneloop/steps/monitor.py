@@ -187,9 +187,8 @@ def check_performance(loop: Loop, end: date, production_record: dict[str, Any] |
     when there is nothing to compare yet. ``production_record``: the production version's
     registry record when the caller has it (else it is read).
     """
-    import hashlib
 
-    from tuneloop.intake.pull import NoNewDataError, plan_pull, read_batch, snapshot_last_day
+    from tuneloop.intake.pull import NoNewDataError, plan_pull, sample_accepted, snapshot_last_day
     from tuneloop.performance import performance_drift
 
     cfg = loop.settings.drift
@@ -208,10 +207,9 @@ def check_performance(loop: Loop, end: date, production_record: dict[str, Any] |
         plan = plan_pull(loop.store, since=trained_until + timedelta(days=1), until=end)
     except NoNewDataError:
         return {"checked": False, "reason": f"no labelled partitions after {trained_until} (production's data) yet"}
-    fresh = read_batch(loop.store, plan, loop.spec).accepted
-    if len(fresh) < cfg.performance_min_rows:
-        return {"checked": False, "reason": f"{len(fresh)} fresh labelled rows after {trained_until}; drift.performance_min_rows is {cfg.performance_min_rows}"}
-    fresh = sorted(fresh, key=lambda r: hashlib.sha256(str(loop.spec.row_id(r)).encode()).hexdigest())[: cfg.performance_max_rows]
+    available, fresh = sample_accepted(loop.store, plan, loop.spec, cfg.performance_max_rows, chunk_rows=loop.settings.data.chunk_rows)
+    if available < cfg.performance_min_rows:
+        return {"checked": False, "reason": f"{available} fresh labelled rows after {trained_until}; drift.performance_min_rows is {cfg.performance_min_rows}"}
     eval_ids = {str(r.get("id")) for r in loop.store.iter_jsonl(layout.snapshot_file(str(snapshot), "eval")) if isinstance(r, dict)}
     baseline = [r for r in loop.store.iter_jsonl(scores_key) if str(r.get("id")) in eval_ids]
     prefix = layout.performance_check(end.isoformat(), loop.run_key)

@@ -31,6 +31,7 @@ from tuneloop.storage.snapshots import (
     list_snapshots,
     read_snapshot_manifest,
     write_snapshot,
+    write_snapshot_files,
 )
 
 if TYPE_CHECKING:
@@ -98,4 +99,5 @@ __all__ = [
     "open_store_from_settings",
     "read_snapshot_manifest",
     "write_snapshot",
+    "write_snapshot_files",
 ]

@@ -173,8 +173,15 @@ class Store(abc.ABC):
             raise StorageError(f"get {key} from {self.uri}: not valid JSON: {err}") from err
 
     def put_jsonl(self, key: str, rows: Iterable[Any]) -> None:
-        """Write ``rows`` as JSON lines (UTF-8, one object per line)."""
-        self.put_bytes(key, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8"))
+        """Write ``rows`` as JSON lines (UTF-8, one object per line), through a local temp file:
+        the rows are never all in memory."""
+        import tempfile
+
+        with tempfile.NamedTemporaryFile("wb", prefix="tuneloop-jsonl-", suffix=".jsonl") as handle:
+            for row in rows:
+                handle.write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
+            handle.flush()
+            self.put_file(key, handle.name)
 
     def iter_jsonl(self, key: str) -> Iterator[Any]:
         """Yield the records of a JSON-lines object, skipping blank lines."""

@@ -21,7 +21,8 @@ from tuneloop.storage.base import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Iterable, Iterator, Mapping
+    from pathlib import Path
 
 
 def content_hash(files: Mapping[str, bytes]) -> str:
@@ -29,13 +30,31 @@ def content_hash(files: Mapping[str, bytes]) -> str:
     ``{"ab": b"c"}`` and ``{"a": b"bc"}`` differ. Independent of the mapping's order."""
     digest = hashlib.sha256()
     for name in sorted(files):
-        encoded = name.encode("utf-8")
-        data = files[name]
-        digest.update(f"{len(encoded)}:".encode())
-        digest.update(encoded)
-        digest.update(f"{len(data)}:".encode())
-        digest.update(data)
+        _hash_entry(digest, name, len(files[name]), [files[name]])
     return digest.hexdigest()
+
+
+def content_hash_of_files(paths: Mapping[str, Path]) -> str:
+    """:func:`content_hash` of local files, read 1 MiB at a time."""
+    digest = hashlib.sha256()
+    for name in sorted(paths):
+        _hash_entry(digest, name, paths[name].stat().st_size, _blocks(paths[name]))
+    return digest.hexdigest()
+
+
+def _hash_entry(digest: Any, name: str, size: int, blocks: Iterable[bytes]) -> None:
+    encoded = name.encode("utf-8")
+    digest.update(f"{len(encoded)}:".encode())
+    digest.update(encoded)
+    digest.update(f"{size}:".encode())
+    for block in blocks:
+        digest.update(block)
+
+
+def _blocks(path: Path) -> Iterator[bytes]:
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            yield block
 
 
 def _check_hash(snapshot_hash: str) -> str:
@@ -55,7 +74,28 @@ def write_snapshot(
     and sha256, a ``created_at`` timestamp and the caller's fields. Writing the same
     content again is a no-op returning the same hash (the first manifest is kept).
     """
-    prefix = _check_prefix(prefix)
+    _check_files(prefix, files, manifest)
+    entries = {name: (len(data), hashlib.sha256(data).hexdigest()) for name, data in files.items()}
+    return _write(store, prefix, content_hash(files), entries, lambda key, name: store.put_bytes(key, files[name]), manifest)
+
+
+def write_snapshot_files(
+    store: Store, prefix: str, paths: Mapping[str, Path], manifest: Mapping[str, Any]
+) -> str:
+    """:func:`write_snapshot` from local files, never held in memory whole (uploads stream;
+    large files go up in parts). Same hash and manifest as the bytes would give."""
+    _check_files(prefix, paths, manifest)
+    entries = {}
+    for name, path in paths.items():
+        digest = hashlib.sha256()
+        for block in _blocks(path):
+            digest.update(block)
+        entries[name] = (path.stat().st_size, digest.hexdigest())
+    return _write(store, prefix, content_hash_of_files(paths), entries, lambda key, name: store.put_file(key, paths[name]), manifest)
+
+
+def _check_files(prefix: str, files: Mapping[str, Any], manifest: Mapping[str, Any]) -> None:
+    _check_prefix(prefix)
     if not files:
         raise ValueError("a snapshot needs at least one file")
     for name in files:
@@ -65,25 +105,27 @@ def write_snapshot(
     clashes = sorted(set(manifest) & set(_RESERVED_MANIFEST_FIELDS))
     if clashes:
         raise ValueError(f"manifest fields {clashes} are reserved: tuneloop sets them")
-    snapshot_hash = content_hash(files)
-    base = _join(prefix, snapshot_hash)
+
+
+def _write(
+    store: Store,
+    prefix: str,
+    snapshot_hash: str,
+    entries: Mapping[str, tuple[int, str]],
+    put: Callable[[str, str], None],
+    manifest: Mapping[str, Any],
+) -> str:
+    base = _join(_check_prefix(prefix), snapshot_hash)
     manifest_key = f"{base}/{MANIFEST_NAME}"
     if store.exists(manifest_key):
         log.info("snapshot %s already complete in %s", base, store.uri)
         return snapshot_hash
-    for name in sorted(files):
-        store.put_bytes(f"{base}/{name}", files[name])
+    for name in sorted(entries):
+        put(f"{base}/{name}", name)
     record = {
         "hash": snapshot_hash,
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "files": [
-            {
-                "name": name,
-                "size": len(files[name]),
-                "sha256": hashlib.sha256(files[name]).hexdigest(),
-            }
-            for name in sorted(files)
-        ],
+        "files": [{"name": name, "size": entries[name][0], "sha256": entries[name][1]} for name in sorted(entries)],
         **manifest,
     }
     body = (json.dumps(record, indent=2, sort_keys=False, ensure_ascii=False) + "\n").encode(
