@@ -190,6 +190,19 @@ def drift_message(check: Mapping[str, Any], *, links: Mapping[str, Any] | None =
     )
 
 
+def task_failure_message(*, dag_id: str, task_id: str, run_id: str, tries: int | None, error: BaseException | str | None) -> Notification:
+    """A task of the loop's DAGs failed for good (after its last retry): which task, which run,
+    the error; the task's log link is added by :func:`send_notification`."""
+    cause = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else (error or "unknown (see the task log)")
+    facts = [f"run: {run_id}", f"tries: {tries}" if tries else "tries: ?", f"error: {_clip(REDACTOR.redact(str(cause)))}"]
+    return Notification(
+        event="task_failed",
+        title=f"{dag_id}: task {task_id} failed",
+        facts=tuple(facts),
+        data={"dag_id": dag_id, "task_id": task_id, "run_id": run_id, "tries": tries},
+    )
+
+
 def store_links(loop: Any, key: str) -> list[str]:
     """Where a message's reader opens ``key`` (``Store.links``: URI, then on S3 an HTTPS link
     presigned for ``gate.report_link_hours``, 0: none). Under temporary credentials such a link

@@ -4,7 +4,8 @@ What a DAG task needs beyond a ``tuneloop.steps`` function: the loop opened from
 ``tuneloop_config`` Variable and the ``tuneloop_vllm`` connection (:func:`task_loop`), domain
 errors that no retry can fix turned into Airflow failures without retry (:func:`no_retry_on`),
 notifications with the task's context (:func:`notify`), the task bodies the DAG files wire
-(:mod:`tuneloop_airflow.tasks`) and the human-approval operator (:mod:`tuneloop_airflow.approval`).
+(:mod:`tuneloop_airflow.tasks`), the human-approval operator (:mod:`tuneloop_airflow.approval`)
+and the failure alert every task carries (:func:`on_task_failure`).
 """
 
 from __future__ import annotations
@@ -65,18 +66,19 @@ def store_connection(conn_id: str) -> StoreConnection | None:
     )
 
 
-def task_loop() -> Loop:
+def task_loop(run_id: str | None = None) -> Loop:
     """The loop for the running task: config from ``$TUNELOOP_CONFIG``, else the
     ``tuneloop_config`` Variable, else the embedded defaults; vLLM endpoints and key from the
     ``tuneloop_vllm`` connection and an s3:// store's credentials from the AWS connection
-    ``store.aws_conn_id`` (``tuneloop_store``) when they exist; progress into the task log."""
+    ``store.aws_conn_id`` (``tuneloop_store``) when they exist; progress into the task log.
+    ``run_id``: the DAG run's (default: the running task context's)."""
     from airflow.sdk import Variable, get_current_context
 
     from tuneloop.steps.loop import open_task_loop
     from tuneloop_airflow.loops import CURRENT
 
     return open_task_loop(
-        get_current_context()["run_id"],
+        run_id or get_current_context()["run_id"],
         config_variable=lambda: Variable.get(CONFIG_VARIABLE, default=None),
         progress=log.info,
         vllm_connection=vllm_connection,
@@ -108,3 +110,26 @@ def notify(build: Callable[[Loop], Notification | None], *, loop: Loop | None = 
         with contextlib.suppress(Exception):
             context = get_current_context()
     return notify_task_event((lambda: loop) if loop is not None else task_loop, build, context=context, factories=FACTORIES)
+
+
+def on_task_failure(context: Any) -> None:
+    """``on_failure_callback`` of every task of the loop's DAGs: Airflow calls it once, when a
+    task fails after its last retry (a retry calls ``on_retry_callback``), so one message per
+    failed try sequence, naming the DAG, task, run and error, with the task's log link.
+    Never raises (a callback error would only add noise to the failure)."""
+    from tuneloop.notify import task_failure_message
+
+    try:
+        ti = context.get("ti")
+        dag_id = getattr(ti, "dag_id", None) or str(context.get("dag_id") or "?")
+        task_id = getattr(ti, "task_id", None) or "?"
+        run_id = str(context.get("run_id") or getattr(ti, "run_id", "?"))
+        tries = getattr(ti, "try_number", None)
+        error = context.get("exception")
+        notify(
+            lambda _loop: task_failure_message(dag_id=dag_id, task_id=task_id, run_id=run_id, tries=tries, error=error),
+            loop=task_loop(run_id),
+            context=context,
+        )
+    except Exception as err:  # noqa: BLE001 - never turn a failure alert into a second failure
+        log.warning("notify: no task-failure message sent: %s: %s", type(err).__name__, err)

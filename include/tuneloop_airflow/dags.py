@@ -61,6 +61,13 @@ def _doc(ref: LoopRef, stage: str, doc: str | None) -> str:
     return f"### {ref.dag_id(stage)}\n\nLoop `{ref.id}` of the loops folder (config `{ref.config}`).\n\n{doc or ''}"
 
 
+def _alerts(ref: LoopRef) -> dict[str, Any]:
+    """Every task's failure alert (after its last retry) through the loop's notifiers."""
+    from tuneloop_airflow import on_task_failure
+
+    return {"on_failure_callback": bound(on_task_failure, ref)}
+
+
 def _tags(ref: LoopRef, *more: str) -> list[str]:
     return ["tuneloop", "llm", *more, *([f"loop:{ref.id}"] if ref.id else [])]
 
@@ -75,7 +82,7 @@ def drift_monitor_dag(ref: LoopRef = SINGLE, *, doc: str | None = None) -> Any:
             start_date=START,
             catchup=False,
             max_active_runs=1,
-            default_args={"owner": "ml-platform", "retries": 2, "retry_delay": timedelta(minutes=1), "retry_exponential_backoff": True},
+            default_args={**_alerts(ref), "owner": "ml-platform", "retries": 2, "retry_delay": timedelta(minutes=1), "retry_exponential_backoff": True},
             tags=_tags(ref, "drift", "monitoring"),
             doc_md=_doc(ref, "drift_monitor", doc),
             params={
@@ -104,7 +111,7 @@ def refresh_dag(ref: LoopRef = SINGLE, *, doc: str | None = None) -> Any:
             start_date=START,
             catchup=False,
             max_active_runs=1,
-            default_args={"owner": "ml-platform", "retries": 2, "retry_delay": timedelta(seconds=30), "retry_exponential_backoff": True, "max_retry_delay": timedelta(minutes=10)},
+            default_args={**_alerts(ref), "owner": "ml-platform", "retries": 2, "retry_delay": timedelta(seconds=30), "retry_exponential_backoff": True, "max_retry_delay": timedelta(minutes=10)},
             tags=_tags(ref, "lora", "refresh"),
             doc_md=_doc(ref, "refresh", doc),
             params={
@@ -155,7 +162,7 @@ def rollback_dag(ref: LoopRef = SINGLE, *, doc: str | None = None) -> Any:
             start_date=START,
             catchup=False,
             max_active_runs=1,
-            default_args={"owner": "ml-platform", "retries": 2, "retry_delay": timedelta(seconds=20), "retry_exponential_backoff": True},
+            default_args={**_alerts(ref), "owner": "ml-platform", "retries": 2, "retry_delay": timedelta(seconds=20), "retry_exponential_backoff": True},
             tags=_tags(ref, "rollback"),
             doc_md=_doc(ref, "rollback", doc),
             params={
@@ -179,7 +186,7 @@ def reconcile_dag(ref: LoopRef = SINGLE, *, doc: str | None = None) -> Any:
             catchup=False,
             max_active_runs=1,
             dagrun_timeout=timedelta(minutes=9),
-            default_args={"owner": "ml-platform", "retries": 1, "retry_delay": timedelta(minutes=2)},
+            default_args={**_alerts(ref), "owner": "ml-platform", "retries": 1, "retry_delay": timedelta(minutes=2)},
             tags=_tags(ref, "serving"),
             doc_md=_doc(ref, "reconcile", doc),
         )

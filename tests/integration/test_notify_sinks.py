@@ -362,3 +362,30 @@ def test_a_channel_that_fails_is_a_warning_and_the_other_still_delivers(
     captured = capfd.readouterr()
     logged = [line for line in (caplog.text + captured.out + captured.err).splitlines() if "notify:" in line and "not sent" in line]
     assert any("via slack (connection 'tuneloop_slack')" in line and "Status Code: 500" in line for line in logged), logged
+
+
+def test_a_task_that_fails_after_its_retries_sends_one_failure_alert(notify_env: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """train raises on both of its tries: one message after the last try (a retry sends none),
+    naming the DAG, the task, the run and the error, with the task's log link."""
+    _refresh_stand_ins(monkeypatch, gain=0.0)
+    calls = []
+
+    def out_of_memory(loop: Any, snapshot: str, **_: Any) -> dict[str, Any]:
+        calls.append(snapshot)
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr("tuneloop.steps.train.train_step", out_of_memory)
+    dag = _dag("tuneloop_refresh")
+    train = dag.get_task("train")
+    train.retries, train.retry_delay, train.retry_exponential_backoff = 1, timedelta(seconds=1), False
+    run = dag.test(logical_date=datetime(2026, 5, 6, tzinfo=UTC), run_conf={"force": True})
+    states = _states(run)
+    assert states["train"] == "failed" and str(run.state).endswith("failed"), states
+    assert len(calls) == 2  # the first try and its retry
+
+    slack, body = _one_of_each(notify_env, "tuneloop_refresh: task train failed")
+    for text in (slack, body):
+        assert "run: " in text and "tries: 2" in text
+        assert "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB" in text
+    assert "/dags/tuneloop_refresh/runs/" in body  # the task's log in the Airflow UI
+    assert len(notify_env["slack"].received) == 1 and len(notify_env["smtp"].received) == 1

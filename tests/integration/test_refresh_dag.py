@@ -139,6 +139,17 @@ def test_refresh_trains_evaluates_and_gates_with_real_servers(bootstrapped: Any)
     assert manifest["validation"]["accepted"] + manifest["validation"]["quarantined"] == manifest["counts"]["total"]
 
 
+def test_a_refresh_with_no_new_labelled_data_is_skipped_not_failed(bootstrapped: Any, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]) -> None:
+    """The first refresh's snapshot covers every labelled partition: the next scheduled run has
+    nothing to train on, which is a normal outcome (skipped, a green run), not a failure."""
+    run = _dag("tuneloop_refresh").test(logical_date=datetime(2026, 1, 9, 12, tzinfo=UTC))
+    states = _task_states(run)
+    assert str(run.state) == "success", states
+    assert all("skipped" in state.lower() for state in states.values()), states
+    captured = capfd.readouterr()
+    assert "nothing to refresh: no labelled partitions" in caplog.text + captured.out + captured.err
+
+
 def test_rollback_dag_hot_swaps_a_version_into_vllm(world: dict[str, Any], rolled_back: Any) -> None:
     """Deploy v2 as production, then tuneloop_rollback serves v1 again through the real server."""
     from tuneloop.serving.vllm_client import VllmClient

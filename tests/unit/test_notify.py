@@ -164,7 +164,7 @@ def test_long_lists_and_lines_are_clipped() -> None:
 
 def test_notifications_are_off_by_default() -> None:
     settings = load_settings(env={})
-    assert settings.notify.events == ["drift", "gate_reject", "deploy", "rollback"]
+    assert settings.notify.events == ["drift", "gate_reject", "deploy", "rollback", "task_failed"]
     assert channels(settings.notify) == [] and not settings.notify.enabled
 
 
@@ -357,3 +357,17 @@ def test_slack_webhook_urls_are_redacted_from_slack_sdk_records_and_tracebacks()
     text = "\n".join(captured.lines)
     assert "Going to retry the same request: POST https://hooks.slack.com/***" in text
     assert "ValueError: Invalid URL detected: ***" in text and "SECRET" not in text
+
+
+def test_a_task_failure_message_names_the_task_and_the_error_and_redacts_secrets() -> None:
+    from tuneloop.notify import REDACTOR, task_failure_message
+
+    REDACTOR.add("sk-live-123456")
+    message = task_failure_message(
+        dag_id="tuneloop_refresh", task_id="train", run_id="scheduled__2026-04-01", tries=3,
+        error=RuntimeError("upload refused for key sk-live-123456: " + "x" * 5000),
+    )
+    assert message.event == "task_failed" and message.title == "tuneloop_refresh: task train failed"
+    assert message.facts[:2] == ("run: scheduled__2026-04-01", "tries: 3")
+    assert message.facts[2].startswith("error: RuntimeError: upload refused for key ") and "sk-live-123456" not in message.facts[2]
+    assert len(message.facts[2]) <= 610

@@ -315,9 +315,9 @@ class DataSettings(_Section):
     )
     spill_dir: str | None = Field(None, description="local directory for the intake's spill files (about twice the accepted rows); null: the system temp dir")
 
-NotifyEvent = Literal["drift", "gate_reject", "deploy", "rollback"]
+NotifyEvent = Literal["drift", "gate_reject", "deploy", "rollback", "task_failed"]
 
-NOTIFY_EVENTS: tuple[NotifyEvent, ...] = ("drift", "gate_reject", "deploy", "rollback")
+NOTIFY_EVENTS: tuple[NotifyEvent, ...] = ("drift", "gate_reject", "deploy", "rollback", "task_failed")
 
 
 class NotifySettings(_Section):
