@@ -1,4 +1,5 @@
-"""Alert webhook for the Airflow API server: ``POST /tuneloop/alerts``.
+"""Alert webhook for the Airflow API server: ``POST /tuneloop/alerts``; and the loops' state
+for Prometheus at ``GET /tuneloop/metrics`` (same token; see ``tuneloop/metrics.py``).
 
 A Prometheus Alertmanager or Grafana webhook that fires records an event on the drift asset
 ``tuneloop://loop/drift``, which triggers ``tuneloop_refresh``. Auth is a shared bearer token
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.plugins_manager import AirflowPlugin
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from tuneloop import alert_dedup, alerts, assets
@@ -78,6 +79,44 @@ async def receive_alert(request: Request) -> JSONResponse:
         log.info("tuneloop alert from %s not recorded: %s", notification.source, decision.reason)
         return JSONResponse({"recorded": False, "reason": decision.reason, "source": notification.source})
     return await run_in_threadpool(_record_new_alerts, settings, notification, decision.alerts)
+
+
+@app.get("/metrics")
+async def prometheus_metrics(request: Request) -> Response:
+    """The loops' state for Prometheus (``tuneloop.metrics``): drift statistic and p-value,
+    intake counts by reason, aliases, training speed, the gate's decision and deltas per slice;
+    every sample labelled ``loop``. Same bearer token as the webhook (Prometheus:
+    ``authorization: {credentials_file: ...}``). A loop whose store cannot be read reports
+    ``tuneloop_loop_up 0``."""
+    refusal = await run_in_threadpool(_refuse_unauthorized, request.headers.get("authorization"))
+    if refusal is not None:
+        return refusal
+    from tuneloop import metrics
+
+    return PlainTextResponse(await run_in_threadpool(_metrics_text), media_type=metrics.CONTENT_TYPE)
+
+
+def _metrics_text() -> str:
+    from tuneloop import metrics
+    from tuneloop.config import load_settings
+    from tuneloop.storage import open_store_from_settings
+
+    families: list[metrics.Metric] = []
+    loops_dir = os.environ.get("TUNELOOP_LOOPS_DIR")
+    if loops_dir:
+        from tuneloop_airflow.loops import loops_in
+
+        settings_of = [(ref.id or "loop", lambda ref=ref: load_settings(ref.config)) for ref in loops_in(loops_dir)]
+    else:
+        settings_of = [("loop", lambda: alerts.webhook_settings(os.environ, _config_variable))]
+    for loop_id, load in settings_of:
+        try:
+            settings = load()
+            families += metrics.loop_metrics(loop_id, settings, open_store_from_settings(settings))
+        except Exception as err:  # one loop's store down must not hide the others' metrics
+            log.warning("tuneloop metrics: loop %s unreadable: %s: %s", loop_id, type(err).__name__, err)
+            families += metrics.error_metric(loop_id, err)
+    return metrics.render(families)
 
 
 def _record_new_alerts(settings: Settings, notification: alerts.AlertNotification, firing: tuple[alerts.Alert, ...]) -> JSONResponse:
@@ -229,4 +268,4 @@ def _error(status_code: int, detail: str, headers: dict[str, str] | None = None)
 
 class TuneloopAlertsPlugin(AirflowPlugin):
     name = "tuneloop_alerts"
-    fastapi_apps = [{"app": app, "url_prefix": URL_PREFIX, "name": "tuneloop alert webhook"}]
+    fastapi_apps = [{"app": app, "url_prefix": URL_PREFIX, "name": "tuneloop alert webhook and metrics"}]

@@ -232,6 +232,20 @@ def test_without_a_token_configured_every_call_is_refused(airflow: LocalAirflow)
     assert _drift_events(airflow) == []
 
 
+def test_the_metrics_endpoint_serves_prometheus_text_behind_the_token(airflow: LocalAirflow) -> None:
+    """GET /tuneloop/metrics on the running API server: 401 without the token; with it, text
+    that prometheus_client's parser reads, labelled with the loop (an empty store: up, no versions)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    assert httpx.get(f"{airflow.url}/tuneloop/metrics", timeout=30).status_code == 401
+    reply = httpx.get(f"{airflow.url}/tuneloop/metrics", headers={"Authorization": f"Bearer {ENV_TOKEN}"}, timeout=30)
+    assert reply.status_code == 200, reply.text
+    assert reply.headers["content-type"].startswith("text/plain; version=0.0.4")
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(reply.text) for s in f.samples}
+    assert samples[("tuneloop_loop_up", (("loop", "loop"),))] == 1.0
+    assert samples[("tuneloop_versions", (("loop", "loop"),))] == 0.0
+
+
 def test_missing_or_wrong_token_is_401(airflow: LocalAirflow) -> None:
     for token, reason in ((None, "missing bearer token"), ("wrong-" + ENV_TOKEN, "invalid bearer token"), (ENV_TOKEN[:-1], "invalid bearer token")):
         reply = _post(airflow.url, alertmanager_payload(), token=token)
