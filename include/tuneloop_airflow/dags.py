@@ -91,7 +91,7 @@ def drift_monitor_dag(ref: LoopRef = SINGLE, *, doc: str | None = None) -> Any:
         )
         def monitor() -> None:
             queue: Any = _ml_queue()
-            check = task(task_id="check_drift", **queue)(bound(tasks.check_drift, ref))()
+            check = task(task_id="check_drift", inlets=[asset["TRAFFIC"], asset["PRODUCTION"]], **queue)(bound(tasks.check_drift, ref))()
             persists = task.short_circuit(task_id="drift_persists")(bound(tasks.drift_persists, ref))(check)
             persists >> task(task_id="emit_drift_event", outlets=[asset["DRIFT"]])(bound(tasks.emit_drift_event, ref))(check)
 
@@ -126,7 +126,7 @@ def refresh_dag(ref: LoopRef = SINGLE, *, doc: str | None = None) -> Any:
             def step(fn: Any, task_id: str | None = None, **options: Any) -> Any:
                 return task(task_id=task_id or fn.__name__, **options)(bound(fn, ref))
 
-            validated = step(tasks.validate, outlets=[asset["SNAPSHOT"]])(step(tasks.pull)())
+            validated = step(tasks.validate, inlets=[asset["LABELLED"]], outlets=[asset["SNAPSHOT"]])(step(tasks.pull, inlets=[asset["LABELLED"]])())
             if _in_pods():
                 from tuneloop.config import load_settings
                 from tuneloop.kubernetes import settings_at_parse_time
@@ -134,9 +134,12 @@ def refresh_dag(ref: LoopRef = SINGLE, *, doc: str | None = None) -> Any:
                 settings = settings_at_parse_time() if ref.config is None else load_settings(ref.config)
                 evaluated = tasks.evaluate_in_pod(tasks.train_in_pod(validated, settings=settings), settings=settings)
             else:
-                trained = step(tasks.train, pool="gpu", outlets=[asset["ADAPTER"]], execution_timeout=timedelta(hours=12), **_ml_queue())(validated)
-                evaluated = step(tasks.evaluate, execution_timeout=timedelta(hours=6), **_ml_queue())(trained)
-            decision = step(tasks.gate, outlets=[asset["EVAL_REPORT"]])(evaluated)
+                trained = step(
+                    tasks.train, pool="gpu", inlets=[asset["SNAPSHOT"], asset["PRODUCTION"]], outlets=[asset["ADAPTER"]],
+                    execution_timeout=timedelta(hours=12), **_ml_queue(),
+                )(validated)
+                evaluated = step(tasks.evaluate, inlets=[asset["ADAPTER"], asset["SNAPSHOT"]], execution_timeout=timedelta(hours=6), **_ml_queue())(trained)
+            decision = step(tasks.gate, inlets=[asset["ADAPTER"]], outlets=[asset["EVAL_REPORT"]])(evaluated)
             approve = HumanApproval(
                 task_id="approve", subject="Deploy the gate's candidate?", defaults=HumanApproval.REJECT,
                 ignore_downstream_trigger_rules=True, loop_ref=ref,
@@ -144,7 +147,7 @@ def refresh_dag(ref: LoopRef = SINGLE, *, doc: str | None = None) -> Any:
             before = setup(step(tasks.reconcile, "reconcile_before"))()
             deployed = step(tasks.deploy, retries=1)(decision)
             task.short_circuit(task_id="should_deploy")(bound(tasks.should_deploy, ref))(decision) >> approve >> before >> deployed
-            recorded = step(tasks.record, outlets=[asset["PRODUCTION"]])(step(tasks.verify)(deployed), decision)
+            recorded = step(tasks.record, inlets=[asset["EVAL_REPORT"], asset["ADAPTER"]], outlets=[asset["PRODUCTION"]])(step(tasks.verify)(deployed), decision)
             after = teardown(step(tasks.reconcile, "reconcile_after"))()
             recorded >> after
             before >> after

@@ -214,7 +214,8 @@ def train_in_pod(validated: Any, *, settings: Any) -> Any:
 
     from tuneloop.kubernetes import pod_operator_kwargs
 
-    adapter = Asset(name=current_assets()["ADAPTER"][0], uri=current_assets()["ADAPTER"][1])
+    found = {stage: Asset(name=name, uri=uri) for stage, (name, uri) in current_assets().items()}
+    adapter = found["ADAPTER"]
 
     def record_adapter_event(context: Any, result: Any) -> None:
         context["outlet_events"][adapter].extra = {"version": result["version"], "snapshot": result["snapshot"]}
@@ -222,6 +223,7 @@ def train_in_pod(validated: Any, *, settings: Any) -> Any:
     pod = KubernetesPodOperator(
         task_id="train",
         pool="gpu",
+        inlets=[found["SNAPSHOT"], found["PRODUCTION"]],
         outlets=[adapter],
         execution_timeout=timedelta(hours=12),
         post_execute=record_adapter_event,
@@ -238,9 +240,14 @@ def evaluate_in_pod(trained: Any, *, settings: Any) -> Any:
     from datetime import timedelta
 
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+    from airflow.sdk import Asset
 
     from tuneloop.kubernetes import pod_operator_kwargs
 
-    pod = KubernetesPodOperator(task_id="evaluate", execution_timeout=timedelta(hours=6), **pod_operator_kwargs(settings, component="evaluate"))
+    found = {stage: Asset(name=name, uri=uri) for stage, (name, uri) in current_assets().items()}
+    pod = KubernetesPodOperator(
+        task_id="evaluate", inlets=[found["ADAPTER"], found["SNAPSHOT"]], execution_timeout=timedelta(hours=6),
+        **pod_operator_kwargs(settings, component="evaluate"),
+    )
     trained >> pod
     return pod.output

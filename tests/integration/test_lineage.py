@@ -1,0 +1,72 @@
+"""OpenLineage sees the loop: a tuneloop_refresh run under ``dag.test()`` with the OpenLineage
+provider's file transport emits events whose inputs and outputs are the loop's assets, converted
+by tuneloop's own provider entry (``tuneloop_airflow/provider.py``), so that a lineage tool
+draws labelled data -> snapshot -> adapter -> eval report -> production. The ML and vLLM steps
+are stand-ins (as in test_notify_sinks.py): this module is about what the tasks declare."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import stand_ins
+from processes import free_port
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_a_refresh_run_emits_openlineage_events_naming_the_loops_assets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, airflow_db: str) -> None:
+    events_file = tmp_path / "openlineage.jsonl"
+    for name, value in {
+        "AIRFLOW__OPENLINEAGE__TRANSPORT": json.dumps({"type": "file", "log_file_path": str(events_file), "append": True}),
+        "AIRFLOW__OPENLINEAGE__NAMESPACE": "tuneloop-test",
+        "AIRFLOW__OPENLINEAGE__DISABLED": "false",
+        "TUNELOOP_HOME": str(tmp_path),
+        "TUNELOOP__STORE__URI": str(tmp_path / "store"),
+        "TUNELOOP__VLLM__ENDPOINTS": f"[http://127.0.0.1:{free_port()}]",
+        "TUNELOOP__GATE__IMPROVE_SLICES": "[drifted]",
+        "TUNELOOP__GATE__MIN_EXAMPLES": "10",
+        "TUNELOOP__GATE__BOOTSTRAP_SAMPLES": "300",
+    }.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("TUNELOOP_CONFIG", raising=False)
+    from airflow.dag_processing.dagbag import DagBag
+
+    from tuneloop.config import load_settings
+    from tuneloop.registry import Registry
+    from tuneloop.storage import open_store_from_settings
+
+    registry = Registry(open_store_from_settings(load_settings()))
+    registry.register("v1", adapter_key="adapters/v1", snapshot=None, base_model="demo")
+    registry.move_aliases({"production": "v1"}, reason="test setup")
+    monkeypatch.setattr("tuneloop.steps.intake.pull_step", lambda loop, **_: {"partitions": []})
+    monkeypatch.setattr("tuneloop.steps.intake.validate_step", lambda loop, plan: {"snapshot": "0" * 64, "counts": {}})
+    monkeypatch.setattr("tuneloop.steps.train.train_step", stand_ins.train_step)
+    monkeypatch.setattr("tuneloop.steps.evaluate.evaluate_step", stand_ins.evaluate_step(1 / 6))
+    monkeypatch.setattr("tuneloop.steps.serve.reconcile_step", lambda loop: {"production": loop.registry.aliases()["production"]})
+    monkeypatch.setattr("tuneloop.steps.serve.deploy_step", lambda loop, version, **_: {"version": version})
+    monkeypatch.setattr("tuneloop.steps.serve.verify_step", lambda loop, version: {"version": version})
+
+    bag = DagBag(dag_folder=str(ROOT / "dags"))
+    run = bag.dags["tuneloop_refresh"].test(logical_date=datetime(2026, 5, 7, tzinfo=UTC), run_conf={"force": True})
+    assert str(run.state).endswith("success")
+
+    events = [json.loads(line) for line in events_file.read_text().splitlines() if line.strip()]
+    done = {e["job"]["name"].rsplit(".", 1)[-1]: e for e in events if e.get("eventType") == "COMPLETE" and "." in e["job"]["name"]}
+
+    def names(event: dict[str, Any], side: str) -> set[tuple[str, str]]:
+        return {(d["namespace"], d["name"]) for d in event.get(side) or []}
+
+    loop = "tuneloop://loop"
+    assert names(done["validate"], "inputs") == {(loop, "labelled")}
+    assert names(done["validate"], "outputs") == {(loop, "dataset-snapshot")}
+    assert names(done["train"], "inputs") == {(loop, "dataset-snapshot"), (loop, "production-adapter")}
+    assert names(done["train"], "outputs") == {(loop, "candidate-adapter")}
+    assert names(done["gate"], "outputs") == {(loop, "eval-report")}
+    assert names(done["record"], "inputs") == {(loop, "eval-report"), (loop, "candidate-adapter")}
+    assert names(done["record"], "outputs") == {(loop, "production-adapter")}
