@@ -104,24 +104,27 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="where to write it (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the generated file")
     parser.add_argument("--skip-whole", action="store_true", help="skip the baseline (it needs several times the file size in RAM)")
+    parser.add_argument("--only", choices=["read", "chunked", "rows", "whole"], action="append", help="measure only these (repeatable)")
     args = parser.parse_args()
     scratch = Path(args.dir or tempfile.mkdtemp(prefix="tuneloop-intake-mem-"))
     path = scratch / "labelled.jsonl"
     started = time.perf_counter()
-    rows = write_file(path, args.mb)
+    rows = write_file(path, args.mb) if not (args.keep and path.exists()) else sum(1 for _ in open(path, "rb"))
     size_mb = path.stat().st_size / 1024 / 1024
     print(f"file: {size_mb:.0f} MB, {rows:,} rows, written in {time.perf_counter() - started:.0f} s")
     results = {}
     modes = {"read only": "read", "chunked, all checks": "chunked", "in memory, row checks": "rows"}
     if not args.skip_whole:
         modes["in memory, all checks"] = "whole"
+    if args.only:
+        modes = {name: mode for name, mode in {**modes, "in memory, all checks": "whole"}.items() if mode in args.only}
     for name, mode in modes.items():
         results[name] = r = measure(mode, path)
         print(f"{name:>24}: peak RSS {r['peak_rss_mb']:7.0f} MB ({r['peak_rss_mb'] / size_mb:.2f} x the file), "
               f"{r['lines']:,} lines, {r['accepted']:,} accepted, in {r['seconds']:.0f} s", flush=True)
-    chunked = results["chunked, all checks"]["peak_rss_mb"]
+    chunked = results.get("chunked, all checks", {}).get("peak_rss_mb")
     for name in ("in memory, row checks", "in memory, all checks"):
-        if name in results:
+        if chunked and name in results:
             print(f"chunked / {name} peak RSS: {chunked / results[name]['peak_rss_mb']:.2f}x")
     if not args.keep:
         path.unlink()

@@ -430,6 +430,29 @@ def test_calls_over_the_rate_limit_get_429_with_retry_after(airflow: LocalAirflo
     assert _post(airflow.url, alertmanager_payload(), token="wrong").status_code == 401
 
 
+def test_a_refresh_with_no_new_data_ends_green_under_the_scheduler(airflow: LocalAirflow) -> None:
+    """The store is empty: a refresh finds nothing to train on, which is a normal outcome. Under
+    the real scheduler its pull is skipped, every other task skipped after it, the run a success."""
+    assert airflow.api.patch("/dags/tuneloop_refresh", json={"is_paused": False}).status_code == 200
+    for _ in range(3):  # earlier tests' runs: out of the way (max_active_runs=1)
+        for run in airflow.api.get("/dags/tuneloop_refresh/dagRuns", params={"limit": 100}).json()["dag_runs"]:
+            if run["state"] in ("queued", "running"):
+                airflow.api.patch(f"/dags/tuneloop_refresh/dagRuns/{run['dag_run_id']}", json={"state": "failed"})
+        time.sleep(1)
+    created = airflow.api.post("/dags/tuneloop_refresh/dagRuns", json={"logical_date": None, "conf": {}})
+    assert created.status_code == 200, created.text
+    run_id = created.json()["dag_run_id"]
+
+    def finished() -> dict[str, Any] | None:
+        run = airflow.api.get(f"/dags/tuneloop_refresh/dagRuns/{run_id}").json()
+        return run if run["state"] in ("success", "failed") else None
+
+    run = _wait_for(f"tuneloop_refresh run {run_id} to finish", finished, TRIGGER_TIMEOUT_S * 2, airflow.logs)
+    states = {ti["task_id"]: ti["state"] for ti in airflow.api.get(f"/dags/tuneloop_refresh/dagRuns/{run_id}/taskInstances").json()["task_instances"]}
+    assert run["state"] == "success", states
+    assert states["pull"] == "skipped" and "failed" not in states.values() and "upstream_failed" not in states.values(), states
+
+
 def test_tokens_never_reach_the_logs_or_a_command_line(airflow: LocalAirflow) -> None:
     for proc in psutil.process_iter(["cmdline"]):
         assert ENV_TOKEN not in " ".join(proc.info["cmdline"] or []), proc

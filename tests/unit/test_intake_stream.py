@@ -204,3 +204,19 @@ def test_the_performance_sample_is_the_lowest_id_hashes_whatever_the_chunks(tmp_
     want = sorted(everything, key=lambda r: hashlib.sha256(str(r["id"]).encode()).hexdigest())[:12]
     for chunk_rows in (4, 1000):
         assert sample_accepted(store, plan, TICKETS, 12, chunk_rows=chunk_rows) == (len(everything), want)
+
+
+def test_row_blocks_read_rows_and_columns_across_parts_without_copying_them() -> None:
+    import numpy as np
+
+    from tuneloop.intake.similarity import RowBlocks
+
+    a = np.arange(12, dtype=np.uint32).reshape(4, 3)
+    b = np.arange(100, 115, dtype=np.uint32).reshape(5, 3)
+    blocks = RowBlocks([(a, None), (b, np.array([4, 0]))]) + RowBlocks.of(np.zeros((1, 3), dtype=np.uint32))
+    whole = np.concatenate((a, b[[4, 0]], np.zeros((1, 3), dtype=np.uint32)))
+    assert len(blocks) == 7 and blocks.width == 3
+    assert blocks.column(1).tolist() == whole[:, 1].tolist()
+    at = np.array([6, 5, 0, 4, 3])
+    assert blocks.rows(at).tolist() == whole[at].tolist()
+    assert blocks.nonzero_rows().tolist() == [True, True, True, True, True, True, False]

@@ -47,6 +47,7 @@ import numpy as np
 
 from tuneloop.intake.rows import CheckedBatch, QuarantinedRow
 from tuneloop.intake.similarity import (
+    RowBlocks,
     TextScan,
     find_leaks,
     find_near_duplicates,
@@ -529,7 +530,9 @@ def _subset(scan: TextScan | None, indices: Sequence[int]) -> TextScan | None:
     if scan is None or scan.band_keys is None or scan.signatures is None:
         return None
     index = np.asarray(indices, dtype=np.int64)
-    return TextScan(scan.pretokens[index], np.zeros(0, dtype=np.int64), {}, scan.band_keys[index], scan.signatures[index])
+    keys, signatures = scan.band_keys, scan.signatures
+    assert isinstance(keys, np.ndarray) and isinstance(signatures, np.ndarray), "scan_texts returns arrays"
+    return TextScan(scan.pretokens[index], np.zeros(0, dtype=np.int64), {}, RowBlocks([(keys, index)]), RowBlocks([(signatures, index)]))
 
 
 def _check_chat_template(

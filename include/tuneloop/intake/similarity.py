@@ -31,8 +31,8 @@ class TextScan:
     pretokens: np.ndarray  # letter runs + single digits + single other characters
     card_rows: np.ndarray  # texts with a run of >= 13 digits (single spaces/dashes allowed): card candidates
     special_rows: dict[int, str]  # text index -> a special token it contains
-    band_keys: np.ndarray | None = None  # (n, LSH_BANDS) uint64, 0 = empty band
-    signatures: np.ndarray | None = None  # (n, OPH_BINS) uint16: densified MinHash, truncated
+    band_keys: np.ndarray | RowBlocks | None = None  # (n, LSH_BANDS) uint64, 0 = empty band
+    signatures: np.ndarray | RowBlocks | None = None  # (n, OPH_BINS) uint16: densified MinHash, truncated
 
 
 def scan_texts(
@@ -242,13 +242,59 @@ def _minhash(buf: bytes, row_starts: np.ndarray, stripped_rows: np.ndarray, k: i
     return keys, (dense & _U64(0xFFFF)).astype(np.uint16)
 
 
-def candidate_pairs(keys: np.ndarray) -> np.ndarray:
+class RowBlocks:
+    """Rows of several 2-D arrays, each optionally through a row index, read as one array by
+    global row number without concatenating them. The bounded-memory intake keeps its MinHash
+    keys and signatures once; a concatenated or fancy-indexed copy of them would be the largest
+    allocation of a big batch."""
+
+    def __init__(self, parts: Sequence[tuple[np.ndarray, np.ndarray | None]]) -> None:
+        self.parts = list(parts)
+        sizes = [len(index) if index is not None else len(array) for array, index in self.parts]
+        self.bounds = np.cumsum([0, *sizes])
+
+    @classmethod
+    def of(cls, value: np.ndarray | RowBlocks) -> RowBlocks:
+        return value if isinstance(value, RowBlocks) else cls([(value, None)])
+
+    def __len__(self) -> int:
+        return int(self.bounds[-1])
+
+    def __add__(self, other: RowBlocks) -> RowBlocks:
+        return RowBlocks([*self.parts, *other.parts])
+
+    @property
+    def width(self) -> int:
+        return int(self.parts[0][0].shape[1])
+
+    def column(self, j: int) -> np.ndarray:
+        return np.concatenate([array[index, j] if index is not None else array[:, j] for array, index in self.parts])
+
+    def rows(self, at: np.ndarray) -> np.ndarray:
+        first = self.parts[0][0]
+        out = np.empty((len(at), first.shape[1]), dtype=first.dtype)
+        for part, (array, index) in enumerate(self.parts):
+            inside = (at >= self.bounds[part]) & (at < self.bounds[part + 1])
+            local = at[inside] - self.bounds[part]
+            out[inside] = array[index[local]] if index is not None else array[local]
+        return out
+
+    def nonzero_rows(self) -> np.ndarray:
+        """Rows with any non-zero value (for band keys: texts with at least one word)."""
+        found = np.zeros(len(self), dtype=bool)
+        for j in range(self.width):
+            found |= self.column(j) != 0
+        return found
+
+
+def candidate_pairs(keys: np.ndarray | RowBlocks) -> np.ndarray:
     """(earlier, later) row pairs sharing an LSH bucket: each member with the bucket's first and
     previous member. Shape (n, 2), unique, earlier < later."""
+    keys = RowBlocks.of(keys)
     pairs = []
-    n = keys.shape[0]
-    for band in range(keys.shape[1]):
-        column = keys[:, band]
+    n = len(keys)
+    for band in range(keys.width):
+        column = keys.column(band)
         order = np.argsort(column, kind="stable")
         ordered = column[order]
         same = (ordered[1:] == ordered[:-1]) & (ordered[1:] != 0)
@@ -281,16 +327,17 @@ class ShingleCache:
         return found
 
 
-def _screen(pairs: np.ndarray, signatures: np.ndarray, threshold: float) -> np.ndarray:
+def _screen(pairs: np.ndarray, signatures: np.ndarray | RowBlocks, threshold: float) -> np.ndarray:
     """Candidate pairs whose signatures agree on enough bins to possibly reach ``threshold``
     (3 standard errors of the OPH_BINS-bin estimate below it: 0.15 at 0.8 with 64 bins)."""
     if len(pairs) == 0:
         return pairs
+    rows = RowBlocks.of(signatures)
     floor = threshold - 3 * (threshold * (1 - threshold) / OPH_BINS) ** 0.5
     keep = np.zeros(len(pairs), dtype=bool)
     for start in range(0, len(pairs), 200_000):
         block = pairs[start : start + 200_000]
-        agree = (signatures[block[:, 0]] == signatures[block[:, 1]]).mean(axis=1)
+        agree = (rows.rows(block[:, 0]) == rows.rows(block[:, 1])).mean(axis=1)
         keep[start : start + len(block)] = agree >= floor
     return pairs[keep]
 
@@ -340,9 +387,9 @@ def find_leaks(
     assert train_scan.band_keys is not None and train_scan.signatures is not None
     assert eval_scan.band_keys is not None and eval_scan.signatures is not None
     n_eval = len(eval_texts)
-    keys = np.concatenate((eval_scan.band_keys, train_scan.band_keys))
-    signatures = np.concatenate((eval_scan.signatures, train_scan.signatures))
-    pairs = candidate_pairs(keys)
+    eval_keys, train_keys = RowBlocks.of(eval_scan.band_keys), RowBlocks.of(train_scan.band_keys)
+    signatures = RowBlocks.of(eval_scan.signatures) + RowBlocks.of(train_scan.signatures)
+    pairs = candidate_pairs(eval_keys + train_keys)
     pairs = _screen(pairs[(pairs[:, 0] < n_eval) & (pairs[:, 1] >= n_eval)], signatures, threshold)
     eval_shingles, train_shingles = ShingleCache(eval_texts, k, prefix), ShingleCache(train_texts, k, prefix)
     leaks: dict[int, int] = {}
@@ -353,10 +400,10 @@ def find_leaks(
     # Texts without words have no shingles: equal ones leak. (Equal texts with words share every
     # band and were confirmed above at Jaccard 1.)
     exact: dict[str, int] = {}
-    for i in np.flatnonzero(~eval_scan.band_keys.any(axis=1)).tolist():
+    for i in np.flatnonzero(~eval_keys.nonzero_rows()).tolist():
         exact[eval_texts[i]] = i
     if exact:
-        for i in np.flatnonzero(~train_scan.band_keys.any(axis=1)).tolist():
+        for i in np.flatnonzero(~train_keys.nonzero_rows()).tolist():
             if i not in leaks and train_texts[i] in exact:
                 leaks[i] = exact[train_texts[i]]
     return leaks

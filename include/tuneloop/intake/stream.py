@@ -37,6 +37,7 @@ import numpy as np
 
 from tuneloop.intake.rows import CheckedBatch, QuarantinedRow, check_lines
 from tuneloop.intake.similarity import (
+    RowBlocks,
     TextScan,
     find_leaks,
     find_near_duplicates,
@@ -229,7 +230,7 @@ def run_intake(
                 if prefix is None:
                     prefix = shared_prefix(inputs)
                 scan = scan_texts(inputs, shingle_words=similarity_k, strip_prefix=prefix)
-                assert scan.band_keys is not None and scan.signatures is not None
+                assert isinstance(scan.band_keys, np.ndarray) and isinstance(scan.signatures, np.ndarray)
                 keys.append(_fold_keys(scan.band_keys))
                 signatures.append((scan.signatures & 0xFF).astype(np.uint8))
                 if is_eval is not None:
@@ -344,7 +345,7 @@ def _similar_rows(
         if not block:
             return
         scan = scan_texts(block, shingle_words=k, strip_prefix=prefix)
-        assert scan.band_keys is not None and scan.signatures is not None
+        assert isinstance(scan.band_keys, np.ndarray) and isinstance(scan.signatures, np.ndarray)
         stored_keys.append(_fold_keys(scan.band_keys))
         stored_signatures.append((scan.signatures & 0xFF).astype(np.uint8))
         for row_id, text in zip(block_ids, block, strict=True):
@@ -362,9 +363,10 @@ def _similar_rows(
                 if len(block) >= DEFAULT_CHUNK_ROWS:
                     flush_block(out)
         flush_block(out)
-    survivors = np.array([i for i in range(n) if i not in dropped], dtype=np.int64)
-    batch_eval = survivors[eval_mask[survivors]] if eval_mask is not None else np.zeros(0, dtype=np.int64)
-    train = survivors[~eval_mask[survivors]] if eval_mask is not None else survivors
+    alive = np.ones(n, dtype=bool)
+    alive[np.fromiter(dropped, dtype=np.int64, count=len(dropped))] = False
+    on_eval_side = alive & eval_mask if eval_mask is not None else np.zeros(n, dtype=bool)
+    batch_eval, train = np.flatnonzero(on_eval_side), np.flatnonzero(alive & ~on_eval_side)
     n_stored = len(stored_offsets)
     if options.eval_leakage_jaccard is not None and (n_stored or len(batch_eval)) and len(train):
         say(f"eval leakage: {len(train)} training prompts against {n_stored + len(batch_eval)} eval prompts")
@@ -375,12 +377,13 @@ def _similar_rows(
             np.concatenate((np.asarray(stored_offsets, dtype=np.int64), texts.offsets[batch_eval])),
         )
         train_texts = SpilledTexts(texts.sources, np.zeros(len(train), dtype=np.uint8), texts.offsets[train])
-        eval_keys = np.concatenate([*stored_keys, keys[batch_eval]])
-        eval_signatures = np.concatenate([*stored_signatures, signatures[batch_eval]])
+        # the keys and signatures are read through row indices (RowBlocks), never copied
+        eval_keys = RowBlocks([*((block, None) for block in stored_keys), (keys, batch_eval)])
+        eval_signatures = RowBlocks([*((block, None) for block in stored_signatures), (signatures, batch_eval)])
         try:
             leaks = find_leaks(
                 train_texts, eval_texts, options.eval_leakage_jaccard, k,
-                train_scan=TextScan(empty, empty, {}, keys[train], signatures[train]),
+                train_scan=TextScan(empty, empty, {}, RowBlocks([(keys, train)]), RowBlocks([(signatures, train)])),
                 eval_scan=TextScan(empty, empty, {}, eval_keys, eval_signatures),
                 prefix=prefix,
             )
