@@ -220,3 +220,29 @@ def test_row_blocks_read_rows_and_columns_across_parts_without_copying_them() ->
     at = np.array([6, 5, 0, 4, 3])
     assert blocks.rows(at).tolist() == whole[at].tolist()
     assert blocks.nonzero_rows().tolist() == [True, True, True, True, True, True, False]
+
+
+def test_the_summary_of_a_chunked_run_keeps_the_token_bound_and_sums_the_counts(tmp_path: Path) -> None:
+    rng = random.Random(4)
+    rows = [_row("tickets", f"t{i}", _text(rng), rng, **({"labels": ["bug", "billing"]} if i % 5 == 0 else {})) for i in range(30)]
+    run = run_intake((("f", n, json.dumps(r).encode()) for n, r in enumerate(rows, 1)), TICKETS, tmp_path, options=IntakeOptions(max_tokens=999), chunk_rows=7)
+    assert run.intake is not None
+    summary = run.intake.summary()
+    assert summary["tokens"]["max_tokens"] == 999 and summary["rows_checked"] == 30
+    assert summary["labels"]["multi_labelled_rows"] == 6 and summary["quarantined"]["label_disagreement"] == 6
+
+
+def test_a_row_a_check_changed_is_spilled_as_changed_and_the_rest_verbatim(tmp_path: Path) -> None:
+    """Spilled rows are the input's own bytes (a BOM dropped), except where a check changed the
+    record: data.pii=redact masks an e-mail, and the accepted row carries the mask."""
+    rng = random.Random(5)
+    rows = [_row("catalog", f"c{i}", _text(rng), rng) for i in range(9)]
+    rows[4]["prompt"] = "write to jane.doe@example.com about " + _text(rng)
+    lines = [json.dumps(r, indent=None, separators=(", ", ":")).encode() for r in rows]
+    lines[0] = b"\xef\xbb\xbf" + lines[0]
+    lines[7] = b'{  "id":"c7",\t"prompt": "tabs\\tand spaces", "completion": "{\\"sku\\": \\"S\\", \\"price\\": 1}", "shop": "eu"}'
+    run = run_intake((("f", n, raw) for n, raw in enumerate(lines, 1)), CATALOG, tmp_path, options=IntakeOptions(pii="redact"), chunk_rows=4)
+    accepted = {record["id"]: record for record, _, _ in run.iter_accepted()}
+    assert len(accepted) == 9 and run.quarantined == 0
+    assert accepted["c4"]["prompt"].startswith("write to [EMAIL] about ")
+    assert accepted["c7"]["prompt"] == "tabs\tand spaces" and accepted["c0"] == rows[0]

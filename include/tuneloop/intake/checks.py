@@ -347,6 +347,7 @@ class IntakeReport:
             self.seconds[name] = self.seconds.get(name, 0.0) + value
         self.notes += [note for note in other.notes if note not in self.notes]
         self.token_method = self.token_method or other.token_method
+        self.max_tokens = self.max_tokens if self.max_tokens is not None else other.max_tokens
         self.template_overhead_tokens = max(self.template_overhead_tokens, other.template_overhead_tokens)
         self.chat_template = self.chat_template or other.chat_template
         self.chat_template_rendered_per_row = self.chat_template_rendered_per_row or other.chat_template_rendered_per_row

@@ -19,6 +19,7 @@ expectation with its counts, so the task log alone says why a refresh stopped.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -199,6 +200,9 @@ class QualitySuite:
 
     def _validation_definition(self) -> Any:
         os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+        gx_log = logging.getLogger("great_expectations")
+        if gx_log.level == logging.NOTSET:  # its INFO lines (decorators, temp dirs) say nothing to a user
+            gx_log.setLevel(logging.WARNING)
         import great_expectations as gx
 
         context = gx.get_context(mode="ephemeral")

@@ -94,11 +94,11 @@ class IdHashes:
 
 
 class SpilledTexts(Sequence[str]):
-    """A read-only sequence of texts kept in spill files: item ``i`` is line ``offsets[i]`` of
-    file ``files[i]``, turned into text by that file's ``parse``. Only the rows of candidate
-    pairs are ever read back."""
+    """A read-only sequence of texts kept in spill files: item ``i`` is the line at byte
+    ``offsets[i]`` of file ``files[i]``, turned into text by that file's ``parse`` (given the
+    line's bytes). Only the rows of candidate pairs are ever read back."""
 
-    def __init__(self, sources: Sequence[tuple[Path, Callable[[Any], str]]], files: np.ndarray, offsets: np.ndarray) -> None:
+    def __init__(self, sources: Sequence[tuple[Path, Callable[[bytes], str]]], files: np.ndarray, offsets: np.ndarray) -> None:
         self.sources, self.files, self.offsets = list(sources), files, offsets
         self._handles: dict[int, Any] = {}
 
@@ -113,7 +113,7 @@ class SpilledTexts(Sequence[str]):
         if handle is None:
             handle = self._handles[source] = open(self.sources[source][0], "rb")  # noqa: SIM115 - closed by close()
         handle.seek(int(self.offsets[index]))
-        return self.sources[source][1](json.loads(handle.readline()))
+        return self.sources[source][1](handle.readline())
 
     def close(self) -> None:
         for handle in self._handles.values():
@@ -141,11 +141,11 @@ class IntakeRun:
         or in input order (each run covers consecutive rows: one run in memory at a time)."""
         if order == "input":
             for path in self.accepted_runs:
-                for _, _, source, line, record in sorted(_read_jsonl(path), key=lambda item: item[1]):
-                    yield record, source, line
+                for (_, _, source, line), payload in sorted(_read_spill(path), key=lambda item: item[0][1]):
+                    yield json.loads(payload), source, line
             return
-        for _, _, source, line, record in heapq.merge(*(_read_jsonl(path) for path in self.accepted_runs), key=lambda item: item[0]):
-            yield record, source, line
+        for (_, _, source, line), payload in heapq.merge(*(_read_spill(path) for path in self.accepted_runs), key=lambda item: item[0][0]):
+            yield json.loads(payload), source, line
 
     def iter_quarantined(self) -> Iterator[dict[str, Any]]:
         """Every quarantined row (``QuarantinedRow.to_json()``), in (source, line) order."""
@@ -156,6 +156,23 @@ def _read_jsonl(path: Path) -> Iterator[Any]:
     with open(path, "rb") as handle:
         for line in handle:
             yield json.loads(line)
+
+
+def _spill_line(header: list[Any], payload: bytes) -> bytes:
+    """One spill line: a JSON header (ASCII: no raw tab), a tab, the record's JSON as it came in
+    (a record is written again only when a check changed it): the row is never re-serialised."""
+    return json.dumps(header).encode("ascii") + b"\t" + payload + b"\n"
+
+
+def _split_spill(line: bytes) -> tuple[Any, bytes]:
+    header, _, payload = line.rstrip(b"\n").partition(b"\t")
+    return json.loads(header), payload
+
+
+def _read_spill(path: Path) -> Iterator[tuple[Any, bytes]]:
+    with open(path, "rb") as handle:
+        for line in handle:
+            yield _split_spill(line)
 
 
 def _write_jsonl(path: Path, items: Iterable[Any]) -> None:
@@ -217,12 +234,15 @@ def run_intake(
     prefix: str | None = None
 
     # pass 1: row checks, per-row intake checks, MinHash; accepted rows spilled
+    position = 0
     with open(spill_path, "wb") as spill:
         for chunk in chunked(lines, chunk_rows):
             run.chunks += 1
             where = f" (chunk {run.chunks}, lines {run.total + 1}..{run.total + len(chunk)})"
             batch = check_lines(chunk, spec, seen_ids=ids)
             run.total += batch.total
+            raw_of = {(source, number): raw.removeprefix(b"\xef\xbb\xbf") for source, number, raw in chunk}
+            parsed = dict(zip(batch.origins, batch.accepted, strict=True))  # held: identity tells a changed record
             if per_row is not None and run.intake is not None:
                 run.intake.add(run_intake_checks(batch, per_row, spec))
             if similarity_k and batch.accepted:
@@ -236,10 +256,14 @@ def run_intake(
                 if is_eval is not None:
                     eval_side.append(np.fromiter((is_eval(str(spec.row_id(r))) for r in batch.accepted), dtype=bool, count=len(batch.accepted)))
             starts = np.zeros(len(batch.accepted), dtype=np.int64)
-            for index, (record, (source, line)) in enumerate(zip(batch.accepted, batch.origins, strict=True)):
-                starts[index] = spill.tell()
-                spill.write((json.dumps([source, line, record], ensure_ascii=False) + "\n").encode("utf-8"))
+            for index, (record, origin) in enumerate(zip(batch.accepted, batch.origins, strict=True)):
+                payload = raw_of[origin] if record is parsed[origin] else json.dumps(record, ensure_ascii=False).encode("utf-8")
+                data = _spill_line(list(origin), payload)
+                starts[index] = position
+                spill.write(data)
+                position += len(data)
             offsets.append(starts)
+            del raw_of, parsed
             _spill_quarantine(run, batch.quarantined)
             if run.chunks > 1 or len(chunk) == chunk_rows:
                 say(f"intake: {run.total} lines read{where}, {sum(len(o) for o in offsets)} pass the row checks so far")
@@ -250,8 +274,8 @@ def run_intake(
     # between the passes: near-duplicates and eval leakage over the whole batch
     dropped: dict[int, tuple[str, str | None]] = {}
     if options is not None and similarity_k and n:
-        texts = SpilledTexts([(spill_path, lambda item: spec.example(item[2]).input_text)], np.zeros(n, dtype=np.uint8), offset)
-        row_ids = SpilledTexts([(spill_path, lambda item: str(spec.row_id(item[2])))], np.zeros(n, dtype=np.uint8), offset)
+        texts = SpilledTexts([(spill_path, lambda line: spec.example(json.loads(_split_spill(line)[1])).input_text)], np.zeros(n, dtype=np.uint8), offset)
+        row_ids = SpilledTexts([(spill_path, lambda line: str(spec.row_id(json.loads(_split_spill(line)[1]))))], np.zeros(n, dtype=np.uint8), offset)
         all_keys, all_signatures = np.concatenate(keys), np.concatenate(signatures)
         keys, signatures = [], []
         try:
@@ -274,21 +298,27 @@ def run_intake(
     with open(spill_path, "rb") as spill:
         for part, chunk_lines in enumerate(chunked(spill, chunk_rows), 1):
             batch = CheckedBatch(total=len(chunk_lines))
+            payload_of: dict[tuple[str, int], bytes] = {}
             for raw in chunk_lines:
-                source, line, record = json.loads(raw)
+                (source, line), payload = _split_spill(raw)
                 if index in dropped:
                     reason, matched = dropped[index]
-                    batch.quarantined.append(QuarantinedRow(source, line, json.dumps(record, ensure_ascii=False), [reason], matched_id=matched))
+                    batch.quarantined.append(QuarantinedRow(source, line, payload.decode("utf-8"), [reason], matched_id=matched))
                 else:
-                    batch.accepted.append(record)
+                    batch.accepted.append(json.loads(payload))
                     batch.origins.append((source, line))
+                    payload_of[(source, line)] = payload
                 index += 1
             if quality is not None and batch.accepted:
                 quality.check(batch, where=f" (rows {index - len(chunk_lines) + 1}..{index} of those that passed the intake checks)" if n > chunk_rows else "")
             run.accepted += len(batch.accepted)
             path = workdir / f"accepted.{part:05d}.jsonl"
-            rows = ([str(spec.row_id(r)), position, s, line, r] for position, (r, (s, line)) in enumerate(zip(batch.accepted, batch.origins, strict=True)))
-            _write_jsonl(path, sorted(rows, key=lambda item: item[0]))
+            rows: list[list[Any]] = sorted(
+                ([str(spec.row_id(r)), at, s, line] for at, (r, (s, line)) in enumerate(zip(batch.accepted, batch.origins, strict=True))),
+                key=lambda header: str(header[0]),
+            )
+            with open(path, "wb") as out:
+                out.writelines(_spill_line(header, payload_of[(header[2], header[3])]) for header in rows)
             run.accepted_runs.append(path)
             _spill_quarantine(run, batch.quarantined)
     spill_path.unlink()
@@ -350,7 +380,7 @@ def _similar_rows(
         stored_signatures.append((scan.signatures & 0xFF).astype(np.uint8))
         for row_id, text in zip(block_ids, block, strict=True):
             stored_offsets.append(out.tell())
-            out.write((json.dumps([row_id, text], ensure_ascii=False) + "\n").encode("utf-8"))
+            out.write(_spill_line([row_id], json.dumps(text, ensure_ascii=False).encode("utf-8")))
         block.clear()
         block_ids.clear()
 
@@ -370,7 +400,7 @@ def _similar_rows(
     n_stored = len(stored_offsets)
     if options.eval_leakage_jaccard is not None and (n_stored or len(batch_eval)) and len(train):
         say(f"eval leakage: {len(train)} training prompts against {n_stored + len(batch_eval)} eval prompts")
-        sources = [(stored_path, lambda item: item[1]), (texts.sources[0][0], lambda item: spec.example(item[2]).input_text)]
+        sources = [(stored_path, lambda line: json.loads(_split_spill(line)[1])), texts.sources[0]]
         eval_texts = SpilledTexts(
             sources,
             np.concatenate((np.zeros(n_stored, dtype=np.uint8), np.ones(len(batch_eval), dtype=np.uint8))),
@@ -387,7 +417,9 @@ def _similar_rows(
                 eval_scan=TextScan(empty, empty, {}, eval_keys, eval_signatures),
                 prefix=prefix,
             )
-            stored_ids = SpilledTexts([(stored_path, lambda item: item[0])], np.zeros(n_stored, dtype=np.uint8), np.asarray(stored_offsets, dtype=np.int64))
+            stored_ids = SpilledTexts(
+                [(stored_path, lambda line: _split_spill(line)[0][0])], np.zeros(n_stored, dtype=np.uint8), np.asarray(stored_offsets, dtype=np.int64)
+            )
             for train_index, eval_index in leaks.items():
                 matched = stored_ids[eval_index] if eval_index < n_stored else row_ids[int(batch_eval[eval_index - n_stored])]
                 dropped[int(train[train_index])] = ("eval_leakage", matched)
