@@ -9,7 +9,7 @@ export GX_ANALYTICS_ENABLED := false
 export VLLM_NO_USAGE_STATS := 1
 export DO_NOT_TRACK := 1
 
-.PHONY: help setup test test-fast lint demo airflow serve serve-stop bench bench-setup docs clean
+.PHONY: help setup test test-fast lint demo airflow serve serve-stop bench bench-setup mlflow docs clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -43,6 +43,11 @@ serve-stop: ## stop the vLLM server started by `make serve`
 
 bench-setup: ## build .venv-bench (Evidently, the reference library bench/drift_speed.py compares with)
 	@bash scripts/setup.sh bench
+
+mlflow: ## MLflow's UI on http://localhost:5000 over the loop's tracking store (tracking.mlflow; builds .venv-mlflow)
+	@bash scripts/setup.sh mlflow
+	@mkdir -p .tuneloop
+	.venv-mlflow/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.tuneloop/mlflow.db --port $${MLFLOW_PORT:-5000}
 
 docs: ## build the documentation site into site/ (MkDocs Material, strict: any warning fails; own env .venv-docs)
 	@bash scripts/docs.sh

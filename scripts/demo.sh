@@ -19,6 +19,8 @@ export TUNELOOP__TRAINING__MAX_STEPS="${TUNELOOP__TRAINING__MAX_STEPS:-150}"
 export TUNELOOP__EVAL__CONSISTENCY_PROMPTS="${TUNELOOP__EVAL__CONSISTENCY_PROMPTS:-8}"
 export TUNELOOP__EVAL__CONSISTENCY_SAMPLES="${TUNELOOP__EVAL__CONSISTENCY_SAMPLES:-3}"
 export TUNELOOP__EVAL__LATENCY_REQUESTS="${TUNELOOP__EVAL__LATENCY_REQUESTS:-10}"
+# each refresh is also an MLflow run in .tuneloop/mlflow.db (`make mlflow` opens it)
+export TUNELOOP__TRACKING__MLFLOW="${TUNELOOP__TRACKING__MLFLOW:-true}"
 START=$(date +%s)
 step() { printf '\n\033[1m== [%3ss] %s\033[0m\n' "$(( $(date +%s) - START ))" "$*"; }
 
@@ -75,4 +77,5 @@ if [[ -x /usr/bin/chromium && "${DEMO_SCREENSHOT:-1}" == 1 ]]; then
     || echo "  screenshot failed (the demo itself succeeded); log: .tuneloop/demo-screenshot.log"
 fi
 echo
-echo "demo finished in $(( $(date +%s) - START ))s; store: .tuneloop/store; Airflow UI with the tuneloop view: make airflow"
+echo "demo finished in $(( $(date +%s) - START ))s; store: .tuneloop/store; Airflow UI with the tuneloop view: make airflow;"
+echo "each refresh as an MLflow run (dataset, loss curves, gate statistics, report, aliases): make mlflow"

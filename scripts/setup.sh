@@ -50,6 +50,11 @@ build_env() {  # build_env DIR LOCKFILE [extra uv args...]
   log "$dir ready"
 }
 
+if [[ "${1:-}" == "mlflow" ]]; then
+  build_env .venv-mlflow requirements/mlflow.lock
+  log "done: .venv-mlflow/bin/mlflow ui"
+  exit 0
+fi
 if [[ "${1:-}" == "bench" ]]; then
   build_env .venv-bench requirements/bench.lock
   log "done: .venv-bench/bin/python bench/drift_speed.py --help"

@@ -126,10 +126,9 @@ def on_task_failure(context: Any) -> None:
         run_id = str(context.get("run_id") or getattr(ti, "run_id", "?"))
         tries = getattr(ti, "try_number", None)
         error = context.get("exception")
-        notify(
-            lambda _loop: task_failure_message(dag_id=dag_id, task_id=task_id, run_id=run_id, tries=tries, error=error),
-            loop=task_loop(run_id),
-            context=context,
-        )
+        loop = task_loop(run_id)
+        notify(lambda _loop: task_failure_message(dag_id=dag_id, task_id=task_id, run_id=run_id, tries=tries, error=error), loop=loop, context=context)
+        if loop.tracker is not None and dag_id.endswith("refresh"):
+            loop.tracker.finish("FAILED")
     except Exception as err:  # noqa: BLE001 - never turn a failure alert into a second failure
         log.warning("notify: no task-failure message sent: %s: %s", type(err).__name__, err)

