@@ -7,17 +7,40 @@ are stand-ins (as in test_notify_sinks.py): this module is about what the tasks 
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-import stand_ins
 from processes import free_port
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
+RUN_REFRESH = """
+import sys
+from datetime import UTC, datetime
+
+import stand_ins
+import tuneloop.steps.evaluate
+import tuneloop.steps.intake
+import tuneloop.steps.serve
+import tuneloop.steps.train
+
+tuneloop.steps.intake.pull_step = lambda loop, **_: {"partitions": []}
+tuneloop.steps.intake.validate_step = lambda loop, plan: {"snapshot": "0" * 64, "counts": {}}
+tuneloop.steps.train.train_step = stand_ins.train_step
+tuneloop.steps.evaluate.evaluate_step = stand_ins.evaluate_step(1 / 6)
+tuneloop.steps.serve.reconcile_step = lambda loop: {"production": loop.registry.aliases()["production"]}
+tuneloop.steps.serve.deploy_step = lambda loop, version, **_: {"version": version}
+tuneloop.steps.serve.verify_step = lambda loop, version: {"version": version}
+from airflow.dag_processing.dagbag import DagBag
+
+run = DagBag(dag_folder=sys.argv[1]).dags["tuneloop_refresh"].test(logical_date=datetime(2026, 5, 7, tzinfo=UTC), run_conf={"force": True})
+print("STATE", str(run.state).rsplit(".", 1)[-1].lower())
+"""
 
 
 def test_a_refresh_run_emits_openlineage_events_naming_the_loops_assets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, airflow_db: str) -> None:
@@ -35,8 +58,6 @@ def test_a_refresh_run_emits_openlineage_events_naming_the_loops_assets(tmp_path
     }.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("TUNELOOP_CONFIG", raising=False)
-    from airflow.dag_processing.dagbag import DagBag
-
     from tuneloop.config import load_settings
     from tuneloop.registry import Registry
     from tuneloop.storage import open_store_from_settings
@@ -44,29 +65,23 @@ def test_a_refresh_run_emits_openlineage_events_naming_the_loops_assets(tmp_path
     registry = Registry(open_store_from_settings(load_settings()))
     registry.register("v1", adapter_key="adapters/v1", snapshot=None, base_model="demo")
     registry.move_aliases({"production": "v1"}, reason="test setup")
-    monkeypatch.setattr("tuneloop.steps.intake.pull_step", lambda loop, **_: {"partitions": []})
-    monkeypatch.setattr("tuneloop.steps.intake.validate_step", lambda loop, plan: {"snapshot": "0" * 64, "counts": {}})
-    monkeypatch.setattr("tuneloop.steps.train.train_step", stand_ins.train_step)
-    monkeypatch.setattr("tuneloop.steps.evaluate.evaluate_step", stand_ins.evaluate_step(1 / 6))
-    monkeypatch.setattr("tuneloop.steps.serve.reconcile_step", lambda loop: {"production": loop.registry.aliases()["production"]})
-    monkeypatch.setattr("tuneloop.steps.serve.deploy_step", lambda loop, version, **_: {"version": version})
-    monkeypatch.setattr("tuneloop.steps.serve.verify_step", lambda loop, version: {"version": version})
-
-    bag = DagBag(dag_folder=str(ROOT / "dags"))
-    run = bag.dags["tuneloop_refresh"].test(logical_date=datetime(2026, 5, 7, tzinfo=UTC), run_conf={"force": True})
-    assert str(run.state).endswith("success")
+    # A process of its own: the OpenLineage listener is set up when Airflow's plugins first load,
+    # which an earlier test of this session may have done without a transport.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", RUN_REFRESH, str(ROOT / "dags")], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert done.returncode == 0 and "STATE success" in done.stdout, (done.stdout[-2000:], done.stderr[-4000:])
 
     events = [json.loads(line) for line in events_file.read_text().splitlines() if line.strip()]
-    done = {e["job"]["name"].rsplit(".", 1)[-1]: e for e in events if e.get("eventType") == "COMPLETE" and "." in e["job"]["name"]}
+    completed = {e["job"]["name"].rsplit(".", 1)[-1]: e for e in events if e.get("eventType") == "COMPLETE" and "." in e["job"]["name"]}
 
     def names(event: dict[str, Any], side: str) -> set[tuple[str, str]]:
         return {(d["namespace"], d["name"]) for d in event.get(side) or []}
 
     loop = "tuneloop://loop"
-    assert names(done["validate"], "inputs") == {(loop, "labelled")}
-    assert names(done["validate"], "outputs") == {(loop, "dataset-snapshot")}
-    assert names(done["train"], "inputs") == {(loop, "dataset-snapshot"), (loop, "production-adapter")}
-    assert names(done["train"], "outputs") == {(loop, "candidate-adapter")}
-    assert names(done["gate"], "outputs") == {(loop, "eval-report")}
-    assert names(done["record"], "inputs") == {(loop, "eval-report"), (loop, "candidate-adapter")}
-    assert names(done["record"], "outputs") == {(loop, "production-adapter")}
+    assert names(completed["validate"], "inputs") == {(loop, "labelled")}
+    assert names(completed["validate"], "outputs") == {(loop, "dataset-snapshot")}
+    assert names(completed["train"], "inputs") == {(loop, "dataset-snapshot"), (loop, "production-adapter")}
+    assert names(completed["train"], "outputs") == {(loop, "candidate-adapter")}
+    assert names(completed["gate"], "outputs") == {(loop, "eval-report")}
+    assert names(completed["record"], "inputs") == {(loop, "eval-report"), (loop, "candidate-adapter")}
+    assert names(completed["record"], "outputs") == {(loop, "production-adapter")}
