@@ -7,8 +7,9 @@ name is the DAG run id):
 
 - ``validate`` (:meth:`Tracker.log_snapshot`): the dataset snapshot as an MLflow dataset input
   (its hash as digest, its store URI as source), intake counts and quarantine reasons;
-- ``train`` (:meth:`Tracker.log_training`): the base model and training settings as params, the
-  loss and eval-loss curves per logged step, tokens/s and time;
+- ``train`` (:meth:`Tracker.log_training`): the base model (and its hash) and training settings
+  as params, the loss and eval-loss curves per logged step, tokens/s and time; the resolved
+  settings (secrets masked) and the adapter's provenance record as files;
 - ``gate`` (:meth:`Tracker.log_gate`): per slice the candidate's and production's means, the
   delta and its interval, whether it passed; the decision; the gate report as artifacts;
 - ``record`` and rollbacks (:meth:`Tracker.mirror_aliases`): the registry's aliases mirrored on
@@ -151,16 +152,28 @@ class Tracker:
 
         self._call("the dataset snapshot", log)
 
-    def log_training(self, result: Mapping[str, Any], *, loss_history: list[float], eval_loss_history: list[Any]) -> None:
-        """``train_step``'s result and the trainer's curves."""
+    def log_training(
+        self, result: Mapping[str, Any], *, loss_history: list[float], eval_loss_history: list[Any], provenance: Mapping[str, Any] | None = None
+    ) -> None:
+        """``train_step``'s result and the trainer's curves; the resolved settings (secrets
+        masked) and the adapter's provenance record (base model hash, package versions) as files."""
         training = self.settings.training.model_dump(mode="json")
         params = {f"training.{name}": value for name, value in training.items() if not isinstance(value, dict | list)}
         params |= {"model.base_model": self.settings.model.base_model, "train.version": result.get("version"), "train.init_from": result.get("init_from") or "none"}
+        if provenance and provenance.get("base_model_hash"):
+            params["model.base_model_hash"] = provenance["base_model_hash"]
         metrics = {f"train.{name}": result.get(name) for name in ("final_loss", "tokens_per_second", "seconds", "steps", "epochs", "trainable_params")}
         eval_points = [(int(point[0]), float(point[1])) for point in eval_loss_history if isinstance(point, list | tuple) and len(point) == 2]
         steps = {"train.loss": [(i, float(loss)) for i, loss in enumerate(loss_history, 1)], "train.eval_loss": eval_points}
         tags = {"tuneloop.version": result.get("version"), "tuneloop.adapter": result.get("adapter_uri")}
-        self._call("the training run", lambda client: self._log(client, metrics=metrics, params=params, tags=tags, steps=steps))
+
+        def log(client: Any) -> None:
+            self._log(client, metrics=metrics, params=params, tags=tags, steps=steps)
+            client.log_dict(self.run_id(client), self.settings.model_dump(mode="json"), "config.json")  # SecretStr fields dump masked
+            if provenance:
+                client.log_dict(self.run_id(client), dict(provenance), "provenance.json")
+
+        self._call("the training run", log)
 
     def log_gate(self, decision: Mapping[str, Any]) -> None:
         """``gate_step``'s result: per-slice statistics, the decision, the report files."""

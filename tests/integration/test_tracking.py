@@ -109,16 +109,21 @@ def test_training_curves_and_params_reach_the_run(tmp_path: Path) -> None:
     from tuneloop.tracking import Tracker
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    settings = load_settings(env={"TUNELOOP__TRACKING__MLFLOW": "true", "TUNELOOP__TRACKING__URI": uri, "TUNELOOP__TASK__NAME": "curves"})
+    settings = load_settings(env={
+        "TUNELOOP__TRACKING__MLFLOW": "true", "TUNELOOP__TRACKING__URI": uri, "TUNELOOP__TASK__NAME": "curves", "TUNELOOP__VLLM__API_KEY": "sk-never-in-mlflow",
+    })
     tracker = Tracker(settings, run_key="manual__1", run_name="manual 1", store=LocalStore(tmp_path / "store"))
     result = {"version": "v3", "final_loss": 0.4, "tokens_per_second": 5100.0, "seconds": 12.5, "steps": 5, "init_from": "v2", "adapter_uri": "file:///x/adapters/v3"}
-    tracker.log_training(result, loss_history=[1.0, 0.8, 0.6, 0.5, 0.4], eval_loss_history=[[2, 0.9], [4, 0.7]])
+    provenance = {"base_model_hash": "92c80ffa", "packages": {"torch": "2.13.0"}}
+    tracker.log_training(result, loss_history=[1.0, 0.8, 0.6, 0.5, 0.4], eval_loss_history=[[2, 0.9], [4, 0.7]], provenance=provenance)
     client = MlflowClient(tracking_uri=uri)
     [found] = client.search_runs([client.get_experiment_by_name("tuneloop/curves").experiment_id])
     assert [(m.step, m.value) for m in client.get_metric_history(found.info.run_id, "train.loss")] == [(1, 1.0), (2, 0.8), (3, 0.6), (4, 0.5), (5, 0.4)]
     assert [(m.step, m.value) for m in client.get_metric_history(found.info.run_id, "train.eval_loss")] == [(2, 0.9), (4, 0.7)]
     assert found.data.params["training.lora_rank"] == str(settings.training.lora_rank) and found.data.params["train.init_from"] == "v2"
-    assert found.data.metrics["train.tokens_per_second"] == 5100.0
+    assert found.data.metrics["train.tokens_per_second"] == 5100.0 and found.data.params["model.base_model_hash"] == "92c80ffa"
+    config_file = Path(client.download_artifacts(found.info.run_id, "config.json", str(tmp_path)))
+    assert "sk-never-in-mlflow" not in config_file.read_text() and '"lora_rank"' in config_file.read_text()
     # a second task of the same refresh finds the same run
     again = Tracker(settings, run_key="manual__1", run_name="manual 1", store=LocalStore(tmp_path / "store"))
     again.log_gate({"promote": False, "reasons": ["slice drifted: no gain"], "slices": {}, "report": {}})

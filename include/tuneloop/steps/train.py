@@ -52,7 +52,10 @@ def train_step(loop: Loop, snapshot: str) -> dict[str, Any]:
     loop.registry.move_aliases({"candidate": version}, reason=f"trained on snapshot {snapshot[:12]}", run_id=loop.run_id)
     trained = {"version": version, "snapshot": snapshot, **train_metrics, "adapter_uri": f"{loop.store.uri}/adapters/{version}"}
     if loop.tracker is not None:
-        loop.tracker.log_training(trained, loss_history=list(result.get("loss_history") or []), eval_loss_history=list(result.get("eval_loss_history") or []))
+        loop.tracker.log_training(
+            trained, loss_history=list(result.get("loss_history") or []), eval_loss_history=list(result.get("eval_loss_history") or []),
+            provenance=provenance if isinstance(provenance, dict) else None,
+        )
         loop.tracker.mirror_aliases(loop.registry.aliases(), {version: loop.registry.get(version)})
     return trained
 
