@@ -45,3 +45,19 @@ def evaluate_step(gain: float) -> Callable[[Any, dict[str, Any]], dict[str, Any]
         }
 
     return step
+
+
+def refresh_steps(gain: float, *, intake: bool = False) -> dict[str, Any]:
+    """{``module.step``: stand-in} for the refresh's ML and vLLM steps (gate and record stay
+    real); with ``intake``, pull and validate too. Tests set each with monkeypatch.setattr."""
+    found: dict[str, Any] = {
+        "tuneloop.steps.train.train_step": train_step,
+        "tuneloop.steps.evaluate.evaluate_step": evaluate_step(gain),
+        "tuneloop.steps.serve.reconcile_step": lambda loop: {"production": loop.registry.aliases()["production"]},
+        "tuneloop.steps.serve.deploy_step": lambda loop, version, **_: {"version": version, "previous": loop.registry.aliases()["production"]},
+        "tuneloop.steps.serve.verify_step": lambda loop, version: {"version": version},
+    }
+    if intake:
+        found["tuneloop.steps.intake.pull_step"] = lambda loop, **_: {"partitions": []}
+        found["tuneloop.steps.intake.validate_step"] = lambda loop, plan: {"snapshot": "0" * 64, "counts": {}}
+    return found

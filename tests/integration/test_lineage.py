@@ -20,22 +20,15 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN_REFRESH = """
+import importlib
 import sys
 from datetime import UTC, datetime
 
 import stand_ins
-import tuneloop.steps.evaluate
-import tuneloop.steps.intake
-import tuneloop.steps.serve
-import tuneloop.steps.train
 
-tuneloop.steps.intake.pull_step = lambda loop, **_: {"partitions": []}
-tuneloop.steps.intake.validate_step = lambda loop, plan: {"snapshot": "0" * 64, "counts": {}}
-tuneloop.steps.train.train_step = stand_ins.train_step
-tuneloop.steps.evaluate.evaluate_step = stand_ins.evaluate_step(1 / 6)
-tuneloop.steps.serve.reconcile_step = lambda loop: {"production": loop.registry.aliases()["production"]}
-tuneloop.steps.serve.deploy_step = lambda loop, version, **_: {"version": version}
-tuneloop.steps.serve.verify_step = lambda loop, version: {"version": version}
+for target, stand_in in stand_ins.refresh_steps(1 / 6, intake=True).items():
+    module, name = target.rsplit(".", 1)
+    setattr(importlib.import_module(module), name, stand_in)
 from airflow.dag_processing.dagbag import DagBag
 
 run = DagBag(dag_folder=sys.argv[1]).dags["tuneloop_refresh"].test(logical_date=datetime(2026, 5, 7, tzinfo=UTC), run_conf={"force": True})

@@ -46,11 +46,8 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, airflow_db: str) -> d
     registry = Registry(store)
     registry.register("v1", adapter_key="adapters/v1", snapshot=None, base_model="demo")
     registry.move_aliases({"production": "v1"}, reason="test setup")
-    monkeypatch.setattr("tuneloop.steps.train.train_step", stand_ins.train_step)
-    monkeypatch.setattr("tuneloop.steps.evaluate.evaluate_step", stand_ins.evaluate_step(1 / 6))
-    monkeypatch.setattr("tuneloop.steps.serve.reconcile_step", lambda loop: {"production": loop.registry.aliases()["production"]})
-    monkeypatch.setattr("tuneloop.steps.serve.deploy_step", lambda loop, version, **_: {"version": version, "previous": loop.registry.aliases()["production"]})
-    monkeypatch.setattr("tuneloop.steps.serve.verify_step", lambda loop, version: {"version": version})
+    for target, stand_in in stand_ins.refresh_steps(1 / 6).items():
+        monkeypatch.setattr(target, stand_in)
     return {"root": tmp_path, "store": store, "registry": registry}
 
 

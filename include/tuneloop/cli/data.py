@@ -16,7 +16,7 @@ from tuneloop.cli.common import (
     _settings,
     _store,
 )
-from tuneloop.intake.rows import iter_lines
+from tuneloop.intake.rows import iter_lines, json_objects
 from tuneloop.tasks import TaskSpec
 
 if TYPE_CHECKING:
@@ -164,13 +164,7 @@ def _raw_lines(path: Path) -> Iterator[bytes]:
 def _eval_records(paths: Sequence[str]) -> Iterator[dict[str, Any]]:
     """Records of ``--eval`` JSONL files, streamed (lines that are not JSON objects are skipped)."""
     for path in paths:
-        for line in _raw_lines(Path(path)):
-            try:
-                record = json.loads(line)
-            except (ValueError, RecursionError):
-                continue
-            if isinstance(record, dict):
-                yield record
+        yield from json_objects(_raw_lines(Path(path)))
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tuneloop import layout
-from tuneloop.intake.rows import CheckedBatch, check_lines, iter_lines
+from tuneloop.intake.rows import CheckedBatch, check_lines, iter_lines, json_objects
 from tuneloop.intake.stream import DEFAULT_CHUNK_ROWS, IntakeRun, run_intake
 
 if TYPE_CHECKING:
@@ -141,13 +141,7 @@ def stored_eval_records(store: Store) -> Iterator[dict[str, Any]]:
         keys.append(f"{SNAPSHOT_PREFIX}/{latest}/eval.jsonl")
     for key in keys:
         with store.open_read(key) as handle:
-            for line in iter_lines(handle):
-                try:
-                    record = json.loads(line)
-                except (ValueError, RecursionError):
-                    continue
-                if isinstance(record, dict):
-                    yield record
+            yield from json_objects(iter_lines(handle))
 
 
 def spill_dir(settings_dir: str | None) -> tempfile.TemporaryDirectory[str]:

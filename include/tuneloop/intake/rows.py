@@ -90,6 +90,18 @@ def iter_lines(handle: Any, chunk_bytes: int = 1 << 20) -> Iterator[bytes]:
         yield from split_lines(pending)
 
 
+def json_objects(lines: Iterable[bytes]) -> Iterator[dict[str, Any]]:
+    """The lines that are JSON objects, parsed (evaluation rows read for the leakage check;
+    anything else is skipped: those files are not intake's to quarantine)."""
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(record, dict):
+            yield record
+
+
 def _finite_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):
