@@ -115,7 +115,7 @@ def _metrics_text() -> str:
             families += metrics.loop_metrics(loop_id, settings, open_store_from_settings(settings))
         except Exception as err:  # one loop's store down must not hide the others' metrics
             log.warning("tuneloop metrics: loop %s unreadable: %s: %s", loop_id, type(err).__name__, err)
-            families += metrics.error_metric(loop_id, err)
+            families += metrics.loop_down(loop_id)
     return metrics.render(families)
 
 

@@ -163,8 +163,9 @@ def _timestamp(text: Any) -> float | None:
         return None
 
 
-def error_metric(loop_id: str, error: BaseException) -> list[Metric]:
-    """What a loop whose store cannot be read exposes: ``tuneloop_loop_up 0`` (alert on it)."""
+def loop_down(loop_id: str) -> list[Metric]:
+    """What a loop whose store cannot be read exposes: ``tuneloop_loop_up 0`` (alert on it; the
+    cause is in the API server's log)."""
     up = Metric("tuneloop_loop_up", "1 when the loop's store was read for these metrics")
     up.add(0, loop=loop_id)
     return [up]

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+from processes import free_port
 
 
 def paired_scores(gain: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -61,3 +64,17 @@ def refresh_steps(gain: float, *, intake: bool = False) -> dict[str, Any]:
         found["tuneloop.steps.intake.pull_step"] = lambda loop, **_: {"partitions": []}
         found["tuneloop.steps.intake.validate_step"] = lambda loop, plan: {"snapshot": "0" * 64, "counts": {}}
     return found
+
+
+def refresh_env(root: Path) -> dict[str, str]:
+    """The settings of a stand-in refresh as a user sets them: home and a local store under
+    ``root``, a vLLM endpoint nobody listens on (its steps are stand-ins), a gate that asks the
+    candidate to improve on ``drifted`` with small samples."""
+    return {
+        "TUNELOOP_HOME": str(root),
+        "TUNELOOP__STORE__URI": str(root / "store"),
+        "TUNELOOP__VLLM__ENDPOINTS": f"[http://127.0.0.1:{free_port()}]",
+        "TUNELOOP__GATE__IMPROVE_SLICES": "[drifted]",
+        "TUNELOOP__GATE__MIN_EXAMPLES": "10",
+        "TUNELOOP__GATE__BOOTSTRAP_SAMPLES": "300",
+    }

@@ -102,12 +102,7 @@ def loop_world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any
 
     store_dir = tmp_path / "store"
     for name, value in {
-        "TUNELOOP_HOME": str(tmp_path),
-        "TUNELOOP__STORE__URI": str(store_dir),
-        "TUNELOOP__VLLM__ENDPOINTS": f"[http://127.0.0.1:{free_port()}]",
-        "TUNELOOP__GATE__IMPROVE_SLICES": "[drifted]",
-        "TUNELOOP__GATE__MIN_EXAMPLES": "10",
-        "TUNELOOP__GATE__BOOTSTRAP_SAMPLES": "300",
+        **stand_ins.refresh_env(tmp_path),
     }.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("TUNELOOP_CONFIG", raising=False)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from processes import free_port
+import stand_ins
 
 pytestmark = pytest.mark.integration
 
@@ -42,12 +42,7 @@ def test_a_refresh_run_emits_openlineage_events_naming_the_loops_assets(tmp_path
         "AIRFLOW__OPENLINEAGE__TRANSPORT": json.dumps({"type": "file", "log_file_path": str(events_file), "append": True}),
         "AIRFLOW__OPENLINEAGE__NAMESPACE": "tuneloop-test",
         "AIRFLOW__OPENLINEAGE__DISABLED": "false",
-        "TUNELOOP_HOME": str(tmp_path),
-        "TUNELOOP__STORE__URI": str(tmp_path / "store"),
-        "TUNELOOP__VLLM__ENDPOINTS": f"[http://127.0.0.1:{free_port()}]",
-        "TUNELOOP__GATE__IMPROVE_SLICES": "[drifted]",
-        "TUNELOOP__GATE__MIN_EXAMPLES": "10",
-        "TUNELOOP__GATE__BOOTSTRAP_SAMPLES": "300",
+        **stand_ins.refresh_env(tmp_path),
     }.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("TUNELOOP_CONFIG", raising=False)

@@ -24,12 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture
 def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, airflow_db: str) -> dict[str, Any]:
     for name, value in {
-        "TUNELOOP_HOME": str(tmp_path),
-        "TUNELOOP__STORE__URI": str(tmp_path / "store"),
-        "TUNELOOP__VLLM__ENDPOINTS": f"[http://127.0.0.1:{free_port()}]",
-        "TUNELOOP__GATE__IMPROVE_SLICES": "[drifted]",
-        "TUNELOOP__GATE__MIN_EXAMPLES": "10",
-        "TUNELOOP__GATE__BOOTSTRAP_SAMPLES": "300",
+        **stand_ins.refresh_env(tmp_path),
         "TUNELOOP__DATA__MIN_ACCEPTED_ROWS": "20",
         "TUNELOOP__TASK__NAME": "invoices it",
         "TUNELOOP__TRACKING__MLFLOW": "true",

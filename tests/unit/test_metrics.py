@@ -9,7 +9,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tuneloop.config import load_settings
-from tuneloop.metrics import error_metric, loop_metrics, metrics_from_status, render
+from tuneloop.metrics import loop_down, loop_metrics, metrics_from_status, render
 from tuneloop.registry import Registry
 from tuneloop.storage import LocalStore
 
@@ -71,7 +71,7 @@ def test_metrics_of_a_real_store_and_of_an_unreadable_one(tmp_path: Path) -> Non
     samples = _samples(render(loop_metrics("loop", settings, store)))
     assert samples[("tuneloop_production_info", (("loop", "loop"), ("version", "v1")))] == 1.0
     assert samples[("tuneloop_versions", (("loop", "loop"),))] == 1.0
-    down = _samples(render(error_metric("other", OSError("bucket gone"))))
+    down = _samples(render(loop_down("other")))
     assert down == {("tuneloop_loop_up", (("loop", "other"),)): 0.0}
 
 
