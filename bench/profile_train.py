@@ -1,6 +1,5 @@
 """Where a LoRA training step spends its time: torch.profiler over a few steps of
-`tuneloop.ml.train.fit` (and, for a ceiling, the same batches through the model with no LoRA
-bookkeeping), top kernels by self device time.
+`tuneloop.ml.train.train_lora` (TRL's SFTTrainer), packed and not, top kernels by self device time.
 
     python bench/profile_train.py --shape 1b --steps 6      # on a GPU
 """
@@ -31,32 +30,29 @@ def main() -> int:
     from torch.profiler import ProfilerActivity, profile
 
     from tuneloop.config import TrainingSettings
-    from tuneloop.ml.model import load_lora_model, resolve_device
-    from tuneloop.ml.train import fit
-    from tuneloop.ml.training_data import tokenize_records
+    from tuneloop.ml.model import resolve_device
+    from tuneloop.ml.train import train_lora
 
-    device, dtype = resolve_device("auto", "auto")
+    device, _ = resolve_device("auto", "auto")
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) / "base"
         build_random_llama(base, args.shape)
+        rows = records(args.batch_size * args.steps * 2, 7)
         for packing in (True, False):
             settings = TrainingSettings(max_steps=args.steps, batch_size=args.batch_size, learning_rate=2e-4, max_seq_len=args.max_seq_len, packing=packing, checkpoint_every=0, log_every=args.steps)
-            model, tokenizer = load_lora_model(base, settings, device, dtype)
-            print("attention implementation:", model.get_base_model().config._attn_implementation, "packing:", packing, flush=True)
-            examples, _ = tokenize_records(tokenizer, records(args.batch_size * args.steps * 2, 7), settings.max_seq_len)
-            fit(model, examples[: args.batch_size * 2], settings.model_copy(update={"max_steps": 2}), pad_id=tokenizer.pad_token_id, device=device, dtype=dtype, progress=lambda _: None)
-            torch.cuda.synchronize()
+            train_lora(base, rows[: args.batch_size * 2], Path(tmp) / "warmup", settings.model_copy(update={"max_steps": 2}), progress=lambda _: None)
             activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if device == "cuda" else [ProfilerActivity.CPU]
             start = time.perf_counter()
             with profile(activities=activities) as prof:
-                stats = fit(model, examples, settings, pad_id=tokenizer.pad_token_id, device=device, dtype=dtype, progress=print)
-                torch.cuda.synchronize()
+                result = train_lora(base, rows, Path(tmp) / f"packed-{packing}", settings, progress=print)
+                if device == "cuda":
+                    torch.cuda.synchronize()
             wall = time.perf_counter() - start
-            print(f"packing={packing}: {stats.tokens / wall:,.0f} tok/s under the profiler ({wall:.1f}s)")
+            print(f"packing={packing}: {result.tokens_per_second:,.0f} tok/s in training under the profiler ({wall:.1f}s with loading)")
             key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
             print(prof.key_averages().table(sort_by=key, row_limit=22, max_name_column_width=60))
-            del model
-            torch.cuda.empty_cache()
+            if device == "cuda":
+                torch.cuda.empty_cache()
     return 0
 
 

@@ -1,25 +1,32 @@
-"""tuneloop's LoRA trainer against a plain Hugging Face Trainer + peft baseline, same run.
+"""tuneloop's LoRA trainer (TRL's SFTTrainer) against the hand-written loop it replaced and a
+plain Hugging Face Trainer + peft baseline, same run, same precision.
 
-Both train the same LoRA (same model, same initial adapter, same records, same steps,
+All three train the same LoRA (same model, same initial adapter, same records, same steps,
 learning rate, warmup + cosine schedule, clipping, completion-only labels) for exactly one
-epoch, so both see the same tokens. The baseline is what a team would write first: HF
-``Trainer`` with ``DataCollatorForSeq2Seq`` (dynamic padding to the longest row of a random
-batch), the model's own loss over all positions' logits, and on a GPU HF's mixed-precision
-recipe (float32 weights, ``bf16=True``; float32 on a CPU, HF's default there). tuneloop runs
-its defaults: random micro-batches (the same batch composition as the baseline), bf16 autocast
-on a GPU or a CPU with native bf16, and only the supervised positions projected through the
-LM head.
+epoch, so all see the same tokens:
 
-Printed: real (non-padding) tokens/s of each, the ratio, both eval losses on the same held-out
-rows (measured by the same function), and on a GPU the model FLOPs utilisation.
+- ``tuneloop``: ``tuneloop.ml.train.train_lora`` as the loop runs it (TRL SFTTrainer, the task's
+  pre-tokenized prompt-completion rows, TRL's loss over supervised positions);
+- ``legacy``: the hand-written loop of tuneloop <= 0.x (``bench/legacy_trainer.py``: random
+  micro-batches, only the supervised positions projected through the LM head);
+- ``hf-trainer``: what a team writes first: HF ``Trainer`` with ``DataCollatorForSeq2Seq``
+  (dynamic padding) and the model's own loss over all positions' logits.
 
-    python bench/train_throughput.py --shape demo --steps 40           # CPU here (~5 min)
+Every run trains at the precision ``--dtype`` resolves to (``auto``: bf16 on a GPU or a CPU
+with native bf16, else float32); ``--baseline-precision hf-default`` gives the HF baseline
+float32 on a CPU instead (HF's default there; how the README's old 1.55-1.83x was measured).
+
+Printed: real (non-padding) tokens/s of each, the ratios to the library path, the eval losses
+on the same held-out rows (one function measures all), and on a GPU the model FLOPs utilisation.
+
+    python bench/train_throughput.py --shape demo --steps 40           # CPU here (~6 min)
     python bench/train_throughput.py --shape 1b --steps 40 --batch-size 32   # on a GPU
+    python bench/train_throughput.py --shape 1b --quantization 4bit    # QLoRA, on a GPU
 
 Models are Llama-shaped with random weights (throughput does not depend on the weights;
-``--shape demo`` is the demo model itself, trained from scratch first for a meaningful loss).
-MFU counts 6 x params FLOPs per token minus the frozen weights' gradient (2 x params):
-4 x params for frozen-base LoRA, attention's quadratic term ignored.
+``--shape demo`` is the demo model itself). MFU counts 4 x params FLOPs per token for
+frozen-base LoRA (6 x params minus the frozen weights' gradient), attention's quadratic term
+ignored.
 """
 
 from __future__ import annotations
@@ -78,24 +85,47 @@ def records(n: int, seed: int) -> list[dict[str, Any]]:
     return [world.make_labelled_record(rng, "original" if i % 2 else "drifted", f"b{seed}-{i}", now) for i in range(n)]
 
 
-def run_tuneloop(base: Path, data: list[dict[str, Any]], held_out: list[dict[str, Any]], settings: Any, device: str, dtype: str, train_dtype: str) -> dict[str, Any]:
-    """``train_dtype`` trains; the eval loss is measured in ``dtype``, as the baseline's."""
-    import torch
-
-    from tuneloop.ml.model import load_lora_model
-    from tuneloop.ml.train import eval_loss, fit
+def _held_loss(model: Any, tokenizer: Any, held_out: list[dict[str, Any]], settings: Any, device: str, dtype: str) -> float:
+    from legacy_trainer import eval_loss
     from tuneloop.ml.training_data import tokenize_records
 
-    torch.manual_seed(settings.seed)  # the same initial LoRA matrices as the baseline's
+    held, _ = tokenize_records(tokenizer, held_out, settings.max_seq_len)
+    return eval_loss(model, held, settings, pad_id=tokenizer.pad_token_id, device=device, dtype=dtype)
+
+
+def run_tuneloop(base: Path, data: list[dict[str, Any]], held_out: list[dict[str, Any]], settings: Any, device: str, eval_dtype: str, out: Path) -> dict[str, Any]:
+    """``train_lora`` as the loop runs it; the eval loss is measured on the written adapter."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tuneloop.ml.train import train_lora
+
+    torch.manual_seed(settings.seed)
+    result = train_lora(base, data, out, settings, progress=lambda m: print("   ", m, flush=True))
+    load_dtype = getattr(torch, eval_dtype) if device == "cuda" else torch.float32
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base), dtype=load_dtype), str(out)).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    loss = _held_loss(model, tokenizer, held_out, settings, device, eval_dtype)
+    return {"tokens_per_second": result.tokens_per_second, "eval_loss": loss, "train_loss_last10": result.final_loss, "dtype": result.dtype}
+
+
+def run_legacy(base: Path, data: list[dict[str, Any]], held_out: list[dict[str, Any]], settings: Any, device: str, dtype: str, train_dtype: str) -> dict[str, Any]:
+    """``train_dtype`` trains; the eval loss is measured in ``dtype``."""
+    import torch
+
+    from legacy_trainer import fit
+    from tuneloop.ml.model import load_lora_model
+    from tuneloop.ml.training_data import tokenize_records
+
+    torch.manual_seed(settings.seed)  # the same initial LoRA matrices as the others'
     model, tokenizer = load_lora_model(base, settings, device, dtype)
     examples, _ = tokenize_records(tokenizer, data, settings.max_seq_len)
-    pad = tokenizer.pad_token_id
     _sync(device)
-    stats = fit(model, examples, settings, pad_id=pad, device=device, dtype=train_dtype, progress=lambda m: print("   ", m, flush=True))
+    stats = fit(model, examples, settings, pad_id=tokenizer.pad_token_id, device=device, dtype=train_dtype, progress=lambda m: print("   ", m, flush=True))
     _sync(device)
-    held, _ = tokenize_records(tokenizer, held_out, settings.max_seq_len)
-    loss = eval_loss(model, held, settings, pad_id=pad, device=device, dtype=dtype)
-    return {"tokens": stats.tokens, "seconds": stats.seconds, "eval_loss": loss, "train_loss_last10": sum(stats.losses[-10:]) / len(stats.losses[-10:])}
+    loss = _held_loss(model, tokenizer, held_out, settings, device, dtype)
+    return {"tokens_per_second": stats.tokens / stats.seconds, "eval_loss": loss, "train_loss_last10": sum(stats.losses[-10:]) / len(stats.losses[-10:])}
 
 
 def run_hf_trainer(base: Path, data: list[dict[str, Any]], held_out: list[dict[str, Any]], settings: Any, device: str, dtype: str, out: Path, sdpa: str = "default", eval_dtype: str = "float32") -> dict[str, Any]:
@@ -104,7 +134,6 @@ def run_hf_trainer(base: Path, data: list[dict[str, Any]], held_out: list[dict[s
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     from tuneloop.ml.model import load_lora_model
-    from tuneloop.ml.train import eval_loss
     from tuneloop.ml.training_data import tokenize_records
 
     torch.manual_seed(settings.seed)
@@ -126,10 +155,9 @@ def run_hf_trainer(base: Path, data: list[dict[str, Any]], held_out: list[dict[s
     with _baseline_attention(device, sdpa):
         output = trainer.train()
     _sync(device)
-    held, _ = tokenize_records(tokenizer, held_out, settings.max_seq_len)
-    loss = eval_loss(model, held, settings, pad_id=tokenizer.pad_token_id, device=device, dtype=eval_dtype)
+    loss = _held_loss(model, tokenizer, held_out, settings, device, eval_dtype)
     tokens = sum(len(e.input_ids) for e in examples)  # exactly one epoch: every row once
-    return {"tokens": tokens, "seconds": output.metrics["train_runtime"], "eval_loss": loss, "train_loss_last10": output.training_loss}
+    return {"tokens_per_second": tokens / output.metrics["train_runtime"], "eval_loss": loss, "train_loss_last10": output.training_loss}
 
 
 def _baseline_attention(device: str, sdpa: str) -> Any:
@@ -162,11 +190,13 @@ def main() -> int:
     parser.add_argument("--batching", choices=["length_grouped", "random"], default=None, help="override training.batching")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="training.dtype for tuneloop's run (bfloat16 autocast also runs on CPUs with avx512_bf16/AMX)")
     parser.add_argument(
-        "--baseline-precision", choices=["hf-default", "same"], default="hf-default",
-        help="hf-default: HF's bf16=True on a GPU, float32 on a CPU (HF's default); same: bf16 autocast wherever tuneloop trains in bf16",
+        "--baseline-precision", choices=["hf-default", "same"], default="same",
+        help="same (default): the HF baseline trains at tuneloop's precision; hf-default: bf16=True on a GPU, float32 on a CPU",
     )
+    parser.add_argument("--quantization", choices=["none", "4bit"], default="none", help="training.quantization of tuneloop's run (4bit: QLoRA; the others stay unquantised)")
     parser.add_argument("--seed", type=int, default=0, help="training.seed (LoRA init, batch order) of both trainers")
     parser.add_argument("--skip-baseline", action="store_true", help="only tuneloop's run (to compare its own settings)")
+    parser.add_argument("--only", nargs="+", choices=["hf-trainer", "legacy", "tuneloop"], help="run only these trainers")
     parser.add_argument("--baseline-sdpa", choices=["default", "no-cudnn"], default="default", help="no-cudnn: give the baseline tuneloop's attention kernels (GPU)")
     parser.add_argument("--json-out", help="write the results here too")
     args = parser.parse_args()
@@ -189,6 +219,7 @@ def main() -> int:
     overrides.update({"batching": args.batching} if args.batching else {})
     if args.dtype != "auto":
         overrides["dtype"] = args.dtype
+    overrides["quantization"] = args.quantization
     settings = settings.model_copy(update=overrides)
     train_dtype = resolve_device(device, settings.dtype)[1]
     baseline_dtype = dtype if args.baseline_precision == "hf-default" else train_dtype
@@ -210,18 +241,20 @@ def main() -> int:
         )
         runs = {
             "hf-trainer": lambda: run_hf_trainer(base, data, held_out, settings, device, baseline_dtype, Path(tmp) / "hf", args.baseline_sdpa, dtype),
-            "tuneloop": lambda: run_tuneloop(base, data, held_out, settings, device, dtype, train_dtype),
+            "legacy": lambda: run_legacy(base, data, held_out, settings, device, dtype, train_dtype),
+            "tuneloop": lambda: run_tuneloop(base, data, held_out, settings, device, dtype, Path(tmp) / "tuneloop"),
         }
         order = list(runs) if args.order == "baseline-first" else list(reversed(runs))
         if args.skip_baseline:
             order = ["tuneloop"]
+        if args.only:
+            order = [name for name in order if name in args.only]
         results: dict[str, Any] = {}
         for name in order:
             print(f"== {name}", flush=True)
             start = time.perf_counter()
             results[name] = runs[name]()
             results[name]["wall_seconds"] = time.perf_counter() - start
-            results[name]["tokens_per_second"] = results[name]["tokens"] / results[name]["seconds"]
             if device == "cuda":
                 results[name]["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
                 torch.cuda.reset_peak_memory_stats()
@@ -239,13 +272,17 @@ def main() -> int:
         f"tuneloop settings: packing={settings.packing} batching={settings.batching} "
         f"dtype={settings.dtype} ({train_dtype}); baseline {baseline_dtype}"
     )
-    if args.skip_baseline:
-        return 0
-    ratio = results["tuneloop"]["tokens_per_second"] / results["hf-trainer"]["tokens_per_second"]
-    delta = results["tuneloop"]["eval_loss"] - results["hf-trainer"]["eval_loss"]
-    print(f"ratio tuneloop/hf-trainer: {ratio:.2f}x tokens/s; eval loss {delta:+.4f} ({'equal or better' if delta <= 0 else 'worse'})")
+    ratios = {}
+    if "tuneloop" in results:
+        for other in (name for name in order if name != "tuneloop"):
+            ratio = results["tuneloop"]["tokens_per_second"] / results[other]["tokens_per_second"]
+            delta = results["tuneloop"]["eval_loss"] - results[other]["eval_loss"]
+            ratios[other] = ratio
+            print(f"ratio tuneloop/{other}: {ratio:.2f}x tokens/s; eval loss {delta:+.4f} ({'equal or better' if delta <= 0 else 'worse'})")
+    if "legacy" in results and "hf-trainer" in results:
+        print(f"ratio legacy/hf-trainer: {results['legacy']['tokens_per_second'] / results['hf-trainer']['tokens_per_second']:.2f}x tokens/s")
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps({"baseline_sdpa": args.baseline_sdpa, "shape": args.shape, "params": n_params, "device": gpu, "dtype": train_dtype, "baseline_dtype": baseline_dtype, "steps": args.steps, "batch_size": args.batch_size, "ratio": ratio, "results": results}, indent=2))
+        Path(args.json_out).write_text(json.dumps({"baseline_sdpa": args.baseline_sdpa, "shape": args.shape, "params": n_params, "device": gpu, "dtype": train_dtype, "baseline_dtype": baseline_dtype, "steps": args.steps, "batch_size": args.batch_size, "ratios": ratios, "results": results}, indent=2))
     return 0
 
 

@@ -21,7 +21,8 @@ COPY requirements/ml.lock /tmp/ml.lock
 # The lock pins torch==2.13.0+cpu: drop that line so the CUDA torch above stays.
 RUN grep -v '^torch==' /tmp/ml.lock > /tmp/constraints.txt \
     && pip install --no-cache-dir -c /tmp/constraints.txt \
-        "transformers==5.19.0" "peft==0.21.2" "accelerate==1.15.0" "safetensors==0.8.0" "tokenizers==0.23.3" \
+        "transformers==5.19.0" "peft==0.21.2" "accelerate==1.15.0" "trl==1.16.0" "datasets==5.2.0" \
+        "bitsandbytes==0.50.2" "safetensors==0.8.0" "tokenizers==0.23.3" \
         "huggingface-hub==2.4.0" "boto3==1.44.5" "pydantic==2.14.3" "pyyaml==6.0.3" "numpy==2.3.5" \
     && rm /tmp/ml.lock /tmp/constraints.txt
 COPY pyproject.toml README.md ./

@@ -331,3 +331,37 @@ def build_tiny_model(family: str, out_dir: Path, *, seed: int = 0) -> Path:
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def capture_trained_model(monkeypatch: Any) -> dict[str, Any]:
+    """Keep the model ``train_lora`` trains (``model``) and a copy of its weights before
+    training (``before``), to check what the trainer changed: only the LoRA matrices."""
+    from tuneloop.ml import train as train_module
+
+    seen: dict[str, Any] = {}
+    real = train_module.load_lora_model
+
+    def loading(*args: Any, **kwargs: Any) -> Any:
+        model, tokenizer = real(*args, **kwargs)
+        seen["before"] = {name: param.detach().clone() for name, param in model.named_parameters()}
+        seen["model"] = model
+        return model, tokenizer
+
+    monkeypatch.setattr(train_module, "load_lora_model", loading)
+    return seen
+
+
+def assert_only_lora_changed(seen: dict[str, Any]) -> None:
+    """Every LoRA B matrix moved off its zero init; no base weight moved."""
+    import torch
+
+    model, before = seen["model"], seen["before"]
+    assert all(param.requires_grad == ("lora_" in name) for name, param in model.named_parameters())
+    lora_b = [name for name in before if "lora_B" in name]
+    assert lora_b, "no LoRA B matrices found"
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            assert torch.count_nonzero(before[name]) == 0  # peft initialises B to zero...
+            assert not torch.equal(param.detach(), before[name]), f"{name} did not train"  # ...so this is real
+        elif "lora_" not in name:
+            assert torch.equal(param.detach(), before[name]), f"base weight {name} changed"

@@ -18,13 +18,18 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from tests.tiny_models import FAMILIES, build_tiny_model, chat_records  # noqa: E402
+from tests.tiny_models import (  # noqa: E402
+    FAMILIES,
+    assert_only_lora_changed,
+    build_tiny_model,
+    capture_trained_model,
+    chat_records,
+)
 
 from tuneloop.config import EvalSettings, TrainingSettings  # noqa: E402
 from tuneloop.ml.backends import HFBackend, _stop_ids  # noqa: E402
 from tuneloop.ml.chat import resolve_target_modules, template_stop_tokens  # noqa: E402
-from tuneloop.ml.model import load_lora_model  # noqa: E402
-from tuneloop.ml.train import fit, train_lora  # noqa: E402
+from tuneloop.ml.train import train_lora  # noqa: E402
 from tuneloop.ml.training_data import tokenize_records  # noqa: E402
 from tuneloop.serving.adapters import read_safetensors_header, validate_adapter  # noqa: E402
 
@@ -130,27 +135,19 @@ def test_all_linear_resolves_to_the_architecture_projections(family: str, model_
     assert resolve_target_modules(model, ["q_proj", "all-linear"])[0] == "q_proj"
 
 
-def test_training_changes_lora_weights_and_no_base_weight(family: str, model_dir: Path) -> None:
-    import torch
+def test_training_changes_lora_weights_and_no_base_weight(family: str, model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers import AutoTokenizer
 
     settings = TrainingSettings(**FAST)
     assert settings.target_modules == ["all-linear"]
-    model, tokenizer = load_lora_model(model_dir, settings, "cpu", "float32")
-    before = {name: param.detach().clone() for name, param in model.named_parameters()}
-    assert all(param.requires_grad == ("lora_" in name) for name, param in model.named_parameters())
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     examples, dropped = tokenize_records(tokenizer, chat_records(12), settings.max_seq_len)
     assert examples and not dropped
     end_id = tokenizer.convert_tokens_to_ids(FAMILIES[family].end_of_turn)
     assert all(end_id in [t for t in example.labels if t >= 0] for example in examples), "the end-of-turn token is not learned"
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    fit(model, examples, settings, pad_id=pad_id, device="cpu", dtype="float32", progress=lambda _: None)
-    lora_b = [name for name in before if "lora_B" in name]
-    assert lora_b
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            assert not torch.equal(param, before[name]), f"{name} did not train"
-        elif "lora_" not in name:
-            assert torch.equal(param, before[name]), f"base weight {name} changed"
+    seen = capture_trained_model(monkeypatch)
+    train_lora(model_dir, chat_records(12), tmp_path / "a", settings, progress=lambda _: None)
+    assert_only_lora_changed(seen)
 
 
 def test_adapter_names_the_real_modules_and_passes_validation(family: str, model_dir: Path, adapter: Path) -> None:

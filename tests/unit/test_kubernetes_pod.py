@@ -110,7 +110,8 @@ def kube_connection(monkeypatch: pytest.MonkeyPatch) -> None:
         ({"TUNELOOP__KUBERNETES__NAMESPACE": ""}, ["training_runner=kubernetes needs kubernetes.namespace"]),
         ({"TUNELOOP__KUBERNETES__NAMESPACE": "ML_Training"}, ["kubernetes.namespace", "pattern"]),
         ({"TUNELOOP__STORE__URI": "/data/store"}, ["needs an s3:// store", "/data/store"]),
-        ({"TUNELOOP__KUBERNETES__GPUS": "2"}, ["kubernetes.gpus", "less than or equal to 1"]),
+        ({"TUNELOOP__KUBERNETES__GPUS": "9"}, ["kubernetes.gpus", "less than or equal to 8"]),
+        ({"TUNELOOP__KUBERNETES__GPUS": "2"}, ["training.processes=1 but kubernetes.gpus=2", "one process per GPU"]),
         ({"TUNELOOP__TRAINING__DEVICE": "cpu"}, ["training.device=cpu but kubernetes.gpus=1"]),
         ({"TUNELOOP__KUBERNETES__MEMORY_REQUEST": "96Gi"}, ["memory_request=96Gi is above kubernetes.memory_limit=32Gi"]),
         ({"TUNELOOP__KUBERNETES__CPU_LIMIT": "8 cores"}, ["kubernetes.cpu_limit", "not a Kubernetes quantity"]),
@@ -242,7 +243,7 @@ def test_trainer_image_pins_the_ml_lock_versions() -> None:
     dockerfile = (ROOT / "docker/trainer.Dockerfile").read_text()
     locked = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", (ROOT / "requirements/ml.lock").read_text(), flags=re.M))
     pinned = dict(re.findall(r'"([A-Za-z0-9_.-]+)==([^"]+)"', dockerfile))
-    assert {"torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers"} <= set(pinned), pinned
+    assert {"torch", "transformers", "peft", "accelerate", "trl", "bitsandbytes", "safetensors", "tokenizers"} <= set(pinned), pinned
     for name, version in pinned.items():
         assert name in locked, f"{name} is pinned in the image but not in requirements/ml.lock"
         want = locked[name].removesuffix("+cpu") if name == "torch" else locked[name]  # the image's torch is the CUDA build

@@ -105,3 +105,33 @@ def test_the_ml_env_is_found_although_every_venv_python_is_a_link_to_one_interpr
     monkeypatch.setenv("TUNELOOP_ML_PYTHON", sys.executable)
     with pytest.raises(CliError, match="names this very Python"):
         _reexec_in_ml_env(["train", "--version", "v1"], "train")
+
+
+def test_train_with_several_processes_runs_under_accelerate_launch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """training.processes > 1: the ML child is `accelerate launch` with the config tuneloop
+    renders (accelerate itself reads it in test_train_scaling.py); other steps run plain."""
+    import yaml
+
+    from tuneloop.config import load_settings
+
+    script = tmp_path / "launcher.py"
+    script.write_text(
+        "import json, sys\n"
+        "args = sys.argv[1:]\n"
+        "config = open(args[args.index('--config_file') + 1]).read() if '--config_file' in args else None\n"
+        "print(json.dumps({'args': args, 'config': config}))\n"
+    )
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/sh\nexec {sys.executable} {script} "$@"\n')
+    python.chmod(0o755)
+    monkeypatch.setenv("TUNELOOP_ML_PYTHON", str(python))
+    settings = load_settings(None, env={"TUNELOOP__TRAINING__PROCESSES": "4", "TUNELOOP__TRAINING__DISTRIBUTED": "fsdp"})
+    result = run_ml_step(["train", "--version", "v3"], settings=settings, on_line=lambda _: None)
+    args = result["args"]
+    assert args[:3] == ["-m", "accelerate.commands.launch", "--config_file"]
+    assert args[4:9] == ["-m", "tuneloop.cli", "train", "--version", "v3"] and "--job" in args
+    config = yaml.safe_load(result["config"])
+    assert (config["num_processes"], config["distributed_type"]) == (4, "FSDP")
+    assert config["fsdp_config"]["fsdp_version"] == 2
+    plain = run_ml_step(["evaluate", "--version", "v3"], settings=settings, on_line=lambda _: None)
+    assert plain["args"][:3] == ["-m", "tuneloop.cli", "evaluate"] and plain["config"] is None

@@ -12,11 +12,13 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("peft")
 
+from tests.tiny_models import assert_only_lora_changed, capture_trained_model  # noqa: E402
+
 from tuneloop.config import TrainingSettings  # noqa: E402
 from tuneloop.demo.basemodel import build_demo_model  # noqa: E402
 from tuneloop.demo.invoices import make_labelled_record  # noqa: E402
 from tuneloop.ml.model import load_lora_model, resolve_device  # noqa: E402
-from tuneloop.ml.train import fit, train_lora  # noqa: E402
+from tuneloop.ml.train import train_lora  # noqa: E402
 from tuneloop.ml.training_data import IGNORE_INDEX, TrainingError, tokenize_records  # noqa: E402
 
 if TYPE_CHECKING:
@@ -46,24 +48,13 @@ def trained(tiny_model: Path, records: list[dict[str, Any]], tmp_path_factory: p
     return out, result, settings
 
 
-def test_training_changes_every_lora_b_and_no_base_weight(tiny_model: Path, records: list[dict[str, Any]]) -> None:
-    import torch
-
-    settings = TrainingSettings(max_steps=3, **FAST)
-    model, tokenizer = load_lora_model(tiny_model, settings, "cpu", "float32")
-    before = {name: param.detach().clone() for name, param in model.named_parameters()}
-    assert all(param.requires_grad == ("lora_" in name) for name, param in model.named_parameters())
-    examples, _ = tokenize_records(tokenizer, records, settings.max_seq_len)
-    fit(model, examples, settings, pad_id=tokenizer.pad_token_id, device="cpu", dtype="float32", progress=lambda _: None)
-
-    lora_b = [name for name in before if "lora_B" in name]
-    assert lora_b, "no LoRA B matrices found"
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            assert torch.count_nonzero(before[name]) == 0  # peft initialises B to zero...
-            assert not torch.equal(param, before[name]), f"{name} did not train"  # ...so this is real
-        elif "lora_" not in name:
-            assert torch.equal(param, before[name]), f"base weight {name} changed"
+def test_training_changes_every_lora_b_and_no_base_weight(
+    tiny_model: Path, records: list[dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen = capture_trained_model(monkeypatch)
+    result = train_lora(tiny_model, records, tmp_path / "a", TrainingSettings(max_steps=3, **FAST), progress=lambda _: None)
+    assert result.trainer == "trl.SFTTrainer" and result.steps == 3
+    assert_only_lora_changed(seen)
 
 
 def test_adapter_files_are_what_vllm_loads(trained: tuple[Path, Any, TrainingSettings], tiny_model: Path) -> None:
@@ -145,13 +136,11 @@ def test_prompt_tokens_are_masked_and_match_inference(tiny_model: Path, records:
     assert tokenizer.decode(supervised) == record["completion"] + "<|eos|>"
 
 
-def test_loss_decreases_on_a_small_repeated_dataset(tiny_model: Path, records: list[dict[str, Any]]) -> None:
-    settings = TrainingSettings(max_steps=30, warmup_ratio=0.0, **FAST)
-    model, tokenizer = load_lora_model(tiny_model, settings, "cpu", "float32")
-    examples, _ = tokenize_records(tokenizer, records[:4], settings.max_seq_len)
-    stats = fit(model, examples, settings, pad_id=tokenizer.pad_token_id, device="cpu", dtype="float32", progress=lambda _: None)
-    first, last = stats.losses[0], sum(stats.losses[-5:]) / 5
-    assert last < 0.7 * first, stats.losses
+def test_loss_decreases_on_a_small_repeated_dataset(tiny_model: Path, records: list[dict[str, Any]], tmp_path: Path) -> None:
+    settings = TrainingSettings(max_steps=30, warmup_ratio=0.0, checkpoint_every=0, **FAST)
+    result = train_lora(tiny_model, records[:4], tmp_path / "a", settings, progress=lambda _: None)
+    first, last = result.loss_history[0], sum(result.loss_history[-5:]) / 5
+    assert len(result.loss_history) == 30 and last < 0.7 * first, result.loss_history
 
 
 def test_over_long_rows_are_dropped_not_cut(tiny_model: Path, records: list[dict[str, Any]]) -> None:
@@ -256,3 +245,27 @@ def test_warm_start_refuses_an_adapter_of_another_base_model(
         check_init_adapter(foreign, "anything")
     with pytest.raises(TrainingError, match="adapter_config.json"):
         check_init_adapter(tmp_path / "missing", "anything")
+
+
+def test_missing_optional_packages_are_named_before_loading(records: list[dict[str, Any]], tmp_path: Path) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("liger_kernel") is None:
+        with pytest.raises(TrainingError, match="pip install liger-kernel"):
+            train_lora(tmp_path / "never-loaded", records, tmp_path / "a", TrainingSettings(liger_kernel=True))
+    if importlib.util.find_spec("deepspeed") is None:
+        with pytest.raises(TrainingError, match="pip install deepspeed"):
+            train_lora(tmp_path / "never-loaded", records, tmp_path / "a", TrainingSettings(processes=2, distributed="deepspeed"))
+
+
+def test_a_diverging_run_stops_and_says_what_to_lower(
+    tiny_model: Path, records: list[dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    real = torch.nn.functional.cross_entropy
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", lambda *a, **k: real(*a, **k) * float("nan"))  # the loss diverges
+    settings = TrainingSettings(max_steps=6, checkpoint_every=0, dtype="float32", **FAST)
+    with pytest.raises(TrainingError, match=r"loss became nan at step 1; lower training.learning_rate \(now 0.005\)"):
+        train_lora(tiny_model, records[:8], tmp_path / "a", settings, progress=lambda _: None)
+    assert not (tmp_path / "a").exists(), "no adapter is written from a diverged run"

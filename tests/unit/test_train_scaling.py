@@ -1,15 +1,17 @@
-"""The trainer's scaling features: packing, the supervised-only loss head, gradient
-checkpointing, early stopping, replay, kill-and-resume, and torchrun on two CPU processes.
+"""The trainer's scaling features on TRL's SFTTrainer: padding-free packing, gradient
+checkpointing, early stopping, replay, kill-and-resume, two CPU processes (torchrun and
+``accelerate launch``), and QLoRA on bitsandbytes' CPU backend.
 
-Each one must change speed or memory, never the result: packed and unpacked batches give the
-same loss and gradients; a run killed with SIGKILL and resumed writes the adapter an
-uninterrupted run writes; two processes take the same steps as one with twice the
+Each one must change speed or memory, never the result: padding-free packed and padded
+batches give the same loss and gradients; a run killed with SIGKILL and resumed writes the
+adapter an uninterrupted run writes; two processes take the same steps as one with twice the
 accumulation.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
@@ -27,21 +29,10 @@ pytest.importorskip("peft")
 from tuneloop.config import TrainingSettings  # noqa: E402
 from tuneloop.demo.basemodel import build_demo_model  # noqa: E402
 from tuneloop.demo.invoices import make_labelled_record  # noqa: E402
-from tuneloop.ml import train as train_module  # noqa: E402
 from tuneloop.ml.checkpoint import checkpoint_path  # noqa: E402
 from tuneloop.ml.model import load_lora_model  # noqa: E402
-from tuneloop.ml.train import _loss_head, loss_sum, train_lora  # noqa: E402
-from tuneloop.ml.training_data import (  # noqa: E402
-    IGNORE_INDEX,
-    TokenizedExample,
-    collate,
-    collate_packed,
-    micro_batch_stream,
-    mix_replay,
-    pack_rows,
-    split_validation,
-    tokenize_records,
-)
+from tuneloop.ml.train import train_lora  # noqa: E402
+from tuneloop.ml.training_data import mix_replay, split_validation, tokenize_records  # noqa: E402
 
 pytestmark = pytest.mark.ml
 
@@ -71,28 +62,11 @@ def _max_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-def test_pack_rows_fills_rows_without_splitting_or_losing_an_example() -> None:
-    lengths = [300, 200, 120, 100, 90, 60, 500, 12]
-    rows = pack_rows(lengths, 512)
-    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
-    assert all(sum(lengths[i] for i in row) <= 512 for row in rows)
-    assert len(rows) == 3  # 1382 tokens: the fewest 512-token rows that can hold them
-    assert pack_rows([600], 512) == [[0]]  # longer than a row: a row of its own
+def test_padding_free_packed_batch_has_the_loss_and_gradients_of_the_padded_batch(tiny_model: Path, records: list[dict[str, Any]]) -> None:
+    """TRL's padding-free collator (what ``packing: true`` trains on) concatenates the rows with
+    restarting position ids and no attention mask; no token may attend across rows."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-
-def test_collate_packed_restarts_positions_and_masks_padding() -> None:
-    examples = [TokenizedExample([1, 2, 3], [IGNORE_INDEX, 2, 3]), TokenizedExample([4, 5], [IGNORE_INDEX, 5])]
-    batch = collate_packed(examples, pad_id=0, capacity=8)
-    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5]]
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
-    assert batch["labels"].tolist() == [[IGNORE_INDEX, 2, 3, IGNORE_INDEX, 5]]
-    two_rows = collate_packed(examples, pad_id=0, capacity=4)
-    assert two_rows["input_ids"].tolist() == [[1, 2, 3], [4, 5, 0]]
-    assert two_rows["position_ids"].tolist() == [[0, 1, 2], [0, 1, 0]]
-    assert two_rows["labels"].tolist()[1] == [IGNORE_INDEX, 5, IGNORE_INDEX]
-
-
-def test_packed_batch_has_the_loss_and_gradients_of_the_padded_batch(tiny_model: Path, records: list[dict[str, Any]]) -> None:
     settings = TrainingSettings(**SMALL)
     model, tokenizer = load_lora_model(tiny_model, settings, "cpu", "float32")
     examples, _ = tokenize_records(tokenizer, records[:6], 512)
@@ -100,30 +74,20 @@ def test_packed_batch_has_the_loss_and_gradients_of_the_padded_batch(tiny_model:
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.02)
-    pad = tokenizer.pad_token_id
+    rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
     results = []
-    for batch in (collate(examples, pad), collate_packed(examples, pad, 1024)):
+    for padding_free in (False, True):
+        batch = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=padding_free)(rows)
         model.zero_grad()
-        loss = loss_sum(model, batch, _loss_head(model))
+        loss = model(**batch, use_cache=False).loss
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         results.append((float(loss.detach()), grads, batch["input_ids"].shape))
     (padded_loss, padded_grads, padded_shape), (packed_loss, packed_grads, packed_shape) = results
-    assert packed_shape[0] < padded_shape[0], "six examples must share rows when packed"
+    assert packed_shape[0] == 1 < padded_shape[0], "six examples must share one row when padding-free"
     assert packed_loss == pytest.approx(padded_loss, rel=1e-5)
     # float32 sums over ~1,000 tokens in another order; a leak across examples differs by ~1e-1
     assert _max_diff(padded_grads, packed_grads) < 1e-4
-
-
-def test_supervised_only_head_equals_the_full_forward(tiny_model: Path, records: list[dict[str, Any]]) -> None:
-    settings = TrainingSettings(**SMALL)
-    model, tokenizer = load_lora_model(tiny_model, settings, "cpu", "float32")
-    examples, _ = tokenize_records(tokenizer, records[:4], 512)
-    batch = collate(examples, tokenizer.pad_token_id)
-    head = _loss_head(model)
-    assert head is not None, "the demo Llama must take the fast path"
-    with torch.no_grad():
-        assert float(loss_sum(model, batch, head)) == pytest.approx(float(loss_sum(model, batch, None)), rel=1e-5)
 
 
 def test_gradient_checkpointing_changes_memory_not_the_adapter(tiny_model: Path, records: list[dict[str, Any]], tmp_path: Path) -> None:
@@ -136,18 +100,6 @@ def test_gradient_checkpointing_changes_memory_not_the_adapter(tiny_model: Path,
     assert plain.packing and checkpointed.packing
     assert checkpointed.loss_history == pytest.approx(plain.loss_history, rel=1e-4)
     assert _max_diff(_adapter(tmp_path / "plain"), _adapter(tmp_path / "gc")) < 1e-5
-
-
-@pytest.mark.parametrize("grouped", [True, False])
-def test_micro_batch_stream_skip_continues_the_same_order(grouped: bool) -> None:
-    lengths = [random.Random(i).randint(10, 90) for i in range(37)]
-    stream = micro_batch_stream(lengths, 4, seed=3, grouped=grouped)
-    full = [next(stream) for _ in range(25)]
-    resumed = micro_batch_stream(lengths, 4, seed=3, skip=11, grouped=grouped)
-    assert [next(resumed) for _ in range(14)] == full[11:]
-    assert sorted(i for batch in full[:10] for i in batch) == list(range(37))  # one epoch = every row once
-    spreads = [max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in full[:9]]
-    assert (sum(spreads) < 9 * 25) == grouped  # grouped batches hold rows of similar length
 
 
 def test_split_validation_is_stable_and_disjoint(records: list[dict[str, Any]]) -> None:
@@ -172,14 +124,17 @@ def test_mix_replay_adds_the_requested_share_of_earlier_rows(records: list[dict[
 def test_early_stopping_keeps_the_best_weights(
     tiny_model: Path, records: list[dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from transformers import Trainer
+    from transformers.trainer_utils import EvalLoopOutput
+
     scripted = iter([3.0, 2.0, 2.5, 2.6, 2.7, 2.8])
     weights_seen: list[dict[str, Any]] = []
 
-    def fake_eval_loss(model: Any, *args: Any, **kwargs: Any) -> float:
-        weights_seen.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
-        return next(scripted)
+    def scripted_eval(self: Any, dataloader: Any, *args: Any, metric_key_prefix: str = "eval", **kwargs: Any) -> EvalLoopOutput:
+        weights_seen.append({n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad})
+        return EvalLoopOutput(predictions=None, label_ids=None, metrics={f"{metric_key_prefix}_loss": next(scripted)}, num_samples=1)
 
-    monkeypatch.setattr(train_module, "eval_loss", fake_eval_loss)
+    monkeypatch.setattr(Trainer, "evaluation_loop", scripted_eval)
     settings = TrainingSettings(max_steps=20, validation_fraction=0.25, eval_every=2, early_stopping_patience=2, **SMALL)
     result = train_lora(tiny_model, records, tmp_path / "a", settings, progress=lambda _: None)
     assert result.stopped_early and result.steps == 8 and result.best_step == 4
@@ -231,13 +186,13 @@ def test_killed_run_resumes_to_the_uninterrupted_adapter(tiny_model: Path, tmp_p
     assert straight.returncode == 0, straight.stderr[-2000:]
     reference = _result(straight)
     assert reference["resumed_from_step"] is None
-    assert not checkpoint_path(tmp_path / "straight").exists(), "a finished run removes its checkpoint"
+    assert not checkpoint_path(tmp_path / "straight").exists(), "a finished run removes its checkpoints"
 
     killed = _run_train(tiny_model, tmp_path / "resumed", 6, settings)
     assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stderr[-2000:])
     assert "checkpoint saved at step 6/12" in killed.stdout
     assert not (tmp_path / "resumed").exists()
-    assert checkpoint_path(tmp_path / "resumed").is_file()
+    assert (checkpoint_path(tmp_path / "resumed") / "checkpoint-6" / "trainer_state.json").is_file()
 
     resumed = _run_train(tiny_model, tmp_path / "resumed", 0, settings)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -246,24 +201,81 @@ def test_killed_run_resumes_to_the_uninterrupted_adapter(tiny_model: Path, tmp_p
     assert "resumed from the checkpoint at step 6/12" in resumed.stdout
     assert again["loss_history"] == pytest.approx(reference["loss_history"], abs=1e-5)
     assert _max_diff(_adapter(tmp_path / "straight"), _adapter(tmp_path / "resumed")) < 1e-6
-    assert not list(tmp_path.glob(".resumed.training-*")), "the killed run's staging directory is cleaned up"
+    assert not list(tmp_path.glob(".resumed.training*")), "the staging directory is cleaned up"
 
     changed = _run_train(tiny_model, tmp_path / "resumed-other", 6, settings)  # a checkpoint of other settings...
     assert changed.returncode == -signal.SIGKILL
     os.replace(checkpoint_path(tmp_path / "resumed-other"), checkpoint_path(tmp_path / "other"))
     other = _run_train(tiny_model, tmp_path / "other", 0, {**settings, "learning_rate": 1e-3})
     assert other.returncode == 0 and _result(other)["resumed_from_step"] is None  # ...is not resumed
-    assert "belongs to another run" in other.stderr
+    assert "belong to another run" in other.stderr
 
 
-def test_torchrun_two_cpu_processes_match_one_process_with_double_accumulation(tiny_model: Path, tmp_path: Path) -> None:
+def test_two_cpu_processes_match_one_process_with_double_accumulation(tiny_model: Path, tmp_path: Path) -> None:
+    """torchrun, and ``accelerate launch`` with the config tuneloop renders for processes: 2."""
+    from tuneloop.ml.launch import write_config
+
     settings = {**SMALL, "max_steps": 4, "batch_size": 2, "checkpoint_every": 0}
     single = _run_train(tiny_model, tmp_path / "single", 0, {**settings, "grad_accum": 2})
     assert single.returncode == 0, single.stderr[-2000:]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    double = _run_train(tiny_model, tmp_path / "ddp", 0, settings, extra=torchrun)
-    assert double.returncode == 0, double.stderr[-3000:]
-    assert _result(double)["loss_history"] == pytest.approx(_result(single)["loss_history"], rel=1e-4)
-    assert _max_diff(_adapter(tmp_path / "single"), _adapter(tmp_path / "ddp")) < 1e-5
-    metrics = json.loads((tmp_path / "ddp" / "train_metrics.json").read_text())
-    assert metrics["world_size"] == 2
+    config = tmp_path / "accelerate.yaml"
+    write_config(TrainingSettings(**settings, processes=2, device="cpu"), str(config), cpu=True)
+    launchers = {
+        "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"],
+        "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)],
+    }
+    for name, launcher in launchers.items():
+        double = _run_train(tiny_model, tmp_path / name, 0, settings, extra=launcher)
+        assert double.returncode == 0, (name, double.stderr[-3000:])
+        assert _result(double)["loss_history"] == pytest.approx(_result(single)["loss_history"], rel=1e-4), name
+        assert _max_diff(_adapter(tmp_path / "single"), _adapter(tmp_path / name)) < 1e-5, name
+        metrics = json.loads((tmp_path / name / "train_metrics.json").read_text())
+        assert metrics["world_size"] == 2
+
+
+@pytest.mark.parametrize("distributed", ["ddp", "fsdp", "deepspeed"])
+def test_launch_config_is_what_accelerate_reads(distributed: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rendered config goes through accelerate's own parser and validation; for FSDP, the
+    plugin accelerate builds from it in each process (this machine has no GPUs to run it)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import FullyShardedDataParallelPlugin, prepare_multi_gpu_env
+
+    from tuneloop.ml.launch import launch_command, write_config
+
+    path = tmp_path / "accelerate.yaml"
+    training = TrainingSettings(processes=4, distributed=distributed, dtype="bfloat16", gradient_checkpointing=True, grad_accum=2)
+    write_config(training, str(path), cpu=False)
+    config = load_config_from_file(str(path))
+    assert config.distributed_type.value == {"ddp": "MULTI_GPU", "fsdp": "FSDP", "deepspeed": "DEEPSPEED"}[distributed]
+    assert (config.num_processes, config.mixed_precision) == (4, "no")  # each process's Trainer sets bf16 from training.dtype
+    command = launch_command("python", str(path), ["train", "--snapshot", "latest", "--version", "v3"])
+    args, _, _ = _validate_launch_command(launch_command_parser().parse_args(command[3:]))
+    assert args.num_processes == 4 and args.module and args.training_script == "tuneloop.cli"
+    if distributed == "fsdp":
+        env = prepare_multi_gpu_env(args)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        plugin = FullyShardedDataParallelPlugin()
+        assert plugin.fsdp_version == 2 and plugin.activation_checkpointing and plugin.cpu_ram_efficient_loading
+        assert plugin.state_dict_type.name == "FULL_STATE_DICT"  # the adapter file is gathered whole
+    if distributed == "deepspeed":
+        assert config.deepspeed_config["zero_stage"] == 3 and config.deepspeed_config["gradient_accumulation_steps"] == 2
+
+
+def test_qlora_trains_a_4bit_base_model(tiny_model: Path, records: list[dict[str, Any]], tmp_path: Path) -> None:
+    """QLoRA through bitsandbytes' CPU backend (slow; the same code path runs CUDA's kernels)."""
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+
+    from tuneloop.ml.model import load_lora_model as load
+
+    settings = TrainingSettings(max_steps=2, quantization="4bit", checkpoint_every=0, device="cpu", dtype="float32", **SMALL)
+    model, _ = load(tiny_model, settings, "cpu", "float32")
+    assert any(isinstance(module, bnb.nn.Linear4bit) for module in model.modules()), "the base model is not 4-bit"
+    del model
+    result = train_lora(tiny_model, records[:8], tmp_path / "q", settings, progress=lambda _: None)
+    assert result.steps == 2 and all(math.isfinite(loss) for loss in result.loss_history)
+    config = json.loads((tmp_path / "q" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["base_model_name_or_path"] == str(tiny_model)
+    assert _adapter(tmp_path / "q"), "the adapter is vLLM's plain LoRA file (no quantised weights in it)"

@@ -113,6 +113,11 @@ class Settings(_Section):
             raise ValueError(f"training.device=cpu but kubernetes.gpus={k8s.gpus}: the pod would hold a GPU it never uses")
         if not k8s.gpus and self.training.device == "cuda":
             raise ValueError("training.device=cuda but kubernetes.gpus=0: the pod gets no GPU")
+        if k8s.gpus and self.training.processes != k8s.gpus:
+            raise ValueError(
+                f"training.processes={self.training.processes} but kubernetes.gpus={k8s.gpus}: the training pod runs "
+                "one process per GPU it requests; set them equal"
+            )
         return self
 
 

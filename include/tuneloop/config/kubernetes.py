@@ -66,7 +66,7 @@ class KubernetesSettings(_Section):
     image_pull_secrets: list[str] = Field(default_factory=list, description="Secrets of type docker-registry for a private registry")
     service_account: str | None = Field(None, pattern=_DNS_NAME, description="null: the namespace's default service account")
     conn_id: str = Field("kubernetes_default", description="Airflow connection of the cluster (in_cluster, kube_config...)")
-    gpus: int = Field(1, ge=0, le=1, description="GPUs the pod requests: 0 (CPU) or 1; the pod runs one training process")
+    gpus: int = Field(1, ge=0, le=8, description="GPUs the pod requests (0: CPU); the pod trains with one process per GPU (training.processes, equal to it)")
     gpu_resource: str = Field("nvidia.com/gpu", description="the device plugin's resource name (amd.com/gpu on AMD)")
     cpu_request: str = "4"
     cpu_limit: str | None = "8"

@@ -116,20 +116,26 @@ def load_lora_model(
 
     # Base weights in the compute dtype on GPU (memory); fp32 on CPU. LoRA weights stay fp32.
     load_dtype = getattr(torch, dtype) if device == "cuda" else torch.float32
+    quantized = _quantization(settings, device, load_dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(base_model))
-        model = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=load_dtype)
+        model = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=load_dtype, **quantized)
     except OSError as err:
         raise TrainingError(
             f"cannot load base model {base_model!r}: {err}\n"
             "A hub id needs network access or a copy in the local cache (HF_HUB_OFFLINE=1 forbids "
             "downloads); for the demo model run `tuneloop build-model`."
         ) from err
+    if quantized:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=settings.gradient_checkpointing)
     if init_adapter is not None:
         check_init_adapter(init_adapter, base_model)
         peft_model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
         peft_model.peft_config["default"].base_model_name_or_path = str(base_model)
-        peft_model.to(device)
+        if not quantized:
+            peft_model.to(device)
         return peft_model, tokenizer
     alpha = settings.lora_alpha
     lora_config = LoraConfig(
@@ -150,8 +156,29 @@ def load_lora_model(
         ) from err
     # What vLLM and PeftModel.from_pretrained read to find the base model.
     peft_model.peft_config["default"].base_model_name_or_path = str(base_model)
-    peft_model.to(device)
+    if not quantized:
+        peft_model.to(device)
     return peft_model, tokenizer
+
+
+def _quantization(settings: TrainingSettings, device: str, compute_dtype: Any) -> dict[str, Any]:
+    """``from_pretrained`` arguments of ``training.quantization``: QLoRA's 4-bit NF4 base model
+    (double quantisation, compute in the training dtype) with bitsandbytes, or nothing."""
+    if settings.quantization == "none":
+        return {}
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as err:
+        raise TrainingError("training.quantization: 4bit needs bitsandbytes in the training environment (pip install bitsandbytes)") from err
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype,
+    )
+    import os
+
+    place = int(os.environ.get("LOCAL_RANK", "0")) if device == "cuda" else "cpu"  # bitsandbytes' CPU backend runs the tests
+    return {"quantization_config": config, "device_map": {"": place}}
 
 
 def _fast_kernels(model: Any, device: str, *, mixed: bool) -> contextlib.ExitStack:

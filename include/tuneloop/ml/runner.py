@@ -69,6 +69,7 @@ def run_ml_step(
 ) -> dict[str, Any]:
     """Run ``tuneloop <args> --json`` in the ML env; return its JSON result. With ``settings``
     the child runs on exactly those (a job file); else on ``config`` and the environment.
+    ``train`` with ``training.processes`` > 1 runs under ``accelerate launch`` (``launch.py``).
 
     ``evaluate`` with no ML env runs in this interpreter instead: through vLLM it needs no
     torch (an Airflow image without the ML env evaluates against the servers)."""
@@ -85,6 +86,12 @@ def run_ml_step(
         job_file.write_text(json.dumps(settings_job(settings), default=str), encoding="utf-8")
         job_file.chmod(0o600)
         command += ["--job", str(job_file)]
+        if args and args[0] == "train" and settings.training.processes > 1:
+            from tuneloop.ml.launch import launch_command, write_config
+
+            launch_file = str(Path(job_dir) / "accelerate.yaml")
+            write_config(settings.training, launch_file, cpu=settings.training.device == "cpu")
+            command = launch_command(str(python), launch_file, command[3:])
     elif config:
         command += ["--config", config]
     try:

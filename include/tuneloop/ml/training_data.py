@@ -1,8 +1,7 @@
 """What the trainer trains on: rows read through the task (the context and the answer), rendered
 with the chat template exactly as evaluation and vLLM render them, tokenized with the context
-masked out of the loss (rows over ``max_seq_len`` dropped, never cut), and grouped into
-micro-batches: padded, or packed with a block-diagonal mask; random or length-grouped; a
-validation share by id hash; replayed rows from production's data."""
+masked out of the loss (rows over ``max_seq_len`` dropped, never cut); a validation share by id
+hash; replayed rows from production's data. Batching, packing and the loss are TRL's."""
 
 from __future__ import annotations
 
@@ -13,13 +12,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Mapping, Sequence
+    from collections.abc import Mapping, Sequence
 
     from tuneloop.tasks import Example, TaskSpec
 
 
 IGNORE_INDEX = -100
-GROUP_CHUNK_BATCHES = 50  # length grouping sorts rows within chunks of this many batches
 
 
 class TrainingError(ValueError):
@@ -121,97 +119,6 @@ def tokenize_records(
             )
         )
     return examples, dropped
-
-
-def collate(examples: Sequence[TokenizedExample], pad_id: int) -> dict[str, Any]:
-    """Right-pad a batch to its longest row (dynamic padding)."""
-    import torch
-
-    width = max(len(example.input_ids) for example in examples)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, example in enumerate(examples):
-        length = len(example.input_ids)
-        input_ids[row, :length] = torch.tensor(example.input_ids)
-        labels[row, :length] = torch.tensor(example.labels)
-        attention_mask[row, :length] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
-
-
-def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
-    """First-fit decreasing: indices grouped into rows of at most ``capacity`` tokens."""
-    rows: list[list[int]] = []
-    room: list[int] = []
-    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        for row, free in enumerate(room):
-            if lengths[index] <= free:
-                rows[row].append(index)
-                room[row] -= lengths[index]
-                break
-        else:
-            rows.append([index])
-            room.append(capacity - lengths[index])
-    return rows
-
-
-def collate_packed(examples: Sequence[TokenizedExample], pad_id: int, capacity: int) -> dict[str, Any]:
-    """Pack a micro-batch's examples into as few rows of ``capacity`` tokens as fit.
-
-    Each example keeps its own position ids (0, 1, ...); transformers turns restarting
-    position ids with ``attention_mask=None`` into a block-diagonal causal mask, so no token
-    attends across examples and the loss equals the unpacked batch's. A row's tail padding
-    is a segment of its own with labels -100.
-    """
-    import torch
-
-    rows = pack_rows([len(example.input_ids) for example in examples], capacity)
-    width = max(sum(len(examples[i].input_ids) for i in row) for row in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
-    for r, row in enumerate(rows):
-        at = 0
-        for index in row:
-            example = examples[index]
-            n = len(example.input_ids)
-            input_ids[r, at : at + n] = torch.tensor(example.input_ids)
-            labels[r, at : at + n] = torch.tensor(example.labels)
-            position_ids[r, at : at + n] = torch.arange(n)
-            at += n
-        position_ids[r, at:] = torch.arange(width - at)
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
-
-
-def _epoch_batches(lengths: Sequence[int], batch_size: int, rng: random.Random, *, grouped: bool = True) -> list[list[int]]:
-    """One epoch of shuffled batches; ``grouped``: of similar length (sort within chunks of 50
-    batches, shuffle the batches), which saves padding when batches are not packed."""
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    if not grouped:
-        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    chunk = batch_size * GROUP_CHUNK_BATCHES
-    batches: list[list[int]] = []
-    for start in range(0, len(order), chunk):
-        block = sorted(order[start : start + chunk], key=lambda index: lengths[index])
-        batches.extend(block[i : i + batch_size] for i in range(0, len(block), batch_size))
-    rng.shuffle(batches)
-    return batches
-
-
-def micro_batch_stream(
-    lengths: Sequence[int], batch_size: int, seed: int, skip: int = 0, *, grouped: bool = True
-) -> Iterator[list[int]]:
-    """Endless epochs of micro-batches, a pure function of ``seed``; ``skip`` drops the first
-    micro-batches (a resumed run continues the interrupted run's order). ``grouped``: see
-    ``training.batching``."""
-    rng = random.Random(seed)
-    produced = 0
-    while True:
-        for batch in _epoch_batches(lengths, batch_size, rng, grouped=grouped):
-            produced += 1
-            if produced > skip:
-                yield batch
 
 
 def split_validation(records: Sequence[Mapping[str, Any]], fraction: float) -> tuple[list[Mapping[str, Any]], list[Mapping[str, Any]]]:
