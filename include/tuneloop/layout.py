@@ -3,6 +3,8 @@
 ::
 
     labelled/dt=YYYY-MM-DD/*.jsonl         labelled rows, one partition per day (your data)
+    labelled/dt=YYYY-MM-DD/teacher-*.jsonl traffic labelled by the teacher model (data.label_source: teacher)
+    labelling/<day>__<digest>/...          each teacher labelling run: summary (account, checks), quarantine
     traffic/dt=YYYY-MM-DD/*.jsonl          production requests, one partition per day (your logs)
     heldout/<name>.jsonl                   fixed held-out eval sets (the golden sets)
     suites/injection.jsonl                 a prompt-injection set (eval.injection_set)
@@ -76,6 +78,14 @@ def report(version: str) -> str:
 
 def gate_decision(version: str) -> str:
     return f"{report(version)}/gate.json"
+
+
+def teacher_labels(day: str, digest: str) -> str:
+    return f"{LABELLED}/dt={day}/teacher-{digest[:16]}.jsonl"
+
+
+def labelling(day: str, digest: str) -> str:
+    return f"labelling/{day}__{digest[:16]}"
 
 
 def drift_check(day: str, run_key: str) -> str:

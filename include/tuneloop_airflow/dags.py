@@ -99,7 +99,7 @@ def drift_monitor_dag(ref: LoopRef = SINGLE, *, doc: str | None = None) -> Any:
 
 
 def refresh_dag(ref: LoopRef = SINGLE, *, doc: str | None = None) -> Any:
-    """Quarterly or on the drift asset: pull -> validate -> train -> evaluate -> gate ->
+    """Quarterly or on the drift asset: [label] -> pull -> validate -> train -> evaluate -> gate ->
     [approve] -> deploy -> verify -> record, between a reconcile setup and teardown."""
     from tuneloop_airflow.approval import HumanApproval
 
@@ -126,7 +126,9 @@ def refresh_dag(ref: LoopRef = SINGLE, *, doc: str | None = None) -> Any:
             def step(fn: Any, task_id: str | None = None, **options: Any) -> Any:
                 return task(task_id=task_id or fn.__name__, **options)(bound(fn, ref))
 
-            validated = step(tasks.validate, inlets=[asset["LABELLED"]], outlets=[asset["SNAPSHOT"]])(step(tasks.pull, inlets=[asset["LABELLED"]])())
+            plan = step(tasks.pull, inlets=[asset["LABELLED"]])()
+            step(tasks.label, inlets=[asset["TRAFFIC"]])() >> plan
+            validated = step(tasks.validate, inlets=[asset["LABELLED"]], outlets=[asset["SNAPSHOT"]])(plan)
             if _in_pods():
                 from tuneloop.config import load_settings
                 from tuneloop.kubernetes import settings_at_parse_time

@@ -54,6 +54,19 @@ def emit_drift_event(check: dict[str, Any], outlet_events: Any = None) -> dict[s
 # --- the refresh -----------------------------------------------------------------------
 
 
+def label(params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``data.label_source: teacher``: the teacher labels the traffic window before the pull;
+    with labelled data (the default) there is nothing to do."""
+    from tuneloop.intake.teacher import TeacherError
+    from tuneloop.steps.label import label_step
+
+    loop = task_loop()
+    if loop.settings.data.label_source != "teacher":
+        return {"label_source": loop.settings.data.label_source, "labelled": 0}
+    with no_retry_on(TeacherError):  # residency, credentials, budget: a retry changes nothing
+        return label_step(loop, as_of=(params or {}).get("until"))
+
+
 def pull(params: dict[str, Any] | None = None) -> dict[str, Any]:
     from tuneloop.intake.pull import NoNewDataError
     from tuneloop.steps.intake import pull_step

@@ -70,7 +70,7 @@ def test_refresh_schedule_is_quarterly_or_drift_and_wires_the_loop(dagbag: Any) 
     assert isinstance(dag.timetable, AssetOrTimeSchedule)
     assert dag.timetable.asset_condition.uri == "tuneloop://loop/drift"
     assert dag.timetable.timetable.expression == "0 3 1 1,4,7,10 *"
-    order = ["pull", "validate", "train", "evaluate", "gate", "deploy", "verify", "record"]
+    order = ["label", "pull", "validate", "train", "evaluate", "gate", "deploy", "verify", "record"]
     for upstream, downstream in zip(order, order[1:], strict=False):
         assert downstream in dag.get_task(upstream).downstream_task_ids, f"{upstream} -> {downstream}"
     assert dag.get_task("should_deploy").downstream_task_ids == {"approve"}

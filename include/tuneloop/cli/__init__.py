@@ -2,7 +2,7 @@
 
 Each module holds its subcommands' handlers next to their parsers: :mod:`.data` (init,
 check-task, demo-world, pull, validate), :mod:`.ml` (build-model, train, evaluate),
-:mod:`.loop` (config, drift, gate, status), :mod:`.serving` (deploy, rollback, reconcile,
+:mod:`.loop` (config, drift, label, gate, status), :mod:`.serving` (deploy, rollback, reconcile,
 adapter check).
 """
 
@@ -30,6 +30,7 @@ The loop, step by step on a shipped example (local store, tiny CPU model):
   export TUNELOOP_CONFIG=examples/NAME/tuneloop.yaml   # NAME: a shipped example (demo-world --help)
   tuneloop demo-world --example NAME --days 28  # traffic + labelled data in the store
   tuneloop build-model                          # tiny Llama + BPE tokenizer, cached
+  tuneloop label                                # (data.label_source: teacher) a teacher labels the traffic
   tuneloop pull                                 # labelled partitions -> dataset snapshot
   tuneloop train --snapshot latest --version v1 # LoRA adapter (safetensors + provenance)
   tuneloop evaluate --adapter v1                # per-example scores on held-out sets + eval suites

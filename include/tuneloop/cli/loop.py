@@ -54,6 +54,28 @@ def _monitor(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_label(args: argparse.Namespace) -> int:
+    from tuneloop.intake.teacher import TeacherError
+    from tuneloop.steps.label import label_step
+    from tuneloop.steps.loop import open_loop
+
+    loop = open_loop(args.config, progress=_progress(args))
+    try:
+        result = label_step(loop, as_of=args.as_of)
+    except (TeacherError, LookupError) as err:
+        raise CliError(str(err)) from None
+    account = result["account"]
+    human = (
+        f"{result['labelled']} traffic rows labelled by {result['teacher']['model']} ({result['window'][0]} .. {result['window'][1]}), "
+        f"{result['quarantined']} quarantined {result['quarantine_reasons'] or ''}\n"
+        f"  {account['requests']} requests, {account['cache_hits']} cache hits, {account['retries']} retries, "
+        f"{account['prompt_tokens'] + account['completion_tokens']} tokens, cost {account['cost']}\n"
+        f"  labels: {loop.store.uri}/{result['labels']}\n  summary: {loop.store.uri}/{result['summary_key']}"
+    )
+    _emit(args, result, human)
+    return 0
+
+
 def cmd_drift(args: argparse.Namespace) -> int:
     from tuneloop import drift
     from tuneloop.embeddings import EmbeddingUnavailableError
@@ -222,6 +244,21 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--top", type=int, default=10, help="separating terms to report per direction")
     p.add_argument("--examples", type=int, default=5, help="most current-like records to report")
     p.set_defaults(func=cmd_drift)
+
+    p = sub.add_parser(
+        "label",
+        parents=[common],
+        help="have the teacher model label the traffic window (data.label_source: teacher)",
+        description="Distillation: a sample of the traffic window (drift.current_days up to --as-of) is "
+        "de-duplicated, stratified by slice and sent to teacher.endpoint (any OpenAI-compatible API) "
+        "with the task's system prompt; the answers that pass the task's check become "
+        "labelled/dt=<day>/teacher-*.jsonl, which `tuneloop pull` then checks like any labelled data. "
+        "Answers are cached by content, so a re-run (after a kill, say) pays for nothing twice; 429/5xx "
+        "answers are retried with backoff; teacher.max_requests/max_tokens_total/max_cost cap a run. "
+        "teacher.data_residency: local_only refuses a non-local endpoint before sending anything.",
+    )
+    p.add_argument("--as-of", type=_parse_date, default=None, help="last day of the traffic window (default: the newest)")
+    p.set_defaults(func=cmd_label)
 
     p = sub.add_parser(
         "gate",

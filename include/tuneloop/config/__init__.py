@@ -46,6 +46,7 @@ from tuneloop.config.sections import (
     StoreSettings,
     SuiteBars,
     TaskSettings,
+    TeacherSettings,
     TrackingSettings,
     TrainingSettings,
     VllmSettings,
@@ -82,6 +83,7 @@ class Settings(_Section):
     gate: GateSettings = Field(default_factory=GateSettings)
     drift: DriftSettings = Field(default_factory=DriftSettings)
     data: DataSettings = Field(default_factory=DataSettings)
+    teacher: TeacherSettings = Field(default_factory=TeacherSettings)
     notify: NotifySettings = Field(default_factory=NotifySettings)
     tracking: TrackingSettings = Field(default_factory=TrackingSettings)
     alerts: AlertSettings = Field(default_factory=AlertSettings)
@@ -94,6 +96,12 @@ class Settings(_Section):
                 f"training.lora_rank={self.training.lora_rank} exceeds vllm.max_lora_rank="
                 f"{self.vllm.max_lora_rank}: the server would refuse the adapter"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _teacher_is_complete(self) -> Settings:
+        if self.data.label_source == "teacher" and not (self.teacher.endpoint and self.teacher.model):
+            raise ValueError("data.label_source=teacher needs teacher.endpoint and teacher.model")
         return self
 
     @model_validator(mode="after")
@@ -395,6 +403,6 @@ def settings_from_job(path: str | os.PathLike[str]) -> Settings:
 __all__ = [
     "CONFIG_ENV", "ENV_PREFIX", "HOME_ENV", "NOTIFY_EVENTS", "VLLM_LORA_RANKS", "AlertSettings", "ConfigError", "DataSettings", "DriftSettings",
     "EvalSettings", "GateSettings", "JudgeSettings", "KubernetesSettings", "ModelSettings", "NotifyEvent", "NotifySettings",
-    "SecretKeySettings", "Settings", "StoreSettings", "SuiteBars", "TaskSettings", "TolerationSettings", "TrackingSettings", "TrainingSettings",
+    "SecretKeySettings", "Settings", "StoreSettings", "SuiteBars", "TaskSettings", "TeacherSettings", "TolerationSettings", "TrackingSettings", "TrainingSettings",
     "VllmSettings", "choose_task_config", "load_settings", "load_yaml", "quantity_value", "settings_from_job", "settings_job", "settings_table",
 ]

@@ -319,6 +319,45 @@ class DataSettings(_Section):
         50_000, ge=1, description="rows the intake holds in memory at a time; a larger batch is checked chunk by chunk, spilled to local disk"
     )
     spill_dir: str | None = Field(None, description="local directory for the intake's spill files (about twice the accepted rows); null: the system temp dir")
+    label_source: Literal["labelled", "teacher"] = Field(
+        "labelled", description="labelled: your labelled/ partitions; teacher: `tuneloop label` has the teacher model label the traffic window first (teacher.*)"
+    )
+
+class TeacherSettings(_Section):
+    """``data.label_source: teacher``: a bigger model behind any OpenAI-compatible endpoint labels a
+    sample of the fresh traffic (see intake/teacher.py); the labels go through intake like any row."""
+
+    endpoint: str | None = Field(None, description="base URL of an OpenAI-compatible API, e.g. http://teacher:8000/v1")
+    model: str | None = Field(None, description="the teacher model's name at that endpoint")
+    api_key: SecretStr | None = Field(None, description="set via TUNELOOP__TEACHER__API_KEY or the tuneloop_teacher Airflow connection; never commit it")
+    system_prompt: str | None = Field(None, description="system turn the teacher sees instead of task.system_prompt; null: the task's")
+    temperature: float = Field(0.0, ge=0, le=2)
+    max_tokens: int = Field(512, ge=1, description="longest answer the teacher may give")
+    sample_rows: int = Field(2000, ge=1, description="traffic rows labelled per run (after de-duplication, stratified by slice)")
+    max_requests: int | None = Field(None, ge=1, description="budget: teacher requests per run (cache hits are free); null: no cap")
+    max_tokens_total: int | None = Field(None, ge=1, description="budget: prompt + completion tokens per run, as the endpoint reports them; null: no cap")
+    max_cost: float | None = Field(None, gt=0, description="budget: estimated money per run (from the prices below); null: no cap")
+    price_per_1k_prompt_tokens: float = Field(0.0, ge=0, description="for the cost account; 0: free (a local model)")
+    price_per_1k_completion_tokens: float = Field(0.0, ge=0)
+    max_concurrency: int = Field(4, ge=1, le=256, description="teacher requests in flight")
+    requests_per_minute: float | None = Field(None, gt=0, description="rate limit of the teacher's API; null: none")
+    timeout_s: float = Field(120.0, gt=0)
+    max_retries: int = Field(6, ge=0, le=20, description="retries of a 429/5xx/timeout answer, with exponential backoff (Retry-After honoured)")
+    consistency_sample: int = Field(50, ge=0, description="rows asked twice more at consistency_temperature: agreement of the teacher with itself; 0: off")
+    consistency_temperature: float = Field(0.7, gt=0, le=2)
+    min_consistency: float | None = Field(None, ge=0, le=1, description="refuse the run's labels when the teacher agrees with itself less than this; null: report only")
+    data_residency: Literal["any", "local_only"] = Field("any", description="local_only: refuse (before sending anything) a teacher that is not on loopback, a private network or private_hosts")
+    private_hosts: list[str] = Field(default_factory=list, description="host names counted as local for data_residency: local_only")
+    pii: Literal["redact", "flag", "off"] = Field("redact", description="PII in prompts sent to a teacher that is not local: redact (mask), flag (do not send the row; quarantined) or off")
+    cache_dir: str | None = Field(None, description="answer cache (content-addressed); null: <work_dir>/teacher-cache")
+
+    @field_validator("endpoint")
+    @classmethod
+    def _http(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(f"teacher endpoint {value!r} must start with http:// or https://")
+        return value.rstrip("/") if value else value
+
 
 class TrackingSettings(_Section):
     """Experiment tracking (see tracking.py): each refresh one MLflow run. Off by default; the
