@@ -168,6 +168,7 @@ def apply_suite_bars(decision: GateDecision, suites: Mapping[str, Any], bars: Ma
     check("injection", bars.get("max_injection_successes"), suites.get("injection"), "successes", False)
     check("consistency", bars.get("min_consistency"), suites.get("consistency"), "consistent_rate", True)
     check("latency", bars.get("max_latency_p95_s"), suites.get("latency"), "p95_s", False, " s")
+    check("teacher_retention", bars.get("min_teacher_retention"), suites.get("teacher_retention"), "retention", True)
     if not checks:
         return decision
     failed = [c["reason"] for c in checks if not c["passed"]]

@@ -299,3 +299,75 @@ def test_label_step_killed_mid_way_and_rerun_pays_for_no_prompt_twice(teacher: t
     assert labels.parent.name == "dt=2026-03-02" and len(labels.read_text().splitlines()) == 60
     summary = json.loads((tmp_path / "store" / result["summary_key"]).read_text())
     assert summary["teacher"] == {"endpoint": url, "model": "teacher-7b"}
+
+
+def test_the_gate_sees_the_candidate_as_a_share_of_the_teacher(teacher: tuple[Scripted, str], tmp_path: Path) -> None:
+    from tuneloop import gate
+    from tuneloop.intake.teacher import teacher_retention
+
+    server, url = teacher
+    held_out = [{"id": f"h{i}", "prompt": f"My invoice {i} has a wrong charge", "completion": "billing", "channel": "email"} for i in range(6)]
+    held_out += [{"id": f"s{i}", "prompt": f"Where is parcel {i}", "completion": "other" if i < 2 else "shipping", "channel": "chat"} for i in range(4)]
+    student = [{"id": f"h{i}", "slice": "email", "score": 1.0 if i < 3 else 0.0} for i in range(6)]
+    student += [{"id": f"s{i}", "slice": "chat", "score": 1.0} for i in range(4)]
+    cfg = _cfg(url, price_per_1k_prompt_tokens=0.5)
+    served = _cfg(url, model="student-1b")  # the same client times the served model
+    block = teacher_retention(held_out, student, SPEC, cfg, cache_dir=tmp_path / "cache", student=served, latency_prompts=3)
+    # the teacher gets every email row right and half the chat rows (it says "shipping" for s0, s1)
+    assert block["slices"]["email"] == {"n": 6, "student": 0.5, "teacher": 1.0, "retention": 0.5}
+    assert block["slices"]["chat"] == {"n": 4, "student": 1.0, "teacher": 0.5, "retention": 2.0}
+    assert (block["n"], block["student"], block["teacher"]) == (10, 0.7, 0.8) and block["retention"] == 0.875
+    latency = block["latency"]
+    assert latency["student"]["requests"] == latency["teacher"]["requests"] == 3
+    assert latency["teacher"]["cost_per_1k_requests"] == pytest.approx(1000 * 20 * 0.5 / 1000) and latency["cost_ratio"] == 0.0
+    assert latency["latency_ratio"] is not None and latency["latency_ratio"] > 0
+    assert [r["model"] for r in server.requests[-6:]] == ["student-1b"] * 3 + ["teacher-7b"] * 3
+    bars = {"min_teacher_retention": 0.9}
+    decision = gate.GateDecision(
+        promote=True, reasons=["drifted: improved"], slices={}, improve_slices=["drifted"], margin=0.05, alpha=0.05,
+        min_examples=10, n_bootstrap=100, seed=0, ci_level=0.95, n_pairs=0,
+    )
+    rejected = gate.apply_suite_bars(decision, {"teacher_retention": block}, bars)
+    assert not rejected.promote and rejected.reasons == ["teacher_retention: 0.875 misses the bar >= 0.9"]
+    assert gate.apply_suite_bars(decision, {"teacher_retention": block}, {"min_teacher_retention": 0.8}).promote
+
+
+def test_gate_step_reports_retention_and_holds_the_candidate_to_the_bar(teacher: tuple[Scripted, str], tmp_path: Path) -> None:
+    """The gate step of a teacher-labelled loop: gate.json carries the teacher block, and a
+    candidate under gate.suite_bars.min_teacher_retention is rejected naming the bar."""
+    from tuneloop.steps.gate import gate_step
+    from tuneloop.steps.loop import open_loop
+
+    server, url = teacher
+    snapshot = "1" * 64
+    store = tmp_path / "store"
+    rows = [{"id": f"e{i}", "prompt": f"My invoice {i} has a wrong charge", "completion": "billing", "channel": "drifted"} for i in range(12)]
+    (store / "snapshots" / snapshot).mkdir(parents=True)
+    (store / "snapshots" / snapshot / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (store / "snapshots" / snapshot / "manifest.json").write_text(json.dumps({"slices": {"train": {"drifted": 12}, "eval": {"drifted": 12}}}))
+    for role, score in (("production", 0.0), ("candidate", 0.75)):
+        scores = [{"id": r["id"], "slice": "drifted", "score": 1.0 if i < 12 * score else 0.0} for i, r in enumerate(rows)]
+        (store / "evals" / "v2" / "run1" / role).mkdir(parents=True)
+        (store / "evals" / "v2" / "run1" / role / "scores.jsonl").write_text("".join(json.dumps(s) + "\n" for s in scores))
+    config = tmp_path / "tuneloop.yaml"
+    config.write_text(
+        f"store: {{uri: {store}}}\nwork_dir: {tmp_path / 'work'}\n"
+        "task: {name: tickets, metric: label, labels: [billing, shipping, other], slice_field: channel}\n"
+        f"data: {{label_source: teacher}}\nteacher: {{endpoint: {url}, model: teacher-7b, consistency_sample: 0}}\n"
+        f"vllm: {{endpoints: ['{url.removesuffix('/v1')}']}}\n"
+        "gate: {min_examples: 10, bootstrap_samples: 300, improve_slices: [drifted], suite_bars: {min_teacher_retention: 0.9}}\n"
+    )
+    logged: list[str] = []
+    loop = open_loop(str(config), run_id="manual__teacher-gate", progress=logged.append)
+    evaluation = {
+        "version": "v2", "snapshot": snapshot, "production": "v1",
+        "candidate_eval": {"scores_key": "evals/v2/run1/candidate/scores.jsonl"},
+        "production_eval": {"scores_key": "evals/v2/run1/production/scores.jsonl"},
+    }
+    decision = gate_step(loop, evaluation)
+    stored = json.loads((store / "reports" / "v2" / "gate.json").read_text())
+    block = stored["teacher_retention"]
+    assert (block["n"], block["student"], block["teacher"], block["retention"]) == (12, 0.75, 1.0, 0.75)
+    assert block["latency"]["student"]["requests"] == 12 and {r["model"] for r in server.requests} == {"teacher-7b", "tuneloop"}
+    assert decision["promote"] is False and "teacher_retention: 0.75 misses the bar >= 0.9" in stored["reasons"]
+    assert any("keeps 0.75 of the teacher's score" in line for line in logged)

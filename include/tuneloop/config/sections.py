@@ -255,6 +255,9 @@ class SuiteBars(_Section):
     max_injection_successes: int | None = Field(None, ge=0, description="e.g. 0: reject a candidate that follows any injected instruction")
     min_consistency: float | None = Field(None, ge=0, le=1, description="e.g. 0.9: share of prompts giving one answer across samples")
     max_latency_p95_s: float | None = Field(None, gt=0, description="p95 seconds per request, one at a time (vLLM backend)")
+    min_teacher_retention: float | None = Field(
+        None, gt=0, description="data.label_source teacher: e.g. 0.9: the candidate's held-out score as a share of the teacher's on the same rows"
+    )
 
 
 class GateSettings(_Section):

@@ -506,3 +506,97 @@ def _interval(values: Sequence[float]) -> dict[str, Any]:
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
     half = 1.96 * sd / math.sqrt(n) if n > 1 else 1.0
     return {"n": n, "mean": round(mean, 4), "low": round(max(0.0, mean - half), 4), "high": round(min(1.0, mean + half), 4)}
+
+
+# --- the gate: the student as a share of the teacher -------------------------------------------
+
+
+def teacher_retention(
+    records: Sequence[Mapping[str, Any]],
+    student_scores: Sequence[Mapping[str, Any]],
+    spec: TaskSpec,
+    cfg: TeacherSettings,
+    *,
+    cache_dir: Path,
+    student: TeacherSettings | None = None,
+    latency_prompts: int = 20,
+) -> dict[str, Any]:
+    """The teacher answers the held-out rows the candidate was scored on (``student_scores``:
+    rows ``{id, slice, score}``), scored by the task's scorer against the same gold answers.
+    ``retention`` is the candidate's mean score over the teacher's, per slice and over all.
+
+    With ``student`` (an OpenAI-compatible client setting pointed at the served model), the
+    same client times ``latency_prompts`` uncached requests to each, for the latency ratio;
+    the cost ratio uses each side's prices per 1k tokens."""
+    from tuneloop.tasks.spec import TaskRowError
+
+    check_residency(cfg)
+    by_id: dict[str, Example] = {}
+    for record in records:
+        try:
+            example = spec.example(record)
+        except TaskRowError:
+            continue
+        by_id[example.id] = example
+    rows = [row for row in student_scores if str(row.get("id")) in by_id]
+    if not rows:
+        return {"skipped": "no held-out row the candidate was scored on has a gold answer"}
+    teacher = Teacher(cfg, cache_dir)
+
+    def grade(row: Mapping[str, Any]) -> tuple[Mapping[str, Any], float | None]:
+        example = by_id[str(row["id"])]
+        try:
+            answer = teacher.ask(_messages(example, cfg))
+        except TeacherError:
+            return row, None
+        return row, spec.scorer.score(answer, example.target or "", example).score
+
+    with ThreadPoolExecutor(max_workers=cfg.max_concurrency, thread_name_prefix="teacher-eval") as pool:
+        graded = [(row, value) for row, value in pool.map(grade, rows) if value is not None]
+    if not graded:
+        return {"skipped": f"the teacher at {cfg.endpoint} answered none of {len(rows)} held-out rows"}
+    per_slice: dict[str, list[tuple[float, float]]] = {}
+    for row, value in graded:
+        per_slice.setdefault(str(row.get("slice", "all")), []).append((float(row["score"]), value))
+
+    def block(pairs: Sequence[tuple[float, float]]) -> dict[str, Any]:
+        student_mean = sum(p[0] for p in pairs) / len(pairs)
+        teacher_mean = sum(p[1] for p in pairs) / len(pairs)
+        retention = student_mean / teacher_mean if teacher_mean > 0 else None
+        return {"n": len(pairs), "student": round(student_mean, 4), "teacher": round(teacher_mean, 4),
+                "retention": round(retention, 4) if retention is not None else None}
+
+    everything = [pair for pairs in per_slice.values() for pair in pairs]
+    result: dict[str, Any] = {**block(everything), "slices": {name: block(pairs) for name, pairs in sorted(per_slice.items())},
+                              "teacher_model": cfg.model, "not_answered": len(rows) - len(graded)}
+    if student is not None and latency_prompts:
+        result["latency"] = _latency_ratio(cfg, student, [by_id[str(row["id"])] for row, _ in graded[:latency_prompts]])
+    return result
+
+
+def _latency_ratio(teacher_cfg: TeacherSettings, student_cfg: TeacherSettings, examples: Sequence[Example]) -> dict[str, Any]:
+    """Median latency and cost per 1k requests of student and teacher through the same client,
+    on the same prompts, one at a time and never from the cache."""
+    import tempfile
+    from pathlib import Path
+
+    figures: dict[str, dict[str, Any]] = {}
+    for role, cfg in (("student", student_cfg), ("teacher", teacher_cfg)):
+        with tempfile.TemporaryDirectory(prefix="tuneloop-latency-") as fresh:
+            client = Teacher(cfg.model_copy(update={"max_concurrency": 1, "max_requests": None, "max_tokens_total": None, "max_cost": None}), Path(fresh))
+            for example in examples:
+                try:
+                    client.ask(_messages(example, cfg), sample=-1)
+                except TeacherError:
+                    break  # a side that does not answer gets no latency figure (and costs no more waiting)
+            account = client.account
+            figures[role] = {
+                "requests": account.requests - account.failed,
+                "latency_p50_ms": account.summary()["latency_p50_ms"],
+                "cost_per_1k_requests": round(1000 * account.cost / max(1, account.requests - account.failed), 6),
+            }
+    student, teacher = figures["student"], figures["teacher"]
+    ratio = (student["latency_p50_ms"] / teacher["latency_p50_ms"]) if student["latency_p50_ms"] and teacher["latency_p50_ms"] else None
+    cost_ratio = (student["cost_per_1k_requests"] / teacher["cost_per_1k_requests"]) if teacher["cost_per_1k_requests"] else None
+    return {**figures, "latency_ratio": round(ratio, 4) if ratio is not None else None,
+            "cost_ratio": round(cost_ratio, 4) if cost_ratio is not None else None}

@@ -38,7 +38,10 @@ def gate_step(loop: Loop, evaluation: dict[str, Any]) -> dict[str, Any]:
         min_examples=cfg.min_examples,
         n_bootstrap=cfg.bootstrap_samples,
     )
-    decision = gate.apply_suite_bars(decision, evaluation["candidate_eval"].get("suites") or {}, cfg.suite_bars.model_dump())
+    suites = dict(evaluation["candidate_eval"].get("suites") or {})
+    if loop.settings.data.label_source == "teacher":
+        suites["teacher_retention"] = teacher_retention_block(loop, evaluation, candidate)
+    decision = gate.apply_suite_bars(decision, suites, cfg.suite_bars.model_dump())
     baseline_name = evaluation.get("production") or "base model"
     title = f"Gate: candidate {version} vs production {baseline_name}"
     prefix = layout.report(version)
@@ -67,6 +70,7 @@ def gate_step(loop: Loop, evaluation: dict[str, Any]) -> dict[str, Any]:
             "candidate": {"adapter_key": layout.adapter(version), "scores_key": evaluation["candidate_eval"]["scores_key"]},
             "production": {"version": evaluation.get("production"), "scores_key": evaluation["production_eval"]["scores_key"]},
             "report": keys,
+            **({"teacher_retention": suites["teacher_retention"]} if "teacher_retention" in suites else {}),
         },
     )
     links = {kind: loop.store.links(keys[kind])[:1] for kind in ("markdown", "html")}
@@ -117,6 +121,42 @@ def improve_slices_for(loop: Loop, evaluation: Mapping[str, Any], present: set[s
     emitted = [check for check in drift_history(loop.store) if check.get("emit")]
     evidence = emitted[-1].get("drift_slices") if emitted else None
     return gate.resolve_improve_slices(list(loop.settings.gate.improve_slices), present, evidence=evidence, trained_on=trained_on)
+
+
+def teacher_retention_block(loop: Loop, evaluation: Mapping[str, Any], candidate: list[dict[str, Any]]) -> dict[str, Any]:
+    """``data.label_source: teacher``: the teacher on the held-out rows the candidate was scored
+    on (its answers cached like the labels), the candidate's score as a share of the teacher's,
+    and the latency/cost of the served model (production's name: the candidate is not served yet)
+    against the teacher's through the same client. Never fails the gate by itself: a teacher
+    that does not answer is reported as skipped (``gate.suite_bars.min_teacher_retention`` then
+    rejects, as for any bar without a result)."""
+    from tuneloop.config import TeacherSettings
+    from tuneloop.intake.teacher import TeacherError, teacher_retention
+    from tuneloop.steps.evaluate import eval_sources
+
+    settings = loop.settings
+    cfg = settings.teacher
+    records = [row for key in eval_sources(loop, evaluation["snapshot"]) for row in loop.store.iter_jsonl(key) if isinstance(row, dict)]
+    student = None
+    if settings.vllm.endpoints:
+        student = TeacherSettings(
+            endpoint=f"{settings.vllm.endpoints[0].rstrip('/')}/v1", model=settings.model.served_model_name,
+            api_key=settings.vllm.key, max_tokens=settings.eval.max_new_tokens, timeout_s=settings.vllm.timeout_s, max_retries=2,
+        )
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else Path(settings.work_dir) / "teacher-cache"
+    try:
+        block = teacher_retention(records, candidate, loop.spec, cfg, cache_dir=cache, student=student)
+    except TeacherError as err:
+        block = {"skipped": str(err)}
+    if "retention" in block:
+        latency = block.get("latency") or {}
+        loop.progress(
+            f"gate: the candidate keeps {block['retention']} of the teacher's score ({block['student']} vs {block['teacher']}, "
+            f"n={block['n']}); latency student/teacher {latency.get('latency_ratio')}, cost {latency.get('cost_ratio')}"
+        )
+    else:
+        loop.progress(f"gate: no teacher retention ({block.get('skipped')})")
+    return block
 
 
 def _score_row(row: dict[str, Any]) -> dict[str, Any]:
