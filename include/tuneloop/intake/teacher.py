@@ -98,22 +98,29 @@ class Candidate:
     key: str  # the content hash of its input (also its id when the row has none)
 
 
+def label_id(record: Mapping[str, Any], spec: TaskSpec, key: str) -> str:
+    """The id a labelled row gets: the traffic row's own, else ``t-`` + its input's content hash."""
+    own = spec.row_id(record)
+    return str(own) if own not in (None, "") else f"t-{key[:20]}"
+
+
 def select_rows(
     rows: Sequence[Mapping[str, Any]], spec: TaskSpec, *, n: int, seed: int = 0, near_duplicate_jaccard: float | None = 0.8,
-    shingle_words: int = 3,
+    shingle_words: int = 3, already: set[str] | frozenset[str] = frozenset(),
 ) -> tuple[list[Candidate], dict[str, int], list[tuple[dict[str, Any], str]]]:
     """(rows to label, counts of what was left out and why, unreadable rows with their reason).
 
-    Exact and near-duplicate inputs are dropped (the first kept), then up to ``n`` rows are
-    drawn, seeded, stratified by slice in proportion to the slices' shares (each slice at least
-    one row while ``n`` allows)."""
+    Rows whose label id is in ``already`` (labelled by an earlier run) and exact and
+    near-duplicate inputs are dropped (the first kept), then up to ``n`` rows are drawn, seeded,
+    stratified by slice in proportion to the slices' shares (each slice at least one row while
+    ``n`` allows)."""
     from tuneloop.intake.similarity import find_near_duplicates
     from tuneloop.tasks.spec import TaskRowError
 
     unreadable: list[tuple[dict[str, Any], str]] = []
     seen: set[str] = set()
     readable: list[Candidate] = []
-    left_out = {"duplicate": 0, "near_duplicate": 0, "not_sampled": 0}
+    left_out = {"already_labelled": 0, "duplicate": 0, "near_duplicate": 0, "not_sampled": 0}
     for record in rows:
         try:
             example = spec.example(record, labelled=False)
@@ -121,6 +128,9 @@ def select_rows(
             unreadable.append((dict(record) if isinstance(record, dict) else {"row": record}, f"teacher_unreadable:{err.reason}"))
             continue
         key = hashlib.sha256(json.dumps(example.context, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+        if already and label_id(record, spec, key) in already:
+            left_out["already_labelled"] += 1
+            continue
         if key in seen:
             left_out["duplicate"] += 1
             continue
@@ -349,13 +359,17 @@ def label_rows(
     near_duplicate_jaccard: float | None = 0.8,
     progress: Callable[[str], None] | None = None,
     teacher: Teacher | None = None,
+    already: set[str] | frozenset[str] = frozenset(),
 ) -> LabelRun:
     """Label a sample of ``rows`` (traffic) with the teacher; ``human`` labelled rows with the
-    same ids measure the teacher's agreement with people."""
+    same ids measure the teacher's agreement with people; rows of ids in ``already`` (labelled
+    by an earlier run) are left out."""
     from tuneloop.intake.checks import redact_pii
 
     local = check_residency(cfg)
-    candidates, left_out, quarantined = select_rows(rows, spec, n=cfg.sample_rows, seed=seed, near_duplicate_jaccard=near_duplicate_jaccard)
+    candidates, left_out, quarantined = select_rows(
+        rows, spec, n=cfg.sample_rows, seed=seed, near_duplicate_jaccard=near_duplicate_jaccard, already=already,
+    )
     teacher = teacher or Teacher(cfg, cache_dir)
     sendable: list[tuple[Candidate, list[dict[str, str]]]] = []
     for candidate in candidates:
@@ -441,9 +455,7 @@ def _messages(example: Example, cfg: TeacherSettings) -> list[dict[str, str]]:
 
 def _labelled_row(candidate: Candidate, answer: str, spec: TaskSpec, cfg: TeacherSettings) -> dict[str, Any]:
     row = spec.with_target(candidate.row, answer)
-    id_field = spec.settings.id_field
-    if spec.row_id(row) in (None, ""):
-        row[id_field] = f"t-{candidate.key[:20]}"
+    row[spec.settings.id_field] = label_id(candidate.row, spec, candidate.key)
     row["label_source"] = "teacher"
     row["teacher_model"] = cfg.model
     return row

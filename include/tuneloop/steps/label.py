@@ -50,11 +50,21 @@ def label_step(loop: Loop, *, as_of: str | date | None = None) -> dict[str, Any]
         if key.endswith(".jsonl") and not key.rsplit("/", 1)[-1].startswith("teacher-")
         for row in loop.store.iter_jsonl(key) if isinstance(row, dict)
     ]
-    loop.progress(f"label: {len(rows)} traffic rows from {days[0]} .. {days[-1]} ({len(human)} human-labelled rows to compare with)")
+    # ids labelled by earlier runs on other days (an overlapping window): not paid for or stored twice
+    day_key = f"/dt={days[-1].isoformat()}/"
+    already = {
+        str(loop.spec.row_id(row)) for key in loop.store.list(f"{layout.LABELLED}/")
+        if key.rsplit("/", 1)[-1].startswith("teacher-") and day_key not in key
+        for row in loop.store.iter_jsonl(key) if isinstance(row, dict)
+    }
+    loop.progress(
+        f"label: {len(rows)} traffic rows from {days[0]} .. {days[-1]} ({len(human)} human-labelled rows to compare with, "
+        f"{len(already)} labelled by earlier runs)"
+    )
     cache = Path(cfg.cache_dir) if cfg.cache_dir else Path(settings.work_dir) / "teacher-cache"
     run = label_rows(
         rows, loop.spec, cfg, cache_dir=cache, human=human, seed=settings.training.seed,
-        near_duplicate_jaccard=settings.data.near_duplicate_jaccard, progress=loop.progress,
+        near_duplicate_jaccard=settings.data.near_duplicate_jaccard, progress=loop.progress, already=already,
     )
     ids = [str(loop.spec.row_id(row)) for row in run.labelled] + [json.dumps(row, sort_keys=True) for row, _ in run.quarantined]
     identity = {"model": cfg.model, "system_prompt": cfg.system_prompt, "temperature": cfg.temperature, "ids": sorted(ids)}
