@@ -400,8 +400,11 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
         "train",
         parents=[common],
         help="train a LoRA adapter on a dataset snapshot",
-        description="LoRA (peft) on the base model; writes adapter_model.safetensors, adapter_config.json, "
-        "provenance.json and train_metrics.json. Uses CUDA + bf16 when present, else the CPU.",
+        description="LoRA (peft) on the base model with TRL's SFTTrainer; writes adapter_model.safetensors, "
+        "adapter_config.json, provenance.json and train_metrics.json. Uses CUDA + bf16 when present, else the CPU. "
+        "A re-run after a crash resumes from the checkpoints beside the output (training.checkpoint_every). "
+        "Several GPUs: training.processes (the loop starts `accelerate launch`), or launch this command under "
+        "torchrun / accelerate launch yourself; QLoRA: training.quantization: 4bit.",
     )
     p.add_argument("--snapshot", default="latest", help="snapshot hash, 'latest', or a local JSONL file")
     p.add_argument("--version", help="adapter version name, e.g. v1 (required unless --register)")
