@@ -490,15 +490,7 @@ def _consistency(
 def _agreement(spec: TaskSpec, labelled: Sequence[Mapping[str, Any]], human: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
     """The teacher's labels scored against human labels of the same ids, per slice (mean and a
     95% normal interval)."""
-    from tuneloop.tasks.spec import TaskRowError
-
-    gold: dict[str, Example] = {}
-    for record in human:
-        try:
-            example = spec.example(record)
-        except TaskRowError:
-            continue
-        gold[example.id] = example
+    gold = _labelled_by_id(human, spec)
     per_slice: dict[str, list[float]] = {}
     for row in labelled:
         example = spec.example(row)
@@ -510,6 +502,20 @@ def _agreement(spec: TaskSpec, labelled: Sequence[Mapping[str, Any]], human: Seq
         return None
     every = [v for values in per_slice.values() for v in values]
     return {"all": _interval(every), **{name: _interval(values) for name, values in sorted(per_slice.items())}}
+
+
+def _labelled_by_id(records: Sequence[Mapping[str, Any]], spec: TaskSpec) -> dict[str, Example]:
+    """The records that read as labelled examples of the task, by id (the others are skipped)."""
+    from tuneloop.tasks.spec import TaskRowError
+
+    found: dict[str, Example] = {}
+    for record in records:
+        try:
+            example = spec.example(record)
+        except TaskRowError:
+            continue
+        found[example.id] = example
+    return found
 
 
 def _interval(values: Sequence[float]) -> dict[str, Any]:
@@ -540,16 +546,8 @@ def teacher_retention(
     With ``student`` (an OpenAI-compatible client setting pointed at the served model), the
     same client times ``latency_prompts`` uncached requests to each, for the latency ratio;
     the cost ratio uses each side's prices per 1k tokens."""
-    from tuneloop.tasks.spec import TaskRowError
-
     check_residency(cfg)
-    by_id: dict[str, Example] = {}
-    for record in records:
-        try:
-            example = spec.example(record)
-        except TaskRowError:
-            continue
-        by_id[example.id] = example
+    by_id = _labelled_by_id(records, spec)
     rows = [row for row in student_scores if str(row.get("id")) in by_id]
     if not rows:
         return {"skipped": "no held-out row the candidate was scored on has a gold answer"}
