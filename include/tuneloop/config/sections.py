@@ -28,6 +28,16 @@ def http_urls(value: list[str]) -> list[str]:
     return [url.rstrip("/") for url in value]
 
 
+def http_url(value: str | None, what: str) -> str | None:
+    """One optional endpoint URL (``what`` names it in the error), as :func:`http_urls` checks them."""
+    if value is None:
+        return None
+    try:
+        return http_urls([value])[0]
+    except ValueError:
+        raise ValueError(f"{what} endpoint {value!r} must start with http:// or https://") from None
+
+
 class ConfigError(ValueError):
     """A setting is missing, unknown or invalid; the message names key, value and reason."""
 
@@ -172,9 +182,7 @@ class JudgeSettings(_Section):
     @field_validator("endpoint")
     @classmethod
     def _http(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("http://", "https://")):
-            raise ValueError(f"judge endpoint {value!r} must start with http:// or https://")
-        return value.rstrip("/") if value else value
+        return http_url(value, "judge")
 
 
 class TaskSettings(_Section):
@@ -357,9 +365,7 @@ class TeacherSettings(_Section):
     @field_validator("endpoint")
     @classmethod
     def _http(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("http://", "https://")):
-            raise ValueError(f"teacher endpoint {value!r} must start with http:// or https://")
-        return value.rstrip("/") if value else value
+        return http_url(value, "teacher")
 
 
 class TrackingSettings(_Section):
