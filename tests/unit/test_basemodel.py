@@ -151,3 +151,37 @@ def test_resolve_base_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert resolve_base_model(demo) == str(tmp_path / "demo")
     assert built == [tmp_path / "demo"]
 
+
+
+def test_a_shipped_copy_of_the_recipe_is_copied_not_built(tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_build(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("built although an intact shipped copy of the recipe exists")
+
+    monkeypatch.setattr(basemodel, "_build_into", no_build)
+    out = build_demo_model(tmp_path / "out", preset="tiny", shipped=tiny_model)
+    assert (out / "model.safetensors").read_bytes() == (tiny_model / "model.safetensors").read_bytes()
+    assert read_model_record(out) == read_model_record(tiny_model)
+    assert "What it has seen" in (out / "README.md").read_text()
+
+
+def test_a_tampered_or_foreign_shipped_copy_is_refused(tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    import shutil
+
+    class Built(Exception):
+        pass
+
+    def build(*args: Any, **kwargs: Any) -> None:
+        raise Built
+
+    monkeypatch.setattr(basemodel, "_build_into", build)
+    shipped = tmp_path / "shipped"
+    shutil.copytree(tiny_model, shipped)
+    (shipped / "model.safetensors").write_text("version https://git-lfs.github.com/spec/v1\n")  # an LFS pointer
+    with pytest.raises(Built):
+        build_demo_model(tmp_path / "out", preset="tiny", shipped=shipped)
+    assert "does not match its record" in caplog.text and "model.safetensors" in caplog.text
+    with pytest.raises(Built):  # another seed: another recipe
+        build_demo_model(tmp_path / "out", preset="tiny", seed=3, shipped=tiny_model)
+    assert "from another recipe" in caplog.text
+    assert not (tmp_path / "out").exists()
+

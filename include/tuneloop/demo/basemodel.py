@@ -91,6 +91,8 @@ class ModelPreset:
     weight_decay: float = 0.1
     head_dim: int = 64
     copy_fraction: float = 0.5
+    # generic extraction examples (tuneloop.demo.curriculum) mixed into the corpus, in chat form
+    n_extraction: int = 0
 
 
 PRESETS: dict[str, ModelPreset] = {
@@ -229,6 +231,23 @@ def wrap_tokenizer(tokenizer: Any, max_length: int) -> Any:
     return fast
 
 
+def chat_text(user: str, answer: str) -> str:
+    """One user turn and its answer as the chat template renders them (``_pack`` adds bos/eos)."""
+    return f"{USER_TOKEN}\n{user}{END_TOKEN}\n{ASSISTANT_TOKEN}\n{answer}"
+
+
+def default_corpus(spec: ModelPreset, seed: int) -> list[str]:
+    """The demo model's corpus: raw invoices and unpaired invoice-shaped JSON
+    (``invoices.pretraining_corpus``) plus ``spec.n_extraction`` generic extraction examples
+    from :mod:`tuneloop.demo.curriculum` (other document kinds, never an invoice)."""
+    from tuneloop.demo.curriculum import curriculum
+    from tuneloop.demo.invoices import pretraining_corpus
+
+    corpus = pretraining_corpus(seed, spec.n_documents)
+    corpus += [chat_text(user, answer) for user, answer in curriculum(seed, spec.n_extraction)]
+    return corpus
+
+
 def add_copy_tasks(token_lists: Sequence[list[int]], fraction: float, seed: int) -> list[list[list[int]]]:
     """Group tokenised documents into units packed side by side; some documents come twice.
 
@@ -239,6 +258,12 @@ def add_copy_tasks(token_lists: Sequence[list[int]], fraction: float, seed: int)
     """
     rng = random.Random(f"copy|{seed}")
     return [[tokens, tokens] if tokens and rng.random() < fraction else [tokens] for tokens in token_lists]
+
+
+def _units(token_lists: Sequence[list[int]], chat: Sequence[bool], fraction: float, seed: int) -> list[list[list[int]]]:
+    """Copy tasks for the plain documents; chat examples (already a copy task) go in once."""
+    plain = add_copy_tasks([t for t, is_chat in zip(token_lists, chat, strict=True) if not is_chat], fraction, seed)
+    return plain + [[t] for t, is_chat in zip(token_lists, chat, strict=True) if is_chat]
 
 
 def _pack(
@@ -262,6 +287,8 @@ def _pack(
 
 
 def _pick_device() -> tuple[str, Any]:
+    """cuda with bf16 autocast, else the CPU in float32 (bf16 autocast there was 1.5x faster, but
+    it changes the demo model the published figures were measured on)."""
     import torch
 
     if torch.cuda.is_available():
@@ -318,6 +345,42 @@ def pretrain(model: Any, rows: Any, preset: ModelPreset, seed: int, progress: Pr
     return losses
 
 
+SHIPPED_DIR = Path(__file__).resolve().parents[3] / "models" / "demo-base"
+"""Where a repository checkout may ship a prebuilt model (none is shipped yet: the ``demo``
+preset builds in about four minutes on two cores; a copy that can copy from its context will
+take longer to pre-train, and then ships here). Absent from an installed wheel."""
+
+
+def _file_hashes(directory: Path) -> dict[str, str]:
+    """sha256 of every file a model directory needs (not the record or the model card)."""
+    return {
+        path.name: hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(directory.iterdir())
+        if path.is_file() and path.name not in (RECIPE_FILE, "README.md")
+    }
+
+
+def shipped_model(recipe_hash: str, shipped: Path | None = SHIPPED_DIR) -> Path | None:
+    """The shipped model directory if it was built from this recipe and its files are intact.
+
+    A checkout without Git LFS, a hand-edited file or a model from an older recipe is refused
+    (with a warning naming the cause), and the caller builds instead.
+    """
+    if shipped is None or not shipped.is_dir():
+        return None
+    record = read_model_record(shipped)
+    if record is None or record.get("recipe_hash") != recipe_hash:
+        logger.warning("the shipped model in %s is from another recipe; building instead", shipped)
+        return None
+    expected = record.get("files") or {}
+    found = _file_hashes(shipped)
+    if not expected or found != expected:
+        bad = sorted(name for name in set(expected) | set(found) if expected.get(name) != found.get(name))
+        logger.warning("the shipped model in %s does not match its record (files %s); building instead", shipped, bad)
+        return None
+    return shipped
+
+
 def build_demo_model(
     out_dir: str | os.PathLike[str],
     *,
@@ -326,21 +389,22 @@ def build_demo_model(
     corpus: Sequence[str] | None = None,
     force: bool = False,
     progress: ProgressSink | None = None,
+    shipped: Path | None = SHIPPED_DIR,
 ) -> Path:
     """Build (or reuse) the demo base model in ``out_dir`` and return that path.
 
-    ``corpus`` defaults to ``world.pretraining_corpus(seed, preset.n_documents)``. If ``out_dir``
-    already holds a model built from the same recipe (preset, seed, corpus hash), it is returned
-    at once unless ``force``. The build writes to a sibling directory and renames it into place.
+    ``corpus`` defaults to :func:`default_corpus`. If ``out_dir`` already holds a model built
+    from the same recipe (preset, seed, corpus hash), it is returned at once unless ``force``.
+    Otherwise a copy shipped in ``shipped`` with the same recipe and intact files is copied in
+    (seconds), and only without one is the model pre-trained here (``force`` always trains).
+    Both write to a sibling directory and rename it into place.
     """
     if preset not in PRESETS:
         raise BuildError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     spec = PRESETS[preset]
     out_dir = Path(out_dir)
     if corpus is None:
-        from tuneloop.demo.invoices import pretraining_corpus
-
-        corpus = pretraining_corpus(seed, spec.n_documents)
+        corpus = default_corpus(spec, seed)
     corpus = [document for document in corpus if document.strip()]
     if not corpus:
         raise BuildError("the pre-training corpus is empty")
@@ -352,11 +416,16 @@ def build_demo_model(
     with _build_lock(out_dir):
         if not force and _is_built(out_dir, recipe["recipe_hash"]):  # built while we waited
             return out_dir
+        source = None if force or shipped is None or shipped.resolve() == out_dir.resolve() else shipped_model(recipe["recipe_hash"], shipped)
         staging = out_dir.parent / f".{out_dir.name}.building-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
         try:
-            _build_into(staging, spec, seed, corpus, recipe, tracker)
+            if source is not None:
+                shutil.copytree(source, staging)
+                logger.info("copied the shipped demo model from %s (recipe %s; `tuneloop build-model --rebuild` trains it here)", source, recipe["recipe_hash"][:12])
+            else:
+                staging.mkdir(parents=True)
+                _build_into(staging, spec, seed, corpus, recipe, tracker)
             if out_dir.exists():
                 shutil.rmtree(out_dir)
             staging.rename(out_dir)
@@ -382,7 +451,7 @@ def _build_into(
     fast = wrap_tokenizer(tokenizer, spec.max_position_embeddings)
     ids = {token: tokenizer.token_to_id(token) for token in SPECIAL_TOKENS}
     token_lists = [encoding.ids for encoding in tokenizer.encode_batch(list(corpus), add_special_tokens=False)]
-    units = add_copy_tasks(token_lists, spec.copy_fraction, seed)
+    units = _units(token_lists, [text.startswith(USER_TOKEN) for text in corpus], spec.copy_fraction, seed)
     rows = _pack(units, spec.seq_len, ids[BOS_TOKEN], ids[EOS_TOKEN], seed)
     logger.info(
         "tokenizer: %d tokens; corpus: %d documents, %d tokens, %d rows of %d",
@@ -428,11 +497,55 @@ def _build_into(
         "build_seconds": round(time.monotonic() - started, 1),
         "provenance": collect_provenance(preset=spec.name, seed=seed),
     }
+    record["files"] = _file_hashes(directory)
     (directory / RECIPE_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    (directory / "README.md").write_text(model_card(record), encoding="utf-8")
     logger.info(
         "built demo model %s: %.2fM parameters, final loss %.3f, %.0f s",
         spec.name, n_params / 1e6, final_loss, record["build_seconds"],
     )
+
+
+def model_card(record: dict[str, Any]) -> str:
+    """A Hugging Face style model card for a built demo model: what it is and what it has seen."""
+    preset = record["preset"]
+    extraction = (
+        f"- {preset['n_extraction']:,} generic extraction examples in the chat format (`tuneloop.demo.curriculum`):\n"
+        "  delivery notes, purchase orders, payslips, hotel bookings and bank transfers in five languages\n"
+        "  and four layouts, each with an instruction naming the keys and a JSON answer.\n"
+        if preset.get("n_extraction")
+        else ""
+    )
+    return f"""---
+library_name: transformers
+pipeline_tag: text-generation
+tags: [tuneloop, demo, llama]
+---
+# {record["name"]}
+
+A small Llama ({record["parameters"] / 1e6:.1f}M parameters: {preset["num_layers"]} layers, hidden size
+{preset["hidden_size"]}, {preset["num_heads"]} heads, byte-level BPE of {record["vocab_size"]} tokens with every digit
+its own token) that tuneloop's demo uses as its base model. Built by `tuneloop build-model --preset
+{preset["name"]} --seed {record["seed"]} --rebuild` (`include/tuneloop/demo/basemodel.py`), no download.
+
+## What it has seen
+Pre-trained as a causal LM, {preset["steps"]} steps of {preset["batch_size"]} x {preset["seq_len"]} tokens,
+on {record["corpus_tokens"]:,} tokens (recipe hash `{record["recipe_hash"][:16]}`, corpus sha256
+`{record["corpus_sha256"][:16]}`):
+
+- {preset["n_documents"] // 2:,} raw invoice documents of both demo domains (US/UK and continental Europe),
+  {preset["copy_fraction"]:.0%} of them repeated right after themselves (a span-copy task);
+- {preset["n_documents"] - preset["n_documents"] // 2:,} invoice-shaped JSON objects, never paired with
+  the document they came from;
+{extraction}
+No invoice is ever paired with its fields: that mapping is what the adapter learns.
+
+None of the demo's held-out or training rows is in the corpus: they come from other seeds of the
+same generator.
+
+Final training loss {record["final_loss"]}; build time {record["build_seconds"]:.0f} s on the machine in
+`tuneloop_model.json` (provenance, loss history and the sha256 of every file).
+"""
 
 
 def resolve_base_model(settings: Settings, *, progress: ProgressSink | None = None) -> str:
