@@ -47,7 +47,8 @@ SPEC = TaskSpec(TaskSettings(name="tickets", metric="label", labels=LABELS, slic
 class Scripted:
     """Answers ``billing`` / ``shipping`` / ``other`` from keywords of the last user turn;
     ``faults`` is a list of statuses to answer first (429 with Retry-After: 0, 500...);
-    prompts containing ``ALWAYS500`` always get 500, ``GIBBERISH`` gets a label outside the set."""
+    prompts containing ``ALWAYS500`` always get 500, ``GIBBERISH`` gets a label outside the set,
+    ``UNSURE`` gets one when sampled (temperature > 0)."""
 
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
@@ -63,7 +64,7 @@ class Scripted:
                 return self.faults.pop(0), ""
         if "always500" in text:
             return 500, ""
-        if "gibberish" in text:
+        if "gibberish" in text or ("unsure" in text and body.get("temperature", 0) > 0):
             return 200, "maybe"
         return 200, "billing" if "invoice" in text or "charge" in text else "shipping" if "parcel" in text else "other"
 
@@ -136,6 +137,16 @@ def test_every_traffic_row_is_labelled_left_out_or_quarantined(teacher: tuple[Sc
     assert run.account.requests == len(server.requests) == 23 and run.account.prompt_tokens == 23 * 20
 
 
+def test_sampled_answers_outside_the_label_set_disagree_instead_of_failing_the_run(teacher: tuple[Scripted, str], tmp_path: Path) -> None:
+    # Found by the end-to-end distillation test: a sampled answer is the reference of the
+    # self-consistency check, and the label scorer refuses a gold label outside task.labels.
+    _, url = teacher
+    rows = [{"prompt": f"unsure about invoice {i}", "channel": "email"} for i in range(4)]
+    run = label_rows(rows, SPEC, _cfg(url, consistency_sample=4), cache_dir=tmp_path / "cache", near_duplicate_jaccard=None)
+    assert [row["completion"] for row in run.labelled] == ["billing"] * 4  # greedy answers are fine
+    assert run.consistency == {"n": 4, "temperature": 0.7, "agreement": 0.0, "with_label": 0.0, "unusable_references": 4}
+
+
 def test_429_and_500_are_retried_and_a_prompt_that_never_gets_an_answer_is_quarantined(teacher: tuple[Scripted, str], tmp_path: Path) -> None:
     server, url = teacher
     server.faults = [429, 500, 503, 429, 500]
@@ -159,7 +170,7 @@ def test_a_rerun_pays_for_no_prompt_twice(teacher: tuple[Scripted, str], tmp_pat
     again = label_rows(_traffic(), SPEC, cfg, cache_dir=tmp_path / "cache", near_duplicate_jaccard=None)
     assert len(server.requests) == paid and again.account.requests == 0 and again.account.cache_hits == paid
     assert again.labelled == first.labelled
-    assert first.consistency == {"n": 5, "temperature": 0.7, "agreement": 1.0, "with_label": 1.0}
+    assert first.consistency == {"n": 5, "temperature": 0.7, "agreement": 1.0, "with_label": 1.0, "unusable_references": 0}
 
 
 def test_the_budget_caps_a_run_and_leaves_the_rest_for_the_next(teacher: tuple[Scripted, str], tmp_path: Path) -> None:

@@ -480,11 +480,24 @@ def _consistency(
         pairs.append((candidate, a, b))
     if not pairs:
         return {"n": 0, "agreement": None}
-    scorer = spec.scorer
-    agree = [scorer.score(a, b, c.example).score for c, a, b in pairs]
-    with_label = [scorer.score(a, answers[c.key], c.example).score for c, a, _ in pairs]
+    from tuneloop.tasks.scoring import ScoringError
+
+    unusable = 0
+
+    def agreement(answer: str, reference: str, example: Any) -> float:
+        # The reference is itself a sampled answer: one the task's scorer cannot take as gold (a
+        # label outside task.labels, JSON that breaks the schema) agrees with nothing.
+        nonlocal unusable
+        try:
+            return spec.scorer.score(answer, reference, example).score
+        except ScoringError:
+            unusable += 1
+            return 0.0
+
+    agree = [agreement(a, b, c.example) for c, a, b in pairs]
+    with_label = [agreement(a, answers[c.key], c.example) for c, a, _ in pairs]
     return {"n": len(pairs), "temperature": cfg.consistency_temperature, "agreement": round(sum(agree) / len(agree), 4),
-            "with_label": round(sum(with_label) / len(with_label), 4)}
+            "with_label": round(sum(with_label) / len(with_label), 4), "unusable_references": unusable}
 
 
 def _agreement(spec: TaskSpec, labelled: Sequence[Mapping[str, Any]], human: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
@@ -594,19 +607,28 @@ def _latency_ratio(teacher_cfg: TeacherSettings, student_cfg: TeacherSettings, e
     for role, cfg in (("student", student_cfg), ("teacher", teacher_cfg)):
         with tempfile.TemporaryDirectory(prefix="tuneloop-latency-") as fresh:
             client = Teacher(cfg.model_copy(update={"max_concurrency": 1, "max_requests": None, "max_tokens_total": None, "max_cost": None}), Path(fresh))
+            error = None
             for example in examples:
                 try:
                     client.ask(_messages(example, cfg), sample=-1)
-                except TeacherError:
+                except TeacherError as err:
+                    error = str(err)
                     break  # a side that does not answer gets no latency figure (and costs no more waiting)
             account = client.account
+            answered = len(account.latency_ms)
             figures[role] = {
-                "requests": account.requests - account.failed,
+                "model": cfg.model,
+                "requests": answered,
                 "latency_p50_ms": account.summary()["latency_p50_ms"],
-                "cost_per_1k_requests": round(1000 * account.cost / max(1, account.requests - account.failed), 6),
+                "cost_per_1k_requests": round(1000 * account.cost / answered, 6) if answered else None,
+                **({"error": error} if error else {}),
             }
     student, teacher = figures["student"], figures["teacher"]
     ratio = (student["latency_p50_ms"] / teacher["latency_p50_ms"]) if student["latency_p50_ms"] and teacher["latency_p50_ms"] else None
-    cost_ratio = (student["cost_per_1k_requests"] / teacher["cost_per_1k_requests"]) if teacher["cost_per_1k_requests"] else None
+    cost_ratio = (
+        student["cost_per_1k_requests"] / teacher["cost_per_1k_requests"]
+        if student["cost_per_1k_requests"] is not None and teacher["cost_per_1k_requests"]
+        else None
+    )
     return {**figures, "latency_ratio": round(ratio, 4) if ratio is not None else None,
             "cost_ratio": round(cost_ratio, 4) if cost_ratio is not None else None}

@@ -126,8 +126,8 @@ def improve_slices_for(loop: Loop, evaluation: Mapping[str, Any], present: set[s
 def teacher_retention_block(loop: Loop, evaluation: Mapping[str, Any], candidate: list[dict[str, Any]]) -> dict[str, Any]:
     """``data.label_source: teacher``: the teacher on the held-out rows the candidate was scored
     on (its answers cached like the labels), the candidate's score as a share of the teacher's,
-    and the latency/cost of the served model (production's name: the candidate is not served yet)
-    against the teacher's through the same client. Never fails the gate by itself: a teacher
+    and the latency/cost of the served model (production's name, the base model's before the first
+    promotion: the candidate is not served yet) against the teacher's through the same client. Never fails the gate by itself: a teacher
     that does not answer is reported as skipped (``gate.suite_bars.min_teacher_retention`` then
     rejects, as for any bar without a result)."""
     from tuneloop.config import TeacherSettings
@@ -139,8 +139,12 @@ def teacher_retention_block(loop: Loop, evaluation: Mapping[str, Any], candidate
     records = [row for key in eval_sources(loop, evaluation["snapshot"]) for row in loop.store.iter_jsonl(key) if isinstance(row, dict)]
     student = None
     if settings.vllm.endpoints:
+        from tuneloop.serving.verify import base_name
+
+        # production's name; before the first promotion nothing is served under it: the base model's
+        served = settings.model.served_model_name if evaluation.get("production") else base_name(settings.model.served_model_name)
         student = TeacherSettings(
-            endpoint=f"{settings.vllm.endpoints[0].rstrip('/')}/v1", model=settings.model.served_model_name,
+            endpoint=f"{settings.vllm.endpoints[0].rstrip('/')}/v1", model=served,
             api_key=settings.vllm.key, max_tokens=settings.eval.max_new_tokens, timeout_s=settings.vllm.timeout_s, max_retries=2,
         )
     cache = Path(cfg.cache_dir) if cfg.cache_dir else Path(settings.work_dir) / "teacher-cache"
