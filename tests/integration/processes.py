@@ -1,4 +1,5 @@
-"""Local servers for the integration tests: a free port, and stopping a server's whole tree."""
+"""Helpers of the integration tests: a free port, stopping a server's whole tree, running a
+command that must succeed, and loading a DAG from the project's folder."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import os
 import signal
 import socket
 import subprocess
+from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -38,3 +41,20 @@ def stop_process_tree(process: subprocess.Popen[bytes]) -> None:
         if not alive:
             break
     process.wait(timeout=10)
+
+
+def run_checked(*command: str, env: dict[str, str], cwd: Path, timeout: float = 900) -> str:
+    """Run ``command``; fail the test with the ends of its stdout and stderr unless it exits 0."""
+    result = subprocess.run(list(command), capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+    return result.stdout
+
+
+def load_dag(dags_folder: Path, dag_id: str) -> Any:
+    """``dag_id`` from the project's DAG folder, which must import without errors."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(dags_folder))
+    assert bag.import_errors == {}
+    return bag.dags[dag_id]
+

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import stand_ins
-from processes import free_port
+from processes import free_port, load_dag
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -198,11 +198,7 @@ def _one_of_each(sinks: dict[str, Any], event_title: str) -> tuple[str, Any]:
 
 
 def _dag(dag_id: str) -> Any:
-    from airflow.dag_processing.dagbag import DagBag
-
-    bag = DagBag(dag_folder=str(ROOT / "dags"))
-    assert bag.import_errors == {}
-    return bag.dags[dag_id]
+    return load_dag(ROOT / "dags", dag_id)
 
 
 def _states(run: Any) -> dict[str, str]:

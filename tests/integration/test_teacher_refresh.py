@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from processes import free_port
+from processes import free_port, load_dag, run_checked
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -36,9 +36,7 @@ TEACHER = "ticket-teacher"
 
 
 def _run(*command: str, env: dict[str, str], timeout: float = 900) -> str:
-    result = subprocess.run(list(command), capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
-    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
-    return result.stdout
+    return run_checked(*command, env=env, cwd=ROOT, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -102,11 +100,7 @@ def distilled(tmp_path_factory: pytest.TempPathFactory, airflow_db: str) -> Iter
 
 
 def _dag(dag_id: str) -> Any:
-    from airflow.dag_processing.dagbag import DagBag
-
-    bag = DagBag(dag_folder=str(ROOT / "dags"))
-    assert bag.import_errors == {}
-    return bag.dags[dag_id]
+    return load_dag(ROOT / "dags", dag_id)
 
 
 def test_the_refresh_labels_with_the_teacher_trains_gates_on_retention_and_swaps(distilled: dict[str, Any]) -> None:

@@ -389,7 +389,7 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
         parents=[common],
         help="build (or copy, or reuse) the demo base model: BPE tokenizer + small Llama, no hub",
         description="Puts the demo base model in model.demo_model_dir (no hub): a byte-level BPE tokenizer with a chat "
-        "template and a small Llama pre-trained on demo invoices and a generic extraction curriculum "
+        "template and a small Llama pre-trained on the demo worlds' documents and a generic extraction curriculum "
         "(tuneloop.demo.curriculum, when the preset asks for it). A prebuilt copy of the same recipe in "
         "models/demo-base is copied instead (after its file hashes are checked); --rebuild pre-trains here "
         "anyway (the demo preset: about 4 minutes on 2 CPU cores). Cached: a second call with the same "
