@@ -73,4 +73,15 @@ if [[ ! -x /usr/bin/chromium && "${TUNELOOP_SKIP_CHROMIUM:-0}" != 1 ]]; then
     log "no /usr/bin/chromium and no root apt-get: the UI screenshot test will be skipped"
   fi
 fi
+# 4. Debian's nginx with its JavaScript module: the gateway of `serving.rollout: switch|canary`
+#    (tuneloop.serving.gateway), its tests and bench/swap_under_load.py. Skipped where present.
+if [[ ! -f /usr/lib/nginx/modules/ngx_http_js_module.so && "${TUNELOOP_SKIP_NGINX:-0}" != 1 ]]; then
+  if command -v apt-get >/dev/null 2>&1 && [[ $(id -u) -eq 0 ]]; then
+    log "installing Debian's nginx-light and libnginx-mod-http-js for the gateway (apt-get)"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx-light libnginx-mod-http-js >/dev/null; } \
+      || log "WARNING: could not install nginx; the gateway tests will be skipped"
+  else
+    log "no nginx JavaScript module and no root apt-get: the gateway tests will be skipped (install nginx + njs yourself)"
+  fi
+fi
 log "done: .venv/bin/tuneloop --help"

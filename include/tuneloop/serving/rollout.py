@@ -1,0 +1,469 @@
+"""Roll a new adapter version out behind a gateway: immutable names, switch or canary, bake, rollback.
+
+``serving.rollout: inplace`` swaps weights behind the stable name (:mod:`tuneloop.serving.deploy`);
+an answer in flight during that load can start on the old weights and end on the new. Here
+every version loads under its own name (``<served>-<version>``) and never changes; the stable
+name is an alias in the gateway (:mod:`tuneloop.serving.gateway`), so each request is answered
+by exactly one version. Steps, as named in reports and errors:
+
+``validate`` -> ``preflight`` (every endpoint healthy, serves the base model, has a LoRA slot)
+-> ``load`` (the version's own name, on every endpoint) -> ``verify`` (golden prompts on that
+name, as the evaluation answered them) -> ``shift`` (the alias's weights, in steps; ``switch``
+is one step of 100) with a ``bake`` per step -> ``settle`` (the new version takes all
+traffic; the previous one stays loaded as last-known-good) -> ``retire`` (after a grace
+period, versions older than last-known-good are unloaded).
+
+The bake reads the gateway's access log: per version, requests, errors (5xx, and 404: a name
+that is not loaded) and p99 latency, and a sample of the candidate's answers scored with the
+task's reference-free check (valid JSON of the schema, a label in the set). A breach (error
+rate, p99 against the previous version's in the same window, validity below the candidate's
+offline figure minus a margin) returns all traffic to the previous versions (a change of
+weights: the previous version is still loaded) and raises :class:`RolloutError` with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tuneloop.serving.adapters import AdapterValidationError, validate_adapter
+from tuneloop.serving.gateway import Alias, LogRecord, RouteTable, read_access_log, version_name
+from tuneloop.serving.verify import (
+    GoldenCase,
+    Scorer,
+    base_name,
+    exact_match,
+    golden_cases,
+    verify_served,
+)
+from tuneloop.serving.vllm_client import VllmClient, VllmError
+
+if TYPE_CHECKING:
+    import os
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+Validity = Callable[[str], bool]
+
+STRATEGIES = ("inplace", "switch", "canary")
+
+
+@dataclass
+class RolloutPolicy:
+    """How a version is shifted in and what the bake accepts (``serving.*`` in the loop config)."""
+
+    strategy: str = "switch"
+    steps: tuple[float, ...] = (10.0, 50.0, 100.0)  # canary weights, percent of the alias's traffic
+    bake_s: float = 60.0  # per canary step; switch bakes its single step too
+    poll_s: float = 1.0
+    grace_s: float = 5.0  # before versions older than last-known-good are unloaded
+    max_error_rate: float = 0.01
+    max_p99_ratio: float = 1.5  # candidate p99 / previous version's p99 in the same window
+    p99_floor_ms: float = 50.0  # differences below this are never a breach
+    validity_margin: float = 0.05
+    capture_share: float = 0.25  # share of the candidate's answers the gateway logs for the bake
+    min_requests: int = 20  # fewer requests than this in a step are reported, not judged
+
+    def __post_init__(self) -> None:
+        if self.strategy not in ("switch", "canary"):
+            raise ValueError(f"rollout strategy must be switch or canary here (inplace is tuneloop.serving.deploy), got {self.strategy!r}")
+        steps = tuple(float(s) for s in self.steps)
+        if not steps or steps[-1] != 100.0 or any(not 0 < s <= 100 for s in steps) or list(steps) != sorted(steps):
+            raise ValueError(f"canary steps must rise within (0, 100] and end at 100, got {list(self.steps)}")
+        self.steps = steps
+        if not 0.0 < self.capture_share <= 1.0:
+            raise ValueError(f"capture_share must lie in (0, 1], got {self.capture_share}")
+
+    def weights(self) -> tuple[float, ...]:
+        return (100.0,) if self.strategy == "switch" else self.steps
+
+
+@dataclass
+class VersionStats:
+    """What the gateway's log shows for one version during one bake step."""
+
+    requests: int = 0
+    errors: int = 0
+    p99_ms: float | None = None
+    sampled: int = 0
+    valid: int = 0
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / self.requests if self.requests else 0.0
+
+    @property
+    def validity(self) -> float | None:
+        return self.valid / self.sampled if self.sampled else None
+
+
+@dataclass
+class BakeRecord:
+    weight: float
+    seconds: float
+    candidate: VersionStats
+    previous: VersionStats
+    verdict: str = "pass"  # pass | breach | not_judged
+    reason: str = ""
+
+
+@dataclass
+class RolloutReport:
+    """The result of :func:`rollout_version` (artifact form: ``to_dict``)."""
+
+    strategy: str
+    version: str
+    version_name: str
+    alias: str
+    adapter_path: str
+    previous_routes: dict[str, float]
+    started_at: str
+    ok: bool = False
+    seconds: float = 0.0
+    offline_validity: float | None = None
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    bakes: list[BakeRecord] = field(default_factory=list)
+    retired: dict[str, list[str]] = field(default_factory=dict)
+    last_known_good: str | None = None
+    failed_step: str | None = None
+    error: str | None = None
+    rolled_back: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class RolloutError(RuntimeError):
+    """A rollout stopped; ``step``, ``report`` and the message say where, why and what was undone."""
+
+    def __init__(self, message: str, *, step: str, report: RolloutReport) -> None:
+        super().__init__(message)
+        self.step = step
+        self.report = report
+
+
+def versions_on(client: VllmClient, served_name: str) -> dict[str, str]:
+    """This loop's version names loaded on a server (``<served>-v<N>`` -> path); other loops'
+    names, the base model, staging and evaluation names are not versions."""
+    pattern = re.compile(re.escape(served_name) + r"-v\d+")
+    return {name: root for name, root in client.adapters().items() if pattern.fullmatch(name)}
+
+
+def answer_text(raw: str) -> str | None:
+    """The assistant text of a logged response: a chat or completion JSON body, or an SSE
+    stream of chunks. None if it cannot be read (a truncated capture)."""
+    raw = raw.strip()
+    if raw.startswith("data:"):
+        parts = []
+        for line in raw.splitlines():
+            line = line.strip()
+            if not line.startswith("data:") or line == "data: [DONE]":
+                continue
+            try:
+                choice = json.loads(line[5:])["choices"][0]
+            except (ValueError, KeyError, IndexError, TypeError):
+                return None
+            parts.append((choice.get("delta") or {}).get("content") or choice.get("text") or "")
+        return "".join(parts)
+    try:
+        choice = json.loads(raw)["choices"][0]
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
+    message = choice.get("message")
+    return (message.get("content") if isinstance(message, dict) else choice.get("text")) or ""
+
+
+def _p99_ms(seconds: list[float]) -> float | None:
+    if not seconds:
+        return None
+    ordered = sorted(seconds)
+    return round(ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))] * 1000, 1)
+
+
+def version_stats(records: Sequence[LogRecord], version: str, validity: Validity | None) -> VersionStats:
+    mine = [r for r in records if r.version == version]
+    stats = VersionStats(
+        requests=len(mine),
+        errors=sum(r.status >= 500 or r.status == 404 for r in mine),
+        p99_ms=_p99_ms([r.seconds for r in mine if r.status < 400]),
+    )
+    if validity is not None:
+        for record in mine:
+            if record.answer and record.status == 200:
+                text = answer_text(record.answer)
+                if text is None:
+                    continue
+                stats.sampled += 1
+                stats.valid += bool(validity(text))
+    return stats
+
+
+def judge_bake(candidate: VersionStats, previous: VersionStats | None, policy: RolloutPolicy, validity_floor: float | None) -> tuple[str, str]:
+    """``(verdict, reason)`` for what a step has seen so far."""
+    if candidate.requests < policy.min_requests:
+        return "not_judged", f"{candidate.requests} requests reached the candidate (fewer than {policy.min_requests})"
+    if candidate.error_rate > policy.max_error_rate:
+        return "breach", f"error rate {candidate.error_rate:.3f} ({candidate.errors} of {candidate.requests}) above {policy.max_error_rate}"
+    if validity_floor is not None and candidate.validity is not None and candidate.sampled >= min(10, policy.min_requests):
+        if candidate.validity < validity_floor:
+            return "breach", (
+                f"validity of live answers {candidate.validity:.2f} ({candidate.valid} of {candidate.sampled} sampled) "
+                f"below {validity_floor:.2f} (offline figure minus {policy.validity_margin})"
+            )
+    if previous is not None and previous.p99_ms and candidate.p99_ms and previous.requests >= policy.min_requests:
+        ratio = candidate.p99_ms / previous.p99_ms
+        if ratio > policy.max_p99_ratio and candidate.p99_ms - previous.p99_ms > policy.p99_floor_ms:
+            return "breach", f"p99 {candidate.p99_ms:.0f} ms is {ratio:.2f}x the previous version's {previous.p99_ms:.0f} ms (max {policy.max_p99_ratio}x)"
+    return "pass", ""
+
+
+def _stamp() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def rollout_version(
+    endpoints: Sequence[str],
+    adapter_dir: str | os.PathLike[str],
+    *,
+    routes: RouteTable,
+    access_log: str | os.PathLike[str] | None,
+    served_name: str,
+    version: str,
+    golden: Sequence[Mapping[str, Any] | GoldenCase],
+    policy: RolloutPolicy,
+    max_lora_rank: int,
+    max_loras: int,
+    max_cpu_loras: int | None = None,
+    base_model: str | os.PathLike[str],
+    validity: Validity | None = None,
+    scorer: Scorer = exact_match,
+    verify_min_agreement: float = 0.8,
+    max_tokens: int = 96,
+    api_key: str | None = None,
+    timeout_s: float = 60.0,
+    server_path: str | None = None,
+    progress: Progress | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> RolloutReport:
+    """Load ``version`` under its own name on every endpoint, verify it, shift the alias
+    ``served_name`` to it by ``policy`` with a bake per step, and retire old versions.
+
+    Raises :class:`RolloutError` (with ``.report``); by then the alias routes as before the
+    rollout (the candidate's name stays loaded until the next reconcile or rollout retires it).
+    """
+    say = progress or (lambda message: logger.info("%s", message))
+    started = time.perf_counter()
+    name = version_name(served_name, version)
+    path = server_path or str(Path(adapter_dir).resolve())
+    before = routes.alias(served_name)
+    report = RolloutReport(
+        strategy=policy.strategy,
+        version=version,
+        version_name=name,
+        alias=served_name,
+        adapter_path=path,
+        previous_routes=dict(before.routes),
+        started_at=_stamp(),
+    )
+    clients = [VllmClient(url, api_key=api_key, timeout_s=timeout_s) for url in endpoints]
+
+    def step(label: str, detail: str, t0: float) -> None:
+        report.steps.append({"step": label, "seconds": round(time.perf_counter() - t0, 3), "detail": detail})
+        say(f"{label}: {detail}")
+
+    def fail(label: str, cause: str, *, restore: bool) -> RolloutError:
+        if restore and before.routes:
+            routes.set_alias(served_name, before.routes, capture={})
+            report.rolled_back = True
+            cause += f"; traffic returned to {before.serving()}"
+        report.failed_step, report.error = label, f"rollout of {name} failed at step {label}: {cause}"
+        report.seconds = round(time.perf_counter() - started, 3)
+        say(report.error)
+        return RolloutError(report.error, step=label, report=report)
+
+    try:
+        t0 = time.perf_counter()
+        cases = golden_cases(golden)
+        try:
+            validate_adapter(adapter_dir, base_model_dir_or_id=base_model, max_lora_rank=max_lora_rank)
+        except AdapterValidationError as err:
+            raise fail("validate", str(err), restore=False) from err
+        if validity is not None and cases:
+            expected = [c.expected for c in cases if c.expected is not None]
+            report.offline_validity = sum(bool(validity(e)) for e in expected) / len(expected) if expected else None
+        step("validate", f"{adapter_dir} fits {base_model}", t0)
+
+        t0 = time.perf_counter()
+        keep = set(before.serving()) | ({before.last_known_good} if before.last_known_good else set())
+        for client in clients:
+            try:
+                client.check_health()
+                models = {str(m["id"]) for m in client.models()}
+                if base_name(served_name) not in models:
+                    raise fail("preflight", f"{client.base_url} does not serve {base_name(served_name)}: start it with `make serve`", restore=False)
+                loaded = versions_on(client, served_name)
+            except VllmError as err:
+                raise fail("preflight", str(err), restore=False) from err
+            if name in loaded and loaded[name] != path:
+                raise fail(
+                    "preflight",
+                    f"{client.base_url} already serves {name} from {loaded[name]}, not {path}: version names are immutable; "
+                    "unload it (`tuneloop reconcile`) or roll out a new version",
+                    restore=False,
+                )
+            spare = [n for n in loaded if n not in keep and n != name]
+            busy = len([v for v in before.serving() if v != name]) + 1  # routed versions + the candidate, at once in a canary
+            if busy > max_loras:
+                raise fail(
+                    "preflight",
+                    f"{busy} versions of {served_name} would take traffic at once, more than --max-loras {max_loras} "
+                    "(more busy adapters than slots stall requests): raise --max-loras",
+                    restore=False,
+                )
+            held = len(client.adapters()) - len(spare) + (name not in loaded)
+            if max_cpu_loras is not None and held > max_cpu_loras:
+                raise fail(
+                    "preflight",
+                    f"{client.base_url} would hold {held} adapters, more than --max-cpu-loras {max_cpu_loras}: raise it, "
+                    "or unload evaluation names left behind (`tuneloop reconcile`)",
+                    restore=False,
+                )
+            for spare_name in spare:  # versions nobody routes to any more: make room first
+                client.unload_adapter(spare_name)
+        step("preflight", f"{len(clients)} endpoint(s) healthy; keeping {sorted(keep) or 'nothing'} loaded", t0)
+
+        t0 = time.perf_counter()
+        for client in clients:
+            try:
+                if name not in versions_on(client, served_name):
+                    client.load_adapter(name, path, inplace=False)
+                listed = client.adapters().get(name)
+                if listed != path:
+                    raise fail("load", f"{client.base_url} lists {name} -> {listed!r} after the load, expected {path}", restore=False)
+            except VllmError as err:
+                raise fail("load", str(err), restore=False) from err
+        step("load", f"{name} <- {path} on {len(clients)} endpoint(s)", t0)
+
+        t0 = time.perf_counter()
+        for client in clients:
+            try:
+                checked = verify_served(
+                    client, name, cases or [GoldenCase(id="smoke", prompt="ping", expected=None)],
+                    min_agreement=verify_min_agreement, scorer=scorer, max_tokens=max_tokens,
+                )
+            except VllmError as err:
+                raise fail("verify", str(err), restore=False) from err
+            if not checked.ok:
+                raise fail("verify", f"{client.base_url}: {checked.summary()}", restore=False)
+        step("verify", f"{name} answers its golden prompts as evaluated on every endpoint", t0)
+
+        floor = None if report.offline_validity is None else max(0.0, report.offline_validity - policy.validity_margin)
+        previous_versions = [v for v in before.serving() if v != name]
+        for weight in policy.weights() if previous_versions else (100.0,):
+            t0 = time.perf_counter()
+            share = {v: w * (100.0 - weight) / sum(before.routes[p] for p in previous_versions) for v, w in before.routes.items() if v in previous_versions}
+            new_routes = {**{v: round(w, 3) for v, w in share.items() if w > 0}, name: weight}
+            offset = Path(access_log).stat().st_size if access_log and Path(access_log).is_file() else 0
+            routes.set_alias(served_name, new_routes, capture={name: policy.capture_share} if validity is not None else {})
+            step("shift", f"{served_name} -> {new_routes}", t0)
+            if access_log is None or policy.bake_s <= 0:
+                continue
+            bake = _bake(access_log, offset, name, previous_versions, weight, policy, validity, floor, sleep)
+            report.bakes.append(bake)
+            say(f"bake at {weight:g}%: {bake.verdict}" + (f" ({bake.reason})" if bake.reason else "")
+                + f"; candidate {bake.candidate.requests} requests, {bake.candidate.errors} errors, p99 {bake.candidate.p99_ms} ms"
+                + (f", validity {bake.candidate.validity:.2f} of {bake.candidate.sampled}" if bake.candidate.validity is not None else ""))
+            if bake.verdict == "breach":
+                raise fail("bake", f"at {weight:g}% of traffic: {bake.reason}", restore=True)
+
+        t0 = time.perf_counter()
+        lkg = previous_versions[0] if previous_versions else before.last_known_good
+        routes.set_alias(served_name, {name: 100.0}, capture={}, last_known_good=lkg)
+        report.last_known_good = lkg
+        step("settle", f"{served_name} -> {name} (100%); last-known-good {lkg or 'none'} stays loaded", t0)
+    except RolloutError:
+        for client in clients:
+            client.close()
+        raise
+    except BaseException as err:  # an interrupt or a bug: leave the alias as it was
+        for client in clients:
+            client.close()
+        if not isinstance(err, Exception):
+            if before.routes:
+                routes.set_alias(served_name, before.routes, capture={})
+            raise
+        raise fail("shift", f"{type(err).__name__}: {err}", restore=True) from err
+
+    t0 = time.perf_counter()
+    sleep(policy.grace_s)  # requests routed to an old version before the flip finish on it
+    keep_after = {name} | ({report.last_known_good} if report.last_known_good else set())
+    for client in clients:
+        try:
+            for old in sorted(set(versions_on(client, served_name)) - keep_after):
+                client.unload_adapter(old)
+                report.retired.setdefault(client.base_url, []).append(old)
+        except VllmError as err:  # a leftover name costs a slot, not an answer: the next reconcile retries
+            say(f"retire on {client.base_url} failed ({err}); reconcile will unload the leftovers")
+        finally:
+            client.close()
+    step("retire", f"unloaded {sum(len(v) for v in report.retired.values())} old version name(s)", t0)
+    report.ok = True
+    report.seconds = round(time.perf_counter() - started, 3)
+    return report
+
+
+def _bake(
+    access_log: str | os.PathLike[str],
+    offset: int,
+    name: str,
+    previous_versions: list[str],
+    weight: float,
+    policy: RolloutPolicy,
+    validity: Validity | None,
+    floor: float | None,
+    sleep: Callable[[float], None],
+) -> BakeRecord:
+    """Watch one step for ``policy.bake_s``; stop at the first breach."""
+    records: list[LogRecord] = []
+    t0 = time.monotonic()
+    verdict, reason = "not_judged", ""
+    previous = VersionStats()
+    candidate = VersionStats()
+    while True:
+        sleep(min(policy.poll_s, policy.bake_s))
+        fresh, offset = read_access_log(access_log, offset)
+        records.extend(fresh)
+        candidate = version_stats(records, name, validity)
+        previous = _merged(records, previous_versions)
+        verdict, reason = judge_bake(candidate, previous, policy, floor)
+        if verdict == "breach" or time.monotonic() - t0 >= policy.bake_s:
+            break
+    return BakeRecord(weight=weight, seconds=round(time.monotonic() - t0, 2), candidate=candidate, previous=previous, verdict=verdict, reason=reason)
+
+
+def _merged(records: Sequence[LogRecord], versions: Sequence[str]) -> VersionStats:
+    mine = [r for r in records if r.version in set(versions)]
+    return VersionStats(
+        requests=len(mine),
+        errors=sum(r.status >= 500 or r.status == 404 for r in mine),
+        p99_ms=_p99_ms([r.seconds for r in mine if r.status < 400]),
+    )
+
+
+def flip_back(routes: RouteTable, served_name: str) -> Alias:
+    """Rollback by weights: route all of ``served_name`` to its last-known-good version (which
+    stays loaded); returns the alias as it was. Raises ``ValueError`` when there is none."""
+    alias = routes.alias(served_name)
+    if not alias.last_known_good:
+        raise ValueError(f"{served_name} has no last-known-good version in {routes.path}: roll back with a deploy of the previous version")
+    current = alias.serving()
+    routes.set_alias(served_name, {alias.last_known_good: 100.0}, capture={}, last_known_good=current[0] if current else None)
+    return alias
