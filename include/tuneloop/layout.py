@@ -100,6 +100,11 @@ def run_summary(run_key: str) -> str:
     return f"runs/{run_key}.json"
 
 
+def run_rollout(run_key: str) -> str:
+    """A gateway rollout's report (steps, bakes, why it rolled back): ``runs/<key>.rollout.json``."""
+    return f"runs/{run_key}.rollout.json"
+
+
 def quality_failure(run_key: str) -> str:
     return f"quality/{run_key}"
 

@@ -319,7 +319,10 @@ def rollback_message(result: Mapping[str, Any], *, requested: str, reason: str |
 def deploy_rollback_message(report: Mapping[str, Any], *, version: str, links: Mapping[str, Any] | None = None) -> Notification | None:
     """A failed deploy restored the previous adapter on endpoints it had swapped (the automatic
     rollback in ``deploy.deploy_adapter``; ``report`` is its ``DeployReport.to_dict()``).
-    None when no endpoint was swapped, i.e. nothing was rolled back."""
+    None when no endpoint was swapped, i.e. nothing was rolled back. A gateway rollout's report
+    (``rollout.RolloutReport.to_dict()``, ``serving.rollout: switch|canary``) is told as such."""
+    if "strategy" in report:
+        return _rollout_rollback_message(report, version=version, links=links)
     endpoints = list(report.get("endpoints") or [])
     touched = [ep for ep in endpoints if ep.get("status") in ("rolled_back", "rollback_failed")]
     if not touched:
@@ -343,6 +346,33 @@ def deploy_rollback_message(report: Mapping[str, Any], *, version: str, links: M
         facts=tuple(facts),
         links=_links(links),
         data={"version": version, "automatic": True, "rollback_failed": [ep.get("endpoint") for ep in failed]},
+    )
+
+
+def _rollout_rollback_message(report: Mapping[str, Any], *, version: str, links: Mapping[str, Any] | None) -> Notification | None:
+    """A canary or switch whose bake (or a later step) failed: traffic went back by weights."""
+    if not report.get("rolled_back"):
+        return None
+    previous = ", ".join(_listed([str(v) for v in (report.get("previous_routes") or {})])) or "no version"
+    bakes = list(report.get("bakes") or [])
+    facts = [
+        f"{report.get('strategy')} rollout of {version} ({report.get('version_name')}) stopped at step {report.get('failed_step', '?')}",
+        f"why: {_clip(report.get('error') or 'unknown error')}",
+        f"traffic of {report.get('alias')} returned to: {previous}",
+    ]
+    if bakes:
+        last = bakes[-1]
+        candidate = last.get("candidate") or {}
+        facts.append(
+            f"last bake at {last.get('weight')}% of traffic for {last.get('seconds')} s: {candidate.get('requests')} requests, "
+            f"{candidate.get('errors')} errors, {candidate.get('valid')} of {candidate.get('sampled')} sampled answers valid"
+        )
+    return Notification(
+        event="rollback",
+        title=f"Rollout of {version} rolled back: traffic returned to {previous}",
+        facts=tuple(facts),
+        links=_links(links),
+        data={"version": version, "automatic": True, "strategy": report.get("strategy"), "step": report.get("failed_step")},
     )
 
 

@@ -145,8 +145,10 @@ def deploy(decision: dict[str, Any]) -> dict[str, Any]:
     loop = task_loop()
     try:
         return deploy_step(loop, decision["version"], scores_key=decision["scores_key"])
-    except DeployError as err:  # it restored the previous adapter where it had swapped: say so
-        report = err.report.to_dict() if err.report is not None else {}
+    except DeployError as err:  # it restored the previous adapter (or routes) where it had swapped: say so
+        from tuneloop.serving.rollout import RolloutError
+
+        report = err.rollout.to_dict() if isinstance(err, RolloutError) else err.report.to_dict() if err.report is not None else {}
         notify(lambda _: deploy_rollback_message(report, version=decision["version"]), loop=loop)
         raise
 

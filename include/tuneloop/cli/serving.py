@@ -97,6 +97,67 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gateway(args: argparse.Namespace) -> Any:
+    from urllib.parse import urlsplit
+
+    from tuneloop.serving.gateway import NginxGateway
+
+    serving = _settings(args).serving
+    port = args.port or (urlsplit(serving.gateway_url).port if serving.gateway_url else None) or 8088
+    run_dir = Path(serving.routes_file).resolve().parent
+    return NginxGateway(run_dir, host=args.host, port=port, routes_file=serving.routes_file, access_log=serving.access_log)
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from tuneloop.serving.gateway import read_access_log
+
+    gateway = _gateway(args)
+    if args.gateway_command == "stop":
+        gateway.stop()
+        _emit(args, {"stopped": True}, f"gateway stopped ({gateway.run_dir})")
+        return 0
+    if args.gateway_command == "start":
+        gateway.start()
+        served = _settings(args).model.served_model_name
+        if not gateway.routes.upstreams() and not args.no_reconcile:
+            from tuneloop.steps.loop import open_loop
+            from tuneloop.steps.serve import reconcile_step
+
+            reconcile_step(open_loop(args.config, progress=_progress(args)))
+        alias = gateway.routes.alias(served)
+        _emit(
+            args,
+            {"url": gateway.url, "run_dir": str(gateway.run_dir), "routes": alias.routes, "upstreams": gateway.routes.upstreams()},
+            f"gateway on {gateway.url}: {served!r} -> {alias.routes or 'nothing yet'} on {gateway.routes.upstreams() or 'no ready server'} "
+            f"(config, logs: {gateway.run_dir}; stop: tuneloop gateway stop)",
+        )
+        return 0
+    served = _settings(args).model.served_model_name
+    alias = gateway.routes.alias(served)
+    records, _ = read_access_log(gateway.access_log)
+    recent = records[-args.last :] if args.last else records
+    by_version = Counter(r.version for r in recent)
+    errors = Counter(r.version for r in recent if r.status >= 500 or r.status == 404)
+    result = {
+        "running": gateway.pid() is not None,
+        "url": gateway.url,
+        "routes": alias.routes,
+        "last_known_good": alias.last_known_good,
+        "upstreams": gateway.routes.upstreams(),
+        "recent": {v: {"requests": n, "errors": errors[v]} for v, n in by_version.items()},
+    }
+    human = (
+        f"gateway {'running' if result['running'] else 'NOT running'} on {gateway.url}\n"
+        f"  {served!r} -> {alias.routes or 'nothing'}; last-known-good {alias.last_known_good or 'none'}\n"
+        f"  servers: {', '.join(result['upstreams']) or 'none ready'}\n"
+        + "".join(f"  last {len(recent)} requests: {v or '(other)'}: {n} ({errors[v]} errors)\n" for v, n in by_version.most_common())
+    ).rstrip()
+    _emit(args, result, human)
+    return 0
+
+
 def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     """Register this module's subcommands (each parser next to its handler)."""
     p = sub.add_parser(
@@ -133,6 +194,23 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--if-idle", action="store_true", help="do nothing (exit 0) while another deploy holds the fleet, instead of waiting")
     p.set_defaults(func=cmd_reconcile)
+
+    p = sub.add_parser(
+        "gateway",
+        help="the local nginx gateway of serving.rollout: switch|canary (start, stop, status)",
+        description="With serving.rollout switch or canary, each version is served under its own name "
+        "(<served>-<version>) and clients call the stable name through this gateway, which maps it to the "
+        "versions by weight (nginx + its JavaScript module; Debian: nginx-light libnginx-mod-http-js). Its "
+        "route table and JSON access log live where serving.routes_file / serving.access_log say. `start` "
+        "renders the config, starts nginx and, when no server is routed yet, reconciles the servers with the "
+        "registry; `status` shows the routes and the requests each version answered lately.",
+    )
+    p.add_argument("gateway_command", choices=["start", "stop", "status"], metavar="ACTION", help="start | stop | status")
+    p.add_argument("--port", type=int, help="port to listen on (default: serving.gateway_url's, else 8088)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--no-reconcile", action="store_true", help="start without loading the registry's versions on the servers")
+    p.add_argument("--last", type=int, default=1000, help="status: how many recent requests to count (default 1000)")
+    p.set_defaults(func=cmd_gateway)
 
     p = sub.add_parser("adapter", help="inspect LoRA adapter directories")
     adapter_sub = p.add_subparsers(dest="adapter_command", metavar="ACTION", required=True)

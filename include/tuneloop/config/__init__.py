@@ -43,6 +43,7 @@ from tuneloop.config.sections import (
     ModelSettings,
     NotifyEvent,
     NotifySettings,
+    ServingSettings,
     StoreSettings,
     SuiteBars,
     TaskSettings,
@@ -78,6 +79,7 @@ class Settings(_Section):
     task: TaskSettings = Field(default_factory=TaskSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
     vllm: VllmSettings = Field(default_factory=VllmSettings)
+    serving: ServingSettings = Field(default_factory=ServingSettings)
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
     gate: GateSettings = Field(default_factory=GateSettings)
@@ -319,6 +321,9 @@ def _anchor_paths(settings: Settings, home: Path) -> Settings:
     settings.store.uri = anchor(settings.store.uri)
     settings.model.demo_model_dir = anchor(settings.model.demo_model_dir)
     settings.vllm.adapter_dir = anchor(settings.vllm.adapter_dir)
+    settings.serving.routes_file = anchor(settings.serving.routes_file)
+    if settings.serving.access_log is not None:
+        settings.serving.access_log = anchor(settings.serving.access_log)
     return settings
 
 
@@ -403,6 +408,6 @@ def settings_from_job(path: str | os.PathLike[str]) -> Settings:
 __all__ = [
     "CONFIG_ENV", "ENV_PREFIX", "HOME_ENV", "NOTIFY_EVENTS", "VLLM_LORA_RANKS", "AlertSettings", "ConfigError", "DataSettings", "DriftSettings",
     "EvalSettings", "GateSettings", "JudgeSettings", "KubernetesSettings", "ModelSettings", "NotifyEvent", "NotifySettings",
-    "SecretKeySettings", "Settings", "StoreSettings", "SuiteBars", "TaskSettings", "TeacherSettings", "TolerationSettings", "TrackingSettings", "TrainingSettings",
+    "SecretKeySettings", "ServingSettings", "Settings", "StoreSettings", "SuiteBars", "TaskSettings", "TeacherSettings", "TolerationSettings", "TrackingSettings", "TrainingSettings",
     "VllmSettings", "choose_task_config", "load_settings", "load_yaml", "quantity_value", "settings_from_job", "settings_job", "settings_table",
 ]

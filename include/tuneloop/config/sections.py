@@ -111,6 +111,41 @@ class VllmSettings(_Section):
         return value
 
 
+class ServingSettings(_Section):
+    """How a promoted version reaches the clients (docs/serving.md): in place behind the stable
+    name, or as its own immutable version name behind a gateway alias (switch, canary)."""
+
+    rollout: Literal["inplace", "switch", "canary"] = Field(
+        "inplace",
+        description="inplace: load the new weights into the stable name (no gateway; an answer in flight may mix versions); switch: load <served>-<version>, verify, flip the gateway alias; canary: shift the alias in canary_steps, each baked",
+    )
+    routes_file: str = Field(".tuneloop/gateway/routes.json", description="the gateway's route table (switch, canary): tuneloop writes it, the nginx gateway reads it per request")
+    access_log: str | None = Field(".tuneloop/gateway/access.log", description="the gateway's JSON access log the bake reads; null: no bake")
+    gateway_url: str | None = Field(None, description="where clients call the stable name through the gateway; verify asks it too when set")
+    canary_steps: list[float] = Field(default_factory=lambda: [10.0, 50.0, 100.0], description="canary: percent of the alias's traffic per step, rising to 100")
+    bake_s: float = Field(60.0, ge=0, description="seconds each step is watched (errors, p99, validity of sampled live answers)")
+    grace_s: float = Field(5.0, ge=0, description="after the flip, how long requests already routed to old versions may take before those are unloaded")
+    max_error_rate: float = Field(0.01, ge=0, le=1, description="bake: a higher share of 5xx/404 answers from the new version rolls it back")
+    max_p99_ratio: float = Field(1.5, gt=1, description="bake: the new version's p99 over the previous one's, same window")
+    validity_margin: float = Field(0.05, ge=0, le=1, description="bake: live validity (schema, label set) may fall this far below the version's offline figure")
+    capture_share: float = Field(0.25, gt=0, le=1, description="bake: share of the new version's answers the gateway logs to score")
+    min_requests: int = Field(20, ge=1, description="bake: a step that saw fewer requests is reported, not judged")
+    max_loras: int = Field(2, ge=1, description="the servers' --max-loras: versions taking traffic at once (a canary needs 2)")
+    max_cpu_loras: int | None = Field(4, ge=1, description="the servers' --max-cpu-loras: adapters held at once; null: not checked")
+
+    @field_validator("gateway_url")
+    @classmethod
+    def _gateway_url(cls, value: str | None) -> str | None:
+        return http_url(value, "serving.gateway_url")
+
+    @field_validator("canary_steps")
+    @classmethod
+    def _steps(cls, value: list[float]) -> list[float]:
+        if not value or value[-1] != 100 or any(not 0 < s <= 100 for s in value) or value != sorted(value):
+            raise ValueError(f"canary steps must rise within (0, 100] and end at 100, got {value}")
+        return value
+
+
 class TrainingSettings(_Section):
     """LoRA hyperparameters; defaults suit the demo model on a CPU."""
 

@@ -193,6 +193,7 @@ def render_nginx_conf(
     listen: str,
     routes_file: str | os.PathLike[str],
     njs_module: str,
+    access_log: str | os.PathLike[str] | None = None,
     workers: int = 1,
     read_timeout_s: int = 600,
 ) -> str:
@@ -218,7 +219,7 @@ http {{
     js_set $tl_upstream gw.upstream;
     js_set $tl_body gw.body;
     log_format tuneloop escape=json '{LOG_FORMAT}';
-    access_log {run / 'access.log'} tuneloop;
+    access_log {Path(access_log).resolve() if access_log else run / 'access.log'} tuneloop;
     server {{
         listen {listen};
         client_max_body_size 8m;
@@ -250,7 +251,7 @@ class NginxGateway:
     """A local nginx gateway process: ``start()``, ``stop()``, its ``url`` and route table.
 
     ``run_dir`` holds nginx.conf, the pid file, the logs and the route table
-    (``routes.json``), unless ``routes_file`` is given.
+    (``routes.json``), unless ``routes_file`` / ``access_log`` are given.
     """
 
     def __init__(
@@ -260,6 +261,7 @@ class NginxGateway:
         host: str = "127.0.0.1",
         port: int = 8088,
         routes_file: str | os.PathLike[str] | None = None,
+        access_log: str | os.PathLike[str] | None = None,
         nginx: str | None = None,
         njs_module: str | None = None,
         workers: int = 1,
@@ -267,6 +269,7 @@ class NginxGateway:
         self.run_dir = Path(run_dir).resolve()
         self.host, self.port, self.workers = host, port, workers
         self.routes = RouteTable(routes_file or self.run_dir / "routes.json")
+        self.access_log = Path(access_log).resolve() if access_log else self.run_dir / "access.log"
         self._nginx, self._njs_module = nginx, njs_module
 
     @property
@@ -276,10 +279,6 @@ class NginxGateway:
     @property
     def conf(self) -> Path:
         return self.run_dir / "nginx.conf"
-
-    @property
-    def access_log(self) -> Path:
-        return self.run_dir / "access.log"
 
     def pid(self) -> int | None:
         try:
@@ -297,6 +296,7 @@ class NginxGateway:
                 run_dir=self.run_dir,
                 listen=f"{self.host}:{self.port}",
                 routes_file=self.routes.path,
+                access_log=self.access_log,
                 njs_module=find_njs_module(self._njs_module),
                 workers=self.workers,
             )

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tuneloop.serving.adapters import AdapterValidationError, validate_adapter
+from tuneloop.serving.deploy import DeployError
 from tuneloop.serving.gateway import Alias, LogRecord, RouteTable, read_access_log, version_name
 from tuneloop.serving.verify import (
     GoldenCase,
@@ -141,13 +142,13 @@ class RolloutReport:
         return asdict(self)
 
 
-class RolloutError(RuntimeError):
-    """A rollout stopped; ``step``, ``report`` and the message say where, why and what was undone."""
+class RolloutError(DeployError):
+    """A rollout stopped; ``step``, ``rollout`` (the report) and the message say where, why and
+    what was undone. A :class:`DeployError`, so every caller of a deploy handles it."""
 
     def __init__(self, message: str, *, step: str, report: RolloutReport) -> None:
-        super().__init__(message)
-        self.step = step
-        self.report = report
+        super().__init__(message, step=step)
+        self.rollout = report
 
 
 def versions_on(client: VllmClient, served_name: str) -> dict[str, str]:
@@ -244,6 +245,7 @@ def rollout_version(
     max_cpu_loras: int | None = None,
     base_model: str | os.PathLike[str],
     validity: Validity | None = None,
+    offline_validity: float | None = None,
     scorer: Scorer = exact_match,
     verify_min_agreement: float = 0.8,
     max_tokens: int = 96,
@@ -256,8 +258,11 @@ def rollout_version(
     """Load ``version`` under its own name on every endpoint, verify it, shift the alias
     ``served_name`` to it by ``policy`` with a bake per step, and retire old versions.
 
-    Raises :class:`RolloutError` (with ``.report``); by then the alias routes as before the
-    rollout (the candidate's name stays loaded until the next reconcile or rollout retires it).
+    ``validity(answer)`` is the task's reference-free check the bake applies to sampled live
+    answers; ``offline_validity`` its share on the candidate's evaluated answers (default: on
+    the golden answers). Raises :class:`RolloutError` (with ``.rollout``); by then the alias
+    routes as before the rollout (the candidate's name stays loaded until the next reconcile or
+    rollout retires it).
     """
     say = progress or (lambda message: logger.info("%s", message))
     started = time.perf_counter()
@@ -296,7 +301,8 @@ def rollout_version(
             validate_adapter(adapter_dir, base_model_dir_or_id=base_model, max_lora_rank=max_lora_rank)
         except AdapterValidationError as err:
             raise fail("validate", str(err), restore=False) from err
-        if validity is not None and cases:
+        report.offline_validity = offline_validity
+        if validity is not None and offline_validity is None and cases:  # else: the golden answers' own figure
             expected = [c.expected for c in cases if c.expected is not None]
             report.offline_validity = sum(bool(validity(e)) for e in expected) / len(expected) if expected else None
         step("validate", f"{adapter_dir} fits {base_model}", t0)

@@ -37,6 +37,7 @@ class ChatReply:
     seconds: float
     completion_tokens: int | None = None
     finish_reason: str | None = None
+    model: str | None = None  # the name that answered (behind a gateway alias: the version name)
 
 
 class VllmError(RuntimeError):
@@ -329,6 +330,7 @@ class VllmClient:
             seconds=seconds,
             completion_tokens=tokens if isinstance(tokens, int) else None,
             finish_reason=choice.get("finish_reason") if isinstance(choice, dict) else None,
+            model=reply.get("model") if isinstance(reply.get("model"), str) else None,
         )
 
     def chat_many(

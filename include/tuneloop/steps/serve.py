@@ -119,10 +119,84 @@ def fleet(loop: Loop, action: str) -> Any:
     return fleet_lock(loop.store, loop.settings.vllm.endpoints, owner=loop.run_id, action=action, say=loop.progress)
 
 
-def deploy_step(loop: Loop, version: str, *, scores_key: str | None = None) -> dict[str, Any]:
-    """Hot-swap ``version`` into every vLLM endpoint (validated, staged, verified, rolled back on failure)."""
+def deploy_step(loop: Loop, version: str, *, scores_key: str | None = None, urgent: bool = False) -> dict[str, Any]:
+    """Serve ``version`` on every vLLM endpoint: hot-swapped into the stable name
+    (``serving.rollout: inplace``), or loaded under its own name and shifted in behind the
+    gateway alias (``switch``, ``canary``; ``urgent``, for a rollback: one flip, no bake).
+    Validated, verified, and rolled back on failure either way."""
     with fleet(loop, f"deploy {version}"):
+        if gateway_mode(loop):
+            return _rollout(loop, version, scores_key=scores_key, urgent=urgent)
         return _deploy(loop, version, scores_key=scores_key)
+
+
+def gateway_mode(loop: Loop) -> bool:
+    """Versions behind a gateway alias (switch, canary) rather than in place."""
+    return loop.settings.serving.rollout != "inplace"
+
+
+def offline_validity(loop: Loop, scores_key: str) -> float | None:
+    """The share of the candidate's evaluated answers that pass the task's reference-free check
+    (schema, label set): what the bake holds its live answers to."""
+    from tuneloop.storage import StoreKeyError
+
+    try:
+        predictions = [str(r["prediction"]) for r in loop.store.iter_jsonl(scores_key.replace("scores.jsonl", "predictions.jsonl"))]
+    except StoreKeyError:
+        return None
+    return sum(bool(loop.spec.scorer.valid(p)) for p in predictions) / len(predictions) if predictions else None
+
+
+def _rollout(loop: Loop, version: str, *, scores_key: str | None = None, urgent: bool = False) -> dict[str, Any]:
+    from tuneloop.serving.gateway import RouteTable
+    from tuneloop.serving.rollout import RolloutError, RolloutPolicy, rollout_version
+
+    settings, sv = loop.settings, loop.settings.serving
+    adapter_dir = materialize_adapter(loop, version)
+    production = loop.registry.aliases().get("production")
+    scores_key = scores_key or latest_candidate_scores(loop, version)
+    policy = RolloutPolicy(
+        strategy="switch" if urgent else sv.rollout,
+        steps=tuple(sv.canary_steps),
+        bake_s=0.0 if urgent else sv.bake_s,
+        grace_s=sv.grace_s,
+        max_error_rate=sv.max_error_rate,
+        max_p99_ratio=sv.max_p99_ratio,
+        validity_margin=sv.validity_margin,
+        capture_share=sv.capture_share,
+        min_requests=sv.min_requests,
+    )
+    try:
+        report = rollout_version(
+            settings.vllm.endpoints,
+            adapter_dir,
+            routes=RouteTable(sv.routes_file),
+            access_log=sv.access_log,
+            served_name=settings.model.served_model_name,
+            version=version,
+            golden=golden_prompts(loop, version, scores_key) if scores_key else [],
+            policy=policy,
+            max_lora_rank=settings.vllm.max_lora_rank,
+            max_loras=sv.max_loras,
+            max_cpu_loras=sv.max_cpu_loras,
+            base_model=base_model_ref(settings),
+            validity=loop.spec.scorer.valid,
+            offline_validity=offline_validity(loop, scores_key) if scores_key else None,
+            scorer=loop.spec.scorer.agreement,
+            max_tokens=settings.eval.max_new_tokens,
+            api_key=settings.vllm.key,
+            timeout_s=settings.vllm.timeout_s,
+            server_path=server_path(loop, version),
+            progress=loop.progress,
+        )
+    except RolloutError as err:
+        if err.rollout.rolled_back and loop.registry.aliases().get("candidate") == version:
+            # the reason stays in the registry's history beside every alias move
+            loop.registry.move_aliases({"candidate": None}, reason=f"rollout of {version} rolled back: {err}", run_id=loop.run_id)
+        loop.store.put_json(layout.run_rollout(loop.run_key), err.rollout.to_dict())
+        raise
+    loop.store.put_json(layout.run_rollout(loop.run_key), report.to_dict())
+    return {"version": version, "adapter_dir": str(adapter_dir), "previous": production, **report.to_dict()}
 
 
 def _deploy(loop: Loop, version: str, *, scores_key: str | None = None) -> dict[str, Any]:
@@ -174,6 +248,8 @@ def verify_step(loop: Loop, version: str) -> dict[str, Any]:
             return Path(root).resolve() == Path(expected).resolve()
     served = settings.model.served_model_name
     api_key = settings.vllm.key
+    if gateway_mode(loop):
+        return _verify_versioned(loop, version, serves_it, expected)
     seen = {}
     for endpoint in settings.vllm.endpoints:
         with VllmClient(endpoint, api_key=api_key, timeout_s=settings.vllm.timeout_s) as client:
@@ -189,6 +265,39 @@ def verify_step(loop: Loop, version: str) -> dict[str, Any]:
                 raise RuntimeError(f"{endpoint}: {served!r} is served from {root}, expected {expected} ({version}): another deploy or rollback ran meanwhile?")
             seen[endpoint + "#answer"] = client.chat(served, "ping", max_tokens=4)
     loop.progress(f"verified: {served!r} answers from {version} on {len(settings.vllm.endpoints)} endpoint(s)")
+    return {"version": version, "served_from": seen}
+
+
+def _verify_versioned(loop: Loop, version: str, serves_it: Any, expected: str) -> dict[str, Any]:
+    """Gateway mode: every endpoint serves ``<served>-<version>`` from ``version``'s adapter, the
+    alias routes all traffic to it, and (with ``serving.gateway_url``) the gateway answers with it."""
+    from tuneloop.serving.gateway import RouteTable, version_name
+    from tuneloop.serving.rollout import versions_on
+    from tuneloop.serving.vllm_client import VllmClient
+
+    settings = loop.settings
+    served = settings.model.served_model_name
+    name = version_name(served, version)
+    seen: dict[str, Any] = {}
+    for endpoint in settings.vllm.endpoints:
+        with VllmClient(endpoint, api_key=settings.vllm.key, timeout_s=settings.vllm.timeout_s) as client:
+            root = versions_on(client, served).get(name)
+            seen[endpoint] = root
+            if root is None or not serves_it(root):
+                raise RuntimeError(
+                    f"{endpoint}: {name} is {'not loaded' if root is None else f'served from {root}'}, expected {expected}: "
+                    "the server restarted, or another deploy ran meanwhile; reconcile puts the registry's production back"
+                )
+    alias = RouteTable(settings.serving.routes_file).alias(served)
+    if alias.serving() != [name]:
+        raise RuntimeError(f"the gateway routes {served!r} to {alias.routes}, expected all of it to {name}: another rollout ran meanwhile?")
+    if settings.serving.gateway_url:
+        with VllmClient(settings.serving.gateway_url, api_key=settings.vllm.key, timeout_s=settings.vllm.timeout_s) as client:
+            reply = client.chat_reply(served, "ping", max_tokens=4)
+        if reply.model != name:
+            raise RuntimeError(f"the gateway at {settings.serving.gateway_url} answered {served!r} with {reply.model!r}, expected {name}")
+        seen["gateway"] = reply.model
+    loop.progress(f"verified: {served!r} routes to {name} on {len(settings.vllm.endpoints)} endpoint(s)")
     return {"version": version, "served_from": seen}
 
 
@@ -243,6 +352,9 @@ def reconcile_step(loop: Loop, *, if_idle: bool = False) -> dict[str, Any]:
 def _reconcile(loop: Loop) -> dict[str, Any]:
     from tuneloop.serving.deploy import reconcile
 
+    if gateway_mode(loop):
+        return _reconcile_versioned(loop)
+
     settings = loop.settings
     production = loop.registry.aliases().get("production")
     adapter_dir = materialize_adapter(loop, production) if production else None
@@ -263,6 +375,67 @@ def _reconcile(loop: Loop) -> dict[str, Any]:
         f"{settings.model.served_model_name!r} ({changed} changed)"
     )
     return {"production": production, "adapter_dir": str(adapter_dir) if adapter_dir else None, "endpoints": [asdict(r) for r in records]}
+
+
+def _reconcile_versioned(loop: Loop) -> dict[str, Any]:
+    """Gateway mode: every endpoint holds the registry's production (and previous, as
+    last-known-good) under their version names; the gateway routes only to endpoints that do
+    (a restarted replica rejoins once it serves them) and sends the alias to production."""
+    from tuneloop.serving.deploy import DeployError
+    from tuneloop.serving.gateway import RouteTable, version_name
+    from tuneloop.serving.rollout import versions_on
+    from tuneloop.serving.vllm_client import VllmClient, VllmError
+
+    settings = loop.settings
+    served = settings.model.served_model_name
+    aliases = loop.registry.aliases()
+    production, previous = aliases.get("production"), aliases.get("previous")
+    want: dict[str, str] = {}
+    for version in (production, previous):
+        if version:
+            want[version_name(served, version)] = server_path(loop, version) or str(materialize_adapter(loop, version))
+    routes = RouteTable(settings.serving.routes_file)
+    records, ready = [], []
+    for endpoint in settings.vllm.endpoints:
+        record: dict[str, Any] = {"endpoint": endpoint, "action": "in_sync", "loaded": [], "unloaded": []}
+        try:
+            with VllmClient(endpoint, api_key=settings.vllm.key, timeout_s=settings.vllm.timeout_s) as client:
+                client.check_health()
+                held = versions_on(client, served)
+                for name, path in want.items():
+                    if held.get(name) != path:
+                        if name in held:
+                            client.unload_adapter(name)
+                        client.load_adapter(name, path, inplace=False)
+                        record["loaded"].append(name)
+                for name in sorted(set(held) - set(want)):
+                    client.unload_adapter(name)
+                    record["unloaded"].append(name)
+                if production:
+                    client.chat(version_name(served, production), "ping", max_tokens=1)
+            if record["loaded"] or record["unloaded"]:
+                record["action"] = "loaded"
+            ready.append(endpoint)
+        except (VllmError, OSError, ValueError) as err:
+            record.update(action="failed", detail=str(err))
+        records.append(record)
+        loop.progress(f"reconcile {endpoint}: {record['action']} {record.get('detail') or ''}".rstrip())
+    routes.set_upstreams(ready)
+    if production:
+        routes.set_alias(served, {version_name(served, production): 100.0}, capture={}, last_known_good=version_name(served, previous) if previous else None)
+    else:
+        routes.remove_alias(served)
+    failed = [r for r in records if r["action"] == "failed"]
+    if failed:
+        raise DeployError(
+            f"reconcile: {len(failed)} of {len(records)} endpoint(s) cannot serve {sorted(want)} and get no traffic from the gateway: "
+            + "; ".join(f"{r['endpoint']}: {r['detail']}" for r in failed)
+            + ". Fix the server (is it up? `make serve`) and run `tuneloop reconcile` again",
+            step="reconcile",
+            endpoint=failed[0]["endpoint"],
+        )
+    loop.progress(f"reconciled: the gateway routes {served!r} to {production or 'nothing'} on {len(ready)} endpoint(s)")
+    return {"production": production, "routes": routes.alias(served).routes, "upstreams": ready, "endpoints": records}
 
 
 def _reconcile_after(loop: Loop, err: BaseException) -> NoReturn:
@@ -296,7 +469,7 @@ def _rollback(loop: Loop, target: str) -> dict[str, Any]:
     current = loop.registry.aliases().get("production")
     if version == current:
         raise RuntimeError(f"{version} is already production; nothing to roll back to")
-    deploy = deploy_step(loop, version)
+    deploy = deploy_step(loop, version, urgent=True)
     try:
         verify_step(loop, version)
         move = loop.registry.move_aliases({"production": version, "previous": current}, reason=f"rollback to {version} (requested {target!r})", run_id=loop.run_id)

@@ -1,0 +1,221 @@
+"""Versioned rollouts behind the REAL nginx gateway on the REAL vLLM CPU server.
+
+A tiny random Llama with two LoRA adapters that answer differently (A, B); every rollout
+loads a new version name (``tuneloop-v<N>``) from one of them. Clients call the stable name
+through the gateway the whole time; every answer must be the reference answer of the version
+the response names, and no request may fail.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import pytest
+from fixtures_vllm import (
+    MAX_TOKENS,
+    PROMPTS,
+    SERVED,
+    build_lora_adapter,
+    build_tiny_llama,
+    free_port,
+    golden_of,
+    serve_sh,
+    staged_answers,
+)
+
+from tuneloop.serving.gateway import (
+    GatewayError,
+    NginxGateway,
+    find_nginx,
+    find_njs_module,
+    version_name,
+)
+from tuneloop.serving.rollout import RolloutError, RolloutPolicy, rollout_version, versions_on
+from tuneloop.serving.vllm_client import VllmClient
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+try:
+    find_nginx()
+    find_njs_module()
+    HAVE_NGINX = True
+except GatewayError:
+    HAVE_NGINX = False
+
+pytestmark = [
+    pytest.mark.ml,
+    pytest.mark.integration,
+    pytest.mark.skipif(not HAVE_NGINX, reason="nginx with its JavaScript module is not installed (make setup installs it)"),
+]
+
+
+@dataclass
+class Stack:
+    url: str
+    base: Path
+    adapters: dict[str, Path]
+    answers: dict[str, list[str]]
+    gateway: NginxGateway
+    made: dict[str, str] = field(default_factory=dict)  # version name -> adapter (A/B)
+    counter: list[int] = field(default_factory=lambda: [0])
+
+    def rollout(self, adapter: str, policy: RolloutPolicy, **kwargs: Any) -> Any:
+        self.counter[0] += 1
+        version = f"v{self.counter[0]}"
+        self.made[version_name(SERVED, version)] = adapter
+        options: dict[str, Any] = {
+            "routes": self.gateway.routes,
+            "access_log": self.gateway.access_log,
+            "served_name": SERVED,
+            "version": version,
+            "golden": golden_of(self.answers[adapter]),
+            "policy": policy,
+            "max_lora_rank": 16,
+            "max_loras": 2,
+            "max_cpu_loras": 4,
+            "base_model": self.base,
+            "verify_min_agreement": 1.0,
+            "max_tokens": MAX_TOKENS,
+        }
+        options.update(kwargs)
+        return rollout_version([self.url], self.adapters[adapter], **options)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    root = tmp_path_factory.mktemp("rollout")
+    base = build_tiny_llama(root / "base")
+    adapters = {"A": build_lora_adapter(base, root / "A", seed=1), "B": build_lora_adapter(base, root / "B", seed=2)}
+    run_dir = root / "run"
+    port = free_port()
+    result = serve_sh("start", "--port", str(port), "--model", str(base), "--name", SERVED, "--run-dir", str(run_dir))
+    gateway = NginxGateway(root / "gateway", port=free_port())
+    try:
+        assert result.returncode == 0, f"serve.sh start failed:\n{result.stderr}"
+        url = f"http://127.0.0.1:{port}"
+        answers = staged_answers(url, adapters)
+        with VllmClient(url) as client:
+            client.unload_adapter(f"{SERVED}-staging")  # a slot the rollouts may use
+        gateway.start()
+        gateway.routes.set_upstreams([url])
+        yield Stack(url, base, adapters, answers, gateway)
+    finally:
+        gateway.stop()
+        serve_sh("stop", "--run-dir", str(run_dir), timeout=60)
+
+
+@dataclass
+class Load:
+    answers: Counter[str] = field(default_factory=Counter)
+    failures: list[str] = field(default_factory=list)
+    wrong: list[str] = field(default_factory=list)
+
+
+def clients(stack: Stack, n: int, stop: threading.Event, load: Load) -> list[threading.Thread]:
+    def loop(index: int) -> None:
+        p = index % len(PROMPTS)
+        body = {"model": SERVED, "messages": [{"role": "user", "content": PROMPTS[p]}], "max_tokens": MAX_TOKENS, "temperature": 0.0}
+        with httpx.Client(timeout=60) as client:
+            while not stop.is_set():
+                try:
+                    reply = client.post(stack.gateway.url + "/v1/chat/completions", json=body)
+                    reply.raise_for_status()
+                    data = reply.json()
+                except Exception as err:
+                    load.failures.append(f"{type(err).__name__}: {err}")
+                    continue
+                served, answer = data["model"], data["choices"][0]["message"]["content"]
+                load.answers[served] += 1
+                adapter = stack.made.get(served)
+                if adapter is None or stack.answers[adapter][p] != answer:
+                    load.wrong.append(f"{served} ({adapter}) answered {answer!r}")
+
+    threads = [threading.Thread(target=loop, args=(i,), daemon=True) for i in range(n)]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+def under_load(stack: Stack, work: Any) -> tuple[Any, Load]:
+    load, stop = Load(), threading.Event()
+    threads = clients(stack, 3, stop, load)
+    time.sleep(0.5)
+    try:
+        outcome = work()
+    finally:
+        time.sleep(0.5)
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+    return outcome, load
+
+
+def test_switch_rollouts_under_load_answer_every_request_from_exactly_one_version(stack: Stack) -> None:
+    stack.rollout("A", RolloutPolicy(strategy="switch", bake_s=0, grace_s=0))  # v1: the first version, no previous
+
+    def four() -> list[Any]:
+        return [stack.rollout(a, RolloutPolicy(strategy="switch", bake_s=0, grace_s=0.3)) for a in ("B", "A", "B", "A")]
+
+    reports, load = under_load(stack, four)
+    assert load.failures == []
+    assert load.wrong == []  # every answer is its version's reference answer: no hybrid
+    assert len(load.answers) >= 2 and sum(load.answers.values()) > 20
+    last = reports[-1]
+    assert last.ok and last.version_name == f"{SERVED}-v5" and last.last_known_good == f"{SERVED}-v4"
+    alias = stack.gateway.routes.alias(SERVED)
+    assert alias.routes == {f"{SERVED}-v5": 100.0} and alias.last_known_good == f"{SERVED}-v4"
+    with VllmClient(stack.url) as client:
+        assert sorted(versions_on(client, SERVED)) == [f"{SERVED}-v4", f"{SERVED}-v5"]  # older ones retired
+    assert last.retired == {stack.url: [f"{SERVED}-v3"]}
+
+
+def test_a_canary_whose_live_answers_break_the_check_is_rolled_back_with_no_failed_request(stack: Stack) -> None:
+    before = stack.gateway.routes.alias(SERVED)
+    serving = before.serving()[0]
+    good_adapter = stack.made[serving]
+    bad_adapter = "B" if good_adapter == "A" else "A"
+    labels = set(stack.answers[good_adapter])  # the task's "label set": what the good version says
+
+    policy = RolloutPolicy(strategy="canary", steps=(30, 100), bake_s=6, poll_s=0.5, grace_s=0, min_requests=5, capture_share=1.0)
+
+    def canary() -> RolloutError:
+        with pytest.raises(RolloutError) as caught:
+            # its golden answers are its own, so it passes verification; the evaluation found
+            # every answer valid (offline_validity 1.0), but live, every answer fails the check
+            stack.rollout(bad_adapter, policy, validity=lambda answer: answer in labels, offline_validity=1.0)
+        return caught.value
+
+    error, load = under_load(stack, canary)
+    assert error.step == "bake"
+    assert "validity of live answers 0.00" in str(error) and f"returned to ['{serving}']" in str(error)
+    report = error.rollout
+    assert report.rolled_back and report.offline_validity == 1.0
+    assert report.bakes[0].weight == 30.0 and report.bakes[0].verdict == "breach"
+    assert stack.gateway.routes.alias(SERVED).routes == {serving: 100.0}
+    assert stack.gateway.routes.alias(SERVED).capture == {}
+    assert load.failures == [] and load.wrong == []
+    assert load.answers[report.version_name] > 0  # the canary did take traffic before the breach
+    after = Counter(httpx.post(stack.gateway.url + "/v1/chat/completions", json={"model": SERVED, "messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": MAX_TOKENS}, timeout=60).json()["model"] for _ in range(10))
+    assert after == Counter({serving: 10})
+
+
+def test_a_version_name_is_never_reloaded_with_other_weights_and_the_slot_budget_holds(stack: Stack) -> None:
+    serving = stack.gateway.routes.alias(SERVED).serving()[0]
+    other = "B" if stack.made[serving] == "A" else "A"
+    number = int(serving.rsplit("-v", 1)[1])
+    with pytest.raises(RolloutError, match="version names are immutable"):
+        rollout_version(
+            [stack.url], stack.adapters[other], routes=stack.gateway.routes, access_log=None, served_name=SERVED,
+            version=f"v{number}", golden=golden_of(stack.answers[other]), policy=RolloutPolicy(strategy="switch"),
+            max_lora_rank=16, max_loras=2, base_model=stack.base, max_tokens=MAX_TOKENS,
+        )
+    with pytest.raises(RolloutError, match="more than --max-loras 1"):
+        stack.rollout(other, RolloutPolicy(strategy="canary", bake_s=0), max_loras=1)
+    assert stack.gateway.routes.alias(SERVED).routes == {serving: 100.0}
