@@ -199,6 +199,15 @@ def render_nginx_conf(
 ) -> str:
     """nginx.conf for the gateway: everything (pid, logs, temp files) under ``run_dir``."""
     run = Path(run_dir).resolve()
+    retries = "\n".join(
+        f"""        location @retry{i} {{
+            js_body_filter gw.capture;
+            proxy_set_body $tl_body;
+            proxy_pass http://$tl_retry{i};
+{'            proxy_intercept_errors on;' + chr(10) + f'            error_page 404 502 503 = @retry{i + 1};' + chr(10) if i < 3 else ''}            add_header {VERSION_HEADER} $tl_version always;
+        }}"""
+        for i in (1, 2, 3)
+    )
     user = "user root root;\n" if hasattr(os, "geteuid") and os.geteuid() == 0 else ""
     temp = "\n".join(f"    {kind}_temp_path {run / 'tmp' / kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
     return f"""# rendered by tuneloop (tuneloop.serving.gateway); do not edit, it is rewritten at start
@@ -217,6 +226,9 @@ http {{
     js_var $tl_capture "0";
     js_var $tl_answer "";
     js_set $tl_upstream gw.upstream;
+    js_set $tl_retry1 gw.retry;  # one variable per try: njs caches a variable's value per request
+    js_set $tl_retry2 gw.retry;
+    js_set $tl_retry3 gw.retry;
     js_set $tl_body gw.body;
     log_format tuneloop escape=json '{LOG_FORMAT}';
     access_log {Path(access_log).resolve() if access_log else run / 'access.log'} tuneloop;
@@ -229,15 +241,22 @@ http {{
         proxy_set_header Connection "";
         proxy_buffering off;
         proxy_read_timeout {read_timeout_s}s;
+        recursive_error_pages on;
         location ~ ^/v1/(chat/completions|completions)$ {{
             js_body_filter gw.capture;
             proxy_set_body $tl_body;
             proxy_pass http://$tl_upstream;
+            proxy_intercept_errors on;
+            error_page 404 502 503 = @retry1;
             add_header {VERSION_HEADER} $tl_version always;
         }}
+        # on another replica: the last did not hold the version (404: restarted and not yet
+        # reconciled) or did not answer (502, 503). Up to three more tries; the last answer,
+        # whatever it is, goes back.
+{retries}
         location = /__tuneloop/health {{
             access_log off;
-            return 200 "ok\n";
+            return 200 "ok";
         }}
         location / {{
             proxy_pass http://$tl_upstream;

@@ -51,6 +51,19 @@ function upstream(r) {
     return ups[Math.floor(Math.random() * ups.length)];
 }
 
+// $tl_retry: another ready replica than the one(s) that just answered 404 (a restarted server
+// that does not hold the version yet) or 502/503 (a server that is down or starting).
+function retry(r) {
+    const t = table(r);
+    const ups = (t && t.upstreams) || [];
+    const tried = String(r.variables.upstream_addr || '');
+    const others = ups.filter(function (u) { return tried.indexOf(u) < 0; });
+    if (!others.length) {
+        return ups.length ? ups[0] : '127.0.0.1:1';
+    }
+    return others[Math.floor(Math.random() * others.length)];
+}
+
 // $tl_body: the request body with an alias replaced by the version the weights pick.
 function body(r) {
     const text = r.requestText;
@@ -91,4 +104,4 @@ function capture(r, data, flags) {
     r.sendBuffer(data, flags);
 }
 
-export default {upstream, body, capture};
+export default {upstream, retry, body, capture};

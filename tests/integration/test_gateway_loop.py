@@ -1,0 +1,179 @@
+"""A loop with ``serving.rollout: canary`` on two REAL vLLM CPU replicas behind the REAL nginx
+gateway: reconcile, a replica restarted (it rejoins only once it holds the registry's
+versions), a canary deploy, verify, record and a rollback by alias flip, while clients call
+the stable name through the gateway the whole time and never see a failure or an answer that
+is not the reference answer of the version that served it."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import pytest
+import yaml
+from fixtures_vllm import (
+    MAX_TOKENS,
+    PROMPTS,
+    SERVED,
+    build_lora_adapter,
+    build_tiny_llama,
+    free_port,
+    serve_sh,
+    staged_answers,
+)
+
+from tuneloop.provenance import dir_digest
+from tuneloop.serving.deploy import DeployError
+from tuneloop.serving.gateway import GatewayError, NginxGateway, find_nginx, find_njs_module
+from tuneloop.serving.rollout import versions_on
+from tuneloop.serving.vllm_client import VllmClient
+from tuneloop.steps.loop import open_loop
+from tuneloop.steps.serve import (
+    deploy_step,
+    reconcile_step,
+    record_step,
+    rollback_step,
+    verify_step,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+try:
+    find_nginx()
+    find_njs_module()
+    HAVE_NGINX = True
+except GatewayError:
+    HAVE_NGINX = False
+
+pytestmark = [
+    pytest.mark.ml,
+    pytest.mark.integration,
+    pytest.mark.slow,
+    pytest.mark.skipif(not HAVE_NGINX, reason="nginx with its JavaScript module is not installed (make setup installs it)"),
+]
+
+FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def _start(base: Path, port: int, run_dir: Path) -> None:
+    result = serve_sh("start", "--port", str(port), "--model", str(base), "--name", SERVED, "--run-dir", str(run_dir))
+    assert result.returncode == 0, f"serve.sh start failed:\n{result.stderr[-3000:]}"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    root = tmp_path_factory.mktemp("gateway-loop")
+    base = build_tiny_llama(root / "base")
+    adapters = {"v1": build_lora_adapter(base, root / "built" / "v1", seed=1), "v2": build_lora_adapter(base, root / "built" / "v2", seed=2)}
+    ports = [free_port(), free_port()]
+    runs = [root / "run0", root / "run1"]
+    for port, run in zip(ports, runs, strict=True):
+        _start(base, port, run)
+    urls = [f"http://127.0.0.1:{p}" for p in ports]
+    gw_dir = root / "gateway"
+    gateway = NginxGateway(gw_dir, port=free_port(), routes_file=gw_dir / "routes.json", access_log=gw_dir / "access.log")
+    try:
+        answers = staged_answers(urls[0], adapters)
+        for url in urls:
+            with VllmClient(url) as client:
+                if f"{SERVED}-staging" in client.adapters():
+                    client.unload_adapter(f"{SERVED}-staging")
+        config = root / "tuneloop.yaml"
+        config.write_text(yaml.safe_dump({
+            "store": {"uri": str(root / "store")},
+            "model": {"base_model": str(base), "served_model_name": SERVED},
+            "vllm": {"endpoints": urls, "adapter_dir": str(root / "served"), "max_lora_rank": 16},
+            "eval": {"max_new_tokens": MAX_TOKENS},
+            "serving": {
+                "rollout": "canary", "canary_steps": [50, 100], "bake_s": 2, "grace_s": 0.2, "min_requests": 3,
+                "routes_file": str(gw_dir / "routes.json"), "access_log": str(gw_dir / "access.log"), "gateway_url": gateway.url,
+            },
+        }))  # fmt: skip
+        gateway.start()
+        yield {"root": root, "base": base, "adapters": adapters, "answers": answers, "urls": urls, "ports": ports, "runs": runs, "config": config, "gateway": gateway}
+    finally:
+        gateway.stop()
+        for run in runs:
+            serve_sh("stop", "--run-dir", str(run), timeout=60)
+
+
+def test_canary_loop_survives_a_replica_restart_and_rolls_back_by_flip(world: dict[str, Any]) -> None:
+    loop = open_loop(str(world["config"]), run_id="gateway-loop", progress=print)
+    gateway: NginxGateway = world["gateway"]
+    urls: list[str] = world["urls"]
+    for version, files in world["adapters"].items():
+        loop.store.put_dir(f"adapters/{version}", files)
+        loop.registry.register(version, adapter_key=f"adapters/{version}", snapshot=None, base_model="tiny", adapter_hash=dir_digest(files, suffixes=FILES))
+    loop.registry.promote("v1", reason="bootstrap", run_id="setup")
+
+    done = reconcile_step(loop)
+    assert done["upstreams"] == urls and done["routes"] == {f"{SERVED}-v1": 100.0}
+
+    failures: list[str] = []
+    wrong: list[str] = []
+    served: Counter[str] = Counter()
+    stop = threading.Event()
+
+    def client(index: int) -> None:
+        p = index % len(PROMPTS)
+        body = {"model": SERVED, "messages": [{"role": "user", "content": PROMPTS[p]}], "max_tokens": MAX_TOKENS, "temperature": 0.0}
+        with httpx.Client(timeout=60) as http:
+            while not stop.is_set():
+                try:
+                    reply = http.post(gateway.url + "/v1/chat/completions", json=body)
+                    reply.raise_for_status()
+                    data = reply.json()
+                except Exception as err:
+                    failures.append(f"{type(err).__name__}: {err}")
+                    time.sleep(0.05)
+                    continue
+                version = data["model"].removeprefix(f"{SERVED}-")
+                served[version] += 1
+                if world["answers"].get(version, [None] * len(PROMPTS))[p] != data["choices"][0]["message"]["content"]:
+                    wrong.append(f"{data['model']}: {data['choices'][0]['message']['content']!r}")
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    try:
+        # replica 1 goes down: requests routed there are retried on replica 0; reconcile drops it
+        serve_sh("stop", "--run-dir", str(world["runs"][1]), timeout=60)
+        with pytest.raises(DeployError, match="get no traffic from the gateway"):
+            reconcile_step(loop)
+        assert gateway.routes.upstreams() == [urls[0].removeprefix("http://")]
+        # it comes back empty (a restarted vLLM forgets runtime adapters): still no traffic ...
+        _start(world["base"], world["ports"][1], world["runs"][1])
+        assert gateway.routes.upstreams() == [urls[0].removeprefix("http://")]
+        with VllmClient(urls[1]) as fresh:
+            assert versions_on(fresh, SERVED) == {}
+        # ... until reconcile has loaded the registry's version on it
+        assert reconcile_step(loop)["upstreams"] == urls
+        with VllmClient(urls[1]) as fresh:
+            assert list(versions_on(fresh, SERVED)) == [f"{SERVED}-v1"]
+
+        deployed = deploy_step(loop, "v2")
+        assert [b["weight"] for b in deployed["bakes"]] == [50.0, 100.0]
+        assert all(b["verdict"] in ("pass", "not_judged") for b in deployed["bakes"])
+        verify_step(loop, "v2")
+        record_step(loop, "v2", deployed_over=deployed["previous"])
+        assert gateway.routes.alias(SERVED).last_known_good == f"{SERVED}-v1"
+
+        rolled = rollback_step(loop)  # v1 is still loaded: a flip, no load
+        assert rolled["version"] == "v1" and rolled["deploy"]["bakes"] == []
+        assert gateway.routes.alias(SERVED).routes == {f"{SERVED}-v1": 100.0}
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+    assert failures == []
+    assert wrong == []
+    assert served["v1"] > 0 and served["v2"] > 0
+    for url in urls:
+        with VllmClient(url) as client:
+            assert sorted(versions_on(client, SERVED)) == [f"{SERVED}-v1", f"{SERVED}-v2"]
