@@ -20,7 +20,7 @@ def test_help_lists_every_step(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     listed = {line.split()[0] for line in out.splitlines() if line.startswith("    ") and not line.startswith("     ")}
     commands = {"init", "check-task", "demo-world", "label", "pull", "validate", "build-model", "train", "evaluate", "config",
-                "drift", "gate", "status", "deploy", "rollback", "reconcile", "adapter"}
+                "drift", "gate", "status", "deploy", "rollback", "reconcile", "gateway", "adapter"}
     assert listed == commands, listed ^ commands  # each step its own entry, with its one-line help
     assert set(build_parser()._subparsers._group_actions[0].choices) == commands  # type: ignore[union-attr]
     assert "TUNELOOP__SECTION__KEY" in out

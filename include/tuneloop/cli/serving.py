@@ -197,6 +197,7 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser(
         "gateway",
+        parents=[common],
         help="the local nginx gateway of serving.rollout: switch|canary (start, stop, status)",
         description="With serving.rollout switch or canary, each version is served under its own name "
         "(<served>-<version>) and clients call the stable name through this gateway, which maps it to the "
