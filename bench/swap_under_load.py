@@ -7,7 +7,7 @@ run, so every figure is compared with a baseline measured minutes apart on the s
 
 1. ``baseline``: ``--clients`` threads call the stable name on vLLM directly, no rollout;
 2. ``baseline-gw``: the same load through the gateway (alias -> one version name): the
-   gateway's own overhead;
+   gateway's own overhead (the two baselines run in alternating thirds of ``--baseline-s``);
 3. ``inplace``: direct, while ``--rollouts`` verified in-place rollouts run
    (:func:`tuneloop.serving.deploy.deploy_adapter`, alternating A and B);
 4. ``switch``: through the gateway, while ``--rollouts`` rollouts load each new version under
@@ -205,15 +205,17 @@ def main() -> int:
                 timeout_s=120, progress=lambda _m: None,
             ).seconds
 
-        def phase(name: str, target: str, model: str, rollout: Callable[[str], float] | None, adapter_of: Callable[[str], str | None]) -> None:
+        def phase(
+            name: str, target: str, model: str, rollout: Callable[[str], float] | None, adapter_of: Callable[[str], str | None], seconds: float = 0.0
+        ) -> None:
             current = phase_state["adapter"]
-            record = Phase(name)
+            record = next((p for p in phases if p.name == name), None) or Phase(name)
             stop = threading.Event()
-            print(f"[bench] {name}: {args.clients} clients " + (f"while {args.rollouts} rollouts run" if rollout else f"for {args.baseline_s:.0f} s"), flush=True)
+            print(f"[bench] {name}: {args.clients} clients " + (f"while {args.rollouts} rollouts run" if rollout else f"for {seconds:.0f} s"), flush=True)
             t0 = time.perf_counter()
             threads = run_clients(target, model, args.clients, record, answers, adapter_of, stop)
             if rollout is None:
-                time.sleep(args.baseline_s)
+                time.sleep(seconds)
             else:
                 time.sleep(1.0)
                 for i in range(args.rollouts):
@@ -229,9 +231,10 @@ def main() -> int:
             stop.set()
             for thread in threads:
                 thread.join(timeout=120)
-            record.seconds = time.perf_counter() - t0
+            record.seconds += time.perf_counter() - t0
             phase_state["adapter"] = current
-            phases.append(record)
+            if record not in phases:
+                phases.append(record)
 
         phase_state = {"adapter": "A"}
         inplace("A", None)
@@ -240,11 +243,12 @@ def main() -> int:
         for _thread in run_clients(url, SERVED, args.clients, warm, answers, lambda _s: None, stop_warm):
             time.sleep(min(5.0, args.baseline_s) / args.clients)
         stop_warm.set()
-        phase("baseline", url, SERVED, None, lambda _served: None)
         switch = RolloutPolicy(strategy="switch", bake_s=0, grace_s=args.grace_s)
         canary = RolloutPolicy(strategy="canary", steps=(10, 50, 100), bake_s=args.bake_s, poll_s=min(0.5, args.bake_s), grace_s=args.grace_s, min_requests=5)
         versioned("A", switch)
-        phase("baseline-gw", gateway.url, SERVED, None, version_adapter.get)
+        for _ in range(3):  # the two baselines in alternating thirds: neither gains from going first
+            phase("baseline", url, SERVED, None, lambda _served: None, args.baseline_s / 3)
+            phase("baseline-gw", gateway.url, SERVED, None, version_adapter.get, args.baseline_s / 3)
         for strategy in strategies:
             if strategy == "inplace":
                 phase_state["adapter"] = "A"
