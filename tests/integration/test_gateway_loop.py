@@ -110,6 +110,8 @@ def test_canary_loop_survives_a_replica_restart_and_rolls_back_by_flip(world: di
         loop.store.put_dir(f"adapters/{version}", files)
         loop.registry.register(version, adapter_key=f"adapters/{version}", snapshot=None, base_model="tiny", adapter_hash=dir_digest(files, suffixes=FILES))
     loop.registry.promote("v1", reason="bootstrap", run_id="setup")
+    # recent production traffic, replayed to the candidate before any shift (one row is broken)
+    loop.store.put_jsonl("traffic/dt=2026-12-01/part-0.jsonl", [{"prompt": p} for p in PROMPTS] + [{"no_prompt": 1}, {"prompt": PROMPTS[0]}])
 
     done = reconcile_step(loop)
     assert done["upstreams"] == urls and done["routes"] == {f"{SERVED}-v1": 100.0}
@@ -157,6 +159,11 @@ def test_canary_loop_survives_a_replica_restart_and_rolls_back_by_flip(world: di
             assert list(versions_on(fresh, SERVED)) == [f"{SERVED}-v1"]
 
         deployed = deploy_step(loop, "v2")
+        shadow = deployed["shadow"]
+        v1, v2 = world["answers"]["v1"], world["answers"]["v2"]
+        assert shadow["n"] == len(PROMPTS) and shadow["production"] == f"{SERVED}-v1" and shadow["candidate"] == f"{SERVED}-v2"
+        assert shadow["identical"] == sum(a.strip() == b.strip() for a, b in zip(v1, v2, strict=True))
+        assert shadow["latency_ms"]["candidate"]["p99"] > 0
         assert [b["weight"] for b in deployed["bakes"]] == [50.0, 100.0]
         assert all(b["verdict"] in ("pass", "not_judged") for b in deployed["bakes"])
         verify_step(loop, "v2")

@@ -219,3 +219,20 @@ def test_a_version_name_is_never_reloaded_with_other_weights_and_the_slot_budget
     with pytest.raises(RolloutError, match="more than --max-loras 1"):
         stack.rollout(other, RolloutPolicy(strategy="canary", bake_s=0), max_loras=1)
     assert stack.gateway.routes.alias(SERVED).routes == {serving: 100.0}
+
+
+def test_shadow_replay_compares_with_production_before_any_traffic_and_can_stop_the_rollout(stack: Stack) -> None:
+    serving = stack.gateway.routes.alias(SERVED).serving()[0]
+    other = "B" if stack.made[serving] == "A" else "A"
+    theirs, ours = stack.answers[stack.made[serving]], stack.answers[other]
+    offset = stack.gateway.access_log.stat().st_size
+    with pytest.raises(RolloutError) as caught:
+        stack.rollout(other, RolloutPolicy(strategy="switch", bake_s=0), shadow_prompts=PROMPTS, min_shadow_agreement=0.99)
+    shadow = caught.value.rollout.shadow
+    assert caught.value.step == "shadow" and "below serving.min_shadow_agreement 0.99" in str(caught.value)
+    assert shadow["production"] == serving and shadow["n"] == len(PROMPTS)
+    assert shadow["identical"] == sum(a == b for a, b in zip(theirs, ours, strict=True)) < len(PROMPTS)
+    assert stack.gateway.routes.alias(SERVED).routes == {serving: 100.0}  # no traffic moved
+    with open(stack.gateway.access_log, "rb") as fh:  # the replay went to the servers, not through the gateway
+        fh.seek(offset)
+        assert fh.read() == b""

@@ -130,6 +130,8 @@ class ServingSettings(_Section):
     validity_margin: float = Field(0.05, ge=0, le=1, description="bake: live validity (schema, label set) may fall this far below the version's offline figure")
     capture_share: float = Field(0.25, gt=0, le=1, description="bake: share of the new version's answers the gateway logs to score")
     min_requests: int = Field(20, ge=1, description="bake: a step that saw fewer requests is reported, not judged")
+    shadow_requests: int = Field(32, ge=0, description="before any traffic shifts, replay this many recent traffic prompts to the candidate and to production and compare (0: off)")
+    min_shadow_agreement: float | None = Field(None, ge=0, le=1, description="stop the rollout when the candidate agrees less with production's answers on the shadow replay (null: report only)")
     max_loras: int = Field(2, ge=1, description="the servers' --max-loras: versions taking traffic at once (a canary needs 2)")
     max_cpu_loras: int | None = Field(4, ge=1, description="the servers' --max-cpu-loras: adapters held at once; null: not checked")
 

@@ -8,7 +8,8 @@ by exactly one version. Steps, as named in reports and errors:
 
 ``validate`` -> ``preflight`` (every endpoint healthy, serves the base model, has a LoRA slot)
 -> ``load`` (the version's own name, on every endpoint) -> ``verify`` (golden prompts on that
-name, as the evaluation answered them) -> ``shift`` (the alias's weights, in steps; ``switch``
+name, as the evaluation answered them) -> ``shadow`` (recent traffic replayed to the candidate
+and to production, compared; nothing reaches a user) -> ``shift`` (the alias's weights, in steps; ``switch``
 is one step of 100) with a ``bake`` per step -> ``settle`` (the new version takes all
 traffic; the previous one stays loaded as last-known-good) -> ``retire`` (after a grace
 period, versions older than last-known-good are unloaded).
@@ -44,7 +45,7 @@ from tuneloop.serving.verify import (
     golden_cases,
     verify_served,
 )
-from tuneloop.serving.vllm_client import VllmClient, VllmError
+from tuneloop.serving.vllm_client import ChatReply, Prompt, VllmClient, VllmError
 
 if TYPE_CHECKING:
     import os
@@ -130,6 +131,7 @@ class RolloutReport:
     ok: bool = False
     seconds: float = 0.0
     offline_validity: float | None = None
+    shadow: dict[str, Any] | None = None
     steps: list[dict[str, Any]] = field(default_factory=list)
     bakes: list[BakeRecord] = field(default_factory=list)
     retired: dict[str, list[str]] = field(default_factory=dict)
@@ -226,6 +228,52 @@ def judge_bake(candidate: VersionStats, previous: VersionStats | None, policy: R
     return "pass", ""
 
 
+def shadow_compare(
+    client: VllmClient,
+    production: str,
+    candidate: str,
+    prompts: Sequence[Prompt],
+    *,
+    scorer: Scorer,
+    validity: Validity | None,
+    max_tokens: int,
+    concurrency: int = 4,
+) -> dict[str, Any]:
+    """Replay ``prompts`` (recent production traffic) to both names on one server and compare:
+    the candidate's agreement with production's answers (the task's scorer), the validity of
+    each side's answers, and each side's latency. Nothing reaches a user."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def ask(name: str) -> list[ChatReply]:
+        with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="shadow") as pool:
+            return list(pool.map(lambda p: client.chat_reply(name, p, max_tokens=max_tokens), prompts))
+
+    theirs, ours = ask(production), ask(candidate)
+
+    def p_ms(replies: list[ChatReply], q: float) -> float:
+        ordered = sorted(r.seconds for r in replies)
+        return round(ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] * 1000, 1)
+
+    agreement = [float(scorer(c.text, p.text)) for c, p in zip(ours, theirs, strict=True)]
+    result: dict[str, Any] = {
+        "n": len(prompts),
+        "production": production,
+        "candidate": candidate,
+        "agreement": round(sum(agreement) / len(agreement), 4),
+        "identical": sum(c.text.strip() == p.text.strip() for c, p in zip(ours, theirs, strict=True)),
+        "latency_ms": {
+            "production": {"p50": p_ms(theirs, 0.5), "p99": p_ms(theirs, 0.99)},
+            "candidate": {"p50": p_ms(ours, 0.5), "p99": p_ms(ours, 0.99)},
+        },
+    }
+    if validity is not None:
+        result["validity"] = {
+            "production": round(sum(bool(validity(r.text)) for r in theirs) / len(theirs), 4),
+            "candidate": round(sum(bool(validity(r.text)) for r in ours) / len(ours), 4),
+        }
+    return result
+
+
 def _stamp() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
@@ -252,6 +300,8 @@ def rollout_version(
     api_key: str | None = None,
     timeout_s: float = 60.0,
     server_path: str | None = None,
+    shadow_prompts: Sequence[Prompt] = (),
+    min_shadow_agreement: float | None = None,
     progress: Progress | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> RolloutReport:
@@ -260,7 +310,9 @@ def rollout_version(
 
     ``validity(answer)`` is the task's reference-free check the bake applies to sampled live
     answers; ``offline_validity`` its share on the candidate's evaluated answers (default: on
-    the golden answers). Raises :class:`RolloutError` (with ``.rollout``); by then the alias
+    the golden answers). ``shadow_prompts`` (recent traffic) are replayed to the candidate and to
+    production before any traffic shifts (``report.shadow``); with ``min_shadow_agreement`` a
+    candidate that agrees less with production stops there. Raises :class:`RolloutError` (with ``.rollout``); by then the alias
     routes as before the rollout (the candidate's name stays loaded until the next reconcile or
     rollout retires it).
     """
@@ -370,6 +422,25 @@ def rollout_version(
             if not checked.ok:
                 raise fail("verify", f"{client.base_url}: {checked.summary()}", restore=False)
         step("verify", f"{name} answers its golden prompts as evaluated on every endpoint", t0)
+
+        if shadow_prompts:
+            t0 = time.perf_counter()
+            production = before.serving()[0] if before.serving() else base_name(served_name)
+            try:
+                report.shadow = shadow_compare(
+                    clients[0], production, name, shadow_prompts, scorer=scorer, validity=validity, max_tokens=max_tokens
+                )
+            except VllmError as err:
+                raise fail("shadow", str(err), restore=False) from err
+            shadow = report.shadow
+            detail = (
+                f"{shadow['n']} recent prompts: agreement with {production} {shadow['agreement']:.2f} ({shadow['identical']} identical), "
+                f"p99 {shadow['latency_ms']['candidate']['p99']} vs {shadow['latency_ms']['production']['p99']} ms"
+                + (f", validity {shadow['validity']['candidate']:.2f} vs {shadow['validity']['production']:.2f}" if "validity" in shadow else "")
+            )
+            step("shadow", detail, t0)
+            if min_shadow_agreement is not None and shadow["agreement"] < min_shadow_agreement:
+                raise fail("shadow", f"{detail}: below serving.min_shadow_agreement {min_shadow_agreement}", restore=False)
 
         floor = None if report.offline_validity is None else max(0.0, report.offline_validity - policy.validity_margin)
         previous_versions = [v for v in before.serving() if v != name]

@@ -147,6 +147,30 @@ def offline_validity(loop: Loop, scores_key: str) -> float | None:
     return sum(bool(loop.spec.scorer.valid(p)) for p in predictions) / len(predictions) if predictions else None
 
 
+def shadow_prompts(loop: Loop, n: int) -> list[Any]:
+    """The ``n`` newest distinct prompts of the production traffic (newest partition first)."""
+    if n <= 0:
+        return []
+    prompts: list[Any] = []
+    seen: set[str] = set()
+    for day in reversed(loop.store.list_partitions(layout.TRAFFIC)):
+        for key in sorted(loop.store.list(f"{layout.TRAFFIC}/dt={day.isoformat()}/"), reverse=True):
+            if not key.endswith(".jsonl"):
+                continue
+            for record in reversed(list(loop.store.iter_jsonl(key))):
+                try:
+                    context = loop.spec.example(record, labelled=False).context
+                except (ValueError, KeyError, TypeError):
+                    continue  # a malformed traffic row: the monitor reports those
+                text = repr(context)
+                if text not in seen:
+                    seen.add(text)
+                    prompts.append(context)
+                if len(prompts) >= n:
+                    return prompts
+    return prompts
+
+
 def _rollout(loop: Loop, version: str, *, scores_key: str | None = None, urgent: bool = False) -> dict[str, Any]:
     from tuneloop.serving.gateway import RouteTable
     from tuneloop.serving.rollout import RolloutError, RolloutPolicy, rollout_version
@@ -187,6 +211,8 @@ def _rollout(loop: Loop, version: str, *, scores_key: str | None = None, urgent:
             api_key=settings.vllm.key,
             timeout_s=settings.vllm.timeout_s,
             server_path=server_path(loop, version),
+            shadow_prompts=[] if urgent else shadow_prompts(loop, sv.shadow_requests),
+            min_shadow_agreement=sv.min_shadow_agreement,
             progress=loop.progress,
         )
     except RolloutError as err:
