@@ -158,3 +158,16 @@ def test_flip_back_routes_everything_to_last_known_good(tmp_path: Path) -> None:
     assert before.serving() == ["t-v2"]
     after = table.alias("t")
     assert after.routes == {"t-v1": 100.0} and after.last_known_good == "t-v2"
+
+
+def test_waiting_requests_reads_the_vllm_gauge_not_its_breakdown() -> None:
+    from tuneloop.serving.rollout import waiting_requests
+
+    text = """# HELP vllm:num_requests_waiting Number of requests waiting to be processed.
+vllm:num_requests_running{engine="0",model_name="tuneloop-base"} 4.0
+vllm:num_requests_waiting{engine="0",model_name="tuneloop-base"} 3.0
+vllm:num_requests_waiting{engine="1",model_name="tuneloop-base"} 1.0
+vllm:num_requests_waiting_by_reason{engine="0",model_name="tuneloop-base",reason="capacity"} 3.0
+"""
+    assert waiting_requests(text) == 4.0
+    assert waiting_requests("") == 0.0

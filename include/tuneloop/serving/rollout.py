@@ -115,6 +115,7 @@ class BakeRecord:
     previous: VersionStats
     verdict: str = "pass"  # pass | breach | not_judged
     reason: str = ""
+    queue_max: float | None = None  # the most requests waiting on the servers (vLLM /metrics) at a poll
 
 
 @dataclass
@@ -272,6 +273,18 @@ def shadow_compare(
             "candidate": round(sum(bool(validity(r.text)) for r in ours) / len(ours), 4),
         }
     return result
+
+
+def waiting_requests(metrics_text: str) -> float:
+    """``vllm:num_requests_waiting`` summed over the exposition's series (one per engine)."""
+    total = 0.0
+    for line in metrics_text.splitlines():
+        if line.startswith(("vllm:num_requests_waiting{", "vllm:num_requests_waiting ")):  # not ..._by_reason
+            try:
+                total += float(line.rsplit(" ", 1)[1])
+            except (IndexError, ValueError):
+                continue
+    return total
 
 
 def _stamp() -> str:
@@ -453,7 +466,7 @@ def rollout_version(
             step("shift", f"{served_name} -> {new_routes}", t0)
             if access_log is None or policy.bake_s <= 0:
                 continue
-            bake = _bake(access_log, offset, name, previous_versions, weight, policy, validity, floor, sleep)
+            bake = _bake(access_log, offset, name, previous_versions, weight, policy, validity, floor, sleep, queue=lambda: _queue(clients))
             report.bakes.append(bake)
             say(f"bake at {weight:g}%: {bake.verdict}" + (f" ({bake.reason})" if bake.reason else "")
                 + f"; candidate {bake.candidate.requests} requests, {bake.candidate.errors} errors, p99 {bake.candidate.p99_ms} ms"
@@ -507,15 +520,22 @@ def _bake(
     validity: Validity | None,
     floor: float | None,
     sleep: Callable[[float], None],
+    queue: Callable[[], float | None] = lambda: None,
 ) -> BakeRecord:
-    """Watch one step for ``policy.bake_s``; stop at the first breach."""
+    """Watch one step for ``policy.bake_s``; stop at the first breach. ``queue()`` reads the
+    servers' waiting requests at each poll (vLLM's metrics are not split by adapter, so the
+    per-version figures come from the gateway's log; the queue is reported beside them)."""
     records: list[LogRecord] = []
     t0 = time.monotonic()
     verdict, reason = "not_judged", ""
     previous = VersionStats()
     candidate = VersionStats()
+    queue_max: float | None = None
     while True:
         sleep(min(policy.poll_s, policy.bake_s))
+        waiting = queue()
+        if waiting is not None:
+            queue_max = waiting if queue_max is None else max(queue_max, waiting)
         fresh, offset = read_access_log(access_log, offset)
         records.extend(fresh)
         candidate = version_stats(records, name, validity)
@@ -523,7 +543,16 @@ def _bake(
         verdict, reason = judge_bake(candidate, previous, policy, floor)
         if verdict == "breach" or time.monotonic() - t0 >= policy.bake_s:
             break
-    return BakeRecord(weight=weight, seconds=round(time.monotonic() - t0, 2), candidate=candidate, previous=previous, verdict=verdict, reason=reason)
+    return BakeRecord(
+        weight=weight, seconds=round(time.monotonic() - t0, 2), candidate=candidate, previous=previous, verdict=verdict, reason=reason, queue_max=queue_max
+    )
+
+
+def _queue(clients: Sequence[VllmClient]) -> float | None:
+    try:
+        return sum(waiting_requests(client.metrics()) for client in clients)
+    except VllmError:
+        return None  # a metrics hiccup is not a breach: the gateway's log still judges
 
 
 def _merged(records: Sequence[LogRecord], versions: Sequence[str]) -> VersionStats:
