@@ -26,6 +26,7 @@ from fixtures_vllm import (
     staged_answers,
 )
 
+from tuneloop.ml.vllm_backend import eval_lora_name
 from tuneloop.provenance import dir_digest
 from tuneloop.serving.deploy import DeployError
 from tuneloop.serving.gateway import GatewayError, NginxGateway, find_nginx, find_njs_module
@@ -153,8 +154,16 @@ def test_canary_loop_survives_a_replica_restart_and_rolls_back_by_flip(world: di
         assert gateway.routes.upstreams() == [urls[0].removeprefix("http://")]
         with VllmClient(urls[1]) as fresh:
             assert versions_on(fresh, SERVED) == {}
-        # ... until reconcile has loaded the registry's version on it
+        # ... until reconcile has loaded the registry's version on it; it also sweeps the name a
+        # killed evaluation left (dated long ago), not the one of an evaluation still running
+        ancient, running = eval_lora_name(SERVED, now=1_000_000), eval_lora_name(SERVED)
+        with VllmClient(urls[0]) as first:
+            for name in (ancient, running):
+                first.load_adapter(name, str(world["adapters"]["v2"].resolve()), inplace=False)
         assert reconcile_step(loop)["upstreams"] == urls
+        with VllmClient(urls[0]) as first:
+            assert running in first.adapters() and ancient not in first.adapters()
+            first.unload_adapter(running)
         with VllmClient(urls[1]) as fresh:
             assert list(versions_on(fresh, SERVED)) == [f"{SERVED}-v1"]
 

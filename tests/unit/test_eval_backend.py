@@ -254,6 +254,16 @@ def test_eval_lora_names_are_fresh_and_never_the_served_names() -> None:
     assert not names & {"tuneloop", "tuneloop-staging", "tuneloop-base"}
 
 
+def test_eval_names_are_dated_so_reconcile_can_sweep_what_a_killed_evaluation_left() -> None:
+    from tuneloop.ml.vllm_backend import stale_eval_names
+
+    old, fresh = eval_lora_name("tuneloop", now=1_000_000), eval_lora_name("tuneloop", now=2_000_000)
+    other_loop = eval_lora_name("tuneloop-tickets", now=1_000_000)
+    names = [old, fresh, other_loop, "tuneloop", "tuneloop-v3", "tuneloop-eval-1234abcd"]  # the last: undated (older tuneloop)
+    assert stale_eval_names(names, "tuneloop", max_age_s=3600, now=2_000_100) == [old]
+    assert stale_eval_names(names, "tuneloop", max_age_s=20 * 86400, now=2_000_100) == []
+
+
 def test_materialize_eval_adapter_is_content_addressed_and_idempotent(tmp_path: Path) -> None:
     adapter = tmp_path / "adapter"
     adapter.mkdir()

@@ -92,6 +92,7 @@ class VllmSettings(_Section):
         description="how servers get an adapter: path = vllm.adapter_dir, shared with them; store = each fetches it from the store (the tuneloop resolver, $TUNELOOP_ADAPTER_CACHE)",
     )
     timeout_s: float = Field(60.0, gt=0)
+    stale_eval_after_h: float = Field(12.0, gt=0, description="reconcile unloads an evaluation's temporary adapter name older than this (left by a killed evaluation, it holds a LoRA slot)")
 
     @field_validator("endpoints")
     @classmethod

@@ -6,6 +6,7 @@ bounds, so that the loop's own evaluation never crowds out production traffic)."
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import time
 import uuid
@@ -20,7 +21,7 @@ from tuneloop.provenance import dir_digest
 
 if TYPE_CHECKING:
     import os
-    from collections.abc import Sequence
+    from collections.abc import Iterable, Sequence
 
     from tuneloop.config import Settings
     from tuneloop.serving.vllm_client import ChatReply, Prompt, VllmClient
@@ -30,12 +31,28 @@ logger = logging.getLogger(__name__)
 EVAL_NAME_INFIX = "-eval-"
 
 
-def eval_lora_name(served_name: str) -> str:
-    """A fresh temporary LoRA name, ``<served>-eval-<8 hex>``: never the stable or staging name,
-    and unique per evaluation, so two evaluations at once never swap each other's weights."""
+def eval_lora_name(served_name: str, *, now: float | None = None) -> str:
+    """A fresh temporary LoRA name, ``<served>-eval-<8 hex: start time><6 hex: random>``: never
+    the stable or staging name, unique per evaluation (two evaluations at once never swap each
+    other's weights), and dated, so ``reconcile`` can unload one a killed evaluation left."""
     from tuneloop.serving.adapters import check_lora_name
 
-    return check_lora_name(f"{served_name}{EVAL_NAME_INFIX}{uuid.uuid4().hex[:8]}")
+    stamp = int(time.time() if now is None else now)
+    return check_lora_name(f"{served_name}{EVAL_NAME_INFIX}{stamp:08x}{uuid.uuid4().hex[:6]}")
+
+
+def stale_eval_names(names: Iterable[str], served_name: str, *, max_age_s: float, now: float | None = None) -> list[str]:
+    """The evaluation names among ``names`` older than ``max_age_s``: left by an evaluation that
+    was killed before it unloaded its name (each holds a LoRA slot). Undated names (an older
+    tuneloop's) are left alone: their age is unknown."""
+    clock = time.time() if now is None else now
+    pattern = re.compile(re.escape(served_name + EVAL_NAME_INFIX) + r"([0-9a-f]{8})[0-9a-f]{6}")
+    stale = []
+    for name in names:
+        match = pattern.fullmatch(name)
+        if match and clock - int(match.group(1), 16) > max_age_s:
+            stale.append(name)
+    return sorted(stale)
 
 
 def materialize_eval_adapter(adapter_dir: str | os.PathLike[str], root: str | os.PathLike[str]) -> Path:

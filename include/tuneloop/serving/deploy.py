@@ -520,6 +520,19 @@ class ReconcileRecord:
     seconds: float = 0.0
 
 
+def unload_stale_eval_names(client: VllmClient, served_name: str, max_age_s: float | None) -> list[str]:
+    """Unload the evaluation names a killed evaluation left on this server (older than
+    ``max_age_s``; None: none); returns them."""
+    if max_age_s is None:
+        return []
+    from tuneloop.ml.vllm_backend import stale_eval_names
+
+    stale = stale_eval_names(client.adapters(), served_name, max_age_s=max_age_s)
+    for name in stale:
+        client.unload_adapter(name)
+    return stale
+
+
 def reconcile(
     endpoints: Sequence[str],
     adapter_dir: str | os.PathLike[str] | None,
@@ -531,6 +544,7 @@ def reconcile(
     timeout_s: float = 60.0,
     progress: Progress | None = None,
     server_path: str | None = None,
+    stale_eval_after_s: float | None = None,
 ) -> list[ReconcileRecord]:
     """Make every endpoint's stable name serve exactly ``adapter_dir`` (None: no adapter at all).
 
@@ -539,7 +553,9 @@ def reconcile(
     write (so the servers agree with the registry again). An endpoint already serving
     ``adapter_dir`` is only checked to answer; another is loaded in place (no window without
     the name), checked to list the new root and to answer. Every endpoint is tried even if
-    one fails; then :class:`DeployError` (step ``reconcile``) names each failure.
+    one fails; then :class:`DeployError` (step ``reconcile``) names each failure. With
+    ``stale_eval_after_s``, evaluation names older than that (a killed evaluation's) are
+    unloaded too.
     """
 
     say = _reporter(progress)
@@ -556,6 +572,7 @@ def reconcile(
         try:
             with VllmClient(record.endpoint, api_key=api_key, timeout_s=timeout_s) as client:
                 client.check_health()
+                swept = unload_stale_eval_names(client, served_name, stale_eval_after_s)
                 record.before = client.adapters().get(served_name)
                 if record.before == path:
                     if path is not None:
@@ -564,6 +581,8 @@ def reconcile(
                 else:  # the same in-place load (or unload) and checks a failed deploy's restore does
                     record.detail = restore(client, served_name=served_name, previous_adapter_dir=path)
                     record.action = "unloaded" if path is None else "loaded"
+            if swept:
+                record.detail += f"; unloaded {len(swept)} stale evaluation name(s): {', '.join(swept)}"
         except (DeployError, VllmError, ValueError, OSError) as err:
             record.action, record.detail = "failed", str(err)
         record.seconds = round(time.perf_counter() - started, 3)

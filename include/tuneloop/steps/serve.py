@@ -394,6 +394,7 @@ def _reconcile(loop: Loop) -> dict[str, Any]:
         timeout_s=settings.vllm.timeout_s,
         progress=loop.progress,
         server_path=server_path(loop, production) if production else None,
+        stale_eval_after_s=settings.vllm.stale_eval_after_h * 3600,
     )
     changed = sum(r.action != "in_sync" for r in records)
     loop.progress(
@@ -407,7 +408,7 @@ def _reconcile_versioned(loop: Loop) -> dict[str, Any]:
     """Gateway mode: every endpoint holds the registry's production (and previous, as
     last-known-good) under their version names; the gateway routes only to endpoints that do
     (a restarted replica rejoins once it serves them) and sends the alias to production."""
-    from tuneloop.serving.deploy import DeployError
+    from tuneloop.serving.deploy import DeployError, unload_stale_eval_names
     from tuneloop.serving.gateway import RouteTable, version_name
     from tuneloop.serving.rollout import versions_on
     from tuneloop.serving.vllm_client import VllmClient, VllmError
@@ -427,6 +428,7 @@ def _reconcile_versioned(loop: Loop) -> dict[str, Any]:
         try:
             with VllmClient(endpoint, api_key=settings.vllm.key, timeout_s=settings.vllm.timeout_s) as client:
                 client.check_health()
+                record["unloaded"].extend(unload_stale_eval_names(client, served, settings.vllm.stale_eval_after_h * 3600))
                 held = versions_on(client, served)
                 for name, path in want.items():
                     if held.get(name) != path:
