@@ -142,6 +142,7 @@ def main() -> int:
     parser.add_argument("--strategies", default="inplace,switch,canary", help="comma-separated, in order (default inplace,switch,canary)")
     parser.add_argument("--bake-s", type=float, default=1.0, help="canary: seconds baked per step (default 1)")
     parser.add_argument("--grace-s", type=float, default=0.5, help="switch/canary: seconds before the old version is unloaded (default 0.5)")
+    parser.add_argument("--pause-s", type=float, default=0.0, help="seconds between rollouts (default 0: back to back, a stress test; real rollouts are weeks apart)")
     parser.add_argument("--json", metavar="FILE", help="also write the results here")
     args = parser.parse_args()
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
@@ -225,6 +226,7 @@ def main() -> int:
                         current = nxt
                     except Exception as err:
                         record.rollout_errors.append(f"{type(err).__name__}: {err}")
+                    time.sleep(args.pause_s)
                     if (i + 1) % 10 == 0:
                         print(f"[bench]   {i + 1}/{args.rollouts} rollouts, {len(record.failures)} failed requests, {len(record.wrong)} wrong answers so far", flush=True)
                 time.sleep(1.0)
@@ -273,6 +275,7 @@ def main() -> int:
     results: dict[str, Any] = {
         "clients": args.clients,
         "rollouts_per_strategy": args.rollouts,
+        "pause_s": args.pause_s,
         "phases": summaries,
         "gateway_overhead": {
             "p50_ratio": round(summaries["baseline-gw"]["p50_ms"] / summaries["baseline"]["p50_ms"], 2),
