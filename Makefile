@@ -9,7 +9,7 @@ export GX_ANALYTICS_ENABLED := false
 export VLLM_NO_USAGE_STATS := 1
 export DO_NOT_TRACK := 1
 
-.PHONY: help setup test test-fast lint demo airflow serve serve-stop bench bench-setup mlflow docs clean
+.PHONY: help setup test test-fast lint demo airflow serve serve-stop gateway gateway-stop bench bench-setup mlflow docs clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -40,6 +40,12 @@ serve: setup ## start the real vLLM OpenAI server (CPU build) with runtime LoRA;
 
 serve-stop: ## stop the vLLM server started by `make serve`
 	@bash scripts/serve.sh stop
+
+gateway: setup ## start the nginx gateway on :8088 (serving.rollout switch|canary: clients call the stable name there)
+	@$(VENV)/bin/tuneloop gateway start
+
+gateway-stop: ## stop the gateway started by `make gateway`
+	@$(VENV)/bin/tuneloop gateway stop
 
 bench-setup: ## build .venv-bench (Evidently, the reference library bench/drift_speed.py compares with)
 	@bash scripts/setup.sh bench
