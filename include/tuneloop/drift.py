@@ -62,6 +62,7 @@ each term in either window. Examples: the current texts with the highest out-of-
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -134,6 +135,9 @@ class DriftReport:
     fold_auc: tuple[float, float] = (0.5, 0.5)
     fold_p_values: tuple[float, float] = (1.0, 1.0)
     seed: int = 0
+    # what is new: each distinct current text (by :func:`novelty_key`) -> the percentile rank
+    # (0..1) of its out-of-fold current-likeness; the teacher's sample leans toward high ones
+    novelty: dict[str, float] = field(default_factory=dict, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-serialisable dict (for the drift artifact and the XCom)."""
@@ -289,7 +293,29 @@ def detect_drift(
         fold_auc=result.fold_auc,
         fold_p_values=result.fold_p_values,
         seed=seed,
+        novelty=current_novelty(current_texts, result.oof_scores[is_current]),
     )
+
+
+def novelty_key(text: str) -> str:
+    """The key a text's novelty is stored under (its content hash; texts never leave as such)."""
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def current_novelty(current_texts: Sequence[str], scores: NDArray[np.float64]) -> dict[str, float]:
+    """Percentile rank in [0, 1] of each current text's out-of-fold score (1: the most unlike
+    the reference); a text seen several times keeps its highest. Ranks, not raw scores: the two
+    fold models' scores are on different scales."""
+    from scipy.stats import rankdata
+
+    if len(current_texts) == 0:
+        return {}
+    ranks = (rankdata(scores, method="average") - 1) / max(1, len(scores) - 1)
+    novelty: dict[str, float] = {}
+    for text, rank in zip(current_texts, ranks, strict=True):
+        key = novelty_key(text)
+        novelty[key] = max(novelty.get(key, 0.0), round(float(rank), 4))
+    return novelty
 
 
 def _checked_window(

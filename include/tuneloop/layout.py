@@ -32,6 +32,7 @@ HELDOUT = "heldout"
 SNAPSHOTS = "snapshots"
 LATEST_SNAPSHOT = f"{SNAPSHOTS}/LATEST"
 DRIFT_CHECKS = "drift/checks"
+DRIFT_NOVELTY = "drift/novelty"
 DRIFT_HISTORY_PLOT = "drift/history.png"
 REGISTRY = "registry"
 ALERT_DEDUP = "alerts/dedup"
@@ -90,6 +91,11 @@ def labelling(day: str, digest: str) -> str:
 
 def drift_check(day: str, run_key: str) -> str:
     return f"{DRIFT_CHECKS}/{day}__{run_key}.json"
+
+
+def drift_novelty(day: str, run_key: str) -> str:
+    """What a drift check found new: content hash of each current prompt -> novelty rank."""
+    return f"{DRIFT_NOVELTY}/{day}__{run_key}.json"
 
 
 def performance_check(day: str, run_key: str) -> str:

@@ -252,6 +252,53 @@ def test_stratified_sample_keeps_each_slice_in_proportion() -> None:
     assert [c.key for c in again] == [c.key for c in chosen], "the same seed draws the same rows"
 
 
+def test_the_sample_leans_toward_what_the_drift_check_found_new() -> None:
+    from tuneloop.drift import novelty_key
+
+    familiar = [{"prompt": f"where is my parcel number {i}", "channel": "email"} for i in range(100)]
+    new = [{"prompt": f"the new subscription plan {i} charged me twice", "channel": "email"} for i in range(100)]
+    rows = familiar + new
+    novelty = {novelty_key(SPEC.input_text(r) or ""): 1.0 for r in new} | {novelty_key(SPEC.input_text(r) or ""): 0.0 for r in familiar}
+    chosen, _, _ = select_rows(rows, SPEC, n=40, seed=3, near_duplicate_jaccard=None, novelty=novelty)
+    share_new = sum("subscription" in c.row["prompt"] for c in chosen) / len(chosen)
+    assert share_new >= 0.75, share_new  # weights 1.0 vs 0.1: about 0.9 expected; the familiar still get some
+    assert share_new < 1.0
+    plain, _, _ = select_rows(rows, SPEC, n=40, seed=3, near_duplicate_jaccard=None)
+    assert 0.3 <= sum("subscription" in c.row["prompt"] for c in plain) / 40 <= 0.7
+    unscored, _, _ = select_rows(rows, SPEC, n=40, seed=3, near_duplicate_jaccard=None, novelty={"0" * 16: 1.0})
+    assert 0.3 <= sum("subscription" in c.row["prompt"] for c in unscored) / 40 <= 0.7  # all 0.5: a uniform draw
+
+
+def test_label_step_uses_the_novelty_of_the_newest_drift_check_in_its_window(teacher: tuple[Scripted, str], tmp_path: Path) -> None:
+    from tuneloop.drift import detect_drift, novelty_key
+    from tuneloop.steps.label import label_step
+    from tuneloop.steps.loop import open_loop
+
+    _, url = teacher
+    reference = [f"where is my parcel number {i}, it was due on monday" for i in range(200)]
+    current = [f"where is my parcel number {i}, it was due on monday" for i in range(200, 300)]
+    current += [f"the new subscription plan {i} charged me twice this month" for i in range(100)]
+    report = detect_drift(reference, current, seed=0)
+    novel = [report.novelty[novelty_key(t)] for t in current[100:]]
+    assert report.drift and sum(novel) / len(novel) > 0.7  # the new kind of prompt ranks high
+    traffic = tmp_path / "store" / "traffic" / "dt=2026-03-02"
+    traffic.mkdir(parents=True)
+    (traffic / "part-0.jsonl").write_text("".join(json.dumps({"prompt": t, "channel": "email"}) + "\n" for t in current))
+    novelty_dir = tmp_path / "store" / "drift" / "novelty"
+    novelty_dir.mkdir(parents=True)
+    (novelty_dir / "2026-03-02__scheduled.json").write_text(json.dumps({"as_of": "2026-03-02", "novelty": report.novelty}))
+    (novelty_dir / "2026-02-01__old.json").write_text(json.dumps({"as_of": "2026-02-01", "novelty": {}}))  # outside the window
+    config = tmp_path / "tuneloop.yaml"
+    config.write_text(_LABEL_CONFIG.format(store=tmp_path / "store", work=tmp_path / "work", url=url).replace("consistency_sample: 0,", "consistency_sample: 0, sample_rows: 30,"))
+    loop = open_loop(str(config), run_id="manual__novel", progress=lambda _: None)
+    summary = label_step(loop, as_of="2026-03-02")
+    assert summary["novelty_source"] == "drift/novelty/2026-03-02__scheduled.json"
+    labelled = [json.loads(line) for f in (tmp_path / "store" / "labelled").rglob("teacher-*.jsonl") for line in f.read_text().splitlines()]
+    assert len(labelled) == 30
+    # a third of the traffic (10 of 30 by a uniform draw); drawn in proportion to 0.1 + 0.9 x rank: ~17
+    assert sum("subscription" in row["prompt"] for row in labelled) >= 15
+
+
 def test_rate_limit_spaces_the_requests(teacher: tuple[Scripted, str], tmp_path: Path) -> None:
     _, url = teacher
     starts: list[float] = []  # when each delayed request was let go (the fake sleep returns at once)

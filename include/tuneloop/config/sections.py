@@ -383,6 +383,7 @@ class TeacherSettings(_Section):
     temperature: float = Field(0.0, ge=0, le=2)
     max_tokens: int = Field(512, ge=1, description="longest answer the teacher may give")
     sample_rows: int = Field(2000, ge=1, description="traffic rows labelled per run (after de-duplication, stratified by slice)")
+    prefer_novel: bool = Field(True, description="within each slice, draw rows in proportion to 0.1 + 0.9 x their novelty (the newest drift check's rank of how unlike the reference they are); rows it did not score count 0.5")
     max_requests: int | None = Field(None, ge=1, description="budget: teacher requests per run (cache hits are free); null: no cap")
     max_tokens_total: int | None = Field(None, ge=1, description="budget: prompt + completion tokens per run, as the endpoint reports them; null: no cap")
     max_cost: float | None = Field(None, gt=0, description="budget: estimated money per run (from the prices below); null: no cap")

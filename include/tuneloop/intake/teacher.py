@@ -106,14 +106,17 @@ def label_id(record: Mapping[str, Any], spec: TaskSpec, key: str) -> str:
 
 def select_rows(
     rows: Sequence[Mapping[str, Any]], spec: TaskSpec, *, n: int, seed: int = 0, near_duplicate_jaccard: float | None = 0.8,
-    shingle_words: int = 3, already: set[str] | frozenset[str] = frozenset(),
+    shingle_words: int = 3, already: set[str] | frozenset[str] = frozenset(), novelty: Mapping[str, float] | None = None,
 ) -> tuple[list[Candidate], dict[str, int], list[tuple[dict[str, Any], str]]]:
     """(rows to label, counts of what was left out and why, unreadable rows with their reason).
 
     Rows whose label id is in ``already`` (labelled by an earlier run) and exact and
     near-duplicate inputs are dropped (the first kept), then up to ``n`` rows are drawn, seeded,
     stratified by slice in proportion to the slices' shares (each slice at least one row while
-    ``n`` allows)."""
+    ``n`` allows). With ``novelty`` (:func:`tuneloop.drift.novelty_key` of the input -> rank in
+    [0, 1], from the drift check), each slice's rows are drawn without replacement with
+    probability proportional to ``0.1 + 0.9 x novelty`` (0.5 for a row the check did not see):
+    what the monitor found new is labelled first, the familiar still gets a share."""
     from tuneloop.intake.similarity import find_near_duplicates
     from tuneloop.tasks.spec import TaskRowError
 
@@ -144,8 +147,15 @@ def select_rows(
     for candidate in readable:
         by_slice.setdefault(candidate.example.slice, []).append(candidate)
     rng = random.Random(seed)
-    for members in by_slice.values():
-        rng.shuffle(members)
+    for members in by_slice.values():  # insertion order: the same seed draws the same rows as before
+        if novelty:
+            from tuneloop.drift import novelty_key
+
+            # Efraimidis-Spirakis: sorting by u ** (1 / w) draws in proportion to w
+            keys = {id(c): rng.random() ** (1.0 / (0.1 + 0.9 * novelty.get(novelty_key(c.example.input_text), 0.5))) for c in members}
+            members.sort(key=lambda c: -keys[id(c)])
+        else:
+            rng.shuffle(members)
     quota = _quotas({name: len(members) for name, members in by_slice.items()}, n)
     chosen = [c for name, members in sorted(by_slice.items()) for c in members[: quota[name]]]
     left_out["not_sampled"] = len(readable) - len(chosen)
@@ -360,6 +370,7 @@ def label_rows(
     progress: Callable[[str], None] | None = None,
     teacher: Teacher | None = None,
     already: set[str] | frozenset[str] = frozenset(),
+    novelty: Mapping[str, float] | None = None,
 ) -> LabelRun:
     """Label a sample of ``rows`` (traffic) with the teacher; ``human`` labelled rows with the
     same ids measure the teacher's agreement with people; rows of ids in ``already`` (labelled
@@ -369,6 +380,7 @@ def label_rows(
     local = check_residency(cfg)
     candidates, left_out, quarantined = select_rows(
         rows, spec, n=cfg.sample_rows, seed=seed, near_duplicate_jaccard=near_duplicate_jaccard, already=already,
+        novelty=novelty if cfg.prefer_novel else None,
     )
     teacher = teacher or Teacher(cfg, cache_dir)
     sendable: list[tuple[Candidate, list[dict[str, str]]]] = []

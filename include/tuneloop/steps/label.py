@@ -35,6 +35,22 @@ def _window(loop: Loop, as_of: str | date | None) -> tuple[list[date], list[str]
     return window, keys
 
 
+def _novelty(loop: Loop, days: list[date]) -> tuple[str | None, dict[str, float] | None]:
+    """The newest drift check's novelty ranks whose day lies in the labelling window, and its key."""
+    first, last = days[0].isoformat(), days[-1].isoformat()
+    keys = sorted(
+        (k for k in loop.store.list(f"{layout.DRIFT_NOVELTY}/") if k.endswith(".json") and first <= k.rsplit("/", 1)[-1][:10] <= last),
+        key=lambda k: k.rsplit("/", 1)[-1],
+    )
+    if not keys:
+        return None, None
+    data = loop.store.get_json(keys[-1])
+    novelty = data.get("novelty") if isinstance(data, dict) else None
+    if not isinstance(novelty, dict):
+        return None, None
+    return keys[-1], {str(k): float(v) for k, v in novelty.items() if isinstance(v, int | float)}
+
+
 def label_step(loop: Loop, *, as_of: str | date | None = None) -> dict[str, Any]:
     """Label the traffic window with the teacher; write ``labelled/dt=<last day>/teacher-*.jsonl``
     and ``labelling/<day>__<digest>/`` (summary with the account and checks, quarantine)."""
@@ -62,9 +78,13 @@ def label_step(loop: Loop, *, as_of: str | date | None = None) -> dict[str, Any]
         f"{len(already)} labelled by earlier runs)"
     )
     cache = Path(cfg.cache_dir) if cfg.cache_dir else Path(settings.work_dir) / "teacher-cache"
+    novelty_source, novelty = _novelty(loop, days) if cfg.prefer_novel else (None, None)
+    if novelty_source:
+        loop.progress(f"label: the sample leans toward what the drift check {novelty_source} found new ({len(novelty or {})} prompts ranked)")
     run = label_rows(
         rows, loop.spec, cfg, cache_dir=cache, human=human, seed=settings.training.seed,
         near_duplicate_jaccard=settings.data.near_duplicate_jaccard, progress=loop.progress, already=already,
+        novelty=novelty,
     )
     ids = [str(loop.spec.row_id(row)) for row in run.labelled] + [json.dumps(row, sort_keys=True) for row, _ in run.quarantined]
     identity = {"model": cfg.model, "system_prompt": cfg.system_prompt, "temperature": cfg.temperature, "ids": sorted(ids)}
@@ -73,6 +93,7 @@ def label_step(loop: Loop, *, as_of: str | date | None = None) -> dict[str, Any]
     labels_key = layout.teacher_labels(day, digest)
     prefix = layout.labelling(day, digest)
     summary = {"window": [days[0].isoformat(), day], "traffic_rows": len(rows), "labels": labels_key, **run.summary(),
+               "novelty_source": novelty_source,
                "teacher": {"endpoint": cfg.endpoint, "model": cfg.model}}
     loop.store.put_jsonl(f"{prefix}/quarantine.jsonl", [{"row": row, "reason": reason} for row, reason in run.quarantined])
     loop.store.put_json(f"{prefix}/summary.json", summary)

@@ -112,6 +112,7 @@ def check_drift(loop: Loop, *, as_of: str | date | None = None) -> dict[str, Any
     shift = slice_shift(loop.spec, reference_rows, current_rows)
     loop.progress(f"drift check as of {end}: {len(reference)} reference ({reference_source}) vs {len(current)} current prompts")
     report = _detect_drift(loop, reference, current)
+    novelty = report.pop("novelty", None) or {}
     significant = bool(report["drift"])
     # A huge window makes even a trivial shift significant: require a minimum effect too.
     report["drift"] = significant and report["statistic"] >= cfg.min_auc
@@ -170,7 +171,10 @@ def check_drift(loop: Loop, *, as_of: str | date | None = None) -> dict[str, Any
         "emit": emit,
         "decision": reason,
         "report": report,
+        "novelty_key": layout.drift_novelty(end.isoformat(), loop.run_key) if novelty else None,
     }
+    if novelty:  # beside the check, not in it: one number per distinct current prompt
+        store.put_json(layout.drift_novelty(end.isoformat(), loop.run_key), {"as_of": end.isoformat(), "novelty": novelty})
     store.put_json(layout.drift_check(end.isoformat(), loop.run_key), check)
     _plot_drift_history([*history, check], store)
     loop.progress(f"drift decision: {reason}")
