@@ -29,7 +29,7 @@ from fixtures_vllm import (
 from tuneloop.ml.vllm_backend import eval_lora_name
 from tuneloop.provenance import dir_digest
 from tuneloop.serving.deploy import DeployError
-from tuneloop.serving.gateway import GatewayError, NginxGateway, find_nginx, find_njs_module
+from tuneloop.serving.gateway import NginxGateway, nginx_available
 from tuneloop.serving.rollout import versions_on
 from tuneloop.serving.vllm_client import VllmClient
 from tuneloop.steps.loop import open_loop
@@ -44,12 +44,7 @@ from tuneloop.steps.serve import (
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-try:
-    find_nginx()
-    find_njs_module()
-    HAVE_NGINX = True
-except GatewayError:
-    HAVE_NGINX = False
+HAVE_NGINX = nginx_available()
 
 pytestmark = [
     pytest.mark.ml,

@@ -17,20 +17,13 @@ import pytest
 
 from tuneloop.serving.gateway import (
     VERSION_HEADER,
-    GatewayError,
     NginxGateway,
-    find_nginx,
-    find_njs_module,
+    nginx_available,
     read_access_log,
 )
 from tuneloop.serving.rollout import answer_text
 
-try:
-    find_nginx()
-    find_njs_module()
-    HAVE_NGINX = True
-except GatewayError:
-    HAVE_NGINX = False
+HAVE_NGINX = nginx_available()
 
 pytestmark = [
     pytest.mark.integration,

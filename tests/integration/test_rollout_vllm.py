@@ -30,10 +30,8 @@ from fixtures_vllm import (
 )
 
 from tuneloop.serving.gateway import (
-    GatewayError,
     NginxGateway,
-    find_nginx,
-    find_njs_module,
+    nginx_available,
     version_name,
 )
 from tuneloop.serving.rollout import RolloutError, RolloutPolicy, rollout_version, versions_on
@@ -42,12 +40,7 @@ from tuneloop.serving.vllm_client import VllmClient
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-try:
-    find_nginx()
-    find_njs_module()
-    HAVE_NGINX = True
-except GatewayError:
-    HAVE_NGINX = False
+HAVE_NGINX = nginx_available()
 
 pytestmark = [
     pytest.mark.ml,

@@ -174,6 +174,16 @@ def find_njs_module(explicit: str | None = None) -> str:
     raise GatewayError(f"nginx's JavaScript module (ngx_http_js_module.so) was not found in {list(NJS_MODULE_CANDIDATES)}: {INSTALL_HINT}")
 
 
+def nginx_available() -> bool:
+    """nginx and its JavaScript module are installed (what the gateway needs)."""
+    try:
+        find_nginx()
+        find_njs_module()
+    except GatewayError:
+        return False
+    return True
+
+
 def find_nginx(explicit: str | None = None) -> str:
     found = explicit or shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").is_file() else None)
     if not found:

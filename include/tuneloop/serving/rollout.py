@@ -28,7 +28,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -185,19 +185,24 @@ def answer_text(raw: str) -> str | None:
     return (message.get("content") if isinstance(message, dict) else choice.get("text")) or ""
 
 
-def _p99_ms(seconds: list[float]) -> float | None:
+def _percentile_ms(seconds: Sequence[float], q: float) -> float | None:
+    """The ``q`` quantile (nearest rank) of durations in seconds, in milliseconds; None if empty."""
     if not seconds:
         return None
     ordered = sorted(seconds)
-    return round(ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))] * 1000, 1)
+    return round(ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] * 1000, 1)
 
 
-def version_stats(records: Sequence[LogRecord], version: str, validity: Validity | None) -> VersionStats:
-    mine = [r for r in records if r.version == version]
+def version_stats(records: Sequence[LogRecord], versions: str | Collection[str], validity: Validity | None = None) -> VersionStats:
+    """What the gateway's log shows for one version (or several, merged): requests, errors
+    (5xx, and 404: a name that is not loaded), p99 of the answered, and with ``validity`` the
+    valid share of the sampled answers."""
+    wanted = {versions} if isinstance(versions, str) else set(versions)
+    mine = [r for r in records if r.version in wanted]
     stats = VersionStats(
         requests=len(mine),
         errors=sum(r.status >= 500 or r.status == 404 for r in mine),
-        p99_ms=_p99_ms([r.seconds for r in mine if r.status < 400]),
+        p99_ms=_percentile_ms([r.seconds for r in mine if r.status < 400], 0.99),
     )
     if validity is not None:
         for record in mine:
@@ -251,9 +256,8 @@ def shadow_compare(
 
     theirs, ours = ask(production), ask(candidate)
 
-    def p_ms(replies: list[ChatReply], q: float) -> float:
-        ordered = sorted(r.seconds for r in replies)
-        return round(ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] * 1000, 1)
+    def p_ms(replies: list[ChatReply], q: float) -> float | None:
+        return _percentile_ms([r.seconds for r in replies], q)
 
     agreement = [float(scorer(c.text, p.text)) for c, p in zip(ours, theirs, strict=True)]
     result: dict[str, Any] = {
@@ -539,7 +543,7 @@ def _bake(
         fresh, offset = read_access_log(access_log, offset)
         records.extend(fresh)
         candidate = version_stats(records, name, validity)
-        previous = _merged(records, previous_versions)
+        previous = version_stats(records, previous_versions)
         verdict, reason = judge_bake(candidate, previous, policy, floor)
         if verdict == "breach" or time.monotonic() - t0 >= policy.bake_s:
             break
@@ -553,15 +557,6 @@ def _queue(clients: Sequence[VllmClient]) -> float | None:
         return sum(waiting_requests(client.metrics()) for client in clients)
     except VllmError:
         return None  # a metrics hiccup is not a breach: the gateway's log still judges
-
-
-def _merged(records: Sequence[LogRecord], versions: Sequence[str]) -> VersionStats:
-    mine = [r for r in records if r.version in set(versions)]
-    return VersionStats(
-        requests=len(mine),
-        errors=sum(r.status >= 500 or r.status == 404 for r in mine),
-        p99_ms=_p99_ms([r.seconds for r in mine if r.status < 400]),
-    )
 
 
 def flip_back(routes: RouteTable, served_name: str) -> Alias:
