@@ -15,7 +15,10 @@ import shutil
 import struct
 import subprocess
 import sys
+import threading
 import time
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -343,3 +346,52 @@ def stable_answers(url: str) -> list[str]:
 
     with VllmClient(url) as client:
         return client.chat_many(SERVED, PROMPTS, max_tokens=MAX_TOKENS)
+
+
+@dataclass
+class GatewayLoad:
+    """Clients calling the stable name through a gateway until stopped, each answer checked
+    against the reference answer of the version that served it (the response's ``model``).
+    ``reference(version_name, prompt_index)`` gives that answer, None for an unknown name."""
+
+    url: str
+    reference: Callable[[str, int], str | None]
+    clients: int = 3
+    answers: Counter[str] = field(default_factory=Counter)  # version name -> answers
+    failures: list[str] = field(default_factory=list)
+    wrong: list[str] = field(default_factory=list)
+
+    def __enter__(self) -> GatewayLoad:
+        import httpx
+
+        self._stop = threading.Event()
+
+        def loop(index: int) -> None:
+            p = index % len(PROMPTS)
+            body = {"model": SERVED, "messages": [{"role": "user", "content": PROMPTS[p]}], "max_tokens": MAX_TOKENS, "temperature": 0.0}
+            with httpx.Client(timeout=60) as http:
+                while not self._stop.is_set():
+                    try:
+                        reply = http.post(self.url + "/v1/chat/completions", json=body)
+                        reply.raise_for_status()
+                        data = reply.json()
+                    except Exception as err:  # every failure counts, whatever its kind
+                        self.failures.append(f"{type(err).__name__}: {err}")
+                        time.sleep(0.05)
+                        continue
+                    served, answer = data["model"], data["choices"][0]["message"]["content"]
+                    self.answers[served] += 1
+                    if self.reference(served, p) != answer:
+                        self.wrong.append(f"{served} answered {answer!r}, its reference is {self.reference(served, p)!r}")
+
+        self._threads = [threading.Thread(target=loop, args=(i,), daemon=True) for i in range(self.clients)]
+        for thread in self._threads:
+            thread.start()
+        time.sleep(0.5)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        time.sleep(0.5)
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=60)

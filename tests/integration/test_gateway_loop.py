@@ -6,19 +6,17 @@ is not the reference answer of the version that served it."""
 
 from __future__ import annotations
 
-import threading
 import time
-from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import httpx
 import pytest
 import yaml
 from fixtures_vllm import (
     MAX_TOKENS,
     PROMPTS,
     SERVED,
+    GatewayLoad,
     build_lora_adapter,
     build_tiny_llama,
     free_port,
@@ -112,33 +110,11 @@ def test_canary_loop_survives_a_replica_restart_and_rolls_back_by_flip(world: di
     done = reconcile_step(loop)
     assert done["upstreams"] == urls and done["routes"] == {f"{SERVED}-v1": 100.0}
 
-    failures: list[str] = []
-    wrong: list[str] = []
-    served: Counter[str] = Counter()
-    stop = threading.Event()
+    def reference(served: str, p: int) -> str | None:
+        said = world["answers"].get(served.removeprefix(f"{SERVED}-"))
+        return said[p] if said else None
 
-    def client(index: int) -> None:
-        p = index % len(PROMPTS)
-        body = {"model": SERVED, "messages": [{"role": "user", "content": PROMPTS[p]}], "max_tokens": MAX_TOKENS, "temperature": 0.0}
-        with httpx.Client(timeout=60) as http:
-            while not stop.is_set():
-                try:
-                    reply = http.post(gateway.url + "/v1/chat/completions", json=body)
-                    reply.raise_for_status()
-                    data = reply.json()
-                except Exception as err:
-                    failures.append(f"{type(err).__name__}: {err}")
-                    time.sleep(0.05)
-                    continue
-                version = data["model"].removeprefix(f"{SERVED}-")
-                served[version] += 1
-                if world["answers"].get(version, [None] * len(PROMPTS))[p] != data["choices"][0]["message"]["content"]:
-                    wrong.append(f"{data['model']}: {data['choices'][0]['message']['content']!r}")
-
-    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(3)]
-    for thread in threads:
-        thread.start()
-    try:
+    with GatewayLoad(gateway.url, reference) as load:
         # replica 1 goes down: requests routed there are retried on replica 0; reconcile drops it
         serve_sh("stop", "--run-dir", str(world["runs"][1]), timeout=60)
         with pytest.raises(DeployError, match="get no traffic from the gateway"):
@@ -178,13 +154,9 @@ def test_canary_loop_survives_a_replica_restart_and_rolls_back_by_flip(world: di
         assert rolled["version"] == "v1" and rolled["deploy"]["bakes"] == []
         assert gateway.routes.alias(SERVED).routes == {f"{SERVED}-v1": 100.0}
         time.sleep(1.0)
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join(timeout=60)
-    assert failures == []
-    assert wrong == []
-    assert served["v1"] > 0 and served["v2"] > 0
+    assert load.failures == []
+    assert load.wrong == []
+    assert load.answers[f"{SERVED}-v1"] > 0 and load.answers[f"{SERVED}-v2"] > 0
     for url in urls:
         with VllmClient(url) as client:
             assert sorted(versions_on(client, SERVED)) == [f"{SERVED}-v1", f"{SERVED}-v2"]

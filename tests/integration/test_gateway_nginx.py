@@ -146,7 +146,7 @@ def test_only_the_captured_version_has_its_answers_logged_streamed_or_not(gatewa
     assert texts and all(t is not None and t.startswith("tl-v2 says q") for t in texts)
 
 
-def test_a_replica_that_lacks_the_version_or_is_down_is_retried_on_another(gateway: tuple[NginxGateway, list[ThreadingHTTPServer]], tmp_path: Path) -> None:
+def test_a_replica_that_lacks_the_version_fails_or_is_down_is_retried_on_another(gateway: tuple[NginxGateway, list[ThreadingHTTPServer]], tmp_path: Path) -> None:
     from fixtures_vllm import free_port
 
     gw, upstreams = gateway
@@ -157,12 +157,21 @@ def test_a_replica_that_lacks_the_version_or_is_down_is_retried_on_another(gatew
             self.rfile.read(int(self.headers.get("Content-Length", 0)))
             self._send(404, json.dumps({"error": {"message": "The model `tl-v1` does not exist."}}).encode())
 
+    class Stopping(_Upstream):  # a vLLM shutting down fails the requests it still holds
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self._send(500, b'{"error": {"message": "engine is shutting down"}}')
+
     forgetful = ThreadingHTTPServer(("127.0.0.1", 0), Forgetful)
-    threading.Thread(target=forgetful.serve_forever, daemon=True).start()
+    stopping = ThreadingHTTPServer(("127.0.0.1", 0), Stopping)
+    for server in (forgetful, stopping):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
     down = free_port()  # nothing listens there
     try:
         gw.routes.set_alias("tl", {"tl-v1": 100})
-        gw.routes.set_upstreams([f"127.0.0.1:{good}", f"127.0.0.1:{forgetful.server_address[1]}", f"127.0.0.1:{down}"])
+        gw.routes.set_upstreams(
+            [f"127.0.0.1:{good}", f"127.0.0.1:{forgetful.server_address[1]}", f"127.0.0.1:{stopping.server_address[1]}", f"127.0.0.1:{down}"]
+        )
         replies = [_ask(gw, "tl", f"q{i}", stream=bool(i % 3 == 0)) for i in range(60)]
         assert {r.status_code for r in replies} == {200}
         assert {r.json()["port"] for r in replies if not r.headers.get("content-type", "").startswith("text/event-stream")} == {good}
@@ -172,3 +181,4 @@ def test_a_replica_that_lacks_the_version_or_is_down_is_retried_on_another(gatew
         assert missing.status_code == 404 and "does not exist" in missing.text
     finally:
         forgetful.shutdown()
+        stopping.shutdown()

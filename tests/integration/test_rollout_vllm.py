@@ -8,8 +8,6 @@ the response names, and no request may fail.
 
 from __future__ import annotations
 
-import threading
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +19,7 @@ from fixtures_vllm import (
     MAX_TOKENS,
     PROMPTS,
     SERVED,
+    GatewayLoad,
     build_lora_adapter,
     build_tiny_llama,
     free_port,
@@ -104,49 +103,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         serve_sh("stop", "--run-dir", str(run_dir), timeout=60)
 
 
-@dataclass
-class Load:
-    answers: Counter[str] = field(default_factory=Counter)
-    failures: list[str] = field(default_factory=list)
-    wrong: list[str] = field(default_factory=list)
+def under_load(stack: Stack, work: Any) -> tuple[Any, GatewayLoad]:
+    def reference(served: str, p: int) -> str | None:
+        adapter = stack.made.get(served)
+        return stack.answers[adapter][p] if adapter else None
 
-
-def clients(stack: Stack, n: int, stop: threading.Event, load: Load) -> list[threading.Thread]:
-    def loop(index: int) -> None:
-        p = index % len(PROMPTS)
-        body = {"model": SERVED, "messages": [{"role": "user", "content": PROMPTS[p]}], "max_tokens": MAX_TOKENS, "temperature": 0.0}
-        with httpx.Client(timeout=60) as client:
-            while not stop.is_set():
-                try:
-                    reply = client.post(stack.gateway.url + "/v1/chat/completions", json=body)
-                    reply.raise_for_status()
-                    data = reply.json()
-                except Exception as err:
-                    load.failures.append(f"{type(err).__name__}: {err}")
-                    continue
-                served, answer = data["model"], data["choices"][0]["message"]["content"]
-                load.answers[served] += 1
-                adapter = stack.made.get(served)
-                if adapter is None or stack.answers[adapter][p] != answer:
-                    load.wrong.append(f"{served} ({adapter}) answered {answer!r}")
-
-    threads = [threading.Thread(target=loop, args=(i,), daemon=True) for i in range(n)]
-    for thread in threads:
-        thread.start()
-    return threads
-
-
-def under_load(stack: Stack, work: Any) -> tuple[Any, Load]:
-    load, stop = Load(), threading.Event()
-    threads = clients(stack, 3, stop, load)
-    time.sleep(0.5)
-    try:
+    with GatewayLoad(stack.gateway.url, reference) as load:
         outcome = work()
-    finally:
-        time.sleep(0.5)
-        stop.set()
-        for thread in threads:
-            thread.join(timeout=60)
     return outcome, load
 
 

@@ -214,7 +214,7 @@ def render_nginx_conf(
             js_body_filter gw.capture;
             proxy_set_body $tl_body;
             proxy_pass http://$tl_retry{i};
-{'            proxy_intercept_errors on;' + chr(10) + f'            error_page 404 502 503 = @retry{i + 1};' + chr(10) if i < 3 else ''}            add_header {VERSION_HEADER} $tl_version always;
+{'            proxy_intercept_errors on;' + chr(10) + f'            error_page 404 500 502 503 = @retry{i + 1};' + chr(10) if i < 3 else ''}            add_header {VERSION_HEADER} $tl_version always;
         }}"""
         for i in (1, 2, 3)
     )
@@ -257,11 +257,12 @@ http {{
             proxy_set_body $tl_body;
             proxy_pass http://$tl_upstream;
             proxy_intercept_errors on;
-            error_page 404 502 503 = @retry1;
+            error_page 404 500 502 503 = @retry1;
             add_header {VERSION_HEADER} $tl_version always;
         }}
         # on another replica: the last did not hold the version (404: restarted and not yet
-        # reconciled) or did not answer (502, 503). Up to three more tries; the last answer,
+        # reconciled), failed it (500: a server stopping mid-request) or did not answer (502, 503).
+        # Up to three more tries (an inference request has no side effect); the last answer,
         # whatever it is, goes back.
 {retries}
         location = /__tuneloop/health {{

@@ -52,7 +52,8 @@ function upstream(r) {
 }
 
 // $tl_retry: another ready replica than the one(s) that just answered 404 (a restarted server
-// that does not hold the version yet) or 502/503 (a server that is down or starting).
+// that does not hold the version yet), 500 (a server stopping mid-request) or 502/503 (a
+// server that is down or starting).
 function retry(r) {
     const t = table(r);
     const ups = (t && t.upstreams) || [];
