@@ -77,6 +77,12 @@ def report(version: str) -> str:
     return f"reports/{version_name(version)}"
 
 
+def rollout_report(version: str, suffix: str = "json") -> str:
+    """``reports/<version>/rollout.{json,md}``: its latest gateway rollout (shadow replay, bakes,
+    why it rolled back), beside the gate's report."""
+    return f"{report(version)}/rollout.{suffix}"
+
+
 def gate_decision(version: str) -> str:
     return f"{report(version)}/gate.json"
 
@@ -104,11 +110,6 @@ def performance_check(day: str, run_key: str) -> str:
 
 def run_summary(run_key: str) -> str:
     return f"runs/{run_key}.json"
-
-
-def run_rollout(run_key: str) -> str:
-    """A gateway rollout's report (steps, bakes, why it rolled back): ``runs/<key>.rollout.json``."""
-    return f"runs/{run_key}.rollout.json"
 
 
 def quality_failure(run_key: str) -> str:

@@ -145,6 +145,7 @@ def test_canary_loop_survives_a_replica_restart_and_rolls_back_by_flip(world: di
         assert shadow["identical"] == sum(a.strip() == b.strip() for a, b in zip(v1, v2, strict=True))
         assert shadow["latency_ms"]["candidate"]["p99"] > 0
         assert [b["weight"] for b in deployed["bakes"]] == [50.0, 100.0]
+        assert "## Shadow replay (before any traffic)" in loop.store.get_text("reports/v2/rollout.md")  # beside v2's gate report
         assert all(b["verdict"] in ("pass", "not_judged") for b in deployed["bakes"])
         verify_step(loop, "v2")
         record_step(loop, "v2", deployed_over=deployed["previous"])

@@ -54,8 +54,11 @@ def test_a_breach_is_recorded_in_the_registry_the_store_and_the_message(loop: An
     last = loop.registry.history()[-1]
     assert loop.registry.aliases()["candidate"] is None
     assert last["reason"].startswith("rollout of v1 rolled back: ") and "validity 0.20 below 0.90" in last["reason"]
-    stored = loop.store.get_json(layout.run_rollout(loop.run_key))
-    assert stored["rolled_back"] and stored["bakes"][0]["verdict"] == "breach"
+    stored = loop.store.get_json(layout.rollout_report("v1"))  # beside the gate's report of v1
+    assert stored["rolled_back"] and stored["bakes"][0]["verdict"] == "breach" and stored["run_id"] == "manual__canary"
+    text = loop.store.get_text(layout.rollout_report("v1", "md"))
+    assert text.startswith("# Rollout of v1 (tuneloop-v1): rolled back")
+    assert "| 10 % | 4.0 | 40 | 0 | None / None | 2/10 | breach: validity 0.20 below 0.90 |" in text
 
     message = deploy_rollback_message(caught.value.rollout.to_dict(), version="v1")
     assert message is not None and message.title == "Rollout of v1 rolled back: traffic returned to tuneloop-v0"

@@ -559,6 +559,46 @@ def _queue(clients: Sequence[VllmClient]) -> float | None:
         return None  # a metrics hiccup is not a breach: the gateway's log still judges
 
 
+def rollout_markdown(report: RolloutReport) -> str:
+    """The rollout in a few lines of Markdown, to read beside the gate's report."""
+    outcome = "rolled back" if report.rolled_back else ("settled" if report.ok else "stopped")
+    lines = [
+        f"# Rollout of {report.version} ({report.version_name}): {outcome}",
+        "",
+        f"Strategy `{report.strategy}`, started {report.started_at}, {report.seconds:.1f} s; before it, "
+        f"`{report.alias}` routed to {report.previous_routes or 'nothing'}.",
+    ]
+    if report.error:
+        lines += ["", f"**Why it stopped:** {report.error}"]
+    if report.shadow:
+        sh = report.shadow
+        lines += [
+            "",
+            "## Shadow replay (before any traffic)",
+            "",
+            "| | production | candidate |",
+            "| --- | --- | --- |",
+            f"| name | {sh['production']} | {sh['candidate']} |",
+            f"| p50 / p99 ms | {sh['latency_ms']['production']['p50']} / {sh['latency_ms']['production']['p99']} | "
+            f"{sh['latency_ms']['candidate']['p50']} / {sh['latency_ms']['candidate']['p99']} |",
+        ]
+        if "validity" in sh:
+            lines.append(f"| valid answers | {sh['validity']['production']:.2f} | {sh['validity']['candidate']:.2f} |")
+        lines += ["", f"{sh['n']} recent prompts; agreement with production {sh['agreement']:.2f}, {sh['identical']} identical answers."]
+    if report.bakes:
+        lines += ["", "## Bake per step", "", "| weight | seconds | requests | errors | p99 ms (new / previous) | valid sampled | verdict |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        for bake in report.bakes:
+            c, p = bake.candidate, bake.previous
+            valid = f"{c.valid}/{c.sampled}" if c.sampled else "-"
+            lines.append(
+                f"| {bake.weight:g} % | {bake.seconds} | {c.requests} | {c.errors} | {c.p99_ms} / {p.p99_ms} | {valid} | "
+                f"{bake.verdict}{': ' + bake.reason if bake.reason else ''} |"
+            )
+    if report.last_known_good:
+        lines += ["", f"Last-known-good, still loaded: {report.last_known_good}."]
+    return "\n".join(lines) + "\n"
+
+
 def flip_back(routes: RouteTable, served_name: str) -> Alias:
     """Rollback by weights: route all of ``served_name`` to its last-known-good version (which
     stays loaded); returns the alias as it was. Raises ``ValueError`` when there is none."""

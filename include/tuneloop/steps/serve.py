@@ -147,6 +147,14 @@ def offline_validity(loop: Loop, scores_key: str) -> float | None:
     return sum(bool(loop.spec.scorer.valid(p)) for p in predictions) / len(predictions) if predictions else None
 
 
+def _store_rollout(loop: Loop, version: str, report: Any) -> None:
+    """The rollout's report beside the version's gate report (JSON, and Markdown to read)."""
+    from tuneloop.serving.rollout import rollout_markdown
+
+    loop.store.put_json(layout.rollout_report(version), {**report.to_dict(), "run_id": loop.run_id})
+    loop.store.put_text(layout.rollout_report(version, "md"), rollout_markdown(report))
+
+
 def shadow_prompts(loop: Loop, n: int) -> list[Any]:
     """The ``n`` newest distinct prompts of the production traffic (newest partition first)."""
     if n <= 0:
@@ -219,9 +227,9 @@ def _rollout(loop: Loop, version: str, *, scores_key: str | None = None, urgent:
         if err.rollout.rolled_back and loop.registry.aliases().get("candidate") == version:
             # the reason stays in the registry's history beside every alias move
             loop.registry.move_aliases({"candidate": None}, reason=f"rollout of {version} rolled back: {err}", run_id=loop.run_id)
-        loop.store.put_json(layout.run_rollout(loop.run_key), err.rollout.to_dict())
+        _store_rollout(loop, version, err.rollout)
         raise
-    loop.store.put_json(layout.run_rollout(loop.run_key), report.to_dict())
+    _store_rollout(loop, version, report)
     return {"version": version, "adapter_dir": str(adapter_dir), "previous": production, **report.to_dict()}
 
 
