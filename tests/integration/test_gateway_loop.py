@@ -6,6 +6,7 @@ is not the reference answer of the version that served it."""
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -137,6 +138,27 @@ def test_canary_loop_survives_a_replica_restart_and_rolls_back_by_flip(world: di
             first.unload_adapter(running)
         with VllmClient(urls[1]) as fresh:
             assert list(versions_on(fresh, SERVED)) == [f"{SERVED}-v1"]
+
+        # replica 1 restarts in the middle of a canary: requests routed to it while it is down or
+        # empty are retried on replica 0; verify then finds it lacks v2, and reconcile brings it
+        # back to the registry's production (v1) before it takes traffic again
+        loop.settings.serving.bake_s = 20
+        outcome: dict[str, Any] = {}
+        rollout = threading.Thread(target=lambda: outcome.update(deploy_step(loop, "v2")), daemon=True)
+        rollout.start()
+        while gateway.routes.alias(SERVED).routes.get(f"{SERVED}-v2", 0) == 0:
+            time.sleep(0.2)
+        serve_sh("stop", "--run-dir", str(world["runs"][1]), timeout=60)
+        _start(world["base"], world["ports"][1], world["runs"][1])
+        rollout.join(timeout=300)
+        loop.settings.serving.bake_s = 2
+        assert outcome.get("ok"), outcome
+        with pytest.raises(RuntimeError, match=f"{SERVED}-v2 is not loaded"):
+            verify_step(loop, "v2")
+        assert reconcile_step(loop)["routes"] == {f"{SERVED}-v1": 100.0}
+        for url in urls:
+            with VllmClient(url) as client:
+                assert f"{SERVED}-v1" in versions_on(client, SERVED)
 
         deployed = deploy_step(loop, "v2")
         shadow = deployed["shadow"]

@@ -4,6 +4,7 @@ fleet's lease (:mod:`tuneloop.serving.fleet_lock`)."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -430,8 +431,8 @@ def _reconcile_versioned(loop: Loop) -> dict[str, Any]:
         if version:
             want[version_name(served, version)] = server_path(loop, version) or str(materialize_adapter(loop, version))
     routes = RouteTable(settings.serving.routes_file)
-    records, ready = [], []
-    for endpoint in settings.vllm.endpoints:
+    records, ready, extras = [], [], {}
+    for endpoint in settings.vllm.endpoints:  # 1. load what the registry names, unload nothing yet
         record: dict[str, Any] = {"endpoint": endpoint, "action": "in_sync", "loaded": [], "unloaded": []}
         try:
             with VllmClient(endpoint, api_key=settings.vllm.key, timeout_s=settings.vllm.timeout_s) as client:
@@ -440,27 +441,37 @@ def _reconcile_versioned(loop: Loop) -> dict[str, Any]:
                 held = versions_on(client, served)
                 for name, path in want.items():
                     if held.get(name) != path:
-                        if name in held:
+                        if name in held:  # the same name from other weights: never routed to as such
                             client.unload_adapter(name)
                         client.load_adapter(name, path, inplace=False)
                         record["loaded"].append(name)
-                for name in sorted(set(held) - set(want)):
-                    client.unload_adapter(name)
-                    record["unloaded"].append(name)
                 if production:
                     client.chat(version_name(served, production), "ping", max_tokens=1)
-            if record["loaded"] or record["unloaded"]:
-                record["action"] = "loaded"
+            extras[endpoint] = sorted(set(held) - set(want))
             ready.append(endpoint)
         except (VllmError, OSError, ValueError) as err:
             record.update(action="failed", detail=str(err))
         records.append(record)
-        loop.progress(f"reconcile {endpoint}: {record['action']} {record.get('detail') or ''}".rstrip())
-    routes.set_upstreams(ready)
+    # 2. route to production on the servers that hold it, then 3. after the grace period (what
+    # was routed elsewhere finishes there) unload the versions the registry no longer names
     if production:
         routes.set_alias(served, {version_name(served, production): 100.0}, capture={}, last_known_good=version_name(served, previous) if previous else None)
     else:
         routes.remove_alias(served)
+    routes.set_upstreams(ready)
+    if any(extras.values()):
+        time.sleep(settings.serving.grace_s)
+    for record in records:
+        for name in extras.get(record["endpoint"], []):
+            try:
+                with VllmClient(record["endpoint"], api_key=settings.vllm.key, timeout_s=settings.vllm.timeout_s) as client:
+                    client.unload_adapter(name)
+                record["unloaded"].append(name)
+            except VllmError as err:  # a leftover costs a slot, not an answer: the next reconcile retries
+                record["detail"] = f"could not unload {name}: {err}"
+        if record["action"] != "failed" and (record["loaded"] or record["unloaded"]):
+            record["action"] = "loaded"
+        loop.progress(f"reconcile {record['endpoint']}: {record['action']} {record.get('detail') or ''}".rstrip())
     failed = [r for r in records if r["action"] == "failed"]
     if failed:
         raise DeployError(
