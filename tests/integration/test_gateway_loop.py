@@ -142,16 +142,24 @@ def test_canary_loop_survives_a_replica_restart_and_rolls_back_by_flip(world: di
         # replica 1 restarts in the middle of a canary: requests routed to it while it is down or
         # empty are retried on replica 0; verify then finds it lacks v2, and reconcile brings it
         # back to the registry's production (v1) before it takes traffic again
-        loop.settings.serving.bake_s = 20
+        # (a restarting vLLM takes the CPU for ~25 s: latency is no signal here, 2 cores are shared)
+        loop.settings.serving.bake_s, loop.settings.serving.max_p99_ratio = 20, 50
         outcome: dict[str, Any] = {}
-        rollout = threading.Thread(target=lambda: outcome.update(deploy_step(loop, "v2")), daemon=True)
+
+        def canary() -> None:
+            try:
+                outcome.update(deploy_step(loop, "v2"))
+            except Exception as err:
+                outcome["error"] = err
+
+        rollout = threading.Thread(target=canary, daemon=True)
         rollout.start()
         while gateway.routes.alias(SERVED).routes.get(f"{SERVED}-v2", 0) == 0:
             time.sleep(0.2)
         serve_sh("stop", "--run-dir", str(world["runs"][1]), timeout=60)
         _start(world["base"], world["ports"][1], world["runs"][1])
         rollout.join(timeout=300)
-        loop.settings.serving.bake_s = 2
+        loop.settings.serving.bake_s, loop.settings.serving.max_p99_ratio = 2, 1.5
         assert outcome.get("ok"), outcome
         with pytest.raises(RuntimeError, match=f"{SERVED}-v2 is not loaded"):
             verify_step(loop, "v2")
