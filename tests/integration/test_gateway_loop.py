@@ -29,7 +29,7 @@ from tuneloop.ml.vllm_backend import eval_lora_name
 from tuneloop.provenance import dir_digest
 from tuneloop.serving.deploy import DeployError
 from tuneloop.serving.gateway import NginxGateway, nginx_available
-from tuneloop.serving.rollout import versions_on
+from tuneloop.serving.rollout import RolloutError, versions_on
 from tuneloop.serving.vllm_client import VllmClient
 from tuneloop.steps.loop import open_loop
 from tuneloop.steps.serve import (
@@ -160,8 +160,13 @@ def test_canary_loop_survives_a_replica_restart_and_rolls_back_by_flip(world: di
         _start(world["base"], world["ports"][1], world["runs"][1])
         rollout.join(timeout=300)
         loop.settings.serving.bake_s, loop.settings.serving.max_p99_ratio = 2, 1.5
-        assert outcome.get("ok"), outcome
-        with pytest.raises(RuntimeError, match=f"{SERVED}-v2 is not loaded"):
+        error = outcome.get("error")
+        if error is not None:  # the restart can also trip the bake (the CPU it takes): then it rolled back
+            print(f"the mid-canary restart tripped the bake: {error}")
+            assert isinstance(error, RolloutError) and error.step == "bake" and error.rollout.rolled_back, error
+        else:
+            assert outcome.get("ok"), outcome
+        with pytest.raises(RuntimeError, match=f"{SERVED}-v2 is not loaded|expected all of it to {SERVED}-v2"):
             verify_step(loop, "v2")
         assert reconcile_step(loop)["routes"] == {f"{SERVED}-v1": 100.0}
         for url in urls:
