@@ -58,3 +58,13 @@ def load_dag(dags_folder: Path, dag_id: str) -> Any:
     assert bag.import_errors == {}
     return bag.dags[dag_id]
 
+
+def needs_nginx() -> Any:
+    """Skip a test module's tests where nginx and its JavaScript module are missing (the gateway
+    of serving.rollout switch|canary; `make setup` installs them where it can)."""
+    import pytest
+
+    from tuneloop.serving.gateway import nginx_available
+
+    return pytest.mark.skipif(not nginx_available(), reason="nginx with its JavaScript module is not installed (make setup installs it)")
+

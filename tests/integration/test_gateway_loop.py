@@ -24,11 +24,12 @@ from fixtures_vllm import (
     serve_sh,
     staged_answers,
 )
+from processes import needs_nginx
 
 from tuneloop.ml.vllm_backend import eval_lora_name
 from tuneloop.provenance import dir_digest
 from tuneloop.serving.deploy import DeployError
-from tuneloop.serving.gateway import NginxGateway, nginx_available
+from tuneloop.serving.gateway import NginxGateway
 from tuneloop.serving.rollout import RolloutError, versions_on
 from tuneloop.serving.vllm_client import VllmClient
 from tuneloop.steps.loop import open_loop
@@ -43,13 +44,11 @@ from tuneloop.steps.serve import (
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-HAVE_NGINX = nginx_available()
-
 pytestmark = [
     pytest.mark.ml,
     pytest.mark.integration,
     pytest.mark.slow,
-    pytest.mark.skipif(not HAVE_NGINX, reason="nginx with its JavaScript module is not installed (make setup installs it)"),
+    needs_nginx(),
 ]
 
 FILES = ("adapter_config.json", "adapter_model.safetensors")

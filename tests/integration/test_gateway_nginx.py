@@ -14,20 +14,18 @@ from pathlib import Path
 
 import httpx
 import pytest
+from processes import needs_nginx
 
 from tuneloop.serving.gateway import (
     VERSION_HEADER,
     NginxGateway,
-    nginx_available,
     read_access_log,
 )
 from tuneloop.serving.rollout import answer_text
 
-HAVE_NGINX = nginx_available()
-
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.skipif(not HAVE_NGINX, reason="nginx with its JavaScript module is not installed (make setup installs it)"),
+    needs_nginx(),
 ]
 
 

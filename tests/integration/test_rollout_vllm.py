@@ -27,10 +27,10 @@ from fixtures_vllm import (
     serve_sh,
     staged_answers,
 )
+from processes import needs_nginx
 
 from tuneloop.serving.gateway import (
     NginxGateway,
-    nginx_available,
     version_name,
 )
 from tuneloop.serving.rollout import RolloutError, RolloutPolicy, rollout_version, versions_on
@@ -39,12 +39,10 @@ from tuneloop.serving.vllm_client import VllmClient
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-HAVE_NGINX = nginx_available()
-
 pytestmark = [
     pytest.mark.ml,
     pytest.mark.integration,
-    pytest.mark.skipif(not HAVE_NGINX, reason="nginx with its JavaScript module is not installed (make setup installs it)"),
+    needs_nginx(),
 ]
 
 

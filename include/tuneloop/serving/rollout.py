@@ -154,11 +154,13 @@ class RolloutError(DeployError):
         self.rollout = report
 
 
-def versions_on(client: VllmClient, served_name: str) -> dict[str, str]:
+def versions_on(client: VllmClient, served_name: str, adapters: Mapping[str, str] | None = None) -> dict[str, str]:
     """This loop's version names loaded on a server (``<served>-v<N>`` -> path); other loops'
-    names, the base model, staging and evaluation names are not versions."""
+    names, the base model, staging and evaluation names are not versions. ``adapters``: the
+    server's listing when the caller already has it."""
     pattern = re.compile(re.escape(served_name) + r"-v\d+")
-    return {name: root for name, root in client.adapters().items() if pattern.fullmatch(name)}
+    listed = client.adapters() if adapters is None else adapters
+    return {name: root for name, root in listed.items() if pattern.fullmatch(name)}
 
 
 def answer_text(raw: str) -> str | None:
@@ -384,7 +386,8 @@ def rollout_version(
                 models = {str(m["id"]) for m in client.models()}
                 if base_name(served_name) not in models:
                     raise fail("preflight", f"{client.base_url} does not serve {base_name(served_name)}: start it with `make serve`", restore=False)
-                loaded = versions_on(client, served_name)
+                adapters = client.adapters()
+                loaded = versions_on(client, served_name, adapters)
             except VllmError as err:
                 raise fail("preflight", str(err), restore=False) from err
             if name in loaded and loaded[name] != path:
@@ -403,7 +406,7 @@ def rollout_version(
                     "(more busy adapters than slots stall requests): raise --max-loras",
                     restore=False,
                 )
-            held = len(client.adapters()) - len(spare) + (name not in loaded)
+            held = len(adapters) - len(spare) + (name not in loaded)
             if max_cpu_loras is not None and held > max_cpu_loras:
                 raise fail(
                     "preflight",

@@ -462,13 +462,14 @@ def _reconcile_versioned(loop: Loop) -> dict[str, Any]:
     if any(extras.values()):
         time.sleep(settings.serving.grace_s)
     for record in records:
-        for name in extras.get(record["endpoint"], []):
-            try:
-                with VllmClient(record["endpoint"], api_key=settings.vllm.key, timeout_s=settings.vllm.timeout_s) as client:
-                    client.unload_adapter(name)
-                record["unloaded"].append(name)
-            except VllmError as err:  # a leftover costs a slot, not an answer: the next reconcile retries
-                record["detail"] = f"could not unload {name}: {err}"
+        if extras.get(record["endpoint"]):
+            with VllmClient(record["endpoint"], api_key=settings.vllm.key, timeout_s=settings.vllm.timeout_s) as client:
+                for name in extras[record["endpoint"]]:
+                    try:
+                        client.unload_adapter(name)
+                        record["unloaded"].append(name)
+                    except VllmError as err:  # a leftover costs a slot, not an answer: the next reconcile retries
+                        record["detail"] = f"could not unload {name}: {err}"
         if record["action"] != "failed" and (record["loaded"] or record["unloaded"]):
             record["action"] = "loaded"
         loop.progress(f"reconcile {record['endpoint']}: {record['action']} {record.get('detail') or ''}".rstrip())
