@@ -21,7 +21,7 @@ from tuneloop.serving.gateway import (
     NginxGateway,
     read_access_log,
 )
-from tuneloop.serving.rollout import answer_text
+from tuneloop.serving.rollout import answer_text, live_requests
 
 pytestmark = [
     pytest.mark.integration,
@@ -140,8 +140,17 @@ def test_only_the_captured_version_has_its_answers_logged_streamed_or_not(gatewa
         by_version.setdefault(record.version, []).append(record.answer)
     assert by_version.keys() == {"tl-v1", "tl-v2"}
     assert all(answer == "" for answer in by_version["tl-v1"])
+    assert all(record.request == "" for record in records if record.version == "tl-v1")
     texts = [answer_text(answer) for answer in by_version["tl-v2"]]
     assert texts and all(t is not None and t.startswith("tl-v2 says q") for t in texts)
+    # each captured answer comes with its request, so the bake can ask the previous version again
+    captured = [r for r in records if r.version == "tl-v2"]
+    for record in captured:
+        asked = json.loads(record.request)
+        answer = answer_text(record.answer)
+        assert answer is not None and asked["messages"][0]["content"] == answer.removeprefix("tl-v2 says ")
+    asked_back = live_requests(captured, "tl-v2", 5)
+    assert len(asked_back) == 5 and all(answer.endswith(messages[0]["content"]) for messages, _, answer in asked_back)  # type: ignore[index]
 
 
 def test_a_replica_that_lacks_the_version_fails_or_is_down_is_retried_on_another(gateway: tuple[NginxGateway, list[ThreadingHTTPServer]], tmp_path: Path) -> None:

@@ -190,3 +190,36 @@ def test_shadow_replay_compares_with_production_before_any_traffic_and_can_stop_
     with open(stack.gateway.access_log, "rb") as fh:  # the replay went to the servers, not through the gateway
         fh.seek(offset)
         assert fh.read() == b""
+
+
+def test_a_canary_whose_live_answers_disagree_with_production_on_the_same_requests_is_rolled_back(stack: Stack) -> None:
+    serving = stack.gateway.routes.alias(SERVED).serving()[0]
+    other = "B" if stack.made[serving] == "A" else "A"
+    theirs, ours = stack.answers[stack.made[serving]], stack.answers[other]
+    graded: list[tuple[str, str, Any]] = []
+
+    def grader(answer: str, reference: str, prompt: Any) -> float:  # the judge's place: same answer or not
+        graded.append((answer, reference, prompt))
+        return float(answer == reference)
+
+    policy = RolloutPolicy(
+        strategy="canary", steps=(30, 100), bake_s=6, poll_s=0.5, grace_s=0, min_requests=5, capture_share=1.0,
+        live_sample=6, min_live_agreement=0.99,
+    )
+
+    def canary() -> RolloutError:
+        with pytest.raises(RolloutError) as caught:
+            stack.rollout(other, policy, grader=grader)  # valid, verified: only its answers differ
+        return caught.value
+
+    error, load = under_load(stack, canary)
+    assert error.step == "bake" and "live answers agree" in str(error) and "below 0.99" in str(error)
+    bake = error.rollout.bakes[0]
+    assert bake.weight == 30.0 and bake.candidate.graded == len(graded) == 6
+    # every grade: the canary's live answer against production's answer to the same prompt, asked again
+    for answer, reference, prompt in graded:
+        p = PROMPTS.index(prompt[-1]["content"])
+        assert (answer, reference) == (ours[p], theirs[p])
+    assert bake.candidate.agreement == sum(a == b for a, b, _ in graded) / 6 < 0.99
+    assert stack.gateway.routes.alias(SERVED).routes == {serving: 100.0}
+    assert load.failures == [] and load.wrong == []

@@ -22,7 +22,9 @@ from tuneloop.serving.rollout import (
     VersionStats,
     answer_text,
     flip_back,
+    grade_live,
     judge_bake,
+    live_requests,
     version_stats,
 )
 
@@ -136,6 +138,65 @@ def test_bake_judgement() -> None:
     assert verdict == "breach" and "4.00x" in reason
     # a ratio over the limit on a few milliseconds is noise, not a breach
     assert judge_bake(VersionStats(requests=100, p99_ms=30.0), VersionStats(requests=100, p99_ms=10.0), policy, None)[0] == "pass"
+
+
+def _captured(version: str, question: str, answer: str, **asked: object) -> LogRecord:
+    body = json.dumps({"choices": [{"message": {"content": answer}}]})
+    return LogRecord(msec=0.0, alias="t", version=version, status=200, seconds=0.1, answer=body, request=json.dumps(asked or {"messages": [{"role": "user", "content": question}]}))
+
+
+def test_live_requests_take_only_the_versions_captured_chat_requests() -> None:
+    records = [
+        _captured("t-v2", "q1", "billing", messages=[{"role": "user", "content": "q1"}], max_tokens=7),
+        _captured("t-v1", "q2", "billing"),  # another version
+        _captured("t-v2", "q3", "billing", prompt="q3"),  # the completions API: nothing to re-ask
+        LogRecord(msec=0.0, alias="t", version="t-v2", status=200, seconds=0.1, answer=json.dumps({"choices": [{"message": {"content": "x"}}]})),  # too long to capture
+        LogRecord(msec=0.0, alias="t", version="t-v2", status=200, seconds=0.1, answer="{trunc", request=json.dumps({"messages": [{"role": "user", "content": "q"}]})),
+        _captured("t-v2", "q4", "shipping"),
+        _captured("t-v2", "q5", "refund"),
+    ]
+    found = live_requests(records, "t-v2", 2)
+    assert found == [([{"role": "user", "content": "q1"}], 7, "billing"), ([{"role": "user", "content": "q4"}], None, "shipping")]
+
+
+class _Previous:
+    """The previous version as the bake asks it again: one fixed answer per question."""
+
+    def __init__(self, answers: dict[str, str]) -> None:
+        self.answers, self.asked = answers, []  # type: ignore[var-annotated]
+
+    def chat_reply(self, model: str, prompt: object, *, max_tokens: int) -> object:
+        from tuneloop.serving.vllm_client import ChatReply
+
+        question = prompt[-1]["content"]  # type: ignore[index]
+        self.asked.append((model, question, max_tokens))
+        return ChatReply(text=self.answers[question], seconds=0.01)
+
+
+def test_live_answers_are_graded_against_the_previous_versions_answer_to_the_same_request() -> None:
+    previous = _Previous({"q1": "billing", "q2": "shipping", "q3": "refund"})
+    asked = [([{"role": "user", "content": q}], tokens, a) for q, tokens, a in [("q1", 5, "billing"), ("q2", None, "billing"), ("q3", 10_000, "refund")]]
+    seen: list[object] = []
+
+    def grader(answer: str, reference: str, prompt: object) -> float:
+        seen.append(prompt)
+        return float(answer == reference)
+
+    graded, total = grade_live(previous, "t-v1", asked, grader, max_tokens=16)  # type: ignore[arg-type]
+    assert (graded, total) == (3, 2.0)
+    # the request's own max_tokens, the default without one, and never more than 4x the default
+    assert previous.asked == [("t-v1", "q1", 5), ("t-v1", "q2", 16), ("t-v1", "q3", 64)]
+    assert seen == [m for m, _, _ in asked]  # the judge sees the conversation
+
+
+def test_bake_breaches_on_live_agreement_below_its_floor_only_when_graded() -> None:
+    policy = RolloutPolicy(strategy="canary", min_requests=20)
+    drifting = VersionStats(requests=100, graded=8, agreement_sum=4.0)
+    verdict, reason = judge_bake(drifting, None, policy, None, 0.75)
+    assert verdict == "breach" and "live answers agree 0.50" in reason and "8 graded" in reason
+    assert judge_bake(VersionStats(requests=100, graded=8, agreement_sum=7.0), None, policy, None, 0.75)[0] == "pass"
+    assert judge_bake(VersionStats(requests=100), None, policy, None, 0.75)[0] == "pass"  # nothing graded: nothing to say
+    assert judge_bake(drifting, None, policy, None, None)[0] == "pass"  # no floor: reported only
 
 
 def test_policy_refuses_steps_that_do_not_end_in_full_traffic() -> None:

@@ -58,7 +58,7 @@ def test_a_breach_is_recorded_in_the_registry_the_store_and_the_message(loop: An
     assert stored["rolled_back"] and stored["bakes"][0]["verdict"] == "breach" and stored["run_id"] == "manual__canary"
     text = loop.store.get_text(layout.rollout_report("v1", "md"))
     assert text.startswith("# Rollout of v1 (tuneloop-v1): rolled back")
-    assert "| 10 % | 4.0 | 40 | 0 | None / None | 2/10 | breach: validity 0.20 below 0.90 |" in text
+    assert "| 10 % | 4.0 | 40 | 0 | None / None | 2/10 | - | breach: validity 0.20 below 0.90 |" in text
 
     message = deploy_rollback_message(caught.value.rollout.to_dict(), version="v1")
     assert message is not None and message.title == "Rollout of v1 rolled back: traffic returned to tuneloop-v0"
@@ -90,3 +90,33 @@ def test_shadow_prompts_are_the_newest_distinct_traffic_rows_and_skip_broken_one
     assert texts == ["b", "a", "old"]
     assert shadow_prompts(loop, 0) == []
     assert len(shadow_prompts(loop, 50)) == 4
+
+
+def test_the_judge_grades_shadow_and_live_answers_with_the_conversation_for_judge_tasks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tuneloop.steps.serve import grader, live_sample
+    from tuneloop.tasks.scoring import Scored
+
+    monkeypatch.setenv("TUNELOOP__STORE__URI", str(tmp_path / "store"))
+    plain = open_loop(None, run_id="manual__plain", progress=lambda _m: None)
+    assert live_sample(plain) == 0  # validity only, unless asked for
+    assert grader(plain)("billing", " Billing ", [{"role": "user", "content": "q"}]) == plain.spec.scorer.agreement("billing", " Billing ")
+
+    monkeypatch.setenv("TUNELOOP__TASK__METRIC", "judge")
+    monkeypatch.setenv("TUNELOOP__TASK__JUDGE__ENDPOINT", "http://127.0.0.1:9/v1")
+    monkeypatch.setenv("TUNELOOP__TASK__JUDGE__MODEL", "big-judge")
+    judged = open_loop(None, run_id="manual__judged", progress=lambda _m: None)
+    assert live_sample(judged) == 8
+    seen: list[Any] = []
+
+    def score(_self: Any, prediction: str, gold: str, example: Any = None) -> Scored:
+        seen.append((prediction, gold, example))
+        return Scored(0.25, {})
+
+    monkeypatch.setattr(type(judged.spec.scorer), "score", score)  # the judge's HTTP side: tests/unit/test_judge.py
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Summarise: the parcel is late."}]
+    assert grader(judged)("Late parcel.", "The parcel is late.", conversation) == 0.25
+    (prediction, gold, example), = seen
+    assert (prediction, gold) == ("Late parcel.", "The parcel is late.")
+    assert example.context == conversation and example.target == "The parcel is late."
+    monkeypatch.setenv("TUNELOOP__SERVING__LIVE_SAMPLE", "0")
+    assert live_sample(open_loop(None, run_id="manual__off", progress=lambda _m: None)) == 0

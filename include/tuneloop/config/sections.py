@@ -133,6 +133,12 @@ class ServingSettings(_Section):
     min_requests: int = Field(20, ge=1, description="bake: a step that saw fewer requests is reported, not judged")
     shadow_requests: int = Field(32, ge=0, description="before any traffic shifts, replay this many recent traffic prompts to the candidate and to production and compare (0: off)")
     min_shadow_agreement: float | None = Field(None, ge=0, le=1, description="stop the rollout when the candidate agrees less with production's answers on the shadow replay (null: report only)")
+    live_sample: int | None = Field(
+        None, ge=0,
+        description="bake: captured live answers per step asked again of the previous version and graded against its answer (the LLM judge for task.metric: judge, else the task's agreement); null: 8 for judge tasks, 0 otherwise",
+    )
+    live_margin: float = Field(0.15, ge=0, le=1, description="bake: live agreement may fall this far below the shadow replay's (clients sampling at temperature > 0 agree less)")
+    min_live_agreement: float | None = Field(None, ge=0, le=1, description="bake: a fixed floor for live agreement instead of the shadow figure minus live_margin")
     max_loras: int = Field(2, ge=1, description="the servers' --max-loras: versions taking traffic at once (a canary needs 2)")
     max_cpu_loras: int | None = Field(4, ge=1, description="the servers' --max-cpu-loras: adapters held at once; null: not checked")
 

@@ -193,7 +193,7 @@ def find_nginx(explicit: str | None = None) -> str:
 
 LOG_FORMAT = (
     '{"msec":$msec,"alias":"$tl_alias","version":"$tl_version","status":$status,'
-    '"request_time":$request_time,"upstream":"$upstream_addr","uri":"$uri","answer":"$tl_answer"}'
+    '"request_time":$request_time,"upstream":"$upstream_addr","uri":"$uri","answer":"$tl_answer","request":"$tl_request"}'
 )
 
 
@@ -235,6 +235,7 @@ http {{
     js_var $tl_version "";
     js_var $tl_capture "0";
     js_var $tl_answer "";
+    js_var $tl_request "";
     js_set $tl_upstream gw.upstream;
     js_set $tl_retry1 gw.retry;  # one variable per try: njs caches a variable's value per request
     js_set $tl_retry2 gw.retry;
@@ -388,6 +389,7 @@ class LogRecord:
     status: int
     seconds: float
     answer: str = ""
+    request: str = ""  # a captured answer's request: JSON of its messages (or prompt), max_tokens, temperature
 
 
 def read_access_log(path: str | os.PathLike[str], offset: int = 0) -> tuple[list[LogRecord], int]:
@@ -412,6 +414,7 @@ def read_access_log(path: str | os.PathLike[str], offset: int = 0) -> tuple[list
                     status=int(raw["status"]),
                     seconds=float(raw.get("request_time") or 0.0),
                     answer=str(raw.get("answer", "")),
+                    request=str(raw.get("request", "")),
                 )
             )
         except (ValueError, KeyError, TypeError):

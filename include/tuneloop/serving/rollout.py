@@ -16,9 +16,11 @@ period, versions older than last-known-good are unloaded).
 
 The bake reads the gateway's access log: per version, requests, errors (5xx, and 404: a name
 that is not loaded) and p99 latency, and a sample of the candidate's answers scored with the
-task's reference-free check (valid JSON of the schema, a label in the set). A breach (error
-rate, p99 against the previous version's in the same window, validity below the candidate's
-offline figure minus a margin) returns all traffic to the previous versions (a change of
+task's reference-free check (valid JSON of the schema, a label in the set); with
+``live_sample``, some of those answers are graded against the previous version's answer to the
+same request (asked again, greedy) by the task's judge or agreement. A breach (error rate, p99
+against the previous version's in the same window, validity below the candidate's offline
+figure minus a margin, live agreement below the shadow replay's minus a margin) returns all traffic to the previous versions (a change of
 weights: the previous version is still loaded) and raises :class:`RolloutError` with the reason.
 """
 
@@ -54,6 +56,8 @@ logger = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
 Validity = Callable[[str], bool]
+# (answer, reference answer, the request's prompt) -> 0..1: the task's agreement, or its LLM judge
+Grader = Callable[[str, str, Prompt], float]
 
 STRATEGIES = ("inplace", "switch", "canary")
 
@@ -73,6 +77,9 @@ class RolloutPolicy:
     validity_margin: float = 0.05
     capture_share: float = 0.25  # share of the candidate's answers the gateway logs for the bake
     min_requests: int = 20  # fewer requests than this in a step are reported, not judged
+    live_sample: int = 0  # captured live answers per step graded against the previous version's answer
+    live_margin: float = 0.15  # live agreement may fall this far below the shadow replay's
+    min_live_agreement: float | None = None  # a fixed floor instead (also without a shadow replay)
 
     def __post_init__(self) -> None:
         if self.strategy not in ("switch", "canary"):
@@ -97,6 +104,8 @@ class VersionStats:
     p99_ms: float | None = None
     sampled: int = 0
     valid: int = 0
+    graded: int = 0  # live answers graded against the previous version's answer to the same request
+    agreement_sum: float = 0.0
 
     @property
     def error_rate(self) -> float:
@@ -105,6 +114,10 @@ class VersionStats:
     @property
     def validity(self) -> float | None:
         return self.valid / self.sampled if self.sampled else None
+
+    @property
+    def agreement(self) -> float | None:
+        return self.agreement_sum / self.graded if self.graded else None
 
 
 @dataclass
@@ -217,7 +230,49 @@ def version_stats(records: Sequence[LogRecord], versions: str | Collection[str],
     return stats
 
 
-def judge_bake(candidate: VersionStats, previous: VersionStats | None, policy: RolloutPolicy, validity_floor: float | None) -> tuple[str, str]:
+def live_requests(records: Sequence[LogRecord], version: str, n: int) -> list[tuple[Prompt, int | None, str]]:
+    """Up to ``n`` of ``version``'s captured answers that can be asked again: ``(messages,
+    max_tokens, answer text)``. A request too long to capture or of the completions API is skipped."""
+    found: list[tuple[Prompt, int | None, str]] = []
+    for record in records:
+        if len(found) >= n:
+            break
+        if record.version != version or record.status != 200 or not record.request or not record.answer:
+            continue
+        text = answer_text(record.answer)
+        try:
+            asked = json.loads(record.request)
+        except ValueError:
+            continue
+        messages = asked.get("messages") if isinstance(asked, dict) else None
+        if text is None or not isinstance(messages, list) or not messages:
+            continue
+        max_tokens = asked.get("max_tokens")
+        found.append((messages, max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else None, text))
+    return found
+
+
+def grade_live(
+    client: VllmClient, previous: str, asked: Sequence[tuple[Prompt, int | None, str]], grader: Grader, *, max_tokens: int
+) -> tuple[int, float]:
+    """Ask ``previous`` each captured request again (greedy) and grade the candidate's live
+    answer against its answer: ``(graded, sum of grades)``. Nothing reaches a user."""
+    graded, total = 0, 0.0
+    for prompt, asked_tokens, answer in asked:
+        limit = min(asked_tokens or max_tokens, 4 * max_tokens)  # a client's huge max_tokens is not ours to pay
+        reference = client.chat_reply(previous, prompt, max_tokens=limit).text
+        total += float(grader(answer, reference, prompt))
+        graded += 1
+    return graded, total
+
+
+def judge_bake(
+    candidate: VersionStats,
+    previous: VersionStats | None,
+    policy: RolloutPolicy,
+    validity_floor: float | None,
+    agreement_floor: float | None = None,
+) -> tuple[str, str]:
     """``(verdict, reason)`` for what a step has seen so far."""
     if candidate.requests < policy.min_requests:
         return "not_judged", f"{candidate.requests} requests reached the candidate (fewer than {policy.min_requests})"
@@ -229,6 +284,11 @@ def judge_bake(candidate: VersionStats, previous: VersionStats | None, policy: R
                 f"validity of live answers {candidate.validity:.2f} ({candidate.valid} of {candidate.sampled} sampled) "
                 f"below {validity_floor:.2f} (offline figure minus {policy.validity_margin})"
             )
+    if agreement_floor is not None and candidate.agreement is not None and candidate.agreement < agreement_floor:
+        return "breach", (
+            f"live answers agree {candidate.agreement:.2f} with the previous version's answers to the same requests "
+            f"({candidate.graded} graded), below {agreement_floor:.2f}"
+        )
     if previous is not None and previous.p99_ms and candidate.p99_ms and previous.requests >= policy.min_requests:
         ratio = candidate.p99_ms / previous.p99_ms
         if ratio > policy.max_p99_ratio and candidate.p99_ms - previous.p99_ms > policy.p99_floor_ms:
@@ -246,10 +306,12 @@ def shadow_compare(
     validity: Validity | None,
     max_tokens: int,
     concurrency: int = 4,
+    grader: Grader | None = None,
 ) -> dict[str, Any]:
     """Replay ``prompts`` (recent production traffic) to both names on one server and compare:
     the candidate's agreement with production's answers (the task's scorer), the validity of
-    each side's answers, and each side's latency. Nothing reaches a user."""
+    each side's answers, and each side's latency. ``grader`` (the task's judge) replaces the
+    scorer for the agreement when given. Nothing reaches a user."""
     from concurrent.futures import ThreadPoolExecutor
 
     def ask(name: str) -> list[ChatReply]:
@@ -261,7 +323,10 @@ def shadow_compare(
     def p_ms(replies: list[ChatReply], q: float) -> float | None:
         return _percentile_ms([r.seconds for r in replies], q)
 
-    agreement = [float(scorer(c.text, p.text)) for c, p in zip(ours, theirs, strict=True)]
+    agreement = [
+        float(grader(c.text, p.text, prompt) if grader is not None else scorer(c.text, p.text))
+        for c, p, prompt in zip(ours, theirs, prompts, strict=True)
+    ]
     result: dict[str, Any] = {
         "n": len(prompts),
         "production": production,
@@ -321,6 +386,7 @@ def rollout_version(
     server_path: str | None = None,
     shadow_prompts: Sequence[Prompt] = (),
     min_shadow_agreement: float | None = None,
+    grader: Grader | None = None,
     progress: Progress | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> RolloutReport:
@@ -331,7 +397,11 @@ def rollout_version(
     answers; ``offline_validity`` its share on the candidate's evaluated answers (default: on
     the golden answers). ``shadow_prompts`` (recent traffic) are replayed to the candidate and to
     production before any traffic shifts (``report.shadow``); with ``min_shadow_agreement`` a
-    candidate that agrees less with production stops there. Raises :class:`RolloutError` (with ``.rollout``); by then the alias
+    candidate that agrees less with production stops there. ``grader(answer, reference, prompt)``
+    (the task's judge, or its agreement) grades the shadow replay and, with
+    ``policy.live_sample``, that many captured live answers per bake step against the previous
+    version's answer to the same request (floor: ``policy.min_live_agreement``, else the shadow
+    figure minus ``policy.live_margin``). Raises :class:`RolloutError` (with ``.rollout``); by then the alias
     routes as before the rollout (the candidate's name stays loaded until the next reconcile or
     rollout retires it).
     """
@@ -448,7 +518,7 @@ def rollout_version(
             production = before.serving()[0] if before.serving() else base_name(served_name)
             try:
                 report.shadow = shadow_compare(
-                    clients[0], production, name, shadow_prompts, scorer=scorer, validity=validity, max_tokens=max_tokens
+                    clients[0], production, name, shadow_prompts, scorer=scorer, validity=validity, max_tokens=max_tokens, grader=grader
                 )
             except VllmError as err:
                 raise fail("shadow", str(err), restore=False) from err
@@ -464,20 +534,29 @@ def rollout_version(
 
         floor = None if report.offline_validity is None else max(0.0, report.offline_validity - policy.validity_margin)
         previous_versions = [v for v in before.serving() if v != name]
+        live = None
+        if policy.live_sample > 0 and previous_versions:
+            shadow_floor = report.shadow["agreement"] - policy.live_margin if report.shadow else None
+            live = _LiveGrading(
+                clients[0], previous_versions[0], grader or (lambda answer, reference, _prompt: float(scorer(answer, reference))),
+                policy.live_sample, max_tokens, policy.min_live_agreement if policy.min_live_agreement is not None else shadow_floor,
+            )
+        capture = {name: policy.capture_share} if validity is not None or live is not None else {}
         for weight in policy.weights() if previous_versions else (100.0,):
             t0 = time.perf_counter()
             share = {v: w * (100.0 - weight) / sum(before.routes[p] for p in previous_versions) for v, w in before.routes.items() if v in previous_versions}
             new_routes = {**{v: round(w, 3) for v, w in share.items() if w > 0}, name: weight}
             offset = Path(access_log).stat().st_size if access_log and Path(access_log).is_file() else 0
-            routes.set_alias(served_name, new_routes, capture={name: policy.capture_share} if validity is not None else {})
+            routes.set_alias(served_name, new_routes, capture=capture)
             step("shift", f"{served_name} -> {new_routes}", t0)
             if access_log is None or policy.bake_s <= 0:
                 continue
-            bake = _bake(access_log, offset, name, previous_versions, weight, policy, validity, floor, sleep, queue=lambda: _queue(clients))
+            bake = _bake(access_log, offset, name, previous_versions, weight, policy, validity, floor, sleep, queue=lambda: _queue(clients), live=live)
             report.bakes.append(bake)
             say(f"bake at {weight:g}%: {bake.verdict}" + (f" ({bake.reason})" if bake.reason else "")
                 + f"; candidate {bake.candidate.requests} requests, {bake.candidate.errors} errors, p99 {bake.candidate.p99_ms} ms"
-                + (f", validity {bake.candidate.validity:.2f} of {bake.candidate.sampled}" if bake.candidate.validity is not None else ""))
+                + (f", validity {bake.candidate.validity:.2f} of {bake.candidate.sampled}" if bake.candidate.validity is not None else "")
+                + (f", live agreement {bake.candidate.agreement:.2f} of {bake.candidate.graded}" if bake.candidate.agreement is not None else ""))
             if bake.verdict == "breach":
                 raise fail("bake", f"at {weight:g}% of traffic: {bake.reason}", restore=True)
 
@@ -517,6 +596,18 @@ def rollout_version(
     return report
 
 
+@dataclass
+class _LiveGrading:
+    """The bake's grading of live answers against the previous version (``live_sample`` > 0)."""
+
+    client: VllmClient
+    previous: str
+    grader: Grader
+    sample: int
+    max_tokens: int
+    floor: float | None
+
+
 def _bake(
     access_log: str | os.PathLike[str],
     offset: int,
@@ -528,10 +619,12 @@ def _bake(
     floor: float | None,
     sleep: Callable[[float], None],
     queue: Callable[[], float | None] = lambda: None,
+    live: _LiveGrading | None = None,
 ) -> BakeRecord:
     """Watch one step for ``policy.bake_s``; stop at the first breach. ``queue()`` reads the
     servers' waiting requests at each poll (vLLM's metrics are not split by adapter, so the
-    per-version figures come from the gateway's log; the queue is reported beside them)."""
+    per-version figures come from the gateway's log; the queue is reported beside them).
+    ``live`` grades captured answers once the step's time is up (it costs requests)."""
     records: list[LogRecord] = []
     t0 = time.monotonic()
     verdict, reason = "not_judged", ""
@@ -550,6 +643,14 @@ def _bake(
         verdict, reason = judge_bake(candidate, previous, policy, floor)
         if verdict == "breach" or time.monotonic() - t0 >= policy.bake_s:
             break
+    if live is not None and verdict != "breach":
+        asked = live_requests(records, name, live.sample)
+        try:
+            candidate.graded, candidate.agreement_sum = grade_live(live.client, live.previous, asked, live.grader, max_tokens=live.max_tokens)
+        except Exception as err:  # the previous version or the judge could not answer: not the candidate's fault
+            logger.warning("live grading against %s failed (%s: %s); the step is judged without it", live.previous, type(err).__name__, err)
+        if candidate.requests >= policy.min_requests:
+            verdict, reason = judge_bake(candidate, previous, policy, floor, live.floor)
     return BakeRecord(
         weight=weight, seconds=round(time.monotonic() - t0, 2), candidate=candidate, previous=previous, verdict=verdict, reason=reason, queue_max=queue_max
     )
@@ -589,12 +690,13 @@ def rollout_markdown(report: RolloutReport) -> str:
             lines.append(f"| valid answers | {sh['validity']['production']:.2f} | {sh['validity']['candidate']:.2f} |")
         lines += ["", f"{sh['n']} recent prompts; agreement with production {sh['agreement']:.2f}, {sh['identical']} identical answers."]
     if report.bakes:
-        lines += ["", "## Bake per step", "", "| weight | seconds | requests | errors | p99 ms (new / previous) | valid sampled | verdict |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += ["", "## Bake per step", "", "| weight | seconds | requests | errors | p99 ms (new / previous) | valid sampled | live agreement | verdict |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for bake in report.bakes:
             c, p = bake.candidate, bake.previous
             valid = f"{c.valid}/{c.sampled}" if c.sampled else "-"
+            live = f"{c.agreement:.2f} of {c.graded}" if c.agreement is not None else "-"
             lines.append(
-                f"| {bake.weight:g} % | {bake.seconds} | {c.requests} | {c.errors} | {c.p99_ms} / {p.p99_ms} | {valid} | "
+                f"| {bake.weight:g} % | {bake.seconds} | {c.requests} | {c.errors} | {c.p99_ms} / {p.p99_ms} | {valid} | {live} | "
                 f"{bake.verdict}{': ' + bake.reason if bake.reason else ''} |"
             )
     if report.last_known_good:

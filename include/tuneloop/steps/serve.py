@@ -180,6 +180,28 @@ def shadow_prompts(loop: Loop, n: int) -> list[Any]:
     return prompts
 
 
+def live_sample(loop: Loop) -> int:
+    """``serving.live_sample``, or its default: 8 live answers per bake step for a task judged by
+    an LLM, none otherwise (their validity is checked either way)."""
+    chosen = loop.settings.serving.live_sample
+    return chosen if chosen is not None else (8 if loop.settings.task.metric == "judge" else 0)
+
+
+def grader(loop: Loop) -> Any:
+    """``(answer, reference, prompt) -> 0..1`` for the shadow replay and the bake: the task's
+    LLM judge with the prompt's conversation when ``task.metric`` is judge, else its agreement."""
+    scorer = loop.spec.scorer
+    if loop.settings.task.metric != "judge":
+        return lambda answer, reference, _prompt: float(scorer.agreement(answer, reference))
+    from tuneloop.serving.vllm_client import as_messages
+    from tuneloop.tasks.spec import Example
+
+    def judged(answer: str, reference: str, prompt: Any) -> float:
+        return float(scorer.score(answer, reference, Example("live", as_messages(prompt), reference, "live")).score)
+
+    return judged
+
+
 def _rollout(loop: Loop, version: str, *, scores_key: str | None = None, urgent: bool = False) -> dict[str, Any]:
     from tuneloop.serving.gateway import RouteTable
     from tuneloop.serving.rollout import RolloutError, RolloutPolicy, rollout_version
@@ -198,6 +220,9 @@ def _rollout(loop: Loop, version: str, *, scores_key: str | None = None, urgent:
         validity_margin=sv.validity_margin,
         capture_share=sv.capture_share,
         min_requests=sv.min_requests,
+        live_sample=0 if urgent else live_sample(loop),
+        live_margin=sv.live_margin,
+        min_live_agreement=sv.min_live_agreement,
     )
     try:
         report = rollout_version(
@@ -222,6 +247,7 @@ def _rollout(loop: Loop, version: str, *, scores_key: str | None = None, urgent:
             server_path=server_path(loop, version),
             shadow_prompts=[] if urgent else shadow_prompts(loop, sv.shadow_requests),
             min_shadow_agreement=sv.min_shadow_agreement,
+            grader=grader(loop),
             progress=loop.progress,
         )
     except RolloutError as err:

@@ -9,8 +9,9 @@
 //    "upstreams": ["127.0.0.1:8000", "127.0.0.1:8001"]}
 //
 // A request whose "model" is not an alias (a version name, the base model) passes unchanged.
-// "capture" logs that share of a version's answers (for the canary's bake); no other answer
-// is ever written to the log.
+// "capture" logs that share of a version's answers (for the canary's bake), each with its
+// request's messages and sampling settings (so the bake can ask the previous version the same
+// question); no other answer or request is ever written to the log.
 
 const fs = require('fs');
 
@@ -92,6 +93,11 @@ function body(r) {
     const share = alias.capture ? alias.capture[version] : undefined;
     if (share && Math.random() < share) {
         r.variables.tl_capture = '1';
+        const asked = JSON.stringify({messages: request.messages, prompt: request.prompt,
+                                      max_tokens: request.max_tokens, temperature: request.temperature});
+        if (asked.length <= 32768) {  // longer: the answer is still checked, just not re-asked
+            r.variables.tl_request = asked;
+        }
     }
     request.model = version;
     return JSON.stringify(request);
