@@ -389,13 +389,17 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
         parents=[common],
         help="build (or copy, or reuse) the demo base model: BPE tokenizer + small Llama, no hub",
         description="Puts the demo base model in model.demo_model_dir (no hub): a byte-level BPE tokenizer with a chat "
-        "template and a small Llama pre-trained on the demo worlds' documents and a generic extraction curriculum "
-        "(tuneloop.demo.curriculum, when the preset asks for it). A prebuilt copy of the same recipe in "
-        "models/demo-base is copied instead (after its file hashes are checked); --rebuild pre-trains here "
-        "anyway (the demo preset: about 4 minutes on 2 CPU cores). Cached: a second call with the same "
-        "recipe returns at once.",
+        "template and a small Llama pre-trained on the demo worlds' documents; the copy preset adds copy rows "
+        "(tuneloop.demo.copying: it learns to repeat what it read) and a generic extraction curriculum "
+        "(tuneloop.demo.curriculum). A prebuilt copy of the recipe in models/<preset>-base is copied instead "
+        "(after its file hashes are checked; the copy preset ships there); --rebuild pre-trains here anyway "
+        "(demo: about 4 minutes on 2 CPU cores; copy: about 20). Cached: a second call with the same recipe "
+        "returns at once.",
     )
-    p.add_argument("--preset", choices=["demo", "tiny"], default="demo", help="demo (the demo's model) or tiny (seconds; for tests)")
+    p.add_argument(
+        "--preset", choices=["demo", "copy", "tiny"], default="demo",
+        help="demo (the demo's model), copy (the same taught to copy from its context; shipped in models/copy-base) or tiny (seconds; for tests)",
+    )
     p.add_argument("--rebuild", action="store_true", help="pre-train from scratch even if a built or shipped copy of the recipe exists")
     p.add_argument("--out", help="output directory (default: model.demo_model_dir)")
     p.add_argument("--seed", type=int, default=0)

@@ -21,7 +21,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from tuneloop.progress import Progress, ProgressSink
 from tuneloop.provenance import collect_provenance
@@ -93,6 +93,15 @@ class ModelPreset:
     copy_fraction: float = 0.5
     # generic extraction examples (tuneloop.demo.curriculum) mixed into the corpus, in chat form
     n_extraction: int = 0
+    # copy rows (tuneloop.demo.copying): steps on them before the corpus, the first
+    # copy_uniform_steps of random tokens only; then every copy_every-th corpus step is one
+    copy_steps: int = 0
+    copy_uniform_steps: int = 0
+    copy_every: int = 0
+    copy_batch_size: int = 16
+    copy_seq_len: int = 256
+    tie_embeddings: bool = False
+    cpu_bf16: bool = False  # bf16 autocast on the CPU too (1.5x faster there)
 
 
 PRESETS: dict[str, ModelPreset] = {
@@ -112,7 +121,8 @@ PRESETS: dict[str, ModelPreset] = {
         learning_rate=3e-3,
         warmup_steps=6,
     ),
-    # A few minutes on 2 CPU cores; good enough for a LoRA adapter to learn the task.
+    # A few minutes on 2 CPU cores; the demo's model. It cannot copy values from its context,
+    # so its adapters learn the answer's schema and the per-domain constants, not the values.
     "demo": ModelPreset(
         name="demo",
         vocab_size=2000,
@@ -130,6 +140,34 @@ PRESETS: dict[str, ModelPreset] = {
         # 3e-3 trains the documents fine but never the attention that copies; 1e-3 does.
         learning_rate=1e-3,
         warmup_steps=20,
+    ),
+    # The same architecture taught to copy: copy rows first (tuneloop.demo.copying) give it
+    # induction heads, and an adapter of a few hundred steps then copies names and numbers
+    # from the document (docs/benchmarks.md, "A base model that copies"). ~20 minutes on 2 CPU
+    # cores, so a checkout ships it (models/copy-base) and `build-model --preset copy` copies it.
+    "copy": ModelPreset(
+        name="copy",
+        vocab_size=2000,
+        hidden_size=256,
+        num_layers=4,
+        num_heads=4,
+        intermediate_size=704,
+        max_position_embeddings=512,
+        n_documents=6000,
+        seq_len=512,
+        batch_size=8,
+        steps=600,
+        learning_rate=1e-3,
+        warmup_steps=50,
+        weight_decay=0.0,
+        n_extraction=12000,
+        copy_steps=1600,
+        copy_uniform_steps=1000,
+        copy_every=4,
+        copy_batch_size=16,
+        copy_seq_len=256,
+        tie_embeddings=True,
+        cpu_bf16=True,
     ),
 }
 
@@ -286,14 +324,14 @@ def _pack(
     return torch.tensor(stream[: n_rows * seq_len], dtype=torch.long).view(n_rows, seq_len)
 
 
-def _pick_device() -> tuple[str, Any]:
-    """cuda with bf16 autocast, else the CPU in float32 (bf16 autocast there was 1.5x faster, but
-    it changes the demo model the published figures were measured on)."""
+def _pick_device(cpu_bf16: bool = False) -> tuple[str, Any]:
+    """cuda with bf16 autocast, else the CPU: float32, or bf16 autocast where the preset asks
+    (1.5x faster on this kind of machine)."""
     import torch
 
     if torch.cuda.is_available():
         return "cuda", torch.bfloat16
-    return "cpu", None
+    return "cpu", torch.bfloat16 if cpu_bf16 else None
 
 
 def _lr_at(step: int, total: int, warmup: int, peak: float, floor_ratio: float = 0.1) -> float:
@@ -304,11 +342,17 @@ def _lr_at(step: int, total: int, warmup: int, peak: float, floor_ratio: float =
     return peak * (floor_ratio + (1 - floor_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def pretrain(model: Any, rows: Any, preset: ModelPreset, seed: int, progress: Progress) -> list[float]:
-    """Causal-LM pre-training on packed rows; returns the loss of every step."""
+def pretrain(
+    model: Any, rows: Any, preset: ModelPreset, seed: int, progress: Progress, copy_rows: dict[str, Any] | None = None
+) -> list[float]:
+    """Causal-LM pre-training on packed rows, after ``preset.copy_steps`` on copy rows
+    (:mod:`tuneloop.demo.copying`; ``copy_rows``: their vocabulary, digit ids and token stream)
+    and with every ``copy_every``-th step one; returns the loss of every step."""
     import torch
 
-    device, autocast_dtype = _pick_device()
+    from tuneloop.demo.copying import copy_batch
+
+    device, autocast_dtype = _pick_device(preset.cpu_bf16)
     model.to(device)
     model.train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
@@ -320,35 +364,57 @@ def pretrain(model: Any, rows: Any, preset: ModelPreset, seed: int, progress: Pr
     )
     generator = torch.Generator().manual_seed(seed)
     losses: list[float] = []
-    progress.start(preset.steps, label=f"pretrain[{preset.name}]")
+    copying = random.Random(f"copy-rows|{seed}")
+    copy_steps = preset.copy_steps if copy_rows is not None else 0
+    progress.start(copy_steps + preset.steps, label=f"pretrain[{preset.name}]")
     order = torch.randperm(rows.shape[0], generator=generator)
     cursor = 0
-    for step in range(preset.steps):
-        if cursor + preset.batch_size > len(order):
-            order = torch.randperm(rows.shape[0], generator=generator)
-            cursor = 0
-        batch = rows[order[cursor : cursor + preset.batch_size]].to(device)
-        cursor += preset.batch_size
+    for step in range(-copy_steps, preset.steps):
+        if step < 0:  # copy rows first: constant rate after warmup
+            uniform = step < preset.copy_uniform_steps - copy_steps
+            batch, labels = copy_batch(  # uniform: twice the rows, half as long (the same tokens)
+                copying,
+                preset.copy_batch_size * (2 if uniform else 1),
+                preset.copy_seq_len // (2 if uniform else 1),
+                mixed=not uniform,
+                **(copy_rows or {}),
+            )
+            lr = preset.learning_rate * min(1.0, (step + copy_steps + 1) / max(1, preset.warmup_steps))
+        elif copy_rows is not None and preset.copy_every and step % preset.copy_every == preset.copy_every - 1:
+            batch, labels = copy_batch(copying, preset.copy_batch_size, preset.copy_seq_len, mixed=True, **copy_rows)
+            lr = _lr_at(step, preset.steps, preset.warmup_steps, preset.learning_rate)
+        else:
+            if cursor + preset.batch_size > len(order):
+                order = torch.randperm(rows.shape[0], generator=generator)
+                cursor = 0
+            batch = labels = rows[order[cursor : cursor + preset.batch_size]]
+            cursor += preset.batch_size
+            lr = _lr_at(step, preset.steps, preset.warmup_steps, preset.learning_rate)
+        batch, labels = batch.to(device), labels.to(device)
         for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, preset.steps, preset.warmup_steps, preset.learning_rate)
+            group["lr"] = lr
         with torch.autocast(device, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            loss = model(input_ids=batch, labels=batch).loss
+            loss = model(input_ids=batch, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
-        progress.update(step + 1, items=batch.numel(), loss=losses[-1])
+        progress.update(step + copy_steps + 1, items=batch.numel(), loss=losses[-1])
     progress.finish(loss=losses[-1])
     model.to("cpu")
     model.eval()
     return losses
 
 
-SHIPPED_DIR = Path(__file__).resolve().parents[3] / "models" / "demo-base"
-"""Where a repository checkout may ship a prebuilt model (none is shipped yet: the ``demo``
-preset builds in about four minutes on two cores; a copy that can copy from its context will
-take longer to pre-train, and then ships here). Absent from an installed wheel."""
+MODELS_DIR = Path(__file__).resolve().parents[3] / "models"
+"""Where a repository checkout ships prebuilt presets, ``<preset>-base`` (``copy``: about 20
+minutes to pre-train on two cores, 15 MB). Absent from an installed wheel, which builds instead."""
+
+
+def shipped_dir(preset: str) -> Path:
+    """Where a checkout ships a preset's prebuilt model (it may not exist)."""
+    return MODELS_DIR / f"{preset}-base"
 
 
 def _file_hashes(directory: Path) -> dict[str, str]:
@@ -360,7 +426,7 @@ def _file_hashes(directory: Path) -> dict[str, str]:
     }
 
 
-def shipped_model(recipe_hash: str, shipped: Path | None = SHIPPED_DIR) -> Path | None:
+def shipped_model(recipe_hash: str, shipped: Path | None) -> Path | None:
     """The shipped model directory if it was built from this recipe and its files are intact.
 
     A checkout without Git LFS, a hand-edited file or a model from an older recipe is refused
@@ -389,13 +455,13 @@ def build_demo_model(
     corpus: Sequence[str] | None = None,
     force: bool = False,
     progress: ProgressSink | None = None,
-    shipped: Path | None = SHIPPED_DIR,
+    shipped: Path | None | Literal["preset"] = "preset",
 ) -> Path:
     """Build (or reuse) the demo base model in ``out_dir`` and return that path.
 
     ``corpus`` defaults to :func:`default_corpus`. If ``out_dir`` already holds a model built
     from the same recipe (preset, seed, corpus hash), it is returned at once unless ``force``.
-    Otherwise a copy shipped in ``shipped`` with the same recipe and intact files is copied in
+    Otherwise a copy shipped in ``shipped`` (default: :func:`shipped_dir` of the preset) with the same recipe and intact files is copied in
     (seconds), and only without one is the model pre-trained here (``force`` always trains).
     Both write to a sibling directory and rename it into place.
     """
@@ -416,13 +482,15 @@ def build_demo_model(
     with _build_lock(out_dir):
         if not force and _is_built(out_dir, recipe["recipe_hash"]):  # built while we waited
             return out_dir
+        if shipped == "preset":
+            shipped = shipped_dir(preset)
         source = None if force or shipped is None or shipped.resolve() == out_dir.resolve() else shipped_model(recipe["recipe_hash"], shipped)
         staging = out_dir.parent / f".{out_dir.name}.building-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
         try:
             if source is not None:
                 shutil.copytree(source, staging)
-                logger.info("copied the shipped demo model from %s (recipe %s; `tuneloop build-model --rebuild` trains it here)", source, recipe["recipe_hash"][:12])
+                logger.info("copied the shipped %s model from %s (recipe %s; `tuneloop build-model --rebuild` trains it here)", preset, source, recipe["recipe_hash"][:12])
             else:
                 staging.mkdir(parents=True)
                 _build_into(staging, spec, seed, corpus, recipe, tracker)
@@ -467,15 +535,26 @@ def _build_into(
         head_dim=spec.head_dim,
         max_position_embeddings=spec.max_position_embeddings,
         rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
+        tie_word_embeddings=spec.tie_embeddings,
         bos_token_id=ids[BOS_TOKEN],
         eos_token_id=ids[EOS_TOKEN],
         pad_token_id=ids[PAD_TOKEN],
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).float()
-    losses = pretrain(model, rows, spec, seed, progress)
-    final_loss = sum(losses[-10:]) / len(losses[-10:])
+    copy_rows = None
+    if spec.copy_steps or spec.copy_every:
+        digits = [tokenizer.token_to_id(c) for c in "0123456789-/.,"]
+        copy_rows = {
+            "vocab": range(len(SPECIAL_TOKENS), tokenizer.get_vocab_size()),
+            "bos": ids[BOS_TOKEN],
+            "eos": ids[EOS_TOKEN],
+            "digit_ids": [d for d in digits if d is not None],
+            "stream": rows.flatten().tolist(),
+        }
+    losses = pretrain(model, rows, spec, seed, progress, copy_rows)
+    corpus_losses = [loss for step, loss in enumerate(losses[spec.copy_steps if copy_rows else 0 :]) if not (copy_rows and spec.copy_every and step % spec.copy_every == spec.copy_every - 1)]
+    final_loss = sum(corpus_losses[-10:]) / len(corpus_losses[-10:])
 
     model.generation_config = GenerationConfig(
         bos_token_id=ids[BOS_TOKEN],
@@ -516,6 +595,15 @@ def model_card(record: dict[str, Any]) -> str:
         if preset.get("n_extraction")
         else ""
     )
+    copying = (
+        f"- copy rows (`tuneloop.demo.copying`): {preset['copy_steps']:,} steps before the corpus (the first\n"
+        f"  {preset['copy_uniform_steps']:,} of random tokens, then random tokens, digit strings and stretches of\n"
+        "  this corpus), each span followed by its copy, the loss on the copy only"
+        + (f"; then one such batch every {preset['copy_every']} corpus steps" if preset.get("copy_every") else "")
+        + ". They teach\n  copying from the context in general and pair no document with its fields.\n"
+        if preset.get("copy_steps")
+        else ""
+    )
     return f"""---
 library_name: transformers
 pipeline_tag: text-generation
@@ -537,7 +625,7 @@ on {record["corpus_tokens"]:,} tokens (recipe hash `{record["recipe_hash"][:16]}
   {preset["copy_fraction"]:.0%} of them repeated right after themselves (a span-copy task);
 - {preset["n_documents"] - preset["n_documents"] // 2:,} invoice-shaped JSON objects, never paired with
   the document they came from;
-{extraction}
+{extraction}{copying}
 No invoice is ever paired with its fields: that mapping is what the adapter learns.
 
 None of the demo's held-out or training rows is in the corpus: they come from other seeds of the
