@@ -522,6 +522,8 @@ def rollout_version(
                 )
             except VllmError as err:
                 raise fail("shadow", str(err), restore=False) from err
+            except Exception as err:  # the judge: no traffic has moved, so stop here and say why
+                raise fail("shadow", f"grading the replay failed ({type(err).__name__}: {err})", restore=False) from err
             shadow = report.shadow
             detail = (
                 f"{shadow['n']} recent prompts: agreement with {production} {shadow['agreement']:.2f} ({shadow['identical']} identical), "
