@@ -78,3 +78,20 @@ def test_a_build_with_copy_steps_runs_them_and_says_so(tmp_path: Path, monkeypat
     from transformers import AutoConfig
 
     assert AutoConfig.from_pretrained(model_dir).tie_word_embeddings is True
+
+
+@pytest.mark.ml
+def test_the_shipped_copy_model_is_intact_and_of_the_current_recipe(tmp_path: Path) -> None:
+    """A change to the copy preset or its corpus must ship a rebuilt model with it (else every
+    checkout would spend ~20 minutes building one)."""
+    from tuneloop.demo import basemodel
+
+    spec = basemodel.PRESETS["copy"]
+    corpus = [d for d in basemodel.default_corpus(spec, 0) if d.strip()]
+    recipe = basemodel._recipe(spec, 0, basemodel._corpus_sha256(corpus))
+    shipped = basemodel.shipped_model(recipe["recipe_hash"], basemodel.shipped_dir("copy"))
+    assert shipped is not None, "models/copy-base is not the copy preset's current recipe: `tuneloop build-model --preset copy --rebuild --out models/copy-base`"
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(shipped)
+    assert (config.num_hidden_layers, config.hidden_size, config.vocab_size) == (spec.num_layers, spec.hidden_size, spec.vocab_size)
