@@ -19,7 +19,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -141,35 +141,26 @@ PRESETS: dict[str, ModelPreset] = {
         learning_rate=1e-3,
         warmup_steps=20,
     ),
-    # The same architecture taught to copy: copy rows first (tuneloop.demo.copying) give it
-    # induction heads, and an adapter of a few hundred steps then copies names and numbers
-    # from the document (docs/benchmarks.md, "A base model that copies"). ~20 minutes on 2 CPU
-    # cores, so a checkout ships it (models/copy-base) and `build-model --preset copy` copies it.
-    "copy": ModelPreset(
-        name="copy",
-        vocab_size=2000,
-        hidden_size=256,
-        num_layers=4,
-        num_heads=4,
-        intermediate_size=704,
-        max_position_embeddings=512,
-        n_documents=6000,
-        seq_len=512,
-        batch_size=8,
-        steps=600,
-        learning_rate=1e-3,
-        warmup_steps=50,
-        weight_decay=0.0,
-        n_extraction=12000,
-        copy_steps=1600,
-        copy_uniform_steps=1000,
-        copy_every=4,
-        copy_batch_size=16,
-        copy_seq_len=256,
-        tie_embeddings=True,
-        cpu_bf16=True,
-    ),
 }
+# The demo's architecture taught to copy: copy rows first (tuneloop.demo.copying) give it
+# induction heads, and an adapter of a few hundred steps then copies names and numbers from the
+# document (docs/benchmarks.md, "A base model that copies"). ~20 minutes on 2 CPU cores, so a
+# checkout ships it (models/copy-base) and `build-model --preset copy` copies it.
+PRESETS["copy"] = replace(
+    PRESETS["demo"],
+    name="copy",
+    steps=600,
+    warmup_steps=50,
+    weight_decay=0.0,
+    n_extraction=12000,
+    copy_steps=1600,
+    copy_uniform_steps=1000,
+    copy_every=4,
+    copy_batch_size=16,
+    copy_seq_len=256,
+    tie_embeddings=True,
+    cpu_bf16=True,
+)
 
 
 def _corpus_sha256(corpus: Sequence[str]) -> str:
