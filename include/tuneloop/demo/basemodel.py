@@ -134,14 +134,15 @@ PRESETS: dict[str, ModelPreset] = {
         n_documents=6000,
         seq_len=512,
         batch_size=8,
-        # ~3.5 min on 2 cores. A longer run lowers the loss but still does not teach a model
-        # this small to copy values from its context; what an adapter learns on it stays the same.
+        # ~3.5 min on 2 cores. A longer run on this corpus alone lowers the loss but does not
+        # teach it to copy values from its context (copy rows do: the "copy" preset below).
         steps=200,
         # 3e-3 trains the documents fine but never the attention that copies; 1e-3 does.
         learning_rate=1e-3,
         warmup_steps=20,
     ),
 }
+
 # The demo's architecture taught to copy: copy rows first (tuneloop.demo.copying) give it
 # induction heads, and an adapter of a few hundred steps then copies names and numbers from the
 # document (docs/benchmarks.md, "A base model that copies"). ~20 minutes on 2 CPU cores, so a
