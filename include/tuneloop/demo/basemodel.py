@@ -334,6 +334,11 @@ def _lr_at(step: int, total: int, warmup: int, peak: float, floor_ratio: float =
     return peak * (floor_ratio + (1 - floor_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def _copy_batch_at(preset: ModelPreset, step: int) -> bool:
+    """Whether corpus-phase ``step`` (0-based) is one of the copy batches mixed in."""
+    return bool(preset.copy_every) and step % preset.copy_every == preset.copy_every - 1
+
+
 def pretrain(
     model: Any, rows: Any, preset: ModelPreset, seed: int, progress: Progress, copy_rows: dict[str, Any] | None = None
 ) -> list[float]:
@@ -372,7 +377,7 @@ def pretrain(
                 **(copy_rows or {}),
             )
             lr = preset.learning_rate * min(1.0, (step + copy_steps + 1) / max(1, preset.warmup_steps))
-        elif copy_rows is not None and preset.copy_every and step % preset.copy_every == preset.copy_every - 1:
+        elif copy_rows is not None and _copy_batch_at(preset, step):
             batch, labels = copy_batch(copying, preset.copy_batch_size, preset.copy_seq_len, mixed=True, **copy_rows)
             lr = _lr_at(step, preset.steps, preset.warmup_steps, preset.learning_rate)
         else:
@@ -545,7 +550,7 @@ def _build_into(
             "stream": rows.flatten().tolist(),
         }
     losses = pretrain(model, rows, spec, seed, progress, copy_rows)
-    corpus_losses = [loss for step, loss in enumerate(losses[spec.copy_steps if copy_rows else 0 :]) if not (copy_rows and spec.copy_every and step % spec.copy_every == spec.copy_every - 1)]
+    corpus_losses = [loss for step, loss in enumerate(losses[spec.copy_steps if copy_rows else 0 :]) if not (copy_rows and _copy_batch_at(spec, step))]
     final_loss = sum(corpus_losses[-10:]) / len(corpus_losses[-10:])
 
     model.generation_config = GenerationConfig(

@@ -420,6 +420,7 @@ def rollout_version(
         started_at=_stamp(),
     )
     clients = [VllmClient(url, api_key=api_key, timeout_s=timeout_s) for url in endpoints]
+    grade: Grader = grader or (lambda answer, reference, _prompt: float(scorer(answer, reference)))
 
     def step(label: str, detail: str, t0: float) -> None:
         report.steps.append({"step": label, "seconds": round(time.perf_counter() - t0, 3), "detail": detail})
@@ -518,7 +519,7 @@ def rollout_version(
             production = before.serving()[0] if before.serving() else base_name(served_name)
             try:
                 report.shadow = shadow_compare(
-                    clients[0], production, name, shadow_prompts, scorer=scorer, validity=validity, max_tokens=max_tokens, grader=grader
+                    clients[0], production, name, shadow_prompts, scorer=scorer, validity=validity, max_tokens=max_tokens, grader=grade
                 )
             except VllmError as err:
                 raise fail("shadow", str(err), restore=False) from err
@@ -540,8 +541,7 @@ def rollout_version(
         if policy.live_sample > 0 and previous_versions:
             shadow_floor = report.shadow["agreement"] - policy.live_margin if report.shadow else None
             live = _LiveGrading(
-                clients[0], previous_versions[0], grader or (lambda answer, reference, _prompt: float(scorer(answer, reference))),
-                policy.live_sample, max_tokens, policy.min_live_agreement if policy.min_live_agreement is not None else shadow_floor,
+                clients[0], previous_versions[0], grade, policy.live_sample, max_tokens, policy.min_live_agreement if policy.min_live_agreement is not None else shadow_floor,
             )
         capture = {name: policy.capture_share} if validity is not None or live is not None else {}
         for weight in policy.weights() if previous_versions else (100.0,):
